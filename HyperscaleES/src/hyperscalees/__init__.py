@@ -1,0 +1,28 @@
+"""hyperscalees: EGGROLL noise as pure functions of keys and integers (JAX, no torch).
+
+Nothing is stored for the population: a member's noise is regenerated from
+(parameter key, epoch, member) whenever it is needed, in the forward pass or in the update.
+"""
+
+from .fitness import normalize_fitness
+from .fullrank import fullrank_noise, fullrank_update
+from .keys import COUNTER_BASED_IMPLS, antithetic_sign, effective_epoch, make_key, member_key, param_key
+from .noise import full_noise, lowrank_factors, population_lowrank_factors
+from .updates import full_update, lowrank_update
+
+__all__ = [
+    "COUNTER_BASED_IMPLS",
+    "antithetic_sign",
+    "effective_epoch",
+    "full_noise",
+    "full_update",
+    "fullrank_noise",
+    "fullrank_update",
+    "lowrank_factors",
+    "lowrank_update",
+    "make_key",
+    "member_key",
+    "normalize_fitness",
+    "param_key",
+    "population_lowrank_factors",
+]

@@ -1,0 +1,76 @@
+"""Per-member EGGROLL noise: low-rank factors for matrices, dense noise for the rest.
+
+All draws are float32 whatever the parameter dtype; cast where the model runs in bf16.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from .keys import antithetic_sign, member_key
+
+
+def _check_matrix_shape(shape) -> tuple[int, int]:
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"low-rank noise needs a 2-D (m, n) shape, got {tuple(shape)}")
+    return int(shape[0]), int(shape[1])
+
+
+def _check_rank_sigma(rank: int, sigma) -> None:
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if not isinstance(sigma, jax.Array) and not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+
+
+def lowrank_factors_pure(key, epoch, member, sigma, *, shape, rank, noise_reuse):
+    """Traceable core of `lowrank_factors` (for use inside other jitted code)."""
+    m, n = shape
+    z = jax.random.normal(member_key(key, epoch=epoch, member=member, noise_reuse=noise_reuse), (m + n, rank), jnp.float32)
+    scale = antithetic_sign(member).astype(jnp.float32) * (sigma / math.sqrt(rank))
+    return scale * z[n:], z[:n]
+
+
+def lowrank_factors(key, shape, *, epoch, member, rank: int, sigma, noise_reuse: int = 1):
+    """(A_scaled, B) of member `member`: E = A_scaled @ B.T = s_i sigma/sqrt(r) A B^T.
+
+    A_scaled is (m, r), B is (n, r), both float32. The forward pass adds x @ B @ A_scaled.T.
+    """
+    shape = _check_matrix_shape(shape)
+    _check_rank_sigma(rank, sigma)
+    return _lowrank_factors_jit(key, epoch, member, jnp.float32(sigma), shape=shape, rank=rank, noise_reuse=noise_reuse)
+
+
+def population_lowrank_factors_pure(key, epoch, members, sigma, *, shape, rank, noise_reuse):
+    """vmap of `lowrank_factors_pure` over a 1-D array of member indices."""
+    one = partial(lowrank_factors_pure, shape=shape, rank=rank, noise_reuse=noise_reuse)
+    return jax.vmap(one, in_axes=(None, None, 0, None))(key, epoch, members, sigma)
+
+
+def population_lowrank_factors(key, shape, *, epoch, members, rank: int, sigma, noise_reuse: int = 1):
+    """Factors of several members at once: (N, m, r) and (N, n, r), bit-equal to a loop."""
+    shape = _check_matrix_shape(shape)
+    _check_rank_sigma(rank, sigma)
+    members = jnp.asarray(members, dtype=jnp.int32)
+    return _population_lowrank_factors_jit(key, epoch, members, jnp.float32(sigma), shape=shape, rank=rank, noise_reuse=noise_reuse)
+
+
+def full_noise_pure(key, epoch, member, sigma, *, shape, noise_reuse):
+    """Traceable core of `full_noise`."""
+    z = jax.random.normal(member_key(key, epoch=epoch, member=member, noise_reuse=noise_reuse), shape, jnp.float32)
+    return antithetic_sign(member).astype(jnp.float32) * sigma * z
+
+
+_lowrank_factors_jit = jax.jit(lowrank_factors_pure, static_argnames=("shape", "rank", "noise_reuse"))
+_population_lowrank_factors_jit = jax.jit(population_lowrank_factors_pure, static_argnames=("shape", "rank", "noise_reuse"))
+_full_noise_jit = jax.jit(full_noise_pure, static_argnames=("shape", "noise_reuse"))
+
+
+def full_noise(key, shape, *, epoch, member, sigma, noise_reuse: int = 1):
+    """Dense noise s_i * sigma * normal(k_{W,e,p}, shape) for FULL-class tensors (float32)."""
+    _check_rank_sigma(1, sigma)
+    return _full_noise_jit(key, epoch, member, jnp.float32(sigma), shape=tuple(int(d) for d in shape), noise_reuse=noise_reuse)

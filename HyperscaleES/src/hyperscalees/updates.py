@@ -1,0 +1,53 @@
+"""The EGGROLL update: regenerate every member's factors from keys and contract them once.
+
+Both functions return the ASCENT direction Delta (what plain SGD adds, times the learning
+rate). The population's (N, m, n) perturbations are never formed.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from .noise import _check_matrix_shape, _check_rank_sigma, full_noise_pure, population_lowrank_factors_pure
+
+
+def _as_fitness(fitness) -> jax.Array:
+    f = jnp.asarray(fitness, dtype=jnp.float32)
+    if f.ndim != 1 or f.shape[0] < 1:
+        raise ValueError(f"fitness must be a non-empty 1-D array, got shape {f.shape}")
+    return f
+
+
+@partial(jax.jit, static_argnames=("shape", "rank", "noise_reuse"))
+def _lowrank_update(key, fitness, epoch, sigma, *, shape, rank, noise_reuse):
+    members = jnp.arange(fitness.shape[0], dtype=jnp.int32)
+    a_scaled, b = population_lowrank_factors_pure(key, epoch, members, sigma, shape=shape, rank=rank, noise_reuse=noise_reuse)
+    weighted = fitness[:, None, None] * a_scaled
+    return jnp.einsum("nir,njr->ij", weighted, b) / math.sqrt(fitness.shape[0])
+
+
+def lowrank_update(key, shape, fitness, *, epoch, rank: int, sigma, noise_reuse: int = 1) -> jax.Array:
+    """Delta W = (1/sqrt(N)) sum_i f_i s_i (sigma/sqrt(r)) A_i B_i^T as ONE contraction (float32, (m, n))."""
+    shape = _check_matrix_shape(shape)
+    _check_rank_sigma(rank, sigma)
+    return _lowrank_update(key, _as_fitness(fitness), epoch, jnp.float32(sigma), shape=shape, rank=rank, noise_reuse=noise_reuse)
+
+
+@partial(jax.jit, static_argnames=("shape", "noise_reuse"))
+def _full_update(key, fitness, epoch, sigma, *, shape, noise_reuse):
+    def add_member(i, acc):
+        return acc + fitness[i] * full_noise_pure(key, epoch, i, sigma, shape=shape, noise_reuse=noise_reuse)
+
+    total = jax.lax.fori_loop(0, fitness.shape[0], add_member, jnp.zeros(shape, jnp.float32))
+    return total / math.sqrt(fitness.shape[0])
+
+
+def full_update(key, shape, fitness, *, epoch, sigma, noise_reuse: int = 1) -> jax.Array:
+    """Delta w = sqrt(N) * mean_i(f_i eps_i), accumulated member by member (O(size) memory)."""
+    _check_rank_sigma(1, sigma)
+    shape = tuple(int(d) for d in shape)
+    return _full_update(key, _as_fitness(fitness), epoch, jnp.float32(sigma), shape=shape, noise_reuse=noise_reuse)
