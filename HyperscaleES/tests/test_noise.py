@@ -140,3 +140,16 @@ def test_bad_arguments_are_refused(key):
         hs.lowrank_factors(key, (4,), epoch=0, member=0, rank=1, sigma=SIGMA)
     with pytest.raises(ValueError, match="noise_reuse"):
         hs.effective_epoch(3, -1)
+
+
+def test_stacked_calls_equal_per_tensor_calls_bit_for_bit():
+    base = hs.make_key(5)
+    keys = [hs.param_key(base, i) for i in (3, 99, 1234)]
+    sigmas = [0.1, 0.2, 0.05]
+    sa, sb = hs.stacked_lowrank_factors(jnp.stack(keys), SHAPE, epoch=4, member=7, rank=RANK, sigmas=sigmas)
+    se = hs.stacked_full_noise(jnp.stack(keys), (5,), epoch=4, member=7, sigmas=sigmas)
+    for k, (key, sigma) in enumerate(zip(keys, sigmas)):
+        a, b = hs.lowrank_factors(key, SHAPE, epoch=4, member=7, rank=RANK, sigma=sigma)
+        np.testing.assert_array_equal(np.asarray(sa[k]), np.asarray(a))
+        np.testing.assert_array_equal(np.asarray(sb[k]), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(se[k]), np.asarray(hs.full_noise(key, (5,), epoch=4, member=7, sigma=sigma)))

@@ -7,7 +7,7 @@ Nothing is stored for the population: a member's noise is regenerated from
 from .fitness import normalize_fitness
 from .fullrank import fullrank_noise, fullrank_update
 from .keys import COUNTER_BASED_IMPLS, antithetic_sign, effective_epoch, make_key, member_key, param_key
-from .noise import full_noise, lowrank_factors, population_lowrank_factors
+from .noise import full_noise, lowrank_factors, population_lowrank_factors, stacked_full_noise, stacked_lowrank_factors
 from .updates import full_update, lowrank_update
 
 __all__ = [
@@ -25,4 +25,6 @@ __all__ = [
     "normalize_fitness",
     "param_key",
     "population_lowrank_factors",
+    "stacked_full_noise",
+    "stacked_lowrank_factors",
 ]

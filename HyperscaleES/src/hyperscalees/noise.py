@@ -74,3 +74,36 @@ def full_noise(key, shape, *, epoch, member, sigma, noise_reuse: int = 1):
     """Dense noise s_i * sigma * normal(k_{W,e,p}, shape) for FULL-class tensors (float32)."""
     _check_rank_sigma(1, sigma)
     return _full_noise_jit(key, epoch, member, jnp.float32(sigma), shape=tuple(int(d) for d in shape), noise_reuse=noise_reuse)
+
+
+def _stacked_lowrank_pure(keys, epoch, member, sigmas, *, shape, rank, noise_reuse):
+    one = partial(lowrank_factors_pure, shape=shape, rank=rank, noise_reuse=noise_reuse)
+    return jax.vmap(one, in_axes=(0, None, None, 0))(keys, epoch, member, sigmas)
+
+
+def _stacked_full_pure(keys, epoch, member, sigmas, *, shape, noise_reuse):
+    one = partial(full_noise_pure, shape=shape, noise_reuse=noise_reuse)
+    return jax.vmap(one, in_axes=(0, None, None, 0))(keys, epoch, member, sigmas)
+
+
+_stacked_lowrank_jit = jax.jit(_stacked_lowrank_pure, static_argnames=("shape", "rank", "noise_reuse"))
+_stacked_full_jit = jax.jit(_stacked_full_pure, static_argnames=("shape", "noise_reuse"))
+
+
+def stacked_lowrank_factors(keys, shape, *, epoch, member, rank: int, sigmas, noise_reuse: int = 1):
+    """One member's factors for K same-shape tensors in ONE call: (K, m, r), (K, n, r).
+
+    `keys` is a stacked array of K parameter keys, `sigmas` K per-tensor sigmas; row k equals
+    `lowrank_factors(keys[k], ...)` bit for bit. This is how a model's hundreds of matrices
+    get their noise in a handful of jitted calls (one per shape group).
+    """
+    shape = _check_matrix_shape(shape)
+    _check_rank_sigma(rank, 1.0)
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    return _stacked_lowrank_jit(keys, epoch, member, sigmas, shape=shape, rank=rank, noise_reuse=noise_reuse)
+
+
+def stacked_full_noise(keys, shape, *, epoch, member, sigmas, noise_reuse: int = 1):
+    """One member's dense noise for K same-shape tensors in ONE call: (K, *shape)."""
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    return _stacked_full_jit(keys, epoch, member, sigmas, shape=tuple(int(d) for d in shape), noise_reuse=noise_reuse)

@@ -1,0 +1,208 @@
+"""The sequential evaluator: one model (one member) answers ARC questions; answers are scored.
+
+Prompts are tokenized (and images processed) once per run by `prepare`; each member then only
+runs `generate`, several prompts per call (left padding). Greedy decoding, `max_new_tokens` from
+the target's token length (ERO: twice it) with a cap, stop at end of turn.
+
+    python -m ERO_EGGROLL.arc_evaluator --config configs/default.yaml [--checkpoint PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .arc_fitness import METRICS, cell_accuracy, char_similarity, exact
+from .arc_task import ArcTask
+from .config import Config
+from .prompts import Question, answer_text, build_messages, leave_one_out_questions, test_questions
+
+__all__ = ["char_similarity", "evaluate", "prepare", "EvalResult", "PreparedQuestion"]
+
+
+@dataclass
+class PreparedQuestion:
+    """A question with its processor inputs, built once and reused for every member."""
+
+    question: Question
+    inputs: dict  # input_ids, attention_mask (1-D), plus pixel_values / image_grid_thw for image modes
+    max_new_tokens: int
+
+
+@dataclass
+class AnswerRecord:
+    task_id: str
+    text: str
+    score: float  # the configured fitness metric
+    char_similarity: float
+    exact: float
+    cell_accuracy: float
+    prompt_tokens: int
+    new_tokens: int
+
+
+@dataclass
+class EvalResult:
+    """Scores of one model on a set of questions; a task's score is the mean over its questions."""
+
+    per_task: dict[str, float]
+    answers: list[AnswerRecord] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def fitness(self) -> float:
+        return sum(self.per_task.values()) / len(self.per_task)
+
+    def metric(self, name: str) -> dict[str, float]:
+        """Per-task mean of another metric (exact, cell_accuracy, char_similarity)."""
+        out: dict[str, list[float]] = {}
+        for a in self.answers:
+            out.setdefault(a.task_id, []).append(getattr(a, name))
+        return {t: sum(v) / len(v) for t, v in out.items()}
+
+
+def questions_for(tasks: Sequence[ArcTask], cfg: Config, purpose: str) -> list[Question]:
+    """Questions for the search's fitness ('fitness') or for the reported score ('test')."""
+    k = cfg.data.max_train_examples
+    if purpose == "fitness" and cfg.data.fitness_source == "train_loo":
+        return [q for t in tasks for q in leave_one_out_questions(t, k)]
+    return [q for t in tasks for q in test_questions(t, k)]
+
+
+def prepare(questions: Sequence[Question], processor, cfg: Config) -> list[PreparedQuestion]:
+    """Chat template, tokens and pixels of every question, and its max_new_tokens."""
+    prepared = []
+    tokenizer = processor.tokenizer
+    for q in questions:
+        messages, images = build_messages(q, cfg.data.input_mode, cfg.data.cell_size, cfg.data.max_pixels)
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = processor(text=[text], images=images or None, return_tensors="pt")
+        inputs = {k: (v[0] if k in ("input_ids", "attention_mask") else v) for k, v in inputs.items()}
+        target_tokens = len(tokenizer(answer_text(q.target), add_special_tokens=False)["input_ids"])
+        budget = min(cfg.evaluation.max_new_tokens_cap, max(1, math.ceil(cfg.evaluation.max_new_tokens_factor * target_tokens)))
+        prepared.append(PreparedQuestion(q, dict(inputs), budget))
+    return prepared
+
+
+def _collate(batch: Sequence[PreparedQuestion], pad_id: int, device) -> dict:
+    width = max(p.inputs["input_ids"].shape[0] for p in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, p in enumerate(batch):
+        n = p.inputs["input_ids"].shape[0]
+        ids[row, width - n :] = p.inputs["input_ids"]  # left padding: every prompt ends where generation starts
+        mask[row, width - n :] = 1
+    out = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if "pixel_values" in batch[0].inputs:
+        out["pixel_values"] = torch.cat([p.inputs["pixel_values"] for p in batch]).to(device)
+        out["image_grid_thw"] = torch.cat([p.inputs["image_grid_thw"] for p in batch]).to(device)
+    return out
+
+
+@torch.no_grad()
+def generate_answers(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config) -> list[tuple[str, int]]:
+    """(decoded text, new-token count) per question, `evaluation.batch_size` prompts per generate call."""
+    tokenizer = processor.tokenizer
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
+    device = next(model.parameters()).device
+    out = []
+    bs = cfg.evaluation.batch_size
+    for start in range(0, len(prepared), bs):
+        batch = prepared[start : start + bs]
+        inputs = _collate(batch, pad_id, device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+        generated = model.generate(
+            **inputs, max_new_tokens=max(p.max_new_tokens for p in batch), do_sample=not cfg.evaluation.greedy,
+            eos_token_id=end_of_turn, pad_token_id=pad_id,
+        )
+        new = generated[:, inputs["input_ids"].shape[1] :]
+        for row, p in enumerate(batch):
+            tokens = new[row, : p.max_new_tokens].tolist()
+            if end_of_turn in tokens:
+                tokens = tokens[: tokens.index(end_of_turn)]
+            tokens = [t for t in tokens if t != pad_id]
+            out.append((tokenizer.decode(tokens, skip_special_tokens=True), len(tokens)))
+    return out
+
+
+def evaluate(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config) -> EvalResult:
+    """Scores of `model` on prepared questions (see `prepare`); deterministic for greedy decoding."""
+    start = time.perf_counter()
+    metric = METRICS[cfg.evaluation.fitness]
+    answers = []
+    for p, (text, n_new) in zip(prepared, generate_answers(model, processor, prepared, cfg)):
+        target = p.question.target
+        answers.append(AnswerRecord(
+            p.question.task_id, text, metric(text, target), char_similarity(text, target), exact(text, target),
+            cell_accuracy(text, target), int(p.inputs["input_ids"].shape[0]), n_new,
+        ))
+    per_task: dict[str, list[float]] = {}
+    for a in answers:
+        per_task.setdefault(a.task_id, []).append(a.score)
+    return EvalResult({t: sum(v) / len(v) for t, v in per_task.items()}, answers, time.perf_counter() - start)
+
+
+# --- the per-task table in ERO's layout -------------------------------------------------------------
+
+def results_table(task_ids: Sequence[str], result: EvalResult) -> list[dict]:
+    """Rows T1..Tn with the fitness metric, exact match and cell accuracy, then the mean row."""
+    ex, cells, chars = result.metric("exact"), result.metric("cell_accuracy"), result.metric("char_similarity")
+    rows = [{"task": f"T{i}", "id": t, "char_similarity": chars[t], "cell_accuracy": cells[t], "exact": ex[t]}
+            for i, t in enumerate(task_ids, start=1)]
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)
+    rows.append({"task": "mean", "id": f"{sum(r['exact'] == 1.0 for r in rows)}/{len(rows)} solved exactly",
+                 "char_similarity": mean("char_similarity"), "cell_accuracy": mean("cell_accuracy"), "exact": mean("exact")})
+    return rows
+
+
+def write_table(rows: list[dict], out_stem: Path) -> tuple[Path, Path]:
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_stem.with_suffix(".csv"), out_stem.with_suffix(".md")
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| task | id | char similarity | cell accuracy | exact |", "|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['id']} | {r['char_similarity']:.4f} | {r['cell_accuracy']:.4f} | {r['exact']:.4f} |" for r in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .arc_task import ArcDataError, load_tasks
+    from .checkpointing import CheckpointError, load_evaluated_model
+    from .config import ConfigError, load_config
+    from .model_loading import ModelLoadError
+
+    parser = argparse.ArgumentParser(description="Evaluate the base model, or an evolved checkpoint, on the config's ARC tasks.")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--checkpoint", help="a run checkpoint directory or an exported model directory")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--out", help="output stem (default results/<run name>/eval_<base|checkpoint>)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        tasks = load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)
+        model, processor = load_evaluated_model(cfg, args.checkpoint)
+    except (ConfigError, ArcDataError, ModelLoadError, CheckpointError) as err:
+        parser.exit(2, f"error: {err}\n")
+    result = evaluate(model, processor, prepare(questions_for(tasks, cfg, "test"), processor, cfg), cfg)
+    rows = results_table([t.id for t in tasks], result)
+    stem = Path(args.out) if args.out else cfg.run_dir / ("eval_checkpoint" if args.checkpoint else "eval_base")
+    csv_path, md_path = write_table(rows, stem)
+    print(md_path.read_text(), end="")
+    print(f"wrote {csv_path} and {md_path} ({result.seconds:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Turning the ES ascent direction into weight changes: SGD (the official update), Adam, AdamW.
+
+State is explicit tensors keyed by parameter name, so checkpoints hold it in safetensors.
+Weights in bf16/fp16 lose updates smaller than half a step of their format; `stochastic_round`
+keeps that loss unbiased, and `lost_update_fraction` measures it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+class EsOptimizer:
+    """step(name, direction) -> the fp32 change to add to that weight. Adam(W) get -direction as gradient."""
+
+    def __init__(self, kind: str, lr: float, weight_decay: float = 0.0):
+        if kind not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"unknown optimizer {kind!r}; choose sgd, adam or adamw")
+        self.kind, self.lr, self.weight_decay = kind, lr, weight_decay
+        self.step_count = 0
+        self.moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def begin_step(self) -> None:
+        self.step_count += 1
+
+    def change(self, name: str, direction: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The fp32 change for one tensor at the current step (`direction` is the ascent direction)."""
+        if self.kind == "sgd":
+            return self.lr * direction
+        grad = -direction
+        m, v = self.moments.get(name, (torch.zeros_like(direction), torch.zeros_like(direction)))
+        b1, b2 = ADAM_BETAS
+        m = b1 * m + (1 - b1) * grad
+        v = b2 * v + (1 - b2) * grad * grad
+        self.moments[name] = (m, v)
+        m_hat = m / (1 - b1**self.step_count)
+        v_hat = v / (1 - b2**self.step_count)
+        change = -self.lr * m_hat / (v_hat.sqrt() + ADAM_EPS)
+        if self.kind == "adamw" and self.weight_decay:
+            change = change - self.lr * self.weight_decay * weight.float()
+        return change
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, (m, v) in self.moments.items():
+            out[f"adam_m/{name}"], out[f"adam_v/{name}"] = m.contiguous(), v.contiguous()
+        return out
+
+    def load_state(self, step_count: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.step_count = step_count
+        names = {key.split("/", 1)[1] for key in tensors if key.startswith("adam_m/")}
+        self.moments = {n: (tensors[f"adam_m/{n}"].clone(), tensors[f"adam_v/{n}"].clone()) for n in names}
+
+
+def global_norm_scale(directions: list[torch.Tensor], max_norm: float | None) -> tuple[float, float]:
+    """(norm, scale): the factor that brings the global L2 norm of all directions down to max_norm."""
+    norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in directions))
+    if max_norm is None or norm <= max_norm:
+        return norm, 1.0
+    return norm, max_norm / norm
+
+
+def stochastic_round(values: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Unbiased rounding of fp32 `values` to bf16 (E[result] == values); other dtypes round to nearest."""
+    if dtype != torch.bfloat16:
+        return values.to(dtype)
+    bits = values.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, generator=generator, device=bits.device)
+    return ((bits + noise) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+
+
+def apply_change(weight: torch.Tensor, change: torch.Tensor, rounding_generator: torch.Generator | None) -> tuple[float, float]:
+    """weight += change, computed in fp32 and rounded once into the weight's dtype.
+
+    Returns (intended mass, lost mass): the sums of |change| and of |applied - change|.
+    """
+    target = weight.float() + change
+    if weight.dtype == torch.float32:
+        weight.copy_(target)
+        return float(change.abs().sum()), 0.0
+    before = weight.float()
+    rounded = stochastic_round(target, weight.dtype, rounding_generator) if rounding_generator is not None else target.to(weight.dtype)
+    weight.copy_(rounded)
+    applied = weight.float() - before
+    return float(change.abs().sum()), float((applied - change).abs().sum())

@@ -1,0 +1,108 @@
+"""The one door in: a local Qwen2.5-VL checkpoint directory -> (model, processor).
+
+The embedded tiny model and a downloaded Qwen2.5-VL-7B go through the same code. The processor
+is image-only because the stock one insists on a video processor, which needs torchvision,
+which has no CPU build here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import ProcessorMixin, Qwen2_5_VLProcessor
+
+from .config import Config, ConfigError, EMBEDDED_MODEL_DIR
+
+DOWNLOAD_HINT = (
+    "put a Qwen2.5-VL checkpoint there (config.json, *.safetensors, tokenizer files, "
+    "preprocessor_config.json), e.g. the files of Qwen/Qwen2.5-VL-7B-Instruct downloaded on a machine "
+    "with internet, or point model.path at the embedded default "
+    f"{EMBEDDED_MODEL_DIR} (built by `python scripts/build_tiny_model.py`)"
+)
+
+
+class ModelLoadError(ValueError):
+    """A model directory that cannot be loaded, with what was found and how to fix it."""
+
+
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL processor with tokenizer and image processor only (no video processor)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device is 'cuda' but torch sees no GPU here; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    """Raise ModelLoadError unless `path` looks like a Qwen2.5-VL checkpoint directory."""
+    if not path.exists():
+        raise ModelLoadError(f"model directory {path} does not exist; {DOWNLOAD_HINT}")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {path} is a file, not a checkpoint directory; {DOWNLOAD_HINT}")
+    config_file = path / "config.json"
+    found = sorted(p.name for p in path.iterdir())[:12]
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path} has no config.json (found: {', '.join(found) or 'nothing'}); {DOWNLOAD_HINT}")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{config_file} is not valid JSON (line {err.lineno}): {err.msg}") from None
+    if model_type != "qwen2_5_vl":
+        raise ModelLoadError(f"{config_file} describes a {model_type!r} model, not 'qwen2_5_vl'; {DOWNLOAD_HINT}")
+    if not any(path.glob("*.safetensors")):
+        raise ModelLoadError(f"{path} has no *.safetensors weights (found: {', '.join(found)}); {DOWNLOAD_HINT}")
+
+
+def load_processor(path: str | Path) -> ImageOnlyQwen2_5_VLProcessor:
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    return ImageOnlyQwen2_5_VLProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template)
+
+
+def load_model_from_dir(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        attn_implementation: str = "sdpa"):
+    """(model, processor) from a local directory: eval mode, no autograd, never remote code."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    path = Path(path)
+    check_checkpoint_dir(path)
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, trust_remote_code=False, attn_implementation=attn_implementation
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ModelLoadError(f"could not load the weights in {path}: {str(err).splitlines()[0]} "
+                             "(a truncated or corrupt *.safetensors file? re-copy or rebuild it)") from None
+    model.to(device).eval().requires_grad_(False)
+    return model, load_processor(path)
+
+
+def load_model(cfg: Config):
+    """(model, processor) as the config says: dtype `auto` = bf16 on GPU, fp32 on CPU; device `auto` = cuda if available."""
+    device = resolve_device(cfg.model.device)
+    return load_model_from_dir(
+        cfg.resolve_path(cfg.model.path), dtype=resolve_dtype(cfg.model.dtype, device), device=device,
+        attn_implementation=cfg.model.attn_implementation,
+    )

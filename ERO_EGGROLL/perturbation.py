@@ -1,0 +1,213 @@
+"""Exact member perturbation and the fused EGGROLL update for a torch model.
+
+`with perturber.member(epoch, i):` makes the model behave as W + E_i; on exit every parameter is
+bit-identical to before. LORA weights under the `forward` strategy are never touched: their
+Linear adds x B A_s^T in its forward. Under `inplace` they are modified and restored from an
+exact saved copy (pinned host memory on GPU). FULL tensors always get their dense noise in
+place and are restored from an exact copy. Noise comes from hyperscalees through DLPack, one
+jitted call per group of same-shape tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import hyperscalees as hs
+
+from .config import Config
+from .es_optimizer import EsOptimizer, apply_change, global_norm_scale
+from .pytorch_jax_bridge import jax_to_torch
+from .qwen_param_mapper import ParamClass, ParamSpec, classify_model
+
+
+@dataclass
+class _Group:
+    """Same-shape tensors of one class, whose noise is drawn in one jitted call."""
+
+    shape: tuple[int, ...]
+    names: list[str]
+    keys: object  # stacked JAX keys
+    base_sigmas: np.ndarray
+
+
+def _tensor_sigma(weight: torch.Tensor, cfg: Config) -> float:
+    """Absolute sigma, or relative: sigma x std(W) of the base weight (rms(W) when std is 0, e.g. fresh norms)."""
+    evo = cfg.evolution
+    if evo.sigma_mode == "absolute":
+        return evo.sigma
+    w = weight.detach().double()
+    scale = float(w.std()) if w.numel() > 1 else 0.0
+    if scale == 0.0:
+        scale = float(w.pow(2).mean().sqrt())
+    if scale == 0.0:
+        raise ValueError("relative sigma needs a non-zero weight; this tensor is all zeros (use an absolute sigma or freeze it)")
+    return evo.sigma * scale
+
+
+class Perturber:
+    """Applies member noise to `model` and moves its weights with the ES update."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, specs: list[ParamSpec] | None = None):
+        self.model, self.cfg = model, cfg
+        evo = cfg.evolution
+        self.rank, self.noise_reuse, self.strategy = evo.rank, evo.noise_reuse, evo.strategy
+        self.specs = specs if specs is not None else classify_model(model, cfg)
+        self.classes = {s.name: s.cls for s in self.specs}
+        params = dict(model.named_parameters())
+        self.params = {s.name: params[s.name] for s in self.specs if s.cls is not ParamClass.FROZEN}
+        base_key = hs.make_key(cfg.seed, evo.prng_impl)
+        self.sigma = {}
+        groups: dict[tuple, list[ParamSpec]] = defaultdict(list)
+        for spec in self.specs:
+            if spec.cls is ParamClass.FROZEN:
+                continue
+            self.sigma[spec.name] = _tensor_sigma(params[spec.name], cfg)
+            groups[(spec.cls, spec.shape)].append(spec)
+        self.groups: dict[ParamClass, list[_Group]] = {ParamClass.LORA: [], ParamClass.FULL: []}
+        for (cls, shape), members in groups.items():
+            keys = jnp.stack([hs.param_key(base_key, s.key_index) for s in members])
+            self.groups[cls].append(_Group(shape, [s.name for s in members], keys, np.array([self.sigma[s.name] for s in members])))
+        self.param_keys = {s.name: hs.param_key(base_key, s.key_index) for s in self.specs if s.cls is not ParamClass.FROZEN}
+        self.optimizer = EsOptimizer(evo.optimizer, evo.lr, evo.weight_decay)
+        self._active: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._saved = {name: self._backup_buffer(p) for name, p in self.params.items()
+                       if self.classes[name] is ParamClass.FULL or self.strategy == "inplace"}
+        self._hooks = [] if self.strategy == "inplace" else self._install_forward_hooks()
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+    @staticmethod
+    def _backup_buffer(p: torch.Tensor) -> torch.Tensor:
+        if p.device.type == "cuda":
+            return torch.empty(p.shape, dtype=p.dtype, pin_memory=True)  # host copy: GPU memory does not double
+        return torch.empty_like(p)
+
+    def sigma_scale(self, epoch: int) -> float:
+        return self.cfg.evolution.sigma_decay ** epoch
+
+    def lr_at(self, epoch: int) -> float:
+        return self.cfg.evolution.lr * self.cfg.evolution.lr_decay ** epoch
+
+    @property
+    def lora_names(self) -> list[str]:
+        return [n for g in self.groups[ParamClass.LORA] for n in g.names]
+
+    def _install_forward_hooks(self):
+        modules = dict(self.model.named_modules())
+        hooks = []
+        for name in self.lora_names:
+            module = modules[name.removesuffix(".weight")]
+            if not isinstance(module, torch.nn.Linear) or not name.endswith(".weight"):
+                raise TypeError(f"LORA tensor {name} does not belong to an nn.Linear; the forward strategy cannot perturb it (use strategy: inplace)")
+            hooks.append(module.register_forward_hook(self._make_hook(name)))
+        return hooks
+
+    def _make_hook(self, name: str):
+        def add_low_rank_delta(module, inputs, output):
+            factors = self._active.get(name)
+            if factors is None:
+                return output
+            a_scaled, b = factors
+            return output + (inputs[0] @ b) @ a_scaled.T
+
+        return add_low_rank_delta
+
+    def remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    # --- member noise --------------------------------------------------------------------------
+    def member_noise(self, epoch: int, member: int):
+        """{name: (A_scaled, B)} for LORA and {name: eps} for FULL, as torch tensors in the weights' dtype."""
+        scale = self.sigma_scale(epoch)
+        lora, full = {}, {}
+        for g in self.groups[ParamClass.LORA]:
+            a, b = hs.stacked_lowrank_factors(g.keys, g.shape, epoch=epoch, member=member, rank=self.rank,
+                                              sigmas=g.base_sigmas * scale, noise_reuse=self.noise_reuse)
+            a_t, b_t = jax_to_torch(a), jax_to_torch(b)
+            for k, name in enumerate(g.names):
+                w = self.params[name]
+                lora[name] = (a_t[k].to(device=w.device, dtype=w.dtype), b_t[k].to(device=w.device, dtype=w.dtype))
+        for g in self.groups[ParamClass.FULL]:
+            eps = jax_to_torch(hs.stacked_full_noise(g.keys, g.shape, epoch=epoch, member=member,
+                                                     sigmas=g.base_sigmas * scale, noise_reuse=self.noise_reuse))
+            for k, name in enumerate(g.names):
+                full[name] = eps[k]
+        return lora, full
+
+    @contextlib.contextmanager
+    def member(self, epoch: int, member: int):
+        """The model as member `member` of `epoch`; exact restore on exit, even on error."""
+        if not 0 <= member < self.cfg.evolution.population_size:
+            raise ValueError(f"member {member} outside the population 0..{self.cfg.evolution.population_size - 1}")
+        lora, full = self.member_noise(epoch, member)
+        try:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    if name in self._saved:
+                        self._saved[name].copy_(p)
+                for name, eps in full.items():
+                    p = self.params[name]
+                    p.copy_((p.float() + eps.to(p.device)).to(p.dtype))
+                if self.strategy == "inplace":
+                    for name, (a, b) in lora.items():
+                        p = self.params[name]
+                        p.copy_((p.float() + (a.float() @ b.float().T)).to(p.dtype))
+                else:
+                    self._active = lora
+            yield self.model
+        finally:
+            self._active = {}
+            with torch.no_grad():
+                for name, saved in self._saved.items():
+                    self.params[name].copy_(saved)
+
+    # --- the update ----------------------------------------------------------------------------
+    def update(self, raw_fitness, epoch: int, rounding_generator: torch.Generator | None = None) -> dict:
+        """Normalize fitness, regenerate all factors from keys, contract, and move the weights."""
+        evo = self.cfg.evolution
+        fitness = hs.normalize_fitness(raw_fitness, evo.group_size)
+        if len(fitness) != evo.population_size:
+            raise ValueError(f"got {len(fitness)} fitness values for a population of {evo.population_size}")
+        scale = self.sigma_scale(epoch)
+        directions = {}
+        for name in self.params:
+            w, key, sigma = self.params[name], self.param_keys[name], self.sigma[name] * scale
+            if self.classes[name] is ParamClass.LORA:
+                delta = hs.lowrank_update(key, tuple(w.shape), fitness, epoch=epoch, rank=self.rank, sigma=sigma, noise_reuse=self.noise_reuse)
+            else:
+                delta = hs.full_update(key, tuple(w.shape), fitness, epoch=epoch, sigma=sigma, noise_reuse=self.noise_reuse)
+            directions[name] = jax_to_torch(delta).to(w.device)
+        norm, clip = global_norm_scale(list(directions.values()), evo.max_update_norm)
+        self.optimizer.lr = self.lr_at(epoch)
+        self.optimizer.begin_step()
+        stats = {"update_norm": norm, "clip_scale": clip, "lr": self.optimizer.lr, "sigma_scale": scale,
+                 "normalized_fitness": fitness.tolist()}
+        per_class = defaultdict(float)
+        changed = total = 0
+        intended = lost = 0.0
+        with torch.no_grad():
+            for name, direction in directions.items():
+                w = self.params[name]
+                change = self.optimizer.change(name, direction * clip, w)
+                per_class[self.classes[name].value] += float(change.double().pow(2).sum())
+                before = w.detach().clone()
+                i, l = apply_change(w, change, rounding_generator)
+                intended, lost = intended + i, lost + l
+                changed += int((w != before).sum())
+                total += w.numel()
+        stats.update({f"update_norm_{k}": math.sqrt(v) for k, v in per_class.items()})
+        stats["fraction_changed"] = changed / max(total, 1)
+        stats["lost_update_fraction"] = lost / intended if intended else 0.0
+        return stats
+
+    def evolvable_state(self) -> dict[str, torch.Tensor]:
+        """The evolvable tensors (what a checkpoint must hold), detached and contiguous."""
+        return {name: p.detach().contiguous() for name, p in self.params.items()}

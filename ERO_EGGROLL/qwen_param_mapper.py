@@ -1,0 +1,166 @@
+"""Which Qwen2.5-VL tensors evolve, and how: FROZEN, LORA (low-rank noise) or FULL (dense noise).
+
+Rules (explicit `params.overrides` patterns win over them):
+  vision tower (model.visual.*)    FROZEN by default; unfrozen: 2-D Linear weights LORA, norms and
+                                   biases FULL, the 5-D patch embedding FROZEN
+  embed_tokens, lm_head            FROZEN
+  2-D attention / MLP projections  LORA
+  norms and all biases (q/k/v too) FULL, or FROZEN with evolution.freeze_nonlora
+
+    python -m ERO_EGGROLL.qwen_param_mapper --config configs/qwen2_5_vl_7b.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import fnmatch
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .config import Config, ConfigError, load_config
+
+
+class ParamClass(str, enum.Enum):
+    FROZEN = "FROZEN"
+    LORA = "LORA"
+    FULL = "FULL"
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    shape: tuple[int, ...]
+    cls: ParamClass
+    key_index: int  # stable integer for hyperscalees.param_key: crc32 of the name
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def key_index(name: str) -> int:
+    """A process-independent integer per tensor name (Python's hash() is salted per process)."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def _rule(name: str, shape: tuple[int, ...], freeze_vision: bool, freeze_nonlora: bool) -> ParamClass:
+    if name.startswith(("model.visual.", "visual.")):
+        if freeze_vision or len(shape) > 2:
+            return ParamClass.FROZEN
+    elif "embed_tokens" in name or name.startswith("lm_head"):
+        return ParamClass.FROZEN
+    if len(shape) == 2:
+        return ParamClass.LORA
+    if len(shape) == 1:
+        return ParamClass.FROZEN if freeze_nonlora else ParamClass.FULL
+    return ParamClass.FROZEN
+
+
+def classify(named_shapes: Iterable[tuple[str, Sequence[int]]], cfg: Config) -> list[ParamSpec]:
+    """A ParamSpec per tensor, in the model's parameter order."""
+    specs, seen = [], {}
+    patterns = cfg.params.overrides
+    for name, shape in named_shapes:
+        shape = tuple(int(d) for d in shape)
+        cls = _rule(name, shape, cfg.params.freeze_vision, cfg.evolution.freeze_nonlora)
+        for pattern, forced in patterns.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                cls = ParamClass(forced)
+        if cls is ParamClass.LORA and len(shape) != 2:
+            raise ConfigError(f"params.overrides makes {name} (shape {shape}) LORA, but only 2-D weights can take low-rank noise")
+        index = key_index(name)
+        if index in seen:
+            raise ConfigError(f"tensor names {seen[index]} and {name} collide on their noise key; rename one override")
+        seen[index] = name
+        specs.append(ParamSpec(name, shape, cls, index))
+    unused = [p for p in patterns if not any(fnmatch.fnmatchcase(s.name, p) for s in specs)]
+    if unused:
+        raise ConfigError(f"params.overrides pattern(s) {unused} match no tensor of this model")
+    return specs
+
+
+def classify_model(model, cfg: Config) -> list[ParamSpec]:
+    return classify(((n, p.shape) for n, p in model.named_parameters()), cfg)
+
+
+def meta_model_from_config_json(path: str | Path):
+    """The architecture on the meta device (no weights, no memory): enough to list tensor shapes."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig.from_dict(json.loads(Path(path).read_text()))
+    with torch.device("meta"):
+        return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def architecture_json(cfg: Config) -> Path:
+    """The model's config.json: from model.path when present, else model.config_json."""
+    in_model_dir = cfg.resolve_path(cfg.model.path) / "config.json"
+    if in_model_dir.is_file():
+        return in_model_dir
+    if cfg.model.config_json and cfg.resolve_path(cfg.model.config_json).is_file():
+        return cfg.resolve_path(cfg.model.config_json)
+    raise ConfigError(
+        f"no config.json at {in_model_dir} and model.config_json is {cfg.model.config_json!r}; "
+        "set model.config_json (configs/qwen2_5_vl_7b_config.json for the 7B) or build the model"
+    )
+
+
+def summarize(specs: list[ParamSpec], rank: int, bytes_per_value: int = 4) -> list[dict]:
+    """Per class: tensors, parameters, noise bytes per member (low-rank vs full-rank ES)."""
+    rows = []
+    for cls in ParamClass:
+        group = [s for s in specs if s.cls is cls]
+        lowrank = sum((s.shape[0] + s.shape[1]) * rank if cls is ParamClass.LORA else s.numel for s in group) if cls is not ParamClass.FROZEN else 0
+        fullrank = sum(s.numel for s in group) if cls is not ParamClass.FROZEN else 0
+        rows.append({"class": cls.value, "tensors": len(group), "parameters": sum(s.numel for s in group),
+                     "noise bytes/member (EGGROLL)": lowrank * bytes_per_value, "noise bytes/member (full-rank)": fullrank * bytes_per_value})
+    return rows
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.4g}{unit}"
+        n /= 1000
+    return f"{n:.4g}P"
+
+
+def format_summary(rows: list[dict]) -> str:
+    header = ["class", "tensors", "parameters", "noise B/member EGGROLL", "noise B/member full-rank"]
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for r in rows:
+        lines.append(" | ".join([r["class"], str(r["tensors"]), _human(r["parameters"]),
+                                 _human(r["noise bytes/member (EGGROLL)"]), _human(r["noise bytes/member (full-rank)"])]))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Summarize the FROZEN/LORA/FULL classes of a config's model (no weights needed).")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--list", action="store_true", help="also list every tensor with its class")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        source = architecture_json(cfg)
+        specs = classify_model(meta_model_from_config_json(source), cfg)
+    except ConfigError as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"architecture: {source}\nrank {cfg.evolution.rank}, noise drawn in float32\n")
+    print(format_summary(summarize(specs, cfg.evolution.rank)))
+    if args.list:
+        for s in specs:
+            print(f"{s.cls.value:6s} {s.name} {list(s.shape)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

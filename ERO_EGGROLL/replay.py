@@ -1,0 +1,75 @@
+"""Rebuild a run's evolved weights from the base model, its config and its fitness history.
+
+All noise is regenerated from keys, so a run's whole history is a few kilobytes:
+
+    python -m ERO_EGGROLL.replay checkpoints/<run> [--check]
+
+`--check` compares the rebuilt tensors with the checkpoint bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .checkpointing import CheckpointError, RunState, assign_weights, load_checkpoint
+from .config import ConfigError, config_from_dict
+from .model_loading import ModelLoadError, load_model
+from .perturbation import Perturber
+
+
+def replay_weights(model, state: RunState) -> dict[str, torch.Tensor]:
+    """Apply every recorded update (and degeneration-guard rollback) to `model`; return the evolvable tensors."""
+    cfg = config_from_dict(state.config, "saved config")
+    perturber = Perturber(model, cfg)
+    best = {k: v.detach().clone() for k, v in perturber.evolvable_state().items()}
+    for row in state.history:
+        if not row.get("fitness"):
+            continue  # epoch 0: the base model
+        epoch = row["epoch"] - 1
+        generator = None
+        if cfg.evolution.stochastic_rounding:
+            generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed * 1_000_003 + epoch)
+        perturber.update(row["fitness"], epoch, generator)
+        if row.get("new_best"):
+            best = {k: v.detach().clone() for k, v in perturber.evolvable_state().items()}
+        if row.get("rolled_back"):
+            assign_weights(model, best, "replayed best weights")
+    perturber.remove_hooks()
+    return {k: v.detach().clone() for k, v in perturber.evolvable_state().items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Rebuild a run's evolved weights from base model + config + fitness history.")
+    parser.add_argument("checkpoint", help="a run's checkpoint folder (checkpoints/<run>) or an epoch_NNNN/ directory")
+    parser.add_argument("--check", action="store_true", help="compare with the checkpoint's tensors bit for bit")
+    parser.add_argument("--out", help="write the rebuilt tensors to this safetensors file")
+    args = parser.parse_args(argv)
+    try:
+        saved, _, state = load_checkpoint(Path(args.checkpoint))
+        cfg = config_from_dict(state.config, f"{args.checkpoint} (saved config)")
+        model, _ = load_model(cfg)
+    except (CheckpointError, ConfigError, ModelLoadError) as err:
+        parser.exit(2, f"error: {err}\n")
+    rebuilt = replay_weights(model, state)
+    updates = sum(1 for r in state.history if r.get("fitness"))
+    print(f"replayed {updates} update(s) of {cfg.run.name} from {len(rebuilt)} evolvable tensors")
+    if args.out:
+        from safetensors.torch import save_file
+
+        save_file(rebuilt, args.out)
+        print(f"wrote {args.out}")
+    if args.check:
+        different = [n for n in saved if not torch.equal(saved[n], rebuilt[n].cpu())]
+        if different:
+            print(f"MISMATCH in {len(different)} tensor(s), e.g. {different[:3]}")
+            return 1
+        print("bit-identical to the checkpoint")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
