@@ -22,7 +22,7 @@ import torch
 from .arc_fitness import METRICS, cell_accuracy, char_similarity, exact
 from .arc_task import ArcTask
 from .config import Config
-from .prompts import Question, answer_text, build_messages, leave_one_out_questions, test_questions
+from .prompts import Question, answer_text, build_messages, leave_one_out_questions, held_out_test_questions
 
 __all__ = ["char_similarity", "evaluate", "prepare", "EvalResult", "PreparedQuestion"]
 
@@ -73,7 +73,7 @@ def questions_for(tasks: Sequence[ArcTask], cfg: Config, purpose: str) -> list[Q
     k = cfg.data.max_train_examples
     if purpose == "fitness" and cfg.data.fitness_source == "train_loo":
         return [q for t in tasks for q in leave_one_out_questions(t, k)]
-    return [q for t in tasks for q in test_questions(t, k)]
+    return [q for t in tasks for q in held_out_test_questions(t, k)]
 
 
 def prepare(questions: Sequence[Question], processor, cfg: Config) -> list[PreparedQuestion]:

@@ -83,7 +83,7 @@ class EvolutionConfig:
 @dataclass
 class ParamsConfig:
     freeze_vision: bool = True
-    overrides: dict[str, Literal["FROZEN", "LORA", "FULL"]] = field(default_factory=dict)  # fnmatch pattern -> class
+    overrides: dict[str, Literal["FROZEN", "LORA", "FULL"]] = field(default_factory=dict)  # fnmatch pattern -> class; later patterns win
 
 
 @dataclass

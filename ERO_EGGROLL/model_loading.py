@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import ProcessorMixin, Qwen2_5_VLProcessor
 
 from .config import Config, ConfigError, EMBEDDED_MODEL_DIR
@@ -92,7 +93,7 @@ def load_model_from_dir(path: str | Path, *, dtype: torch.dtype = torch.float32,
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             path, dtype=dtype, trust_remote_code=False, attn_implementation=attn_implementation
         )
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ModelLoadError(f"could not load the weights in {path}: {str(err).splitlines()[0]} "
                              "(a truncated or corrupt *.safetensors file? re-copy or rebuild it)") from None
     model.to(device).eval().requires_grad_(False)

@@ -34,7 +34,7 @@ class Question:
     target: Grid
 
 
-def test_questions(task: ArcTask, max_examples: int | None = None) -> list[Question]:
+def held_out_test_questions(task: ArcTask, max_examples: int | None = None) -> list[Question]:
     """One question per test pair, with the training pairs (the first `max_examples`) as demonstrations."""
     examples = task.train[:max_examples]
     return [Question(task.id, examples, pair.input, pair.output) for pair in task.test]

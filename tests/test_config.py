@@ -1,0 +1,74 @@
+"""Config loading: every bad input names the file, the key and what to do."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ERO_EGGROLL.config import ROOT, ConfigError, load_config
+from conftest import write_config
+
+
+@pytest.mark.parametrize("name", ["default", "smoke", "qwen2_5_vl_7b"])
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.evolution.population_size % 2 == 0
+
+
+def test_7b_config_matches_the_issue():
+    evo = load_config(ROOT / "configs" / "qwen2_5_vl_7b.yaml").evolution
+    assert (evo.epochs, evo.population_size, evo.sigma, evo.rank) == (12, 32, 0.01, 2)
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["evolution.population_size=8", "data.task_ids=[b1fc8b8e]", "evolution.sigma=0.25"])
+    assert cfg.evolution.population_size == 8 and cfg.data.task_ids == ["b1fc8b8e"] and cfg.evolution.sigma == 0.25
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("evolution:\n  population_sise: 8\n", r"evolution: unknown key 'population_sise'; did you mean 'population_size'\?"),
+        ("evolutoin: {}\n", r"top level: unknown key 'evolutoin'; did you mean 'evolution'\?"),
+        ("evolution:\n  rank: two\n", r"evolution.rank: expected int, got str 'two'"),
+        ("evolution:\n  population_size: 7\n", r"population_size must be even"),
+        ("evolution:\n  rank: 0\n", r"evolution.rank must be >= 1"),
+        ("evolution:\n  sigma: -0.1\n", r"evolution.sigma must be > 0"),
+        ("evolution:\n  population_size: 8\n  group_size: 3\n", r"group_size 3 must be 0 or divide"),
+        ("data:\n  input_mode: txt\n", r"'txt' is not one of .*did you mean 'text'"),
+        ("evaluation:\n  max_new_tokens_cap: 0\n", r"max_new_tokens_cap must be >= 1"),
+        ("data:\n  task_ids: []\n", r"task_ids is empty"),
+        ("data:\n  source: /no/such/dir\n", r"no such directory"),
+        ("evolution: [\n", r"malformed YAML at line 2"),
+        ("- just\n- a list\n", r"top level must be a mapping"),
+    ],
+)
+def test_bad_configs_name_file_key_and_fix(tmp_path, text, message):
+    path = write_config(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(ROOT / "configs" / "smoke.yaml", ["evolution.rank"])
+
+
+def test_cli_prints_resolved_config_and_fails_cleanly(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.config", "--config", str(ROOT / "configs/smoke.yaml")], capture_output=True, text=True)
+    assert ok.returncode == 0 and "population_size: 4" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.config", "--config", str(write_config(tmp_path, "seed: x\n"))], capture_output=True, text=True)
+    assert bad.returncode == 2 and "seed: expected int" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_replay_hash_ignores_epochs_only():
+    a = load_config(ROOT / "configs" / "smoke.yaml")
+    b = load_config(ROOT / "configs" / "smoke.yaml", ["evolution.epochs=5"])
+    c = load_config(ROOT / "configs" / "smoke.yaml", ["seed=1"])
+    assert a.replay_hash() == b.replay_hash() != c.replay_hash()
