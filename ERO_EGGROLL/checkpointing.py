@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, LATEST = "state.json", "evolvable.safetensors", "optimizer.safetensors", "LATEST"
+# Test-only fault injection: "NAME:SECONDS" sleeps inside the write of checkpoint directory NAME,
+# after its tensors are written and before it is complete, so a test can kill -9 the process there.
+SLOW_WRITE_ENV = "ERO_EGGROLL_FAULT_SLOW_WRITE"
 
 
 class CheckpointError(ValueError):
@@ -51,15 +55,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_dir(target: Path, weights: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], state: RunState, write_hook=None) -> None:
+def _slow_write_fault(name: str) -> None:
+    spec = os.environ.get(SLOW_WRITE_ENV, "")
+    if spec.partition(":")[0] == name:
+        time.sleep(float(spec.partition(":")[2]))
+
+
+def _write_dir(target: Path, weights: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], state: RunState) -> None:
     """Write a checkpoint directory under a temporary name, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, staging / WEIGHTS_FILE)
         save_file({k: v.detach().cpu().contiguous() for k, v in optimizer.items()}, staging / OPTIMIZER_FILE)
-        if write_hook is not None:
-            write_hook(staging)  # tests: simulate a slow write or a crash here
+        _slow_write_fault(target.name)
         (staging / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
         for f in staging.iterdir():
             with open(f, "rb") as handle:
@@ -82,11 +91,11 @@ def _write_dir(target: Path, weights: dict[str, torch.Tensor], optimizer: dict[s
         raise
 
 
-def save_checkpoint(run_ckpt_dir: Path, weights, optimizer, state: RunState, *, keep: bool, best: bool, write_hook=None) -> Path:
+def save_checkpoint(run_ckpt_dir: Path, weights, optimizer, state: RunState, *, keep: bool, best: bool) -> Path:
     """Write epoch_<n>/ (and best/), point LATEST at it, prune unkept epoch directories."""
     name = f"epoch_{state.epoch:04d}"
     target = run_ckpt_dir / name
-    _write_dir(target, weights, optimizer, state, write_hook)
+    _write_dir(target, weights, optimizer, state)
     if best:
         _write_dir(run_ckpt_dir / "best", weights, optimizer, state)
     pointer = run_ckpt_dir / f".{LATEST}.tmp"

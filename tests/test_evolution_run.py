@@ -1,0 +1,158 @@
+"""The evolution run end to end: smoke test, resume after a signal, replay, determinism, crash safety.
+
+Each run is a separate process on a 1-task, population-4 configuration (about 10-20 s each).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from ERO_EGGROLL.checkpointing import SLOW_WRITE_ENV, load_checkpoint, read_latest_name
+from ERO_EGGROLL.config import ROOT
+from ERO_EGGROLL.run_logging import TIMING_FIELDS
+
+SCRIPT = ROOT / "ERO_EGGROLL" / "arc_evolution_single_gpu.py"
+SMALL = ["data.task_ids=[b1fc8b8e]", "evaluation.max_new_tokens_cap=24", "evolution.epochs=2"]
+
+
+def run_args(tmp: Path, name: str, *overrides: str) -> list[str]:
+    sets = [*SMALL, f"run.name={name}", f"run.output_dir={tmp / 'results'}", f"run.checkpoint_dir={tmp / 'checkpoints'}", *overrides]
+    return [sys.executable, str(SCRIPT), "--config", str(ROOT / "configs" / "smoke.yaml")] + [a for s in sets for a in ("--set", s)]
+
+
+def run(tmp: Path, name: str, *overrides: str, env=None) -> subprocess.CompletedProcess:
+    done = subprocess.run(run_args(tmp, name, *overrides), capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def metrics(tmp: Path, name: str) -> list[dict]:
+    rows = [json.loads(line) for line in (tmp / "results" / name / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in rows]
+
+
+def final_weights(tmp: Path, name: str):
+    return load_checkpoint(tmp / "checkpoints" / name)[0]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].equal(b[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("runs")
+    run(tmp, "reference")
+    return tmp
+
+
+def test_smoke_script(tmp_path, tiny_model_dir):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "smoke_test.py"), "--set", f"run.output_dir={tmp_path / 'r'}",
+                           "--set", f"run.checkpoint_dir={tmp_path / 'c'}"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "smoke test passed" in done.stdout
+
+
+def test_same_seed_same_numbers_across_processes(reference):
+    run(reference, "again")
+    assert metrics(reference, "again") == metrics(reference, "reference")
+    assert_same_weights(final_weights(reference, "again"), final_weights(reference, "reference"))
+
+
+def test_different_seed_differs(reference):
+    run(reference, "seed1", "seed=1")
+    assert [r["member_mean"] for r in metrics(reference, "seed1")[1:]] != [r["member_mean"] for r in metrics(reference, "reference")[1:]]
+
+
+def test_replay_rebuilds_the_checkpoint_bit_for_bit(reference):
+    done = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.replay", str(reference / "checkpoints" / "reference"), "--check"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "bit-identical" in done.stdout
+
+
+def test_sigterm_then_resume_equals_uninterrupted(reference, tmp_path):
+    proc = subprocess.Popen(run_args(tmp_path, "reference"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "checkpoints" / "reference"
+    deadline = time.time() + 300
+    while read_latest_name(ckpt) != "epoch_0001" and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "stopped by SIGTERM" in stderr and "--resume" in stderr
+    assert read_latest_name(ckpt) in ("epoch_0001", "epoch_0002")
+    resumed = subprocess.run([sys.executable, str(SCRIPT), "--resume", str(ckpt)], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert metrics(tmp_path, "reference") == metrics(reference, "reference")
+    assert_same_weights(final_weights(tmp_path, "reference"), final_weights(reference, "reference"))
+
+
+def test_resume_refuses_a_changed_config(reference):
+    done = subprocess.run(run_args(reference, "reference", "evolution.rank=3") + ["--resume", str(reference / "checkpoints" / "reference")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "config changed" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_intact(tmp_path, tiny_model_dir):
+    env = {**os.environ, SLOW_WRITE_ENV: "epoch_0001:60"}
+    proc = subprocess.Popen(run_args(tmp_path, "crash"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    ckpt = tmp_path / "checkpoints" / "crash"
+    deadline = time.time() + 300
+    while not list(ckpt.glob(".epoch_0001.tmp-*/evolvable.safetensors")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    assert read_latest_name(ckpt) == "epoch_0000"
+    weights, _, state = load_checkpoint(ckpt)
+    assert state.epoch == 0 and weights
+    resumed = subprocess.run([sys.executable, str(SCRIPT), "--resume", str(ckpt)], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert load_checkpoint(ckpt)[2].epoch == 2
+
+
+def test_exported_best_model_loads_with_transformers(reference):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    export = reference / "checkpoints" / "reference" / "best_model"
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(export)
+    best = load_file(reference / "checkpoints" / "reference" / "best" / "evolvable.safetensors")
+    params = dict(model.named_parameters())
+    assert all(params[n].equal(t) for n, t in best.items())
+
+
+def test_evaluator_cli_on_an_evolved_checkpoint(reference):
+    out = reference / "eval"
+    done = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.arc_evaluator", "--config", str(ROOT / "configs" / "smoke.yaml"),
+                           "--set", "data.task_ids=[b1fc8b8e]", "--set", "evaluation.max_new_tokens_cap=24",
+                           "--checkpoint", str(reference / "checkpoints" / "reference"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| T1 | b1fc8b8e |" in (out.with_suffix(".md")).read_text()
+
+
+def test_per_task_mode_with_degeneration_guard_replays_exactly(tmp_path, tiny_model_dir):
+    """ERO's protocol: an independent evolution per task; the guard's rollbacks are replayed too."""
+    run(tmp_path, "pertask", "evolution.mode=per_task", "data.task_ids=[b1fc8b8e,e6de6e8f]", "evolution.population_size=2",
+        "evolution.epochs=3", "run.degeneration_patience=1", "evaluation.max_new_tokens_cap=16")
+    table = (tmp_path / "results" / "pertask" / "final_table.md").read_text()
+    assert "| T1 | b1fc8b8e |" in table and "| T2 | e6de6e8f |" in table
+    for task in ("b1fc8b8e", "e6de6e8f"):
+        rows = metrics(tmp_path, f"pertask/{task}")
+        assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+        assert all(r["rolled_back"] for r in rows[1:] if not r["new_best"])  # patience 1: every non-improving epoch rolls back
+        done = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.replay", str(tmp_path / "checkpoints" / "pertask" / task), "--check"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "bit-identical" in done.stdout, done.stdout + done.stderr

@@ -1,0 +1,71 @@
+"""The memory model, component by component, against what the tiny model really allocates."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ERO_EGGROLL.config import ROOT, load_config
+from ERO_EGGROLL.memory import DTYPE_BYTES, Workload, estimate
+from ERO_EGGROLL.perturbation import Perturber
+from ERO_EGGROLL.qwen_param_mapper import classify_model
+
+
+@pytest.fixture
+def setup(tiny):
+    model, processor = tiny
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    cfg.model.path = str(ROOT / cfg.model.path)
+    arch = json.loads((ROOT / cfg.model.path / "config.json").read_text())
+    return model, processor, cfg, arch, classify_model(model, cfg)
+
+
+def test_weights_and_noise_components_match_the_real_tensors(setup):
+    model, _, cfg, arch, specs = setup
+    work = Workload(prompt_tokens=100, new_tokens=10, image_patches=0, batch=1)
+    est = estimate(cfg, arch, specs, work, "float32", on_gpu=False)
+    assert est.resident["weights"] == sum(p.numel() * p.element_size() for p in model.parameters())
+    perturber = Perturber(model, cfg, specs)
+    lora, full = perturber.member_noise(0, 0)
+    member_bytes = sum(a.numel() + b.numel() for a, b in lora.values()) * 4 + sum(e.numel() for e in full.values()) * 4
+    perturber.remove_hooks()
+    noise_in_estimate = est.evaluation - estimate(cfg, arch, [], work, "float32", on_gpu=False).evaluation
+    # fp32 draws plus the copy cast to the weights' dtype (here also fp32)
+    assert noise_in_estimate == 2 * member_bytes
+
+
+def test_kv_cache_component_matches_generate(setup):
+    model, _, cfg, arch, specs = setup
+    ids = torch.randint(0, 100, (2, 50))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                             return_dict_in_generate=True, do_sample=False)
+    cache = out.past_key_values
+    measured = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size() for layer in cache.layers)
+    text = arch["text_config"]
+    predicted = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * (text["hidden_size"] // text["num_attention_heads"]) * (50 + 8 - 1) * 2 * 4
+    assert measured == predicted  # the cache holds every position but the last generated one
+
+
+def test_eggroll_memory_is_flat_in_population_and_below_full_rank(setup):
+    _, _, cfg, arch, specs = setup
+    work = Workload(prompt_tokens=500, new_tokens=100, image_patches=0, batch=2)
+    totals = []
+    for n in (4, 64, 1024):
+        cfg.evolution.population_size = n
+        totals.append(estimate(cfg, arch, specs, work, "bfloat16", on_gpu=True))
+    assert totals[0].evaluation == totals[1].evaluation == totals[2].evaluation  # members are evaluated one at a time
+    lora = [s for s in specs if s.cls.value == "LORA"]
+    largest = max(lora, key=lambda s: s.numel)
+    per_member = (largest.shape[0] + largest.shape[1]) * cfg.evolution.rank * 4
+    assert totals[2].update - totals[1].update == (1024 - 64) * per_member  # the update grows only by the stacked factors
+    assert all(t.device_total < t.fullrank_total for t in totals)
+
+
+def test_cli_for_the_7b_without_weights():
+    done = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.memory", "--config", str(ROOT / "configs" / "qwen2_5_vl_7b.yaml")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "peak on the device" in done.stdout and "full-rank ES" in done.stdout
