@@ -24,7 +24,18 @@ from .arc_task import ArcTask
 from .config import Config
 from .prompts import Question, answer_text, build_messages, leave_one_out_questions, held_out_test_questions
 
-__all__ = ["char_similarity", "evaluate", "prepare", "EvalResult", "PreparedQuestion"]
+__all__ = ["char_similarity", "evaluate", "prepare", "EvalResult", "EvaluationError", "PreparedQuestion"]
+
+
+class EvaluationError(RuntimeError):
+    """Generation or scoring failed in a way the user can fix (out of memory, a bad fitness value)."""
+
+
+OOM_ADVICE = (
+    "out of GPU memory during generation. The population size is not the cause (members are evaluated "
+    "one at a time); lower evaluation.batch_size, evaluation.max_new_tokens_cap or data.max_train_examples, "
+    "or use data.input_mode: text. `python -m ERO_EGGROLL.memory --config <yaml>` predicts the peak."
+)
 
 
 @dataclass
@@ -120,10 +131,13 @@ def generate_answers(model, processor, prepared: Sequence[PreparedQuestion], cfg
         inputs = _collate(batch, pad_id, device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
-        generated = model.generate(
-            **inputs, max_new_tokens=max(p.max_new_tokens for p in batch), do_sample=not cfg.evaluation.greedy,
-            eos_token_id=end_of_turn, pad_token_id=pad_id,
-        )
+        try:
+            generated = model.generate(
+                **inputs, max_new_tokens=max(p.max_new_tokens for p in batch), do_sample=not cfg.evaluation.greedy,
+                eos_token_id=end_of_turn, pad_token_id=pad_id,
+            )
+        except torch.OutOfMemoryError:
+            raise EvaluationError(OOM_ADVICE) from None
         new = generated[:, inputs["input_ids"].shape[1] :]
         for row, p in enumerate(batch):
             tokens = new[row, : p.max_new_tokens].tolist()
@@ -141,8 +155,12 @@ def evaluate(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config
     answers = []
     for p, (text, n_new) in zip(prepared, generate_answers(model, processor, prepared, cfg)):
         target = p.question.target
+        score = metric(text, target)
+        if not (isinstance(score, float) and 0.0 <= score <= 1.0):  # NaN fails this too
+            raise EvaluationError(f"fitness {cfg.evaluation.fitness!r} returned {score!r} for task {p.question.task_id}; "
+                                  "a fitness must be a finite float in [0, 1] (NaN would poison the update)")
         answers.append(AnswerRecord(
-            p.question.task_id, text, metric(text, target), char_similarity(text, target), exact(text, target),
+            p.question.task_id, text, score, char_similarity(text, target), exact(text, target),
             cell_accuracy(text, target), int(p.inputs["input_ids"].shape[0]), n_new,
         ))
     per_task: dict[str, list[float]] = {}
@@ -193,9 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
         tasks = load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)
         model, processor = load_evaluated_model(cfg, args.checkpoint)
-    except (ConfigError, ArcDataError, ModelLoadError, CheckpointError) as err:
+        result = evaluate(model, processor, prepare(questions_for(tasks, cfg, "test"), processor, cfg), cfg)
+    except (ConfigError, ArcDataError, ModelLoadError, CheckpointError, EvaluationError) as err:
         parser.exit(2, f"error: {err}\n")
-    result = evaluate(model, processor, prepare(questions_for(tasks, cfg, "test"), processor, cfg), cfg)
     rows = results_table([t.id for t in tasks], result)
     stem = Path(args.out) if args.out else cfg.run_dir / ("eval_checkpoint" if args.checkpoint else "eval_base")
     csv_path, md_path = write_table(rows, stem)

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from tqdm import tqdm
 
-from ERO_EGGROLL.arc_evaluator import evaluate, prepare, questions_for, results_table, write_table
+from ERO_EGGROLL.arc_evaluator import EvaluationError, evaluate, prepare, questions_for, results_table, write_table
 from ERO_EGGROLL.arc_task import ArcDataError, load_tasks
 from ERO_EGGROLL.checkpointing import CheckpointError, RunState, assign_weights, load_checkpoint, save_checkpoint
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, ConfigError, config_from_dict, load_config
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nstopped by {signal_name} after the last complete checkpoint; continue with:\n"
               f"  python ERO_EGGROLL/arc_evolution_single_gpu.py --resume {cfg.checkpoint_path}", file=sys.stderr)
         return 130
-    except (ConfigError, ArcDataError, ModelLoadError, CheckpointError) as err:
+    except (ConfigError, ArcDataError, ModelLoadError, CheckpointError, EvaluationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

