@@ -1,0 +1,164 @@
+"""Benchmark: what one member costs, per perturbation strategy, and what the update costs.
+
+On the embedded tiny model and a ~30M-parameter random Qwen2.5-VL (same tokenizer), measured side
+by side in one run (medians over repetitions):
+  * per-member evaluation time: plain generate (no perturbation), `forward`, `inplace`
+  * the fused update: JAX contraction (hyperscalees.lowrank_update) vs torch einsum over the
+    DLPack'd factors
+  * peak RSS vs population size (fresh subprocess per size: it must stay flat)
+  * prompt batching inside one member: batch_size = all prompts vs one prompt per generate call
+
+    python scripts/bench_member.py [--quick]      -> results/bench/member.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import hyperscalees as hs  # noqa: E402
+from ERO_EGGROLL.arc_evaluator import evaluate, prepare, questions_for  # noqa: E402
+from ERO_EGGROLL.arc_task import load_tasks  # noqa: E402
+from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, load_config  # noqa: E402
+from ERO_EGGROLL.model_loading import load_model_from_dir  # noqa: E402
+from ERO_EGGROLL.perturbation import Perturber  # noqa: E402
+from ERO_EGGROLL.pytorch_jax_bridge import jax_to_torch  # noqa: E402
+
+
+def median_time(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_30m_model(tiny_dir: Path):
+    """A ~30M-parameter Qwen2.5-VL with random weights and the tiny model's tokenizer."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig.from_pretrained(tiny_dir)
+    config.text_config.update({"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
+                               "num_attention_heads": 8, "num_key_value_heads": 4})
+    config.text_config.rope_parameters["mrope_section"] = [8, 12, 12]  # sums to head_dim / 2 = 32
+    config.vision_config.out_hidden_size = 512
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval().requires_grad_(False)
+    return model
+
+
+def config_for(population: int, strategy: str = "forward"):
+    return load_config(ROOT / "configs" / "default.yaml", [f"evolution.population_size={population}", f"evolution.strategy={strategy}",
+                                                           "evaluation.max_new_tokens_cap=64"])
+
+
+def bench_model(name: str, model, processor, reps: int) -> dict:
+    cfg = config_for(16)
+    prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "fitness"), processor, cfg)
+    row = {"model": name, "parameters": sum(p.numel() for p in model.parameters())}
+    row["plain generate s"] = median_time(lambda: evaluate(model, processor, prepared, cfg), reps)
+    for strategy in ("forward", "inplace"):
+        perturber = Perturber(model, config_for(16, strategy))
+
+        def member():
+            with perturber.member(0, 1):
+                evaluate(model, processor, prepared, cfg)
+
+        row[f"{strategy} s"] = median_time(member, reps)
+        row[f"{strategy} / plain"] = row[f"{strategy} s"] / row["plain generate s"]
+        perturber.remove_hooks()
+    perturber = Perturber(model, cfg)
+    fitness = [float(i % 5) for i in range(16)]
+    snapshot = {n: p.clone() for n, p in perturber.params.items()}
+
+    def restore():
+        with torch.no_grad():
+            for n, p in perturber.params.items():
+                p.copy_(snapshot[n])
+
+    def jax_update():
+        perturber.update(fitness, 0)
+        restore()
+
+    def torch_update():
+        """The same directions, contracted in torch over the DLPack'd stacked factors."""
+        f = torch.from_numpy(hs.normalize_fitness(fitness))
+        for name in perturber.lora_names:
+            w = perturber.params[name]
+            a, b = hs.population_lowrank_factors(perturber.param_keys[name], tuple(w.shape), epoch=0, members=range(16),
+                                                 rank=cfg.evolution.rank, sigma=perturber.sigma[name])
+            delta = torch.einsum("nir,njr->ij", f[:, None, None] * jax_to_torch(a), jax_to_torch(b)) / math.sqrt(16)
+            w.add_(cfg.evolution.lr * delta)
+        restore()
+
+    row["update (JAX contraction) s"] = median_time(jax_update, reps)
+    row["update (torch einsum) s"] = median_time(torch_update, reps)
+    perturber.remove_hooks()
+    cfg_one = config_for(16)
+    cfg_one.evaluation.batch_size = 1
+    cfg_all = config_for(16)
+    cfg_all.evaluation.batch_size = len(prepared)
+    row["prompts one at a time s"] = median_time(lambda: evaluate(model, processor, prepared, cfg_one), reps)
+    row["prompts batched s"] = median_time(lambda: evaluate(model, processor, prepared, cfg_all), reps)
+    row["batching speed-up"] = row["prompts one at a time s"] / row["prompts batched s"]
+    return row
+
+
+def _memory_case(population: int) -> dict:
+    """Child process: one member evaluation and one update at this population size; peak RSS."""
+    cfg = config_for(population)
+    model, processor = load_model_from_dir(ROOT / EMBEDDED_MODEL_DIR)
+    prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "fitness"), processor, cfg)
+    perturber = Perturber(model, cfg)
+    with perturber.member(0, population - 1):
+        evaluate(model, processor, prepared, cfg)
+    perturber.update([float(i % 3) for i in range(population)], 0)
+    return {"population": population, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--memory-case", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_case:
+        print(json.dumps(_memory_case(args.memory_case)))
+        return
+    reps = 2 if args.quick else 5
+    tiny_dir = ROOT / EMBEDDED_MODEL_DIR
+    tiny, processor = load_model_from_dir(tiny_dir)
+    rows = [bench_model("tiny (embedded)", tiny, processor, reps)]
+    if not args.quick:
+        rows.append(bench_model("random ~30M", random_30m_model(tiny_dir), processor, reps))
+    print("\n## Per-member cost (seconds per member: 3 ARC questions, <= 64 new tokens; median)")
+    for row in rows:
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
+    memory = []
+    for population in ([4, 64] if args.quick else [4, 16, 64, 256]):
+        out = subprocess.run([sys.executable, __file__, "--memory-case", str(population)], capture_output=True, text=True, check=True)
+        memory.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print("\n## Peak RSS vs population size (tiny model, one member + one update, fresh process each)")
+    for m in memory:
+        print(f"N={m['population']:4d}  peak RSS {m['peak_rss_mb']:.0f} MB")
+    out_path = ROOT / "results" / "bench" / ("member_quick.json" if args.quick else "member.json")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps({"per_member": rows, "memory_vs_population": memory}, indent=2))
+    print(f"\nwrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
