@@ -21,7 +21,7 @@ from ERO_EGGROLL.config import ROOT
 from ERO_EGGROLL.run_logging import TIMING_FIELDS
 
 SCRIPT = ROOT / "ERO_EGGROLL" / "arc_evolution_single_gpu.py"
-SMALL = ["data.task_ids=[b1fc8b8e]", "evaluation.max_new_tokens_cap=24", "evolution.epochs=2"]
+SMALL = ["data.task_ids=[b1fc8b8e]", "evaluation.max_new_tokens_cap=48", "evolution.epochs=2"]  # 48 tokens: members answer differently
 
 
 def run_args(tmp: Path, name: str, *overrides: str) -> list[str]:
@@ -65,6 +65,7 @@ def test_smoke_script(tmp_path, tiny_model_dir):
 
 
 def test_same_seed_same_numbers_across_processes(reference):
+    assert metrics(reference, "reference")[1]["member_max"] > metrics(reference, "reference")[1]["member_min"]  # a real update happened
     run(reference, "again")
     assert metrics(reference, "again") == metrics(reference, "reference")
     assert_same_weights(final_weights(reference, "again"), final_weights(reference, "reference"))
@@ -73,6 +74,8 @@ def test_same_seed_same_numbers_across_processes(reference):
 def test_different_seed_differs(reference):
     run(reference, "seed1", "seed=1")
     assert [r["member_mean"] for r in metrics(reference, "seed1")[1:]] != [r["member_mean"] for r in metrics(reference, "reference")[1:]]
+    a, b = final_weights(reference, "seed1"), final_weights(reference, "reference")
+    assert any(not a[k].equal(b[k]) for k in a)
 
 
 def test_replay_rebuilds_the_checkpoint_bit_for_bit(reference):
@@ -136,7 +139,7 @@ def test_exported_best_model_loads_with_transformers(reference):
 def test_evaluator_cli_on_an_evolved_checkpoint(reference):
     out = reference / "eval"
     done = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.arc_evaluator", "--config", str(ROOT / "configs" / "smoke.yaml"),
-                           "--set", "data.task_ids=[b1fc8b8e]", "--set", "evaluation.max_new_tokens_cap=24",
+                           "--set", "data.task_ids=[b1fc8b8e]", "--set", "evaluation.max_new_tokens_cap=48",
                            "--checkpoint", str(reference / "checkpoints" / "reference"), "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
