@@ -24,7 +24,7 @@ from .arc_task import ArcTask
 from .config import Config
 from .prompts import Question, answer_text, build_messages, leave_one_out_questions, held_out_test_questions
 
-__all__ = ["char_similarity", "evaluate", "prepare", "EvalResult", "EvaluationError", "PreparedQuestion"]
+__all__ = ["char_similarity", "evaluate", "evaluate_members", "prepare", "EvalResult", "EvaluationError", "PreparedQuestion"]
 
 
 class EvaluationError(RuntimeError):
@@ -118,17 +118,24 @@ def _collate(batch: Sequence[PreparedQuestion], pad_id: int, device) -> dict:
 
 
 @torch.no_grad()
-def generate_answers(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config) -> list[tuple[str, int]]:
-    """(decoded text, new-token count) per question, `evaluation.batch_size` prompts per generate call."""
+def generate_answers(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config, replicas: int = 1) -> list[list[tuple[str, int]]]:
+    """(decoded text, new-token count) per replica and question, `evaluation.batch_size` prompts per generate call.
+
+    With replicas K > 1 every prompt batch is repeated K times, member-major, so that K members
+    (see Perturber.members) answer in one generate call; replica k sees exactly the rows that a
+    one-member call would.
+    """
     tokenizer = processor.tokenizer
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
     device = next(model.parameters()).device
-    out = []
+    out: list[list[tuple[str, int]]] = [[] for _ in range(replicas)]
     bs = cfg.evaluation.batch_size
     for start in range(0, len(prepared), bs):
         batch = prepared[start : start + bs]
         inputs = _collate(batch, pad_id, device)
+        if replicas > 1:
+            inputs = {k: torch.cat([v] * replicas) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
         try:
@@ -139,34 +146,50 @@ def generate_answers(model, processor, prepared: Sequence[PreparedQuestion], cfg
         except torch.OutOfMemoryError:
             raise EvaluationError(OOM_ADVICE) from None
         new = generated[:, inputs["input_ids"].shape[1] :]
-        for row, p in enumerate(batch):
-            tokens = new[row, : p.max_new_tokens].tolist()
-            if end_of_turn in tokens:
-                tokens = tokens[: tokens.index(end_of_turn)]
-            tokens = [t for t in tokens if t != pad_id]
-            out.append((tokenizer.decode(tokens, skip_special_tokens=True), len(tokens)))
+        for replica in range(replicas):
+            for row, p in enumerate(batch):
+                tokens = new[replica * len(batch) + row, : p.max_new_tokens].tolist()
+                if end_of_turn in tokens:
+                    tokens = tokens[: tokens.index(end_of_turn)]
+                tokens = [t for t in tokens if t != pad_id]
+                out[replica].append((tokenizer.decode(tokens, skip_special_tokens=True), len(tokens)))
     return out
 
 
-def evaluate(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config) -> EvalResult:
-    """Scores of `model` on prepared questions (see `prepare`); deterministic for greedy decoding."""
-    start = time.perf_counter()
+def _score(prepared: Sequence[PreparedQuestion], answers: Sequence[tuple[str, int]], cfg: Config) -> EvalResult:
     metric = METRICS[cfg.evaluation.fitness]
-    answers = []
-    for p, (text, n_new) in zip(prepared, generate_answers(model, processor, prepared, cfg)):
+    records = []
+    for p, (text, n_new) in zip(prepared, answers):
         target = p.question.target
         score = metric(text, target)
         if not (isinstance(score, float) and 0.0 <= score <= 1.0):  # NaN fails this too
             raise EvaluationError(f"fitness {cfg.evaluation.fitness!r} returned {score!r} for task {p.question.task_id}; "
                                   "a fitness must be a finite float in [0, 1] (NaN would poison the update)")
-        answers.append(AnswerRecord(
+        records.append(AnswerRecord(
             p.question.task_id, text, score, char_similarity(text, target), exact(text, target),
             cell_accuracy(text, target), int(p.inputs["input_ids"].shape[0]), n_new,
         ))
     per_task: dict[str, list[float]] = {}
-    for a in answers:
+    for a in records:
         per_task.setdefault(a.task_id, []).append(a.score)
-    return EvalResult({t: sum(v) / len(v) for t, v in per_task.items()}, answers, time.perf_counter() - start)
+    return EvalResult({t: sum(v) / len(v) for t, v in per_task.items()}, records)
+
+
+def evaluate(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config) -> EvalResult:
+    """Scores of `model` on prepared questions (see `prepare`); deterministic for greedy decoding."""
+    start = time.perf_counter()
+    result = _score(prepared, generate_answers(model, processor, prepared, cfg)[0], cfg)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def evaluate_members(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config, members: int) -> list[EvalResult]:
+    """Scores of `members` members answering in the same generate calls (inside `Perturber.members`)."""
+    start = time.perf_counter()
+    results = [_score(prepared, answers, cfg) for answers in generate_answers(model, processor, prepared, cfg, replicas=members)]
+    for r in results:
+        r.seconds = (time.perf_counter() - start) / members
+    return results
 
 
 # --- the per-task table in ERO's layout -------------------------------------------------------------

@@ -22,10 +22,11 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from tqdm import tqdm
 
-from ERO_EGGROLL.arc_evaluator import EvaluationError, evaluate, prepare, questions_for, results_table, write_table
+from ERO_EGGROLL.arc_evaluator import EvaluationError, evaluate, evaluate_members, prepare, questions_for, results_table, write_table
 from ERO_EGGROLL.arc_task import ArcDataError, load_tasks
 from ERO_EGGROLL.checkpointing import CheckpointError, RunState, assign_weights, load_checkpoint, save_checkpoint
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, ConfigError, config_from_dict, load_config
+from ERO_EGGROLL.memory import auto_members_per_batch
 from ERO_EGGROLL.model_loading import ModelLoadError, load_model
 from ERO_EGGROLL.perturbation import Perturber
 from ERO_EGGROLL.run_logging import plot_fitness, rewrite_metrics, write_resolved_config
@@ -78,6 +79,35 @@ def evaluate_mean_model(model, processor, fitness_questions, test_questions, cfg
             "answers": [a.text for a in test.answers]}
 
 
+def members_per_batch(cfg: Config, model, perturber: Perturber, prepared) -> int:
+    k = cfg.evaluation.members_per_batch
+    if k == "auto":
+        p = next(model.parameters())
+        k = auto_members_per_batch(cfg, model.config.to_dict(), perturber.specs, prepared, p.device, str(p.dtype).removeprefix("torch."))
+        print(f"evaluation.members_per_batch auto: {k} member(s) per generate call")
+    return min(k, cfg.evolution.population_size)
+
+
+def evaluate_population(perturber: Perturber, model, processor, prepared, cfg: Config, epoch: int, k: int, stop: StopFlag) -> list[float]:
+    """Every member's fitness: one at a time (k = 1, the reference), or k members per generate call."""
+    fitness: list[float] = []
+    n = cfg.evolution.population_size
+    bar = tqdm(total=n, desc=f"epoch {epoch + 1} members", unit="member", leave=False)
+    for first in range(0, n, k):
+        ids = list(range(first, min(first + k, n)))
+        if len(ids) == 1:
+            with perturber.member(epoch, ids[0]):
+                fitness.append(evaluate(model, processor, prepared, cfg).fitness)
+        else:
+            with perturber.members(epoch, ids):
+                fitness += [r.fitness for r in evaluate_members(model, processor, prepared, cfg, len(ids))]
+        bar.update(len(ids))
+        bar.set_postfix(fitness=f"{fitness[-1]:.3f}", best=f"{max(fitness):.3f}")
+        stop.check()
+    bar.close()
+    return fitness
+
+
 def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, stop: StopFlag, resume: bool) -> dict:
     """One evolution (all tasks jointly, or one task in per_task mode). Returns the best model's test result row data."""
     evo = cfg.evolution
@@ -107,18 +137,13 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         best_weights = {k: v.detach().cpu().clone() for k, v in perturber.evolvable_state().items()}
         save_checkpoint(ckpt_dir, perturber.evolvable_state(), {}, state, keep=True, best=True)
         print(f"epoch 0 (base model): fitness {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}")
+    k = members_per_batch(cfg, model, perturber, fitness_q)
     epochs = tqdm(range(state.epoch, evo.epochs), desc=f"{cfg.run.name} epochs", unit="epoch", initial=state.epoch, total=evo.epochs)
     for epoch in epochs:
         if state.finished:
             break
         start = time.perf_counter()
-        fitness = []
-        members = tqdm(range(evo.population_size), desc=f"epoch {epoch + 1} members", unit="member", leave=False)
-        for member in members:
-            with perturber.member(epoch, member):
-                fitness.append(evaluate(model, processor, fitness_q, cfg).fitness)
-            members.set_postfix(fitness=f"{fitness[-1]:.3f}", best=f"{max(fitness):.3f}")
-            stop.check()
+        fitness = evaluate_population(perturber, model, processor, fitness_q, cfg, epoch, k, stop)
         rounding = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch) if evo.stochastic_rounding else None
         stats = perturber.update(fitness, epoch, rounding)
         row = {"epoch": epoch + 1, "fitness": fitness, "member_mean": sum(fitness) / len(fitness),

@@ -56,6 +56,7 @@ class EvaluationConfig:
     max_new_tokens_factor: float = 2.0  # ERO: twice the answer's token length
     max_new_tokens_cap: int = 1024
     greedy: bool = True
+    members_per_batch: Union[int, Literal["auto"]] = 1  # 1: sequential (the reference); K: K members per generate call
 
 
 @dataclass
@@ -225,6 +226,9 @@ def _validate(cfg: Config, where: str) -> None:
         (ev.max_new_tokens_cap >= 1, f"evaluation.max_new_tokens_cap must be >= 1 (a model must be allowed to answer), got {ev.max_new_tokens_cap}"),
         (ev.max_new_tokens_factor > 0, f"evaluation.max_new_tokens_factor must be > 0, got {ev.max_new_tokens_factor}"),
         (ev.batch_size >= 1, f"evaluation.batch_size must be >= 1, got {ev.batch_size}"),
+        (ev.members_per_batch == "auto" or ev.members_per_batch >= 1, f"evaluation.members_per_batch must be >= 1 or 'auto', got {ev.members_per_batch}"),
+        (ev.members_per_batch == 1 or evo.strategy == "forward",
+         "evaluation.members_per_batch > 1 needs evolution.strategy: forward (in-place weights cannot differ per row)"),
         (data.max_train_examples is None or data.max_train_examples >= 1, "data.max_train_examples must be >= 1 or null (all)"),
         (data.cell_size >= 2, f"data.cell_size must be >= 2 pixels, got {data.cell_size}"),
         (cfg.run.save_every >= 1, f"run.save_every must be >= 1, got {cfg.run.save_every}"),

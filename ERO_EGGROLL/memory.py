@@ -112,6 +112,23 @@ def estimate(cfg: Config, arch: dict, specs: list[ParamSpec], work: Workload, dt
     return MemoryEstimate(resident, evaluation, update, host, fullrank)
 
 
+def auto_members_per_batch(cfg: Config, arch: dict, specs: list[ParamSpec], prepared, device, dtype: str) -> int:
+    """The largest K whose K-member generate calls fit in 80% of the free device memory (or half the free RAM)."""
+    import psutil
+    import torch
+
+    work = Workload(
+        prompt_tokens=max(int(p.inputs["input_ids"].shape[0]) for p in prepared),
+        new_tokens=max(p.max_new_tokens for p in prepared),
+        image_patches=max((int(p.inputs["pixel_values"].shape[0]) for p in prepared if "pixel_values" in p.inputs), default=0),
+        batch=cfg.evaluation.batch_size,
+    )
+    on_gpu = torch.device(device).type == "cuda"
+    per_member = estimate(cfg, arch, specs, work, dtype, on_gpu).evaluation
+    free = torch.cuda.mem_get_info(device)[0] * 0.8 if on_gpu else psutil.virtual_memory().available * 0.5
+    return int(max(1, min(cfg.evolution.population_size, free // max(per_member, 1))))
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:8.3f} GiB"
 

@@ -76,9 +76,12 @@ class Perturber:
             self.groups[cls].append(_Group(shape, [s.name for s in members], keys, np.array([self.sigma[s.name] for s in members])))
         self.param_keys = {s.name: hs.param_key(base_key, s.key_index) for s in self.specs if s.cls is not ParamClass.FROZEN}
         self.optimizer = EsOptimizer(evo.optimizer, evo.lr, evo.weight_decay)
-        self._active: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._active: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # one member: (A_s, B) per LORA weight
+        self._stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # K members: (K, m, r), (K, n, r)
+        self._stacked_full: dict[str, torch.Tensor] = {}  # K members' FULL noise: (K, *shape)
         self._saved = {name: self._backup_buffer(p) for name, p in self.params.items()
                        if self.classes[name] is ParamClass.FULL or self.strategy == "inplace"}
+        self._unbatchable: str | None = None  # a FULL tensor the per-row hooks cannot perturb
         self._hooks = [] if self.strategy == "inplace" else self._install_forward_hooks()
 
     # --- bookkeeping ---------------------------------------------------------------------------
@@ -98,6 +101,10 @@ class Perturber:
     def lora_names(self) -> list[str]:
         return [n for g in self.groups[ParamClass.LORA] for n in g.names]
 
+    @property
+    def full_names(self) -> list[str]:
+        return [n for g in self.groups[ParamClass.FULL] for n in g.names]
+
     def _install_forward_hooks(self):
         modules = dict(self.model.named_modules())
         hooks = []
@@ -105,11 +112,25 @@ class Perturber:
             module = modules[name.removesuffix(".weight")]
             if not isinstance(module, torch.nn.Linear) or not name.endswith(".weight"):
                 raise TypeError(f"LORA tensor {name} does not belong to an nn.Linear; the forward strategy cannot perturb it (use strategy: inplace)")
-            hooks.append(module.register_forward_hook(self._make_hook(name)))
+            hooks.append(module.register_forward_hook(self._make_lora_hook(name)))
+        for name in self.full_names:  # FULL noise per row: only used when several members share a batch
+            owner = modules[name.rsplit(".", 1)[0]]
+            if isinstance(owner, torch.nn.Linear) and name.endswith(".bias"):
+                hooks.append(owner.register_forward_hook(self._make_bias_hook(name)))
+            elif name.endswith(".weight") and hasattr(owner, "variance_epsilon"):
+                hooks.append(owner.register_forward_hook(self._make_rmsnorm_hook(name)))
+            else:
+                self._unbatchable = name
         return hooks
 
-    def _make_hook(self, name: str):
+    def _make_lora_hook(self, name: str):
         def add_low_rank_delta(module, inputs, output):
+            if name in self._stacked:  # K members, rows member-major: (K*P, T, n) -> (K, P*T, n)
+                a_stack, b_stack = self._stacked[name]
+                k = a_stack.shape[0]
+                x = inputs[0].reshape(k, -1, inputs[0].shape[-1])
+                delta = torch.bmm(torch.bmm(x, b_stack), a_stack.transpose(1, 2))
+                return output + delta.reshape(output.shape)
             factors = self._active.get(name)
             if factors is None:
                 return output
@@ -117,6 +138,35 @@ class Perturber:
             return output + (inputs[0] @ b) @ a_scaled.T
 
         return add_low_rank_delta
+
+    def _rows(self, name: str, output: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(K, *shape) per-member values broadcast over the (K*P, T, ...) rows of `output`."""
+        values = self._stacked_full[name]
+        k = values.shape[0]
+        return values.reshape(k, 1, *([1] * (output.dim() - 2)), values.shape[-1]), k
+
+    def _make_bias_hook(self, name: str):
+        def add_bias_noise(module, inputs, output):
+            if name not in self._stacked_full:
+                return output
+            eps, k = self._rows(name, output)
+            return (output.reshape(k, -1, *output.shape[1:]) + eps.to(output.dtype)).reshape(output.shape)
+
+        return add_bias_noise
+
+    def _make_rmsnorm_hook(self, name: str):
+        """Recompute the norm with each member's weight, exactly as the module would with that weight in place."""
+        def per_member_norm(module, inputs, output):
+            if name not in self._stacked_full:
+                return output
+            x = inputs[0]
+            h = x.to(torch.float32)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+            eps, k = self._rows(name, output)
+            weights = (module.weight.float() + eps).to(module.weight.dtype)
+            return (weights * h.to(x.dtype).reshape(k, -1, *x.shape[1:])).reshape(output.shape)
+
+        return per_member_norm
 
     def remove_hooks(self) -> None:
         for hook in self._hooks:
@@ -169,6 +219,27 @@ class Perturber:
                 for name, saved in self._saved.items():
                     self.params[name].copy_(saved)
 
+    @contextlib.contextmanager
+    def members(self, epoch: int, member_ids):
+        """K members at once, for a batch whose rows are K equal blocks, member-major (row b is member b // (rows/K)).
+
+        LORA deltas and FULL noise are applied per row in the forward pass; no weight is modified.
+        """
+        member_ids = list(member_ids)
+        if self.strategy != "forward":
+            raise ValueError("evaluating several members per batch needs evolution.strategy: forward")
+        if self._unbatchable:
+            raise ValueError(f"FULL tensor {self._unbatchable} is neither a Linear bias nor an RMSNorm weight, so it cannot be "
+                             "perturbed per row; freeze it (params.overrides) or use evaluation.members_per_batch: 1")
+        noises = [self.member_noise(epoch, m) for m in member_ids]
+        try:
+            self._stacked = {name: (torch.stack([n[0][name][0] for n in noises]), torch.stack([n[0][name][1] for n in noises]))
+                             for name in self.lora_names}
+            self._stacked_full = {name: torch.stack([n[1][name] for n in noises]).to(self.params[name].device) for name in self.full_names}
+            yield self.model
+        finally:
+            self._stacked, self._stacked_full = {}, {}
+
     # --- the update ----------------------------------------------------------------------------
     def update(self, raw_fitness, epoch: int, rounding_generator: torch.Generator | None = None) -> dict:
         """Normalize fitness, regenerate all factors from keys, contract, and move the weights."""
@@ -177,14 +248,7 @@ class Perturber:
         if len(fitness) != evo.population_size:
             raise ValueError(f"got {len(fitness)} fitness values for a population of {evo.population_size}")
         scale = self.sigma_scale(epoch)
-        directions = {}
-        for name in self.params:
-            w, key, sigma = self.params[name], self.param_keys[name], self.sigma[name] * scale
-            if self.classes[name] is ParamClass.LORA:
-                delta = hs.lowrank_update(key, tuple(w.shape), fitness, epoch=epoch, rank=self.rank, sigma=sigma, noise_reuse=self.noise_reuse)
-            else:
-                delta = hs.full_update(key, tuple(w.shape), fitness, epoch=epoch, sigma=sigma, noise_reuse=self.noise_reuse)
-            directions[name] = jax_to_torch(delta).to(w.device)
+        directions = {name: self._direction(name, fitness, epoch, scale) for name in self.params}
         norm, clip = global_norm_scale(list(directions.values()), evo.max_update_norm)
         self.optimizer.lr = self.lr_at(epoch)
         self.optimizer.begin_step()
@@ -207,6 +271,19 @@ class Perturber:
         stats["fraction_changed"] = changed / max(total, 1)
         stats["lost_update_fraction"] = lost / intended if intended else 0.0
         return stats
+
+    def _direction(self, name: str, fitness: np.ndarray, epoch: int, scale: float) -> torch.Tensor:
+        """The fp32 ascent direction of one tensor. LORA: all members' factors regenerated in one JAX call,
+        then ONE torch einsum over the DLPack'd factors (measured faster than the JAX contraction:
+        scripts/bench_member.py); FULL: hyperscalees.full_update."""
+        w, key, sigma = self.params[name], self.param_keys[name], self.sigma[name] * scale
+        if self.classes[name] is ParamClass.FULL:
+            delta = hs.full_update(key, tuple(w.shape), fitness, epoch=epoch, sigma=sigma, noise_reuse=self.noise_reuse)
+            return jax_to_torch(delta).to(w.device)
+        a_scaled, b = hs.population_lowrank_factors(key, tuple(w.shape), epoch=epoch, members=np.arange(len(fitness)),
+                                                    rank=self.rank, sigma=sigma, noise_reuse=self.noise_reuse)
+        weighted = torch.from_numpy(fitness).to(w.device)[:, None, None] * jax_to_torch(a_scaled).to(w.device)
+        return torch.einsum("nir,njr->ij", weighted, jax_to_torch(b).to(w.device)) / math.sqrt(len(fitness))
 
     def evolvable_state(self) -> dict[str, torch.Tensor]:
         """The evolvable tensors (what a checkpoint must hold), detached and contiguous."""

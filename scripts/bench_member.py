@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import statistics
 import subprocess
@@ -34,7 +33,6 @@ from ERO_EGGROLL.arc_task import load_tasks  # noqa: E402
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, load_config  # noqa: E402
 from ERO_EGGROLL.model_loading import load_model_from_dir  # noqa: E402
 from ERO_EGGROLL.perturbation import Perturber  # noqa: E402
-from ERO_EGGROLL.pytorch_jax_bridge import jax_to_torch  # noqa: E402
 
 
 def median_time(fn, reps: int) -> float:
@@ -48,74 +46,81 @@ def median_time(fn, reps: int) -> float:
 
 
 def random_30m_model(tiny_dir: Path):
-    """A ~30M-parameter Qwen2.5-VL with random weights and the tiny model's tokenizer."""
+    """A ~26M-parameter Qwen2.5-VL (8 layers, hidden 512) with random weights and the tiny model's tokenizer."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    config = Qwen2_5_VLConfig.from_pretrained(tiny_dir)
-    config.text_config.update({"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
-                               "num_attention_heads": 8, "num_key_value_heads": 4})
-    config.text_config.rope_parameters["mrope_section"] = [8, 12, 12]  # sums to head_dim / 2 = 32
-    config.vision_config.out_hidden_size = 512
+    data = json.loads((tiny_dir / "config.json").read_text())
+    data["text_config"].update({"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
+                                "num_attention_heads": 8, "num_key_value_heads": 4, "layer_types": ["full_attention"] * 8})
+    data["text_config"]["rope_parameters"]["mrope_section"] = [8, 12, 12]  # sums to head_dim / 2 = 32
+    data["vision_config"]["out_hidden_size"] = 512
+    config = Qwen2_5_VLConfig.from_dict(data)
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config).eval().requires_grad_(False)
     return model
 
 
-def config_for(population: int, strategy: str = "forward"):
+def config_for(population: int, strategy: str = "forward", extra: tuple[str, ...] = ()):
     return load_config(ROOT / "configs" / "default.yaml", [f"evolution.population_size={population}", f"evolution.strategy={strategy}",
-                                                           "evaluation.max_new_tokens_cap=64"])
+                                                           "evaluation.max_new_tokens_cap=64", *extra])
 
 
-def bench_model(name: str, model, processor, reps: int) -> dict:
-    cfg = config_for(16)
+# A random model's biases are all zero, so sigma relative to their scale is undefined: use an absolute sigma there.
+RANDOM_MODEL_SIGMA = ("evolution.sigma_mode=absolute", "evolution.sigma=0.02")
+
+
+def bench_model(name: str, model, processor, reps: int, extra: tuple[str, ...] = ()) -> dict:
+    cfg = config_for(16, extra=extra)
     prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "fitness"), processor, cfg)
     row = {"model": name, "parameters": sum(p.numel() for p in model.parameters())}
-    row["plain generate s"] = median_time(lambda: evaluate(model, processor, prepared, cfg), reps)
+    new_tokens = lambda: sum(a.new_tokens for a in evaluate(model, processor, prepared, cfg).answers)
+    # members answer with different lengths, so costs are compared per generated token
+    row["plain generate ms/token"] = 1000 * median_time(lambda: evaluate(model, processor, prepared, cfg), reps) / new_tokens()
     for strategy in ("forward", "inplace"):
-        perturber = Perturber(model, config_for(16, strategy))
+        perturber = Perturber(model, config_for(16, strategy, extra))
 
         def member():
             with perturber.member(0, 1):
                 evaluate(model, processor, prepared, cfg)
 
-        row[f"{strategy} s"] = median_time(member, reps)
-        row[f"{strategy} / plain"] = row[f"{strategy} s"] / row["plain generate s"]
+        with perturber.member(0, 1):
+            tokens = new_tokens()
+        row[f"{strategy} ms/token"] = 1000 * median_time(member, reps) / tokens
+        row[f"{strategy} / plain"] = row[f"{strategy} ms/token"] / row["plain generate ms/token"]
         perturber.remove_hooks()
     perturber = Perturber(model, cfg)
-    fitness = [float(i % 5) for i in range(16)]
-    snapshot = {n: p.clone() for n, p in perturber.params.items()}
+    fitness = hs.normalize_fitness([float(i % 5) for i in range(16)])
 
-    def restore():
-        with torch.no_grad():
-            for n, p in perturber.params.items():
-                p.copy_(snapshot[n])
-
-    def jax_update():
-        perturber.update(fitness, 0)
-        restore()
-
-    def torch_update():
-        """The same directions, contracted in torch over the DLPack'd stacked factors."""
-        f = torch.from_numpy(hs.normalize_fitness(fitness))
+    def jax_directions():
         for name in perturber.lora_names:
             w = perturber.params[name]
-            a, b = hs.population_lowrank_factors(perturber.param_keys[name], tuple(w.shape), epoch=0, members=range(16),
-                                                 rank=cfg.evolution.rank, sigma=perturber.sigma[name])
-            delta = torch.einsum("nir,njr->ij", f[:, None, None] * jax_to_torch(a), jax_to_torch(b)) / math.sqrt(16)
-            w.add_(cfg.evolution.lr * delta)
-        restore()
+            hs.lowrank_update(perturber.param_keys[name], tuple(w.shape), fitness, epoch=0, rank=cfg.evolution.rank,
+                              sigma=perturber.sigma[name]).block_until_ready()
 
-    row["update (JAX contraction) s"] = median_time(jax_update, reps)
-    row["update (torch einsum) s"] = median_time(torch_update, reps)
+    def torch_directions():
+        for name in perturber.lora_names:
+            perturber._direction(name, fitness, 0, 1.0)
+
+    row["LORA update directions, JAX contraction s"] = median_time(jax_directions, reps)
+    row["LORA update directions, torch einsum s"] = median_time(torch_directions, reps)
+    row["whole update (Perturber.update) s"] = median_time(lambda: _update_and_restore(perturber, list(fitness)), reps)
     perturber.remove_hooks()
-    cfg_one = config_for(16)
+    cfg_one = config_for(16, extra=extra)
     cfg_one.evaluation.batch_size = 1
-    cfg_all = config_for(16)
+    cfg_all = config_for(16, extra=extra)
     cfg_all.evaluation.batch_size = len(prepared)
     row["prompts one at a time s"] = median_time(lambda: evaluate(model, processor, prepared, cfg_one), reps)
     row["prompts batched s"] = median_time(lambda: evaluate(model, processor, prepared, cfg_all), reps)
     row["batching speed-up"] = row["prompts one at a time s"] / row["prompts batched s"]
     return row
+
+
+def _update_and_restore(perturber: Perturber, fitness: list[float]) -> None:
+    snapshot = {n: p.clone() for n, p in perturber.params.items()}
+    perturber.update(fitness, 0)
+    with torch.no_grad():
+        for n, p in perturber.params.items():
+            p.copy_(snapshot[n])
 
 
 def _memory_case(population: int) -> dict:
@@ -143,8 +148,8 @@ def main() -> None:
     tiny, processor = load_model_from_dir(tiny_dir)
     rows = [bench_model("tiny (embedded)", tiny, processor, reps)]
     if not args.quick:
-        rows.append(bench_model("random ~30M", random_30m_model(tiny_dir), processor, reps))
-    print("\n## Per-member cost (seconds per member: 3 ARC questions, <= 64 new tokens; median)")
+        rows.append(bench_model("random ~26M", random_30m_model(tiny_dir), processor, reps, RANDOM_MODEL_SIGMA))
+    print("\n## Per-member cost (3 ARC questions, <= 64 new tokens; milliseconds per generated token; medians)")
     for row in rows:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
     memory = []

@@ -166,3 +166,13 @@ def test_learning_evidence_the_mean_model_rises_above_its_start(tmp_path, tiny_m
     run(tmp_path, "learn", "evolution.population_size=8", "evolution.epochs=1", "evaluation.max_new_tokens_cap=256")
     rows = metrics(tmp_path, "learn")
     assert rows[-1]["mean_model_fitness"] >= rows[0]["mean_model_fitness"] + 0.04, rows
+
+
+@pytest.mark.parametrize("k", ["2", "auto"])
+def test_batched_population_run_equals_the_sequential_run(reference, k):
+    """evaluation.members_per_batch changes the speed, never the numbers."""
+    done = run(reference, f"batched{k}", f"evaluation.members_per_batch={k}")
+    if k == "auto":
+        assert "evaluation.members_per_batch auto:" in done.stdout
+    assert metrics(reference, f"batched{k}") == metrics(reference, "reference")
+    assert_same_weights(final_weights(reference, f"batched{k}"), final_weights(reference, "reference"))

@@ -1,0 +1,80 @@
+"""Benchmark: batched population evaluation (K members per generate call) vs the throughput ceiling.
+
+For K in 1, 2, 4, 8, 16, N: the time to evaluate all N members of one epoch and member
+evaluations per second, next to plain batched inference of the same number of rows without any
+perturbation (the ceiling); the ratio shows what the per-row low-rank deltas cost. Tiny model and
+a ~26M random Qwen2.5-VL, measured side by side in one run.
+
+    python scripts/bench_population.py [--quick]     -> results/bench/population.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_member import RANDOM_MODEL_SIGMA, config_for, median_time, random_30m_model  # noqa: E402
+
+from ERO_EGGROLL.arc_evaluator import evaluate_members, prepare, questions_for  # noqa: E402
+from ERO_EGGROLL.arc_task import load_tasks  # noqa: E402
+from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR  # noqa: E402
+from ERO_EGGROLL.model_loading import load_model_from_dir  # noqa: E402
+from ERO_EGGROLL.perturbation import Perturber  # noqa: E402
+
+POPULATION = 16
+
+
+def bench_model(name: str, model, processor, ks, reps: int, extra=()) -> list[dict]:
+    cfg = config_for(POPULATION, extra=extra)
+    prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "fitness"), processor, cfg)
+    perturber = Perturber(model, cfg)
+    rows = []
+    for k in ks:
+        def perturbed_epoch():
+            for first in range(0, POPULATION, k):
+                if k == 1:  # the sequential reference path of the training loop
+                    with perturber.member(0, first):
+                        evaluate_members(model, processor, prepared, cfg, 1)
+                    continue
+                with perturber.members(0, range(first, first + k)):
+                    evaluate_members(model, processor, prepared, cfg, k)
+
+        def ceiling_epoch():  # the same generate calls, same rows, no noise installed
+            for _ in range(0, POPULATION, k):
+                evaluate_members(model, processor, prepared, cfg, k)
+
+        perturbed, ceiling = median_time(perturbed_epoch, reps), median_time(ceiling_epoch, reps)
+        rows.append({"model": name, "K": k, "epoch s": perturbed, "members/s": POPULATION / perturbed,
+                     "ceiling epoch s": ceiling, "ratio to ceiling": ceiling / perturbed})
+        print(json.dumps({key: (round(v, 3) if isinstance(v, float) else v) for key, v in rows[-1].items()}), flush=True)
+    perturber.remove_hooks()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    reps = 1 if args.quick else 3
+    ks = [1, 4, POPULATION] if args.quick else [1, 2, 4, 8, POPULATION]
+    tiny_dir = ROOT / EMBEDDED_MODEL_DIR
+    tiny, processor = load_model_from_dir(tiny_dir)
+    print(f"## One epoch of N={POPULATION} members (3 ARC questions each, <= 64 new tokens), median of {reps}")
+    rows = bench_model("tiny (embedded)", tiny, processor, ks, reps)
+    if not args.quick:
+        rows += bench_model("random ~26M", random_30m_model(tiny_dir), processor, ks, reps, RANDOM_MODEL_SIGMA)
+    out = ROOT / "results" / "bench" / ("population_quick.json" if args.quick else "population.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
