@@ -60,9 +60,10 @@ def bench_model(name: str, model, processor, ks, reps: int, extra=()) -> list[di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny model only, K in 1, 4, N, one repetition")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions per measurement (median)")
     args = parser.parse_args()
-    reps = 1 if args.quick else 3
+    reps = 1 if args.quick else args.reps
     ks = [1, 4, POPULATION] if args.quick else [1, 2, 4, 8, POPULATION]
     tiny_dir = ROOT / EMBEDDED_MODEL_DIR
     tiny, processor = load_model_from_dir(tiny_dir)
