@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from bench_common import median_seconds, write_results  # noqa: E402
 
 import hyperscalees as hs  # noqa: E402
 from ERO_EGGROLL.arc_evaluator import evaluate, prepare, questions_for  # noqa: E402
@@ -33,16 +32,6 @@ from ERO_EGGROLL.arc_task import load_tasks  # noqa: E402
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, load_config  # noqa: E402
 from ERO_EGGROLL.model_loading import load_model_from_dir  # noqa: E402
 from ERO_EGGROLL.perturbation import Perturber  # noqa: E402
-
-
-def median_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def random_30m_model(tiny_dir: Path):
@@ -75,7 +64,7 @@ def bench_model(name: str, model, processor, reps: int, extra: tuple[str, ...] =
     row = {"model": name, "parameters": sum(p.numel() for p in model.parameters())}
     new_tokens = lambda: sum(a.new_tokens for a in evaluate(model, processor, prepared, cfg).answers)
     # members answer with different lengths, so costs are compared per generated token
-    row["plain generate ms/token"] = 1000 * median_time(lambda: evaluate(model, processor, prepared, cfg), reps) / new_tokens()
+    row["plain generate ms/token"] = 1000 * median_seconds(lambda: evaluate(model, processor, prepared, cfg), reps) / new_tokens()
     for strategy in ("forward", "inplace"):
         perturber = Perturber(model, config_for(16, strategy, extra))
 
@@ -85,7 +74,7 @@ def bench_model(name: str, model, processor, reps: int, extra: tuple[str, ...] =
 
         with perturber.member(0, 1):
             tokens = new_tokens()
-        row[f"{strategy} ms/token"] = 1000 * median_time(member, reps) / tokens
+        row[f"{strategy} ms/token"] = 1000 * median_seconds(member, reps) / tokens
         row[f"{strategy} / plain"] = row[f"{strategy} ms/token"] / row["plain generate ms/token"]
         perturber.remove_hooks()
     perturber = Perturber(model, cfg)
@@ -101,16 +90,16 @@ def bench_model(name: str, model, processor, reps: int, extra: tuple[str, ...] =
         for name in perturber.lora_names:
             perturber._direction(name, fitness, 0, 1.0)
 
-    row["LORA update directions, JAX contraction s"] = median_time(jax_directions, reps)
-    row["LORA update directions, torch einsum s"] = median_time(torch_directions, reps)
-    row["whole update (Perturber.update) s"] = median_time(lambda: _update_and_restore(perturber, list(fitness)), reps)
+    row["LORA update directions, JAX contraction s"] = median_seconds(jax_directions, reps)
+    row["LORA update directions, torch einsum s"] = median_seconds(torch_directions, reps)
+    row["whole update (Perturber.update) s"] = median_seconds(lambda: _update_and_restore(perturber, list(fitness)), reps)
     perturber.remove_hooks()
     cfg_one = config_for(16, extra=extra)
     cfg_one.evaluation.batch_size = 1
     cfg_all = config_for(16, extra=extra)
     cfg_all.evaluation.batch_size = len(prepared)
-    row["prompts one at a time s"] = median_time(lambda: evaluate(model, processor, prepared, cfg_one), reps)
-    row["prompts batched s"] = median_time(lambda: evaluate(model, processor, prepared, cfg_all), reps)
+    row["prompts one at a time s"] = median_seconds(lambda: evaluate(model, processor, prepared, cfg_one), reps)
+    row["prompts batched s"] = median_seconds(lambda: evaluate(model, processor, prepared, cfg_all), reps)
     row["batching speed-up"] = row["prompts one at a time s"] / row["prompts batched s"]
     return row
 
@@ -159,10 +148,7 @@ def main() -> None:
     print("\n## Peak RSS vs population size (tiny model, one member + one update, fresh process each)")
     for m in memory:
         print(f"N={m['population']:4d}  peak RSS {m['peak_rss_mb']:.0f} MB")
-    out_path = ROOT / "results" / "bench" / ("member_quick.json" if args.quick else "member.json")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps({"per_member": rows, "memory_vs_population": memory}, indent=2))
-    print(f"\nwrote {out_path}")
+    write_results("member", {"per_member": rows, "memory_vs_population": memory}, args.quick)
 
 
 if __name__ == "__main__":

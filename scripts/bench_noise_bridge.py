@@ -13,10 +13,8 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -27,6 +25,7 @@ import torch
 
 import hyperscalees as hs
 from ERO_EGGROLL.pytorch_jax_bridge import jax_to_torch, shares_memory, torch_to_jax
+from bench_common import median_seconds, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1 << 20
@@ -37,16 +36,6 @@ LAYER_LORA_SHAPES = {
     "q_proj": (HIDDEN, HIDDEN), "k_proj": (KV, HIDDEN), "v_proj": (KV, HIDDEN), "o_proj": (HIDDEN, HIDDEN),
     "gate_proj": (INTER, HIDDEN), "up_proj": (INTER, HIDDEN), "down_proj": (HIDDEN, INTER),
 }
-
-
-def median_seconds(fn, reps: int) -> float:
-    fn()  # warm-up (jit compilation, first-touch allocation)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def numpy_copy_jax_to_torch(x: jax.Array) -> torch.Tensor:
@@ -175,10 +164,7 @@ def main() -> None:
     print_table("Noise for one member over all LORA matrices of Qwen2.5-VL-7B's language model", [results["member_noise"]])
     results["update"] = bench_update(populations, rank=2, reps=max(1, reps // 3))
     print_table(f"Update of one {UPDATE_SHAPE[0]}x{UPDATE_SHAPE[1]} matrix: fused contraction vs naive per-member loop", results["update"])
-    out = ROOT / "results" / "bench" / ("noise_bridge_quick.json" if args.quick else "noise_bridge.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
+    write_results("noise_bridge", results, args.quick)
 
 
 if __name__ == "__main__":

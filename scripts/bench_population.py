@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_member import RANDOM_MODEL_SIGMA, config_for, median_time, random_30m_model  # noqa: E402
+from bench_common import median_seconds, write_results  # noqa: E402
+from bench_member import RANDOM_MODEL_SIGMA, config_for, random_30m_model  # noqa: E402
 
 from ERO_EGGROLL.arc_evaluator import evaluate_members, prepare, questions_for  # noqa: E402
 from ERO_EGGROLL.arc_task import load_tasks  # noqa: E402
@@ -50,7 +50,7 @@ def bench_model(name: str, model, processor, ks, reps: int, extra=()) -> list[di
             for _ in range(0, POPULATION, k):
                 evaluate_members(model, processor, prepared, cfg, k)
 
-        perturbed, ceiling = median_time(perturbed_epoch, reps), median_time(ceiling_epoch, reps)
+        perturbed, ceiling = median_seconds(perturbed_epoch, reps), median_seconds(ceiling_epoch, reps)
         rows.append({"model": name, "K": k, "epoch s": perturbed, "members/s": POPULATION / perturbed,
                      "ceiling epoch s": ceiling, "ratio to ceiling": ceiling / perturbed})
         print(json.dumps({key: (round(v, 3) if isinstance(v, float) else v) for key, v in rows[-1].items()}), flush=True)
@@ -71,10 +71,7 @@ def main() -> None:
     rows = bench_model("tiny (embedded)", tiny, processor, ks, reps)
     if not args.quick:
         rows += bench_model("random ~26M", random_30m_model(tiny_dir), processor, ks, reps, RANDOM_MODEL_SIGMA)
-    out = ROOT / "results" / "bench" / ("population_quick.json" if args.quick else "population.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
-    print(f"wrote {out}")
+    write_results("population", rows, args.quick)
 
 
 if __name__ == "__main__":
