@@ -119,8 +119,9 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
     if resume and (ckpt_dir / "LATEST").is_file():
         weights, optimizer_tensors, state = load_checkpoint(ckpt_dir)
         if state.replay_hash != cfg.replay_hash():
-            raise CheckpointError(f"{ckpt_dir}: the config changed something a resumed run must keep (seed, model, data, "
-                                  "evaluation, params or evolution other than epochs); resume with the saved config.yaml")
+            raise CheckpointError(f"{ckpt_dir}: the config changed something a resumed run must keep (only evolution.epochs and "
+                                  "evaluation.members_per_batch may change); resume with the saved config.yaml")
+        state.config = cfg.to_dict()  # e.g. more epochs: later resumes and replays see the config in force
         assign_weights(model, weights, str(ckpt_dir))
         perturber.optimizer.load_state(state.optimizer_step, optimizer_tensors)
         best_weights = load_checkpoint(ckpt_dir / "best")[0]

@@ -124,9 +124,13 @@ class Config:
         return self.resolve_path(self.run.checkpoint_dir) / self.run.name
 
     def replay_hash(self) -> str:
-        """Hash of everything that decides the evolved weights; resume refuses a run whose hash differs."""
+        """Hash of everything that decides the evolved weights; resume refuses a run whose hash differs.
+
+        Left out: evolution.epochs (a run may be extended) and evaluation.members_per_batch (it changes
+        the speed, never the numbers: tests/test_batched_members.py)."""
+        evaluation = {k: v for k, v in dataclasses.asdict(self.evaluation).items() if k != "members_per_batch"}  # speed only
         fixed = {"seed": self.seed, "model": self.model.path, "data": dataclasses.asdict(self.data),
-                 "evaluation": dataclasses.asdict(self.evaluation), "params": dataclasses.asdict(self.params),
+                 "evaluation": evaluation, "params": dataclasses.asdict(self.params),
                  "evolution": {k: v for k, v in dataclasses.asdict(self.evolution).items() if k != "epochs"}}
         return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -273,17 +273,15 @@ class Perturber:
         return stats
 
     def _direction(self, name: str, fitness: np.ndarray, epoch: int, scale: float) -> torch.Tensor:
-        """The fp32 ascent direction of one tensor. LORA: all members' factors regenerated in one JAX call,
-        then ONE torch einsum over the DLPack'd factors (measured faster than the JAX contraction:
-        scripts/bench_member.py); FULL: hyperscalees.full_update."""
+        """The fp32 ascent direction of one tensor, regenerated from keys: hyperscalees' fused JAX update,
+        handed over by DLPack. (The same contraction as a torch einsum over the DLPack'd factors was
+        measured slightly slower: scripts/bench_member.py.)"""
         w, key, sigma = self.params[name], self.param_keys[name], self.sigma[name] * scale
-        if self.classes[name] is ParamClass.FULL:
+        if self.classes[name] is ParamClass.LORA:
+            delta = hs.lowrank_update(key, tuple(w.shape), fitness, epoch=epoch, rank=self.rank, sigma=sigma, noise_reuse=self.noise_reuse)
+        else:
             delta = hs.full_update(key, tuple(w.shape), fitness, epoch=epoch, sigma=sigma, noise_reuse=self.noise_reuse)
-            return jax_to_torch(delta).to(w.device)
-        a_scaled, b = hs.population_lowrank_factors(key, tuple(w.shape), epoch=epoch, members=np.arange(len(fitness)),
-                                                    rank=self.rank, sigma=sigma, noise_reuse=self.noise_reuse)
-        weighted = torch.from_numpy(fitness).to(w.device)[:, None, None] * jax_to_torch(a_scaled).to(w.device)
-        return torch.einsum("nir,njr->ij", weighted, jax_to_torch(b).to(w.device)) / math.sqrt(len(fitness))
+        return jax_to_torch(delta).to(w.device)
 
     def evolvable_state(self) -> dict[str, torch.Tensor]:
         """The evolvable tensors (what a checkpoint must hold), detached and contiguous."""

@@ -32,6 +32,7 @@ from ERO_EGGROLL.arc_task import load_tasks  # noqa: E402
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, load_config  # noqa: E402
 from ERO_EGGROLL.model_loading import load_model_from_dir  # noqa: E402
 from ERO_EGGROLL.perturbation import Perturber  # noqa: E402
+from ERO_EGGROLL.pytorch_jax_bridge import jax_to_torch  # noqa: E402
 
 
 def random_30m_model(tiny_dir: Path):
@@ -87,8 +88,13 @@ def bench_model(name: str, model, processor, reps: int, extra: tuple[str, ...] =
                               sigma=perturber.sigma[name]).block_until_ready()
 
     def torch_directions():
+        """The same contraction as one torch einsum over the DLPack'd factors of all members."""
+        f = torch.from_numpy(fitness)
         for name in perturber.lora_names:
-            perturber._direction(name, fitness, 0, 1.0)
+            w = perturber.params[name]
+            a, b = hs.population_lowrank_factors(perturber.param_keys[name], tuple(w.shape), epoch=0, members=range(16),
+                                                 rank=cfg.evolution.rank, sigma=perturber.sigma[name])
+            torch.einsum("nir,njr->ij", f[:, None, None] * jax_to_torch(a), jax_to_torch(b)) / 4.0  # / sqrt(16)
 
     row["LORA update directions, JAX contraction s"] = median_seconds(jax_directions, reps)
     row["LORA update directions, torch einsum s"] = median_seconds(torch_directions, reps)
