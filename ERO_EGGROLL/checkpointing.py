@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, LATEST = "state.json", "evolvable.safetensors", "optimizer.safetensors", "LATEST"
+KEEP_MARK = ".keep"  # epoch directories with it survive pruning (save_every, the last, the first)
 # Test-only fault injection: "NAME:SECONDS" sleeps inside the write of checkpoint directory NAME,
 # after its tensors are written and before it is complete, so a test can kill -9 the process there.
 SLOW_WRITE_ENV = "ERO_EGGROLL_FAULT_SLOW_WRITE"
@@ -61,7 +62,8 @@ def _slow_write_fault(name: str) -> None:
         time.sleep(float(spec.partition(":")[2]))
 
 
-def _write_dir(target: Path, weights: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], state: RunState) -> None:
+def _write_dir(target: Path, weights: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], state: RunState,
+               keep: bool = False) -> None:
     """Write a checkpoint directory under a temporary name, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -70,6 +72,8 @@ def _write_dir(target: Path, weights: dict[str, torch.Tensor], optimizer: dict[s
         save_file({k: v.detach().cpu().contiguous() for k, v in optimizer.items()}, staging / OPTIMIZER_FILE)
         _slow_write_fault(target.name)
         (staging / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
+        if keep:
+            (staging / KEEP_MARK).touch()  # exempt from pruning, decided before the directory becomes visible
         for f in staging.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -95,7 +99,7 @@ def save_checkpoint(run_ckpt_dir: Path, weights, optimizer, state: RunState, *, 
     """Write epoch_<n>/ (and best/), point LATEST at it, prune unkept epoch directories."""
     name = f"epoch_{state.epoch:04d}"
     target = run_ckpt_dir / name
-    _write_dir(target, weights, optimizer, state)
+    _write_dir(target, weights, optimizer, state, keep)
     if best:
         _write_dir(run_ckpt_dir / "best", weights, optimizer, state)
     pointer = run_ckpt_dir / f".{LATEST}.tmp"
@@ -107,13 +111,11 @@ def save_checkpoint(run_ckpt_dir: Path, weights, optimizer, state: RunState, *, 
         raise CheckpointError(f"could not update {run_ckpt_dir / LATEST}: {err.strerror or err}") from None
     if previous and previous != name and not _kept(run_ckpt_dir / previous):
         shutil.rmtree(run_ckpt_dir / previous, ignore_errors=True)
-    if keep:
-        (target / ".keep").touch()
     return target
 
 
 def _kept(path: Path) -> bool:
-    return (path / ".keep").exists()
+    return (path / KEEP_MARK).exists()
 
 
 def read_latest_name(run_ckpt_dir: Path) -> str | None:

@@ -112,3 +112,10 @@ def test_doctor_reports_every_check(tiny_model_dir):
     assert done.returncode == 0, done.stdout + done.stderr
     for check in ("versions", "devices", "DLPack: zero-copy both ways", "model", "ARC data", "memory"):
         assert f"] {check}" in done.stdout
+
+
+def test_save_every_keeps_marked_epochs_and_the_latest(tmp_path):
+    for epoch in range(1, 6):
+        save_checkpoint(tmp_path, {"w": torch.full((2,), float(epoch))}, {}, RunState(epoch=epoch), keep=epoch % 2 == 0, best=epoch == 3)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["LATEST", "best", "epoch_0002", "epoch_0004", "epoch_0005"]
+    assert load_checkpoint(tmp_path)[2].epoch == 5 and load_checkpoint(tmp_path / "best")[2].epoch == 3
