@@ -10,7 +10,6 @@ then one fused update; then evaluate the new mean model, log, checkpoint.
 from __future__ import annotations
 
 import argparse
-import resource
 import signal
 import sys
 import time
@@ -26,7 +25,7 @@ from ERO_EGGROLL.arc_evaluator import EvaluationError, evaluate, evaluate_member
 from ERO_EGGROLL.arc_task import ArcDataError, load_tasks
 from ERO_EGGROLL.checkpointing import CheckpointError, RunState, assign_weights, load_checkpoint, save_checkpoint
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, ConfigError, config_from_dict, load_config
-from ERO_EGGROLL.memory import auto_members_per_batch
+from ERO_EGGROLL.memory import auto_members_per_batch, measured_peak_rss_bytes
 from ERO_EGGROLL.model_loading import ModelLoadError, load_model
 from ERO_EGGROLL.perturbation import Perturber
 from ERO_EGGROLL.run_logging import plot_fitness, rewrite_metrics, write_resolved_config
@@ -57,7 +56,7 @@ class StopFlag:
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return measured_peak_rss_bytes() / 2**20
 
 
 def ensure_model(cfg: Config) -> None:

@@ -129,6 +129,23 @@ def auto_members_per_batch(cfg: Config, arch: dict, specs: list[ParamSpec], prep
     return int(max(1, min(cfg.evolution.population_size, free // max(per_member, 1))))
 
 
+def measured_peak_rss_bytes() -> int:
+    """This process's own peak resident memory.
+
+    Reads VmHWM, which starts afresh at exec. (getrusage's ru_maxrss does not: a subprocess
+    started from a big parent, pytest for instance, reports the parent's peak as its own.)
+    """
+    import resource
+
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:8.3f} GiB"
 

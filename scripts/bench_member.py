@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ import hyperscalees as hs  # noqa: E402
 from ERO_EGGROLL.arc_evaluator import evaluate, prepare, questions_for  # noqa: E402
 from ERO_EGGROLL.arc_task import load_tasks  # noqa: E402
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, load_config  # noqa: E402
+from ERO_EGGROLL.memory import measured_peak_rss_bytes  # noqa: E402
 from ERO_EGGROLL.model_loading import load_model_from_dir  # noqa: E402
 from ERO_EGGROLL.perturbation import Perturber  # noqa: E402
 from ERO_EGGROLL.pytorch_jax_bridge import jax_to_torch  # noqa: E402
@@ -127,7 +127,7 @@ def _memory_case(population: int) -> dict:
     with perturber.member(0, population - 1):
         evaluate(model, processor, prepared, cfg)
     perturber.update([float(i % 3) for i in range(population)], 0)
-    return {"population": population, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"population": population, "peak_rss_mb": measured_peak_rss_bytes() / 2**20}
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import psutil
 import torch
 
 import hyperscalees as hs
+from ERO_EGGROLL.memory import measured_peak_rss_bytes
 from ERO_EGGROLL.pytorch_jax_bridge import jax_to_torch, shares_memory, torch_to_jax
 from bench_common import median_seconds, write_results
 
@@ -113,7 +113,7 @@ def _update_case(method: str, n: int, rank: int, reps: int) -> dict:
             return (acc / np.sqrt(n)).block_until_ready()
     rss_before = psutil.Process().memory_info().rss
     seconds = median_seconds(fn, reps)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = measured_peak_rss_bytes()
     return {"seconds": seconds, "peak_rss_growth_mb": (peak - rss_before) / MB}
 
 

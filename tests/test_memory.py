@@ -72,19 +72,19 @@ def test_cli_for_the_7b_without_weights():
 
 
 _RSS_CHILD = """
-import json, resource, sys
+import json, sys
 import psutil, torch
 sys.path.insert(0, {scripts!r})
 from bench_member import random_30m_model
 from ERO_EGGROLL.config import ROOT, load_config
-from ERO_EGGROLL.memory import Workload, estimate
+from ERO_EGGROLL.memory import Workload, estimate, measured_peak_rss_bytes
 from ERO_EGGROLL.qwen_param_mapper import classify_model
 rss_before = psutil.Process().memory_info().rss
 model = random_30m_model(ROOT / "checkpoints" / "tiny-qwen2.5-vl")
 ids = torch.randint(0, 300, (2, 400))
 with torch.no_grad():
     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32, do_sample=False)
-measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+measured = measured_peak_rss_bytes() - rss_before
 cfg = load_config(ROOT / "configs" / "smoke.yaml", ["evolution.sigma_mode=absolute", "evolution.sigma=0.02"])
 est = estimate(cfg, model.config.to_dict(), classify_model(model, cfg), Workload(400, 32, 0, 2), "float32", on_gpu=False)
 print(json.dumps({{"measured": measured, "predicted": sum(est.resident.values()) + est.evaluation}}))
