@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from tqdm import tqdm
 
-from ERO_EGGROLL.arc_evaluator import EvaluationError, evaluate, evaluate_members, prepare, questions_for, results_table, write_table
+from ERO_EGGROLL.arc_evaluator import EvalResult, EvaluationError, evaluate, evaluate_members, prepare, questions_for, results_table, write_table
 from ERO_EGGROLL.arc_task import ArcDataError, load_tasks
 from ERO_EGGROLL.checkpointing import CheckpointError, RunState, assign_weights, load_checkpoint, save_checkpoint
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, ConfigError, config_from_dict, load_config
@@ -210,8 +210,6 @@ def run(cfg: Config, resume: bool, stop: StopFlag) -> Path:
             export_best_model(model, processor, ckpt_dir / task.id / "best_model")
             per_task.update(out["best_result"].per_task)
             answers += out["best_result"].answers
-        from ERO_EGGROLL.arc_evaluator import EvalResult
-
         best_result = EvalResult(per_task, answers)
     csv_path, md_path = write_table(results_table([t.id for t in tasks], best_result), run_dir / "final_table")
     print(f"\nbest model per task ({md_path}):\n{md_path.read_text()}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ERO_EGGROLL.config import ROOT, load_config
-from ERO_EGGROLL.memory import DTYPE_BYTES, Workload, estimate
+from ERO_EGGROLL.memory import Workload, estimate
 from ERO_EGGROLL.perturbation import Perturber
 from ERO_EGGROLL.qwen_param_mapper import classify_model
 
