@@ -144,8 +144,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
             break
         start = time.perf_counter()
         fitness = evaluate_population(perturber, model, processor, fitness_q, cfg, epoch, k, stop)
-        rounding = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch) if evo.stochastic_rounding else None
-        stats = perturber.update(fitness, epoch, rounding)
+        stats = perturber.update(fitness, epoch)
         row = {"epoch": epoch + 1, "fitness": fitness, "member_mean": sum(fitness) / len(fitness),
                "member_max": max(fitness), "member_min": min(fitness),
                **evaluate_mean_model(model, processor, fitness_q, test_q, cfg),

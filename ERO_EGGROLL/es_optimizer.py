@@ -7,8 +7,9 @@ keeps that loss unbiased, and `lost_update_fraction` measures it.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 ADAM_BETAS = (0.9, 0.999)
@@ -57,12 +58,21 @@ class EsOptimizer:
         self.moments = {n: (tensors[f"adam_m/{n}"].clone(), tensors[f"adam_v/{n}"].clone()) for n in names}
 
 
-def global_norm_scale(directions: list[torch.Tensor], max_norm: float | None) -> tuple[float, float]:
-    """(norm, scale): the factor that brings the global L2 norm of all directions down to max_norm."""
-    norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in directions))
+def clip_scale(norm: float, max_norm: float | None) -> float:
+    """The factor that brings a global L2 norm down to max_norm (1.0 when no clip applies)."""
     if max_norm is None or norm <= max_norm:
-        return norm, 1.0
-    return norm, max_norm / norm
+        return 1.0
+    return max_norm / norm
+
+
+def rounding_generator(seed: int, epoch: int, tensor_index: int, device: torch.device) -> torch.Generator:
+    """The stochastic-rounding generator of one tensor at one epoch, keyed by integers alone.
+
+    Drawn per tensor (not one generator consumed in tensor order), so the rounding of a tensor does
+    not depend on which tensors were updated before it, nor on how the update is scheduled.
+    """
+    entropy = np.random.SeedSequence([seed, epoch, tensor_index]).generate_state(2, np.uint32)
+    return torch.Generator(device=device).manual_seed(int(entropy[0]) << 31 | int(entropy[1]) >> 1)
 
 
 def stochastic_round(values: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
@@ -71,20 +81,37 @@ def stochastic_round(values: torch.Tensor, dtype: torch.dtype, generator: torch.
         return values.to(dtype)
     bits = values.float().contiguous().view(torch.int32)
     noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, generator=generator, device=bits.device)
-    return ((bits + noise) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    noise.add_(bits).bitwise_and_(~0xFFFF)
+    return noise.view(torch.float32).to(torch.bfloat16)
 
 
-def apply_change(weight: torch.Tensor, change: torch.Tensor, rounding_generator: torch.Generator | None) -> tuple[float, float]:
+@dataclass(frozen=True)
+class Applied:
+    """What applying one tensor's change did: for the update's statistics, computed without a copy of the weight."""
+
+    intended: float  # sum of |change|
+    lost: float  # sum of |stored change - change|: what rounding into the weight's dtype lost
+    changed: int  # elements whose stored value changed
+    sq_norm: float  # squared L2 norm of the change
+
+
+def apply_change(weight: torch.Tensor, change: torch.Tensor, rounding_generator: torch.Generator | None) -> Applied:
     """weight += change, computed in fp32 and rounded once into the weight's dtype.
 
-    Returns (intended mass, lost mass): the sums of |change| and of |applied - change|.
+    Temporary memory: about two fp32 buffers of the weight's size, whatever the model size.
     """
-    target = weight.float() + change
+    intended = float(torch.linalg.vector_norm(change, ord=1))
+    sq_norm = float(torch.linalg.vector_norm(change)) ** 2
     if weight.dtype == torch.float32:
+        target = weight + change
+        changed = int(torch.count_nonzero(target != weight))
         weight.copy_(target)
-        return float(change.abs().sum()), 0.0
+        return Applied(intended, 0.0, changed, sq_norm)
     before = weight.float()
+    target = before + change
     rounded = stochastic_round(target, weight.dtype, rounding_generator) if rounding_generator is not None else target.to(weight.dtype)
+    del target
+    changed = int(torch.count_nonzero(rounded != weight))
     weight.copy_(rounded)
-    applied = weight.float() - before
-    return float(change.abs().sum()), float((applied - change).abs().sum())
+    error = rounded.float().sub_(before).sub_(change)  # stored change - intended change
+    return Applied(intended, float(torch.linalg.vector_norm(error, ord=1)), changed, sq_norm)

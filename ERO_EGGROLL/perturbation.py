@@ -15,6 +15,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -22,8 +23,8 @@ import torch
 import hyperscalees as hs
 
 from .config import Config
-from .es_optimizer import EsOptimizer, apply_change, global_norm_scale
-from .pytorch_jax_bridge import jax_to_torch
+from .es_optimizer import EsOptimizer, apply_change, clip_scale, rounding_generator
+from .pytorch_jax_bridge import jax_device_for, jax_to_torch
 from .qwen_param_mapper import ParamClass, ParamSpec, classify_model
 
 
@@ -75,6 +76,10 @@ class Perturber:
             keys = jnp.stack([hs.param_key(base_key, s.key_index) for s in members])
             self.groups[cls].append(_Group(shape, [s.name for s in members], keys, np.array([self.sigma[s.name] for s in members])))
         self.param_keys = {s.name: hs.param_key(base_key, s.key_index) for s in self.specs if s.cls is not ParamClass.FROZEN}
+        self.key_index = {s.name: s.key_index for s in self.specs if s.cls is not ParamClass.FROZEN}
+        device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
+        self._jax_device = jax_device_for(device)  # noise is drawn where the weights live, when JAX can reach it
+        self._contract_in_torch = self._jax_device is None
         self.optimizer = EsOptimizer(evo.optimizer, evo.lr, evo.weight_decay)
         self._active: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # one member: (A_s, B) per LORA weight
         self._stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # K members: (K, m, r), (K, n, r)
@@ -85,6 +90,10 @@ class Perturber:
         self._hooks = [] if self.strategy == "inplace" else self._install_forward_hooks()
 
     # --- bookkeeping ---------------------------------------------------------------------------
+    def _jax_placement(self):
+        """JAX computations go to the weights' own device where JAX has it (a no-op context elsewhere)."""
+        return jax.default_device(self._jax_device) if self._jax_device is not None else contextlib.nullcontext()
+
     @staticmethod
     def _backup_buffer(p: torch.Tensor) -> torch.Tensor:
         if p.device.type == "cuda":
@@ -175,9 +184,14 @@ class Perturber:
 
     # --- member noise --------------------------------------------------------------------------
     def member_noise(self, epoch: int, member: int):
-        """{name: (A_scaled, B)} for LORA and {name: eps} for FULL, as torch tensors in the weights' dtype."""
+        """{name: (A_scaled, B)} for LORA, in the weights' dtype and device, and {name: eps} for FULL, in
+        float32 (FULL noise is added in fp32 and rounded once into the weight)."""
         scale = self.sigma_scale(epoch)
         lora, full = {}, {}
+        with self._jax_placement():
+            return self._draw_member_noise(epoch, member, scale, lora, full)
+
+    def _draw_member_noise(self, epoch: int, member: int, scale: float, lora: dict, full: dict):
         for g in self.groups[ParamClass.LORA]:
             a, b = hs.stacked_lowrank_factors(g.keys, g.shape, epoch=epoch, member=member, rank=self.rank,
                                               sigmas=g.base_sigmas * scale, noise_reuse=self.noise_reuse)
@@ -241,47 +255,81 @@ class Perturber:
             self._stacked, self._stacked_full = {}, {}
 
     # --- the update ----------------------------------------------------------------------------
-    def update(self, raw_fitness, epoch: int, rounding_generator: torch.Generator | None = None) -> dict:
-        """Normalize fitness, regenerate all factors from keys, contract, and move the weights."""
+    def update(self, raw_fitness, epoch: int) -> dict:
+        """Normalize fitness, then move the weights one tensor at a time: regenerate its factors from
+        keys, contract, let the optimizer turn the direction into a change, apply it, drop it.
+
+        Peak extra memory is a few fp32 buffers of the largest tensor, whatever the model size. With
+        `max_update_norm`, a first pass computes the global norm from the factors alone.
+        """
         evo = self.cfg.evolution
         fitness = hs.normalize_fitness(raw_fitness, evo.group_size)
         if len(fitness) != evo.population_size:
             raise ValueError(f"got {len(fitness)} fitness values for a population of {evo.population_size}")
         scale = self.sigma_scale(epoch)
-        directions = {name: self._direction(name, fitness, epoch, scale) for name in self.params}
-        norm, clip = global_norm_scale(list(directions.values()), evo.max_update_norm)
+        norm = clip = None
+        if evo.max_update_norm is not None:
+            norm = math.sqrt(sum(self._direction_sq_norm(name, fitness, epoch, scale) for name in self.params))
+            clip = clip_scale(norm, evo.max_update_norm)
         self.optimizer.lr = self.lr_at(epoch)
         self.optimizer.begin_step()
-        stats = {"update_norm": norm, "clip_scale": clip, "lr": self.optimizer.lr, "sigma_scale": scale,
-                 "normalized_fitness": fitness.tolist()}
-        per_class = defaultdict(float)
+        direction_sq = 0.0
+        per_class: dict[str, float] = defaultdict(float)
         changed = total = 0
         intended = lost = 0.0
         with torch.no_grad():
-            for name, direction in directions.items():
-                w = self.params[name]
-                change = self.optimizer.change(name, direction * clip, w)
-                per_class[self.classes[name].value] += float(change.double().pow(2).sum())
-                before = w.detach().clone()
-                i, l = apply_change(w, change, rounding_generator)
-                intended, lost = intended + i, lost + l
-                changed += int((w != before).sum())
-                total += w.numel()
+            for name, w in self.params.items():
+                direction = self._direction(name, fitness, epoch, scale)
+                direction_sq += float(torch.linalg.vector_norm(direction)) ** 2
+                if clip is not None and clip != 1.0:
+                    direction = direction * clip
+                change = self.optimizer.change(name, direction, w)
+                del direction  # frees the contraction's buffer before the change is applied
+                applied = apply_change(w, change, self._rounding_generator(name, epoch, w))
+                per_class[self.classes[name].value] += applied.sq_norm
+                intended, lost = intended + applied.intended, lost + applied.lost
+                changed, total = changed + applied.changed, total + w.numel()
+        stats = {"update_norm": norm if norm is not None else math.sqrt(direction_sq), "clip_scale": clip if clip is not None else 1.0,
+                 "lr": self.optimizer.lr, "sigma_scale": scale, "normalized_fitness": fitness.tolist()}
         stats.update({f"update_norm_{k}": math.sqrt(v) for k, v in per_class.items()})
         stats["fraction_changed"] = changed / max(total, 1)
         stats["lost_update_fraction"] = lost / intended if intended else 0.0
         return stats
 
+    def _rounding_generator(self, name: str, epoch: int, weight: torch.Tensor) -> torch.Generator | None:
+        if not self.cfg.evolution.stochastic_rounding or weight.dtype == torch.float32:
+            return None
+        return rounding_generator(self.cfg.seed, epoch, self.key_index[name], weight.device)
+
     def _direction(self, name: str, fitness: np.ndarray, epoch: int, scale: float) -> torch.Tensor:
-        """The fp32 ascent direction of one tensor, regenerated from keys: hyperscalees' fused JAX update,
-        handed over by DLPack. (The same contraction as a torch einsum over the DLPack'd factors was
-        measured slightly slower: scripts/bench_member.py.)"""
+        """The fp32 ascent direction of one tensor, regenerated from keys.
+
+        Where JAX reaches the weights' device: hyperscalees' fused contraction there, handed over
+        zero-copy by DLPack. Where it does not (CUDA weights, CPU-only JAX): only the small factors
+        cross to the device and torch contracts them there, never moving an (m, n) buffer."""
+        w, key, sigma = self.params[name], self.param_keys[name], self.sigma[name] * scale
+        lora = self.classes[name] is ParamClass.LORA
+        with self._jax_placement():
+            if lora and self._contract_in_torch:
+                a, b = hs.population_lowrank_factors(key, tuple(w.shape), epoch=epoch, members=np.arange(len(fitness)),
+                                                     rank=self.rank, sigma=sigma, noise_reuse=self.noise_reuse)
+                f = torch.as_tensor(fitness, dtype=torch.float32, device=w.device)
+                a_t, b_t = jax_to_torch(a).to(w.device), jax_to_torch(b).to(w.device)
+                return torch.einsum("nir,njr->ij", f[:, None, None] * a_t, b_t) / math.sqrt(len(fitness))
+            if lora:
+                delta = hs.lowrank_update(key, tuple(w.shape), fitness, epoch=epoch, rank=self.rank, sigma=sigma, noise_reuse=self.noise_reuse)
+            else:
+                delta = hs.full_update(key, tuple(w.shape), fitness, epoch=epoch, sigma=sigma, noise_reuse=self.noise_reuse)
+            return jax_to_torch(delta).to(w.device)
+
+    def _direction_sq_norm(self, name: str, fitness: np.ndarray, epoch: int, scale: float) -> float:
+        """||direction||^2 without the (m, n) buffer for LORA tensors (FULL tensors are small)."""
         w, key, sigma = self.params[name], self.param_keys[name], self.sigma[name] * scale
         if self.classes[name] is ParamClass.LORA:
-            delta = hs.lowrank_update(key, tuple(w.shape), fitness, epoch=epoch, rank=self.rank, sigma=sigma, noise_reuse=self.noise_reuse)
-        else:
-            delta = hs.full_update(key, tuple(w.shape), fitness, epoch=epoch, sigma=sigma, noise_reuse=self.noise_reuse)
-        return jax_to_torch(delta).to(w.device)
+            with self._jax_placement():
+                return float(hs.lowrank_update_sq_norm(key, tuple(w.shape), fitness, epoch=epoch, rank=self.rank,
+                                                       sigma=sigma, noise_reuse=self.noise_reuse))
+        return float(torch.linalg.vector_norm(self._direction(name, fitness, epoch, scale))) ** 2
 
     def evolvable_state(self) -> dict[str, torch.Tensor]:
         """The evolvable tensors (what a checkpoint must hold), detached and contiguous."""

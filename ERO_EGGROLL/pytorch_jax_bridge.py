@@ -33,6 +33,20 @@ def _jax_pointer(x: jax.Array) -> int:
     return x.unsafe_buffer_pointer()
 
 
+def jax_device_for(device: torch.device) -> jax.Device | None:
+    """The JAX device that is `device` itself, or None where JAX cannot reach it (CUDA weights with
+    a CPU-only jaxlib). Arrays drawn there cross to torch without a copy."""
+    platform = {"cpu": "cpu", "cuda": "gpu"}.get(torch.device(device).type)
+    if platform is None:
+        return None
+    try:
+        candidates = jax.devices(platform)
+    except RuntimeError:  # no backend for that platform in this jaxlib
+        return None
+    index = torch.device(device).index or 0
+    return candidates[index] if index < len(candidates) else None
+
+
 def jax_to_torch(x: jax.Array) -> torch.Tensor:
     """Torch tensor sharing `x`'s buffer (same device, same dtype). Treat it as READ-ONLY."""
     if not isinstance(x, jax.Array):

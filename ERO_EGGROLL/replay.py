@@ -30,10 +30,7 @@ def replay_weights(model, state: RunState) -> dict[str, torch.Tensor]:
         if not row.get("fitness"):
             continue  # epoch 0: the base model
         epoch = row["epoch"] - 1
-        generator = None
-        if cfg.evolution.stochastic_rounding:
-            generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed * 1_000_003 + epoch)
-        perturber.update(row["fitness"], epoch, generator)
+        perturber.update(row["fitness"], epoch)
         if row.get("new_best"):
             best = {k: v.detach().clone() for k, v in perturber.evolvable_state().items()}
         if row.get("rolled_back"):

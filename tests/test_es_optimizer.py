@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ERO_EGGROLL.es_optimizer import EsOptimizer, apply_change, global_norm_scale, stochastic_round
+from ERO_EGGROLL.es_optimizer import EsOptimizer, apply_change, clip_scale, rounding_generator, stochastic_round
 
 
 def test_sgd_adds_lr_times_direction():
@@ -37,9 +37,14 @@ def test_adamw_decays_weights():
 
 
 def test_global_norm_clip():
-    norm, scale = global_norm_scale([torch.tensor([3.0]), torch.tensor([4.0])], max_norm=1.0)
-    assert norm == pytest.approx(5.0) and scale == pytest.approx(0.2)
-    assert global_norm_scale([torch.tensor([0.3])], max_norm=1.0)[1] == 1.0
+    assert clip_scale(5.0, max_norm=1.0) == pytest.approx(0.2)
+    assert clip_scale(0.3, max_norm=1.0) == 1.0 and clip_scale(7.0, max_norm=None) == 1.0
+
+
+def test_rounding_generators_are_keyed_by_integers_not_by_order():
+    draw = lambda *key: torch.randint(0, 1 << 16, (8,), generator=rounding_generator(*key, torch.device("cpu")))
+    assert torch.equal(draw(3, 1, 7), draw(3, 1, 7))  # same (seed, epoch, tensor): same noise, whatever came before
+    assert not torch.equal(draw(3, 1, 7), draw(3, 1, 8)) and not torch.equal(draw(3, 1, 7), draw(3, 2, 7))
 
 
 def test_stochastic_rounding_is_unbiased():
@@ -53,16 +58,18 @@ def test_stochastic_rounding_is_unbiased():
 def test_small_bf16_updates_are_lost_by_nearest_rounding_and_kept_on_average_by_stochastic():
     weight = torch.ones(100_000, dtype=torch.bfloat16)
     change = torch.full((100_000,), 2**-10)
-    intended, lost = apply_change(weight.clone(), change, None)
-    assert lost / intended == pytest.approx(1.0)
+    nearest = apply_change(weight.clone(), change, None)
+    assert nearest.lost / nearest.intended == pytest.approx(1.0) and nearest.changed == 0
     w = weight.clone()
-    intended, lost = apply_change(w, change, torch.Generator().manual_seed(1))
+    stochastic = apply_change(w, change, torch.Generator().manual_seed(1))
     assert (w.float() - 1.0).mean().item() == pytest.approx(2**-10, rel=0.05)
+    assert stochastic.changed == int((w != weight).sum()) > 0
 
 
 def test_fp32_weights_lose_nothing():
     w = torch.zeros(3)
-    assert apply_change(w, torch.tensor([1e-9, 2.0, -3.0]), None)[1] == 0.0
+    applied = apply_change(w, torch.tensor([1e-9, 2.0, -3.0]), None)
+    assert applied.lost == 0.0 and applied.changed == 3 and applied.sq_norm == pytest.approx(13.0)
     assert math.isclose(w[1].item(), 2.0)
 
 

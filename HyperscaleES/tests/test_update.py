@@ -101,3 +101,11 @@ def test_non_finite_fitness_is_refused_naming_the_member(bad):
 def test_group_size_must_divide_population():
     with pytest.raises(ValueError, match="divide"):
         hs.normalize_fitness([0.0] * 6, group_size=4)
+
+
+def test_lowrank_update_norm_from_factors_equals_the_norm_of_the_update(key):
+    fitness = hs.normalize_fitness(np.random.default_rng(5).normal(size=16))
+    shape = (40, 24)
+    dense = np.asarray(hs.lowrank_update(key, shape, fitness, epoch=3, rank=3, sigma=SIGMA), np.float64)
+    from_factors = float(hs.lowrank_update_sq_norm(key, shape, fitness, epoch=3, rank=3, sigma=SIGMA))
+    np.testing.assert_allclose(from_factors, np.sum(dense**2), rtol=1e-5)

@@ -8,7 +8,7 @@ from .fitness import normalize_fitness
 from .fullrank import fullrank_noise, fullrank_update
 from .keys import COUNTER_BASED_IMPLS, antithetic_sign, effective_epoch, make_key, member_key, param_key
 from .noise import full_noise, lowrank_factors, population_lowrank_factors, stacked_full_noise, stacked_lowrank_factors
-from .updates import full_update, lowrank_update
+from .updates import full_update, lowrank_update, lowrank_update_sq_norm
 
 __all__ = [
     "COUNTER_BASED_IMPLS",
@@ -20,6 +20,7 @@ __all__ = [
     "fullrank_update",
     "lowrank_factors",
     "lowrank_update",
+    "lowrank_update_sq_norm",
     "make_key",
     "member_key",
     "normalize_fitness",

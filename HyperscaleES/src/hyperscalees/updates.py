@@ -37,6 +37,28 @@ def lowrank_update(key, shape, fitness, *, epoch, rank: int, sigma, noise_reuse:
     return _lowrank_update(key, _as_fitness(fitness), epoch, jnp.float32(sigma), shape=shape, rank=rank, noise_reuse=noise_reuse)
 
 
+@partial(jax.jit, static_argnames=("shape", "rank", "noise_reuse"))
+def _lowrank_update_sq_norm(key, fitness, epoch, sigma, *, shape, rank, noise_reuse):
+    members = jnp.arange(fitness.shape[0], dtype=jnp.int32)
+    a_scaled, b = population_lowrank_factors_pure(key, epoch, members, sigma, shape=shape, rank=rank, noise_reuse=noise_reuse)
+    weighted = fitness[:, None, None] * a_scaled  # (N, m, r)
+    highest = jax.lax.Precision.HIGHEST
+    gram_a = jnp.einsum("nir,pis->nrps", weighted, weighted, precision=highest)  # (A'^T A') with A' = [f_i A_i], (N r)^2 entries
+    gram_b = jnp.einsum("njr,pjs->nrps", b, b, precision=highest)
+    return jnp.sum(gram_a * gram_b) / fitness.shape[0]
+
+
+def lowrank_update_sq_norm(key, shape, fitness, *, epoch, rank: int, sigma, noise_reuse: int = 1) -> jax.Array:
+    """||Delta W||_F^2 of `lowrank_update` from the factors alone: trace((A'^T A')(B'^T B')) / N.
+
+    Costs O(N^2 r^2 (m + n)) and never forms an (m, n) buffer, so a global-norm clip can know the
+    norm of every tensor's update before applying any of them.
+    """
+    shape = _check_matrix_shape(shape)
+    _check_rank_sigma(rank, sigma)
+    return _lowrank_update_sq_norm(key, _as_fitness(fitness), epoch, jnp.float32(sigma), shape=shape, rank=rank, noise_reuse=noise_reuse)
+
+
 @partial(jax.jit, static_argnames=("shape", "noise_reuse"))
 def _full_update(key, fitness, epoch, sigma, *, shape, noise_reuse):
     def add_member(i, acc):
