@@ -90,7 +90,7 @@ class Applied:
     """What applying one tensor's change did: for the update's statistics, computed without a copy of the weight."""
 
     intended: float  # sum of |change|
-    lost: float  # sum of |stored change - change|: what rounding into the weight's dtype lost
+    lost: float  # sum of |stored value - fp32 target|: what rounding into the weight's dtype lost
     changed: int  # elements whose stored value changed
     sq_norm: float  # squared L2 norm of the change
 
@@ -98,20 +98,19 @@ class Applied:
 def apply_change(weight: torch.Tensor, change: torch.Tensor, rounding_generator: torch.Generator | None) -> Applied:
     """weight += change, computed in fp32 and rounded once into the weight's dtype.
 
-    Temporary memory: about two fp32 buffers of the weight's size, whatever the model size.
+    CONSUMES `change` (it becomes the fp32 target), so the temporary memory stays at about two fp32
+    buffers of the weight's size whatever the model size; pass a tensor the caller owns.
     """
     intended = float(torch.linalg.vector_norm(change, ord=1))
     sq_norm = float(torch.linalg.vector_norm(change)) ** 2
     if weight.dtype == torch.float32:
-        target = weight + change
+        target = change.add_(weight)
         changed = int(torch.count_nonzero(target != weight))
         weight.copy_(target)
         return Applied(intended, 0.0, changed, sq_norm)
-    before = weight.float()
-    target = before + change
+    target = change.add_(weight.float())
     rounded = stochastic_round(target, weight.dtype, rounding_generator) if rounding_generator is not None else target.to(weight.dtype)
-    del target
     changed = int(torch.count_nonzero(rounded != weight))
     weight.copy_(rounded)
-    error = rounded.float().sub_(before).sub_(change)  # stored change - intended change
-    return Applied(intended, float(torch.linalg.vector_norm(error, ord=1)), changed, sq_norm)
+    lost = float(torch.linalg.vector_norm(target.neg_().add_(rounded), ord=1))  # stored - intended, elementwise
+    return Applied(intended, lost, changed, sq_norm)

@@ -58,7 +58,7 @@ def test_stochastic_rounding_is_unbiased():
 def test_small_bf16_updates_are_lost_by_nearest_rounding_and_kept_on_average_by_stochastic():
     weight = torch.ones(100_000, dtype=torch.bfloat16)
     change = torch.full((100_000,), 2**-10)
-    nearest = apply_change(weight.clone(), change, None)
+    nearest = apply_change(weight.clone(), change.clone(), None)
     assert nearest.lost / nearest.intended == pytest.approx(1.0) and nearest.changed == 0
     w = weight.clone()
     stochastic = apply_change(w, change, torch.Generator().manual_seed(1))
