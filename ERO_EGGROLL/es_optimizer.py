@@ -30,20 +30,25 @@ class EsOptimizer:
         self.step_count += 1
 
     def change(self, name: str, direction: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The fp32 change for one tensor at the current step (`direction` is the ascent direction)."""
+        """The fp32 change for one tensor at the current step (`direction` is the ascent direction).
+
+        Always a new tensor (never `direction` itself, which may alias a JAX buffer). Adam's moments
+        are updated in place, with the same operations in the same order as the textbook formulas,
+        so no second copy of the state exists even for a moment."""
         if self.kind == "sgd":
             return self.lr * direction
         grad = -direction
-        m, v = self.moments.get(name, (torch.zeros_like(direction), torch.zeros_like(direction)))
+        if name not in self.moments:
+            self.moments[name] = (torch.zeros_like(direction), torch.zeros_like(direction))
+        m, v = self.moments[name]
         b1, b2 = ADAM_BETAS
-        m = b1 * m + (1 - b1) * grad
-        v = b2 * v + (1 - b2) * grad * grad
-        self.moments[name] = (m, v)
-        m_hat = m / (1 - b1**self.step_count)
-        v_hat = v / (1 - b2**self.step_count)
-        change = -self.lr * m_hat / (v_hat.sqrt() + ADAM_EPS)
+        m.mul_(b1).add_((1 - b1) * grad)
+        v.mul_(b2).add_((1 - b2) * grad * grad)
+        del grad
+        denominator = (v / (1 - b2**self.step_count)).sqrt_().add_(ADAM_EPS)
+        change = (m / (1 - b1**self.step_count)).mul_(-self.lr).div_(denominator)
         if self.kind == "adamw" and self.weight_decay:
-            change = change - self.lr * self.weight_decay * weight.float()
+            change.sub_(self.lr * self.weight_decay * weight.float())
         return change
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
