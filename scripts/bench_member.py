@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import ERO_EGGROLL  # noqa: E402,F401  (before JAX: on-demand GPU allocation)
 import torch  # noqa: E402
 from bench_common import median_seconds, write_results  # noqa: E402
 

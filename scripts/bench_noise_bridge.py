@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ERO_EGGROLL  # noqa: F401  (before JAX: on-demand GPU allocation)
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -14,6 +14,7 @@ EGGROLL draws each member's low-rank factors in JAX and hands them to PyTorch th
 This notebook converts real factors of a Qwen2.5-VL-7B-shaped weight in both directions and shows,
 for each conversion, the dtype, shape, device, data pointers and whether the buffer was shared."""),
     ("code", """import warnings
+import ERO_EGGROLL  # first: JAX then allocates GPU memory on demand instead of taking 75% of it
 import jax, jax.numpy as jnp, numpy as np, torch
 import hyperscalees as hs
 from ERO_EGGROLL.pytorch_jax_bridge import inspect_conversion, jax_to_torch, torch_to_jax, shares_memory, BridgeCopyWarning
