@@ -1,8 +1,9 @@
 """The sequential evaluator: one model (one member) answers ARC questions; answers are scored.
 
 Prompts are tokenized (and images processed) once per run by `prepare`; each member then only
-runs `generate`, several prompts per call (left padding). Greedy decoding, `max_new_tokens` from
-the target's token length (ERO: twice it) with a cap, stop at end of turn.
+runs `generate`, several prompts per call (left padding). Decoding comes from the config alone
+(`evaluation.decoding`, greedy by default); `max_new_tokens` follows `evaluation.max_new_tokens_rule`
+(twice the target's tokens, or ERO's twice the reduced target's characters) with a cap; stop at end of turn.
 
     python -m ERO_EGGROLL.arc_evaluator --config configs/default.yaml [--checkpoint PATH]
 """
@@ -11,17 +12,20 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
+from transformers import GenerationConfig
 
-from .arc_fitness import METRICS, cell_accuracy, char_similarity, exact
-from .arc_task import ArcTask
-from .config import Config
+from .arc_fitness import METRICS, canonical_text, cell_accuracy, char_similarity, exact
+from .arc_task import ArcTask, Grid
+from .config import Config, EvaluationConfig
 from .prompts import Question, answer_text, build_messages, leave_one_out_questions, held_out_test_questions
 
 __all__ = ["char_similarity", "evaluate", "evaluate_members", "prepare", "EvalResult", "EvaluationError", "PreparedQuestion"]
@@ -87,6 +91,13 @@ def questions_for(tasks: Sequence[ArcTask], cfg: Config, purpose: str) -> list[Q
     return [q for t in tasks for q in held_out_test_questions(t, k)]
 
 
+def token_budget(ev: EvaluationConfig, target: Grid, target_tokens: int) -> int:
+    """max_new_tokens of one question: `target_tokens` rule (factor x the target answer's tokens) or ERO's
+    (2 x the characters of the target in Python list notation reduced to [0-9[],]), capped by max_new_tokens_cap."""
+    wanted = 2 * len(canonical_text(target)) if ev.max_new_tokens_rule == "ero" else math.ceil(ev.max_new_tokens_factor * target_tokens)
+    return min(ev.max_new_tokens_cap, max(1, wanted))
+
+
 def prepare(questions: Sequence[Question], processor, cfg: Config) -> list[PreparedQuestion]:
     """Chat template, tokens and pixels of every question, and its max_new_tokens."""
     prepared = []
@@ -97,9 +108,45 @@ def prepare(questions: Sequence[Question], processor, cfg: Config) -> list[Prepa
         inputs = processor(text=[text], images=images or None, return_tensors="pt")
         inputs = {k: (v[0] if k in ("input_ids", "attention_mask") else v) for k, v in inputs.items()}
         target_tokens = len(tokenizer(answer_text(q.target), add_special_tokens=False)["input_ids"])
-        budget = min(cfg.evaluation.max_new_tokens_cap, max(1, math.ceil(cfg.evaluation.max_new_tokens_factor * target_tokens)))
-        prepared.append(PreparedQuestion(q, dict(inputs), budget))
+        prepared.append(PreparedQuestion(q, dict(inputs), token_budget(cfg.evaluation, q.target, target_tokens)))
     return prepared
+
+
+DECODING_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def resolved_decoding(cfg: Config) -> dict:
+    """The decoding values in force: the config's, or (preset 'ero') the base checkpoint's generation_config.json
+    as transformers would complete it, which is what ERO's evaluation used. Recorded in the run's metrics."""
+    dec = cfg.evaluation.decoding
+    if dec.preset == "explicit":
+        return {name: getattr(dec, name) for name in DECODING_FIELDS}
+    path = cfg.resolve_path(cfg.model.path) / "generation_config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise EvaluationError(f"evaluation.decoding.preset 'ero' reads the base checkpoint's {path}, which cannot be read "
+                              f"({err}); copy it from the downloaded checkpoint, or use preset 'explicit'") from None
+    defaults = GenerationConfig._get_default_generation_params()  # what generate() fills in for unset values
+    return {name: saved.get(name, defaults[name]) for name in DECODING_FIELDS}
+
+
+def generation_config(decoding: dict, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> GenerationConfig:
+    """A GenerationConfig with every generation parameter set (transformers' global defaults, then ours), so that
+    generate() fills nothing in from the checkpoint's generation_config.json."""
+    values = GenerationConfig._get_default_generation_params()
+    del values["max_length"]  # max_new_tokens decides the length
+    values.update(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                  do_sample=decoding["do_sample"], repetition_penalty=decoding["repetition_penalty"])
+    if decoding["do_sample"]:  # set only where they act: transformers warns about sampling values under greedy decoding
+        values.update(temperature=decoding["temperature"], top_p=decoding["top_p"], top_k=decoding["top_k"])
+    return GenerationConfig(**values)
+
+
+def sampling_seed(seed: int, stream: Sequence[int], question: int) -> int:
+    """The torch seed of one sampled generate call, a pure function of integers (never Python's salted hash()):
+    the run's seed, the evaluation's stream (e.g. epoch and member) and the index of the call's first question."""
+    return int(np.random.SeedSequence([seed, *stream, question]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _collate(batch: Sequence[PreparedQuestion], pad_id: int, device) -> dict:
@@ -118,17 +165,21 @@ def _collate(batch: Sequence[PreparedQuestion], pad_id: int, device) -> dict:
 
 
 @torch.no_grad()
-def generate_answers(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config, replicas: int = 1) -> list[list[tuple[str, int]]]:
+def generate_answers(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config, replicas: int = 1,
+                     stream: Sequence[int] = ()) -> list[list[tuple[str, int]]]:
     """(decoded text, new-token count) per replica and question, `evaluation.batch_size` prompts per generate call.
 
     With replicas K > 1 every prompt batch is repeated K times, member-major, so that K members
     (see Perturber.members) answer in one generate call; replica k sees exactly the rows that a
-    one-member call would.
+    one-member call would. Sampled decoding draws from torch's global generator (generate takes no
+    generator), so each call runs inside `fork_rng` after `torch.manual_seed(sampling_seed(...))`:
+    the answers are a function of (seed, stream, question), and the caller's RNG state is untouched.
     """
     tokenizer = processor.tokenizer
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
     device = next(model.parameters()).device
+    decoding = resolved_decoding(cfg)
     out: list[list[tuple[str, int]]] = [[] for _ in range(replicas)]
     bs = cfg.evaluation.batch_size
     for start in range(0, len(prepared), bs):
@@ -138,11 +189,12 @@ def generate_answers(model, processor, prepared: Sequence[PreparedQuestion], cfg
             inputs = {k: torch.cat([v] * replicas) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+        config = generation_config(decoding, max(p.max_new_tokens for p in batch), end_of_turn, pad_id)
         try:
-            generated = model.generate(
-                **inputs, max_new_tokens=max(p.max_new_tokens for p in batch), do_sample=not cfg.evaluation.greedy,
-                eos_token_id=end_of_turn, pad_token_id=pad_id,
-            )
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=decoding["do_sample"]):
+                if decoding["do_sample"]:
+                    torch.manual_seed(sampling_seed(cfg.seed, stream, start))
+                generated = model.generate(**inputs, generation_config=config)
         except torch.OutOfMemoryError:
             raise EvaluationError(OOM_ADVICE) from None
         new = generated[:, inputs["input_ids"].shape[1] :]
@@ -175,18 +227,20 @@ def _score(prepared: Sequence[PreparedQuestion], answers: Sequence[tuple[str, in
     return EvalResult({t: sum(v) / len(v) for t, v in per_task.items()}, records)
 
 
-def evaluate(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config) -> EvalResult:
-    """Scores of `model` on prepared questions (see `prepare`); deterministic for greedy decoding."""
+def evaluate(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config, stream: Sequence[int] = ()) -> EvalResult:
+    """Scores of `model` on prepared questions (see `prepare`). Deterministic: sampled decoding is seeded
+    from the run's seed, `stream` (integers naming this evaluation, e.g. epoch and member) and the question."""
     start = time.perf_counter()
-    result = _score(prepared, generate_answers(model, processor, prepared, cfg)[0], cfg)
+    result = _score(prepared, generate_answers(model, processor, prepared, cfg, stream=stream)[0], cfg)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def evaluate_members(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config, members: int) -> list[EvalResult]:
+def evaluate_members(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config, members: int,
+                     stream: Sequence[int] = ()) -> list[EvalResult]:
     """Scores of `members` members answering in the same generate calls (inside `Perturber.members`)."""
     start = time.perf_counter()
-    results = [_score(prepared, answers, cfg) for answers in generate_answers(model, processor, prepared, cfg, replicas=members)]
+    results = [_score(prepared, answers, cfg) for answers in generate_answers(model, processor, prepared, cfg, members, stream)]
     for r in results:
         r.seconds = (time.perf_counter() - start) / members
     return results

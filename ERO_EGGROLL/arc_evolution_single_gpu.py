@@ -21,7 +21,9 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from tqdm import tqdm
 
-from ERO_EGGROLL.arc_evaluator import EvalResult, EvaluationError, evaluate, evaluate_members, prepare, questions_for, results_table, write_table
+from ERO_EGGROLL.arc_evaluator import (
+    EvalResult, EvaluationError, evaluate, evaluate_members, prepare, questions_for, resolved_decoding, results_table, write_table,
+)
 from ERO_EGGROLL.arc_task import ArcDataError, load_tasks
 from ERO_EGGROLL.checkpointing import CheckpointError, RunState, assign_weights, load_checkpoint, save_checkpoint
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, ConfigError, config_from_dict, load_config
@@ -69,9 +71,14 @@ def ensure_model(cfg: Config) -> None:
         build_tiny_model(path)
 
 
-def evaluate_mean_model(model, processor, fitness_questions, test_questions, cfg: Config) -> dict:
-    result = evaluate(model, processor, fitness_questions, cfg)
-    test = result if test_questions is fitness_questions else evaluate(model, processor, test_questions, cfg)
+# Streams of integers that name each evaluation, so that sampled decoding is seeded per (seed, stream, question).
+MEMBER_STREAM, MEAN_MODEL_STREAM, MEAN_MODEL_TEST_STREAM, BEST_MODEL_STREAM = 0, 1, 2, 3
+
+
+def evaluate_mean_model(model, processor, fitness_questions, test_questions, cfg: Config, epoch: int) -> dict:
+    """The mean model after `epoch` updates (0: the base model) on the fitness and the test questions."""
+    result = evaluate(model, processor, fitness_questions, cfg, (MEAN_MODEL_STREAM, epoch))
+    test = result if test_questions is fitness_questions else evaluate(model, processor, test_questions, cfg, (MEAN_MODEL_TEST_STREAM, epoch))
     mean = lambda per_task: sum(per_task.values()) / len(per_task)
     return {"mean_model_fitness": result.fitness, "mean_model_test_score": test.fitness,
             "mean_model_exact": mean(test.metric("exact")), "mean_model_cell_accuracy": mean(test.metric("cell_accuracy")),
@@ -96,10 +103,10 @@ def evaluate_population(perturber: Perturber, model, processor, prepared, cfg: C
         ids = list(range(first, min(first + k, n)))
         if len(ids) == 1:
             with perturber.member(epoch, ids[0]):
-                fitness.append(evaluate(model, processor, prepared, cfg).fitness)
-        else:
+                fitness.append(evaluate(model, processor, prepared, cfg, (MEMBER_STREAM, epoch, ids[0])).fitness)
+        else:  # greedy decoding only (config validation), so the stream of the first member is enough
             with perturber.members(epoch, ids):
-                fitness += [r.fitness for r in evaluate_members(model, processor, prepared, cfg, len(ids))]
+                fitness += [r.fitness for r in evaluate_members(model, processor, prepared, cfg, len(ids), (MEMBER_STREAM, epoch, ids[0]))]
         bar.update(len(ids))
         bar.set_postfix(fitness=f"{fitness[-1]:.3f}", best=f"{max(fitness):.3f}")
         stop.check()
@@ -130,7 +137,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         print(f"{ckpt_dir}: already finished")
     if not state.history:  # epoch 0: the base model
         start = time.perf_counter()
-        row = {"epoch": 0, **evaluate_mean_model(model, processor, fitness_q, test_q, cfg)}
+        row = {"epoch": 0, "decoding": resolved_decoding(cfg), **evaluate_mean_model(model, processor, fitness_q, test_q, cfg, 0)}
         row.update(seconds=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(device), new_best=True, rolled_back=False)
         state.history.append(row)
         state.best_fitness, state.best_epoch = row["mean_model_fitness"], 0
@@ -147,7 +154,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         stats = perturber.update(fitness, epoch)
         row = {"epoch": epoch + 1, "fitness": fitness, "member_mean": sum(fitness) / len(fitness),
                "member_max": max(fitness), "member_min": min(fitness),
-               **evaluate_mean_model(model, processor, fitness_q, test_q, cfg),
+               **evaluate_mean_model(model, processor, fitness_q, test_q, cfg, epoch + 1),
                "lr": stats["lr"], "sigma_scale": stats["sigma_scale"], "update_norm": stats["update_norm"],
                "fraction_changed": stats["fraction_changed"], "lost_update_fraction": stats["lost_update_fraction"]}
         row["new_best"] = row["mean_model_fitness"] > state.best_fitness
@@ -179,7 +186,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
     rewrite_metrics(run_dir, state.history)
     plot_fitness(run_dir, state.history, f"{cfg.run.name}: {', '.join(t.id for t in tasks)}")
     assign_weights(model, best_weights, "best weights")
-    best_test = evaluate(model, processor, test_q, cfg)
+    best_test = evaluate(model, processor, test_q, cfg, (BEST_MODEL_STREAM,))
     return {"best_epoch": state.best_epoch, "best_result": best_test}
 
 

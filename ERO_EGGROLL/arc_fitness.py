@@ -1,11 +1,16 @@
 """Scoring a model's answer against the target grid. Every metric maps text -> [0, 1].
 
-`char_similarity` is ERO's fitness; `exact` and `cell_accuracy` say whether the grid is right,
-which the positional metric alone does not (an all-zero grid of the right size scores well).
+`char_similarity` is ERO's fitness, exactly as ERO's published pipeline computes it, so that this
+project's numbers can be set beside ERO's table. The other metrics read the answer leniently
+(`parse_grid`: the grid is found wherever it stands, digits in prose around it do not matter):
+`grid_char_similarity` is the same positional score on that reading; `exact` and `cell_accuracy`
+say whether the grid is right, which a positional metric alone does not (an all-zero grid of the
+right size scores well); `sequence` forgives shifts.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from typing import Callable
@@ -45,7 +50,7 @@ def parse_grid(text: str) -> Grid | None:
     for candidate in candidates:
         try:
             grid = _as_padded_grid(json.loads(candidate))
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # malformed JSON, an integer over Python's 4300-digit limit, deep nesting
             continue
         if grid is not None:
             return grid
@@ -53,26 +58,58 @@ def parse_grid(text: str) -> Grid | None:
 
 
 def canonical_text(grid: Grid) -> str:
+    """The grid in Python list notation reduced to [0-9[],] (ERO's target text), e.g. "[[1,2],[3,4]]"."""
     return "[" + ",".join("[" + ",".join(str(v) for v in row) + "]" for row in grid) + "]"
 
 
-def char_similarity(prediction: str, target: Grid) -> float:
-    """ERO's metric: positional character matches over the longer length of the reduced texts."""
-    grid = parse_grid(prediction)
-    a = canonical_text(grid) if grid is not None else reduce_to_grid_chars(prediction)
-    b = canonical_text(target)
+def ero_answer_text(prediction: str) -> str:
+    """The answer text as ERO's pipeline compares it.
+
+    Reduce to [0-9[],]; if that parses as a Python literal (so trailing commas are fine) that is
+    a non-empty list whose elements are all lists, pad each of them with 0 to the longest one's
+    length (whatever they hold, nested lists included) and write it back with str(); otherwise
+    (no parse, a non-list element, an empty list, a tuple) keep the reduced text; reduce again.
+    Digits in prose around a grid make the parse fail, and the reduced text is scored as it is.
+    """
+    reduced = reduce_to_grid_chars(prediction)
+    try:
+        value = ast.literal_eval(reduced)
+    except Exception:  # SyntaxError, ValueError, and RecursionError/MemoryError on pathological nesting: no parse
+        return reduced
+    if not (isinstance(value, list) and value and all(isinstance(row, list) for row in value)):
+        return reduced
+    width = max(len(row) for row in value)
+    return reduce_to_grid_chars(str([row + [0] * (width - len(row)) for row in value]))
+
+
+def _positional(a: str, b: str) -> float:
+    """Positions where the two texts agree, over the longer length (0 for two empty texts)."""
     longest = max(len(a), len(b))
-    if longest == 0:
-        return 0.0
-    return sum(x == y for x, y in zip(a, b)) / longest
+    return sum(x == y for x, y in zip(a, b)) / longest if longest else 0.0
+
+
+def char_similarity(prediction: str, target: Grid) -> float:
+    """ERO's fitness as published: `ero_answer_text` against the reduced target, positionally."""
+    return _positional(ero_answer_text(prediction), canonical_text(target))
+
+
+def _lenient_text(prediction: str) -> str:
+    grid = parse_grid(prediction)
+    return canonical_text(grid) if grid is not None else reduce_to_grid_chars(prediction)
+
+
+def grid_char_similarity(prediction: str, target: Grid) -> float:
+    """The positional score on the lenient reading: the grid span is scored even with prose digits around it (not ERO's)."""
+    return _positional(_lenient_text(prediction), canonical_text(target))
 
 
 def exact(prediction: str, target: Grid) -> float:
+    """1 if the lenient reading (`parse_grid`) is the target grid, wherever it stands in the answer."""
     return float(parse_grid(prediction) == target)
 
 
 def cell_accuracy(prediction: str, target: Grid) -> float:
-    """Cells equal at the same (row, column), over the larger of the two grids' cell counts."""
+    """Cells of the lenient reading (`parse_grid`) equal at the same (row, column), over the larger grid's cell count."""
     grid = parse_grid(prediction)
     if grid is None:
         return 0.0
@@ -85,14 +122,13 @@ def cell_accuracy(prediction: str, target: Grid) -> float:
 
 
 def sequence(prediction: str, target: Grid) -> float:
-    """Indel (LCS-based) similarity of the reduced texts: forgives shifts the positional metric punishes."""
-    grid = parse_grid(prediction)
-    a = canonical_text(grid) if grid is not None else reduce_to_grid_chars(prediction)
-    return float(Indel.normalized_similarity(a, canonical_text(target)))
+    """Indel (LCS-based) similarity on the lenient reading (`parse_grid`): forgives shifts the positional metrics punish."""
+    return float(Indel.normalized_similarity(_lenient_text(prediction), canonical_text(target)))
 
 
 METRICS: dict[str, Callable[[str, Grid], float]] = {
     "char_similarity": char_similarity,
+    "grid_char_similarity": grid_char_similarity,
     "exact": exact,
     "cell_accuracy": cell_accuracy,
     "sequence": sequence,

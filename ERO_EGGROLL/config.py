@@ -50,12 +50,28 @@ class DataConfig:
 
 
 @dataclass
+class DecodingConfig:
+    """How `generate` decodes. Every value is passed explicitly: the checkpoint's generation_config.json is never
+    inherited silently (Qwen2.5-VL-7B-Instruct's sets near-greedy sampling and a repetition penalty)."""
+
+    preset: Literal["explicit", "ero"] = "explicit"  # ero: the values below come from the base checkpoint's generation_config.json
+    do_sample: bool = False  # False: greedy
+    temperature: float = 1.0  # sampling only
+    top_p: float = 1.0  # sampling only
+    top_k: int = 0  # sampling only; 0: off
+    repetition_penalty: float = 1.0  # 1.0: none (a penalty punishes the repeated digits of a grid, even greedily)
+
+
+@dataclass
 class EvaluationConfig:
-    fitness: Literal["char_similarity", "exact", "cell_accuracy", "sequence"] = "char_similarity"
+    # char_similarity: ERO's published metric; grid_char_similarity: the same on the lenient grid reading (arc_fitness)
+    fitness: Literal["char_similarity", "grid_char_similarity", "exact", "cell_accuracy", "sequence"] = "char_similarity"
     batch_size: int = 4  # prompts per generate call within one member
-    max_new_tokens_factor: float = 2.0  # ERO: twice the answer's token length
-    max_new_tokens_cap: int = 1024
-    greedy: bool = True
+    # target_tokens: max_new_tokens_factor x the target answer's token count; ero: 2 x the reduced target text's characters (ERO's budget)
+    max_new_tokens_rule: Literal["target_tokens", "ero"] = "target_tokens"
+    max_new_tokens_factor: float = 2.0  # the target_tokens rule only
+    max_new_tokens_cap: int = 1024  # caps either rule
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
     members_per_batch: Union[int, Literal["auto"]] = 1  # 1: sequential (the reference); K: K members per generate call
 
 
@@ -215,6 +231,7 @@ def _apply_override(data: dict, override: str) -> None:
 
 def _validate(cfg: Config, where: str) -> None:
     evo, ev, data = cfg.evolution, cfg.evaluation, cfg.data
+    dec = ev.decoding
     checks = [
         (evo.population_size >= 2 and evo.population_size % 2 == 0,
          f"evolution.population_size must be even and >= 2 (members form antithetic pairs), got {evo.population_size}"),
@@ -233,6 +250,17 @@ def _validate(cfg: Config, where: str) -> None:
         (ev.members_per_batch == "auto" or ev.members_per_batch >= 1, f"evaluation.members_per_batch must be >= 1 or 'auto', got {ev.members_per_batch}"),
         (ev.members_per_batch == 1 or evo.strategy == "forward",
          "evaluation.members_per_batch > 1 needs evolution.strategy: forward (in-place weights cannot differ per row)"),
+        (ev.max_new_tokens_rule == "target_tokens" or ev.max_new_tokens_factor == EvaluationConfig.max_new_tokens_factor,
+         "evaluation.max_new_tokens_factor applies to max_new_tokens_rule 'target_tokens' only; the 'ero' rule is "
+         "twice the reduced target text's characters: remove max_new_tokens_factor"),
+        (ev.members_per_batch == 1 or not (dec.do_sample or dec.preset == "ero"),
+         "evaluation.members_per_batch > 1 needs greedy decoding: a sampled answer depends on which rows share the "
+         "generate call; use members_per_batch: 1 with evaluation.decoding.do_sample or preset 'ero'"),
+        (dec.temperature > 0 and 0 < dec.top_p <= 1 and dec.top_k >= 0 and dec.repetition_penalty > 0,
+         "evaluation.decoding needs temperature > 0, 0 < top_p <= 1, top_k >= 0 (0: off) and repetition_penalty > 0"),
+        (dec.preset == "explicit" or dataclasses.replace(dec, preset="explicit") == DecodingConfig(),
+         "evaluation.decoding.preset 'ero' reads do_sample, temperature, top_p, top_k and repetition_penalty from the base "
+         "checkpoint's generation_config.json; remove the values set beside it"),
         (data.max_train_examples is None or data.max_train_examples >= 1, "data.max_train_examples must be >= 1 or null (all)"),
         (data.cell_size >= 2, f"data.cell_size must be >= 2 pixels, got {data.cell_size}"),
         (cfg.run.save_every >= 1, f"run.save_every must be >= 1, got {cfg.run.save_every}"),

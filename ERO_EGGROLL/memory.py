@@ -53,11 +53,11 @@ class MemoryEstimate:
 
 def workload_from_tasks(tasks, cfg: Config) -> Workload:
     """Estimate the longest prompt of the configured questions without a tokenizer."""
-    from .arc_evaluator import questions_for
+    from .arc_evaluator import questions_for, token_budget
     from .arc_task import grid_to_text, render_grid
     from .prompts import answer_text
 
-    longest_prompt, longest_answer, patches = 0, 0, 0
+    longest_prompt, new, patches = 0, 0, 0
     for q in questions_for(tasks, cfg, "fitness") + questions_for(tasks, cfg, "test"):
         grids = [g for p in q.examples for g in (p.input, p.output)] + [q.query]
         text_chars = sum(len(grid_to_text(g)) for g in grids) if cfg.data.input_mode != "image" else 0
@@ -68,9 +68,8 @@ def workload_from_tasks(tasks, cfg: Config) -> Workload:
                 image_patches += (img.width // 14) * (img.height // 14)
             image_tokens = image_patches // 4
         longest_prompt = max(longest_prompt, PROMPT_OVERHEAD_TOKENS + int(text_chars * TOKENS_PER_GRID_CHAR) + image_tokens)
-        longest_answer = max(longest_answer, int(len(answer_text(q.target)) * TOKENS_PER_GRID_CHAR))
+        new = max(new, token_budget(cfg.evaluation, q.target, int(len(answer_text(q.target)) * TOKENS_PER_GRID_CHAR)))
         patches = max(patches, image_patches)
-    new = min(cfg.evaluation.max_new_tokens_cap, int(cfg.evaluation.max_new_tokens_factor * longest_answer) + 1)
     return Workload(longest_prompt, new, patches, cfg.evaluation.batch_size)
 
 

@@ -5,7 +5,10 @@ import sys
 
 import pytest
 
-from ERO_EGGROLL.config import ROOT, ConfigError, load_config
+import typing
+
+from ERO_EGGROLL.arc_fitness import METRICS
+from ERO_EGGROLL.config import ROOT, ConfigError, EvaluationConfig, load_config
 from conftest import write_config
 
 
@@ -16,8 +19,17 @@ def test_shipped_configs_load(name):
 
 
 def test_7b_config_matches_the_issue():
-    evo = load_config(ROOT / "configs" / "qwen2_5_vl_7b.yaml").evolution
+    cfg = load_config(ROOT / "configs" / "qwen2_5_vl_7b.yaml")
+    evo = cfg.evolution
     assert (evo.epochs, evo.population_size, evo.sigma, evo.rank) == (12, 32, 0.01, 2)
+    # ERO's protocol: its metric, its token budget, two demonstration pairs; greedy decoding without a penalty
+    assert (cfg.evaluation.fitness, cfg.evaluation.max_new_tokens_rule, cfg.data.max_train_examples) == ("char_similarity", "ero", 2)
+    assert not cfg.evaluation.decoding.do_sample and cfg.evaluation.decoding.repetition_penalty == 1.0
+
+
+def test_every_fitness_metric_is_selectable_and_only_those():
+    assert set(typing.get_args(typing.get_type_hints(EvaluationConfig)["fitness"])) == set(METRICS)
+    assert load_config(ROOT / "configs" / "smoke.yaml", ["evaluation.fitness=grid_char_similarity"]).evaluation.fitness == "grid_char_similarity"
 
 
 def test_overrides_are_typed(tmp_path):
@@ -37,6 +49,14 @@ def test_overrides_are_typed(tmp_path):
         ("evolution:\n  population_size: 8\n  group_size: 3\n", r"group_size 3 must be 0 or divide"),
         ("data:\n  input_mode: txt\n", r"'txt' is not one of .*did you mean 'text'"),
         ("evaluation:\n  max_new_tokens_cap: 0\n", r"max_new_tokens_cap must be >= 1"),
+        ("evaluation:\n  max_new_tokens_rule: eros\n", r"'eros' is not one of 'target_tokens' \| 'ero'; did you mean 'ero'\?"),
+        ("evaluation:\n  max_new_tokens_rule: ero\n  max_new_tokens_factor: 3.0\n", r"max_new_tokens_factor applies to .*'target_tokens' only"),
+        ("evaluation:\n  fitness: grid_char_similarty\n", r"did you mean 'grid_char_similarity'\?"),
+        ("evaluation:\n  decoding:\n    preset: er\n", r"evaluation.decoding.preset: 'er' is not one of .*did you mean 'ero'\?"),
+        ("evaluation:\n  decoding:\n    preset: ero\n    repetition_penalty: 1.05\n", r"preset 'ero' reads .*remove the values"),
+        ("evaluation:\n  decoding:\n    do_sample: true\n  members_per_batch: 2\n", r"members_per_batch > 1 needs greedy decoding"),
+        ("evaluation:\n  decoding:\n    temperature: 0\n", r"temperature > 0"),
+        ("evaluation:\n  greedy: true\n", r"unknown key 'greedy'"),
         ("data:\n  task_ids: []\n", r"task_ids is empty"),
         ("data:\n  source: /no/such/dir\n", r"no such directory"),
         ("evolution: [\n", r"malformed YAML at line 2"),

@@ -1,10 +1,15 @@
 """The sequential evaluator on the tiny model: deterministic, batched like one-at-a-time, honest about sources."""
 
-import pytest
+import json
+import shutil
 
-from ERO_EGGROLL.arc_evaluator import evaluate, prepare, questions_for, results_table, write_table
+import pytest
+import torch
+
+from ERO_EGGROLL.arc_evaluator import EvaluationError, evaluate, prepare, questions_for, resolved_decoding, results_table, write_table
 from ERO_EGGROLL.arc_task import load_tasks
 from ERO_EGGROLL.config import ROOT, load_config
+from ERO_EGGROLL.model_loading import load_model_from_dir
 from ERO_EGGROLL.prompts import answer_text
 
 
@@ -36,6 +41,59 @@ def test_max_new_tokens_is_twice_the_answer_capped(setup):
         assert p.max_new_tokens == 2 * answer_tokens  # ERO: twice the answer's length
     cfg.evaluation.max_new_tokens_cap = 7
     assert all(p.max_new_tokens == 7 for p in prepare(questions_for(tasks, cfg, "test"), processor, cfg))
+
+
+def test_ero_rule_is_twice_the_reduced_target_text_capped(setup):
+    _, processor, cfg, tasks = setup
+    cfg.evaluation.max_new_tokens_rule, cfg.evaluation.max_new_tokens_cap = "ero", 10_000
+    for p in prepare(questions_for(tasks, cfg, "test"), processor, cfg):
+        reduced = str(p.question.target).replace(" ", "")  # Python list notation reduced to [0-9[],]
+        assert p.max_new_tokens == 2 * len(reduced)
+    cfg.evaluation.max_new_tokens_cap = 7
+    assert all(p.max_new_tokens == 7 for p in prepare(questions_for(tasks, cfg, "test"), processor, cfg))
+
+
+@pytest.fixture
+def penalised_copy(tiny_model_dir, tmp_path):
+    """A copy of the tiny model whose generation_config.json asks for a strong repetition penalty."""
+    copy = tmp_path / "tiny-with-penalty"
+    shutil.copytree(tiny_model_dir, copy)
+    saved = json.loads((copy / "generation_config.json").read_text())
+    (copy / "generation_config.json").write_text(json.dumps({**saved, "repetition_penalty": 3.0}))
+    return copy
+
+
+def test_greedy_default_ignores_the_checkpoints_generation_config(tiny, penalised_copy):
+    model, processor = tiny
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["data.task_ids=[b1fc8b8e]", f"model.path={penalised_copy}",
+                                                        "evaluation.max_new_tokens_cap=24"])
+    prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "test"), processor, cfg)
+    penalised_model, _ = load_model_from_dir(penalised_copy)
+    assert penalised_model.generation_config.repetition_penalty == 3.0
+    reference = [a.text for a in evaluate(model, processor, prepared, cfg).answers]
+    assert [a.text for a in evaluate(penalised_model, processor, prepared, cfg).answers] == reference
+    # the ero preset decodes as the checkpoint says, and the penalty changes the answers (so the line above can fail)
+    cfg.evaluation.decoding.preset = "ero"
+    assert resolved_decoding(cfg) == {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 3.0}
+    assert [a.text for a in evaluate(penalised_model, processor, prepared, cfg).answers] != reference
+
+
+def test_ero_preset_without_a_generation_config_is_a_clear_error(tmp_path):
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"model.path={tmp_path}", "evaluation.decoding.preset=ero"])
+    with pytest.raises(EvaluationError, match="generation_config.json.*preset 'explicit'"):
+        resolved_decoding(cfg)
+
+
+def test_sampled_answers_are_a_function_of_seed_stream_and_question(setup):
+    model, processor, cfg, tasks = setup
+    cfg.evaluation.decoding.do_sample, cfg.evaluation.max_new_tokens_cap = True, 24
+    prepared = prepare(questions_for(tasks, cfg, "test"), processor, cfg)
+    before = torch.get_rng_state()
+    answers = lambda stream: [a.text for a in evaluate(model, processor, prepared, cfg, stream).answers]
+    first = answers((0, 1, 2))
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's generator is left alone
+    assert answers((0, 1, 2)) == first
+    assert answers((0, 1, 3)) != first
 
 
 def test_batched_prompts_match_one_at_a_time(setup):

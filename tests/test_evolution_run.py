@@ -66,6 +66,8 @@ def test_smoke_script(tmp_path, tiny_model_dir):
 
 def test_same_seed_same_numbers_across_processes(reference):
     assert metrics(reference, "reference")[1]["member_max"] > metrics(reference, "reference")[1]["member_min"]  # a real update happened
+    assert metrics(reference, "reference")[0]["decoding"] == {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                                                         "repetition_penalty": 1.0}  # recorded with the run
     run(reference, "again")
     assert metrics(reference, "again") == metrics(reference, "reference")
     assert_same_weights(final_weights(reference, "again"), final_weights(reference, "reference"))

@@ -42,6 +42,64 @@ def test_matches_the_reference_formula(key):
     np.testing.assert_allclose(a, -SIGMA / math.sqrt(RANK) * np.asarray(z[SHAPE[1]:]), rtol=1e-6)
 
 
+def official_factors(key, shape, *, epoch, member, rank, sigma, noise_reuse=1):
+    """The official HyperscaleES formulas (noiser/eggroll.py), re-derived one float32 operation at a time.
+
+    true_epoch = 0 if R == 0 else epoch // R; Z = normal(fold_in(fold_in(k, true_epoch), member // 2), (m+n, r));
+    B = Z[:n]; scale = float32(sigma) / sqrt(float32(r)); signed = scale if member is even else -scale;
+    A_scaled = Z[n:] * signed.
+    """
+    m, n = shape
+    true_epoch = 0 if noise_reuse == 0 else epoch // noise_reuse
+    z = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, true_epoch), member // 2), (m + n, rank), jnp.float32))
+    scale = np.float32(sigma) / np.sqrt(np.float32(rank))
+    signed = scale if member % 2 == 0 else -scale
+    return z[n:] * signed, z[:n]
+
+
+def official_full_noise(key, shape, *, epoch, member, sigma, noise_reuse=1):
+    """Official FULL noise: normal(the same member key, shape) * (sigma if member is even else -sigma)."""
+    true_epoch = 0 if noise_reuse == 0 else epoch // noise_reuse
+    z = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, true_epoch), member // 2), shape, jnp.float32))
+    signed = np.float32(sigma) if member % 2 == 0 else -np.float32(sigma)
+    return z * signed
+
+
+# Ranks and sigmas where x * rsqrt(r) (XLA's rewrite of x / sqrt(r)), or a product fused into the
+# normal transform, differs from the float32 operations above in the last bit.
+OFFICIAL_CASES = [(rank, sigma) for rank in (1, 2, 3, 7) for sigma in (0.3, 0.01, 0.02, 0.5, 1e-3, 0.123)]
+
+
+def test_threefry_factors_and_full_noise_are_bit_identical_to_the_official_formulas():
+    key = hs.param_key(hs.make_key(7, "threefry2x32"), 11)
+    shape = (64, 48)
+    for rank, sigma in OFFICIAL_CASES:
+        for member in (0, 7):
+            kw = dict(epoch=5, member=member, sigma=sigma, noise_reuse=2)
+            a, b = hs.lowrank_factors(key, shape, rank=rank, **kw)
+            ref_a, ref_b = official_factors(key, shape, rank=rank, **kw)
+            assert np.asarray(a).tobytes() == ref_a.tobytes(), (rank, sigma, member)
+            assert np.asarray(b).tobytes() == ref_b.tobytes()
+            assert np.asarray(hs.full_noise(key, (33, 5), **kw)).tobytes() == official_full_noise(key, (33, 5), **kw).tobytes()
+            assert np.asarray(hs.fullrank_noise(key, shape, **kw)).tobytes() == official_full_noise(key, shape, **kw).tobytes()
+
+
+def test_batched_factor_paths_are_bit_identical_to_the_official_formulas():
+    """vmap over members (the update's path) and over tensors (the forward pass's path) round the same way."""
+    base = hs.make_key(3, "threefry2x32")
+    keys = [hs.param_key(base, i) for i in (0, 5, 9)]
+    sigmas, rank, shape = [0.3, 0.01, 0.123], 3, (20, 12)
+    pa, pb = hs.population_lowrank_factors(keys[0], shape, epoch=1, members=range(6), rank=rank, sigma=sigmas[0])
+    for i in range(6):
+        ref_a, ref_b = official_factors(keys[0], shape, epoch=1, member=i, rank=rank, sigma=sigmas[0])
+        assert np.asarray(pa[i]).tobytes() == ref_a.tobytes() and np.asarray(pb[i]).tobytes() == ref_b.tobytes()
+    sa, _ = hs.stacked_lowrank_factors(jnp.stack(keys), shape, epoch=1, member=3, rank=rank, sigmas=sigmas)
+    se = hs.stacked_full_noise(jnp.stack(keys), (7,), epoch=1, member=3, sigmas=sigmas)
+    for k, (key, sigma) in enumerate(zip(keys, sigmas)):
+        assert np.asarray(sa[k]).tobytes() == official_factors(key, shape, epoch=1, member=3, rank=rank, sigma=sigma)[0].tobytes()
+        assert np.asarray(se[k]).tobytes() == official_full_noise(key, (7,), epoch=1, member=3, sigma=sigma).tobytes()
+
+
 def test_antithetic_pairs(key):
     a0, b0 = factors(key, 4)
     a1, b1 = factors(key, 5)

@@ -1,15 +1,24 @@
 """Per-member EGGROLL noise: low-rank factors for matrices, dense noise for the rest.
 
 All draws are float32 whatever the parameter dtype; cast where the model runs in bf16.
+
+Order of operations, as the official HyperscaleES: the LORA scale sigma / sqrt(r) is one float32
+number, computed first; the antithetic sign is applied to that scale; the normal draw is then
+multiplied by the signed scale (FULL: by the signed sigma). Two XLA rewrites would change the last
+bit, so they are kept out: the scale is computed on the host with NumPy (XLA turns x / sqrt(r)
+into an approximate x * rsqrt(r)), and the normal draw is materialised before the multiply
+(an optimization barrier: fused into the normal transform, the product rounds differently).
+With `threefry2x32` this makes A_scaled, B and FULL noise bit-identical to those formulas
+evaluated one float32 operation at a time (HyperscaleES/tests/test_noise.py re-derives them).
 """
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .keys import antithetic_sign, member_key
 
@@ -27,12 +36,29 @@ def _check_rank_sigma(rank: int, sigma) -> None:
         raise ValueError(f"sigma must be > 0, got {sigma}")
 
 
-def lowrank_factors_pure(key, epoch, member, sigma, *, shape, rank, noise_reuse):
-    """Traceable core of `lowrank_factors` (for use inside other jitted code)."""
+def lowrank_scale(sigma, rank: int) -> np.ndarray:
+    """float32(sigma) / sqrt(float32(rank)), IEEE-rounded on the host (one value per sigma).
+
+    `sigma` must be concrete (a number or an array of per-tensor sigmas), not a traced value.
+    """
+    return np.asarray(sigma, np.float32) / np.sqrt(np.float32(rank))
+
+
+def _signed(member, value):
+    """The antithetic sign applied to `value` (a select, as the official does, not a multiply by +-1)."""
+    return jnp.where(antithetic_sign(member) > 0, value, -value)
+
+
+def _normal(key, epoch, member, shape, noise_reuse):
+    z = jax.random.normal(member_key(key, epoch=epoch, member=member, noise_reuse=noise_reuse), shape, jnp.float32)
+    return jax.lax.optimization_barrier(z)
+
+
+def lowrank_factors_pure(key, epoch, member, scale, *, shape, rank, noise_reuse):
+    """Traceable core of `lowrank_factors` (for use inside other jitted code); `scale` is `lowrank_scale(sigma, rank)`."""
     m, n = shape
-    z = jax.random.normal(member_key(key, epoch=epoch, member=member, noise_reuse=noise_reuse), (m + n, rank), jnp.float32)
-    scale = antithetic_sign(member).astype(jnp.float32) * (sigma / math.sqrt(rank))
-    return scale * z[n:], z[:n]
+    z = _normal(key, epoch, member, (m + n, rank), noise_reuse)
+    return z[n:] * _signed(member, scale), z[:n]
 
 
 def lowrank_factors(key, shape, *, epoch, member, rank: int, sigma, noise_reuse: int = 1):
@@ -42,13 +68,13 @@ def lowrank_factors(key, shape, *, epoch, member, rank: int, sigma, noise_reuse:
     """
     shape = _check_matrix_shape(shape)
     _check_rank_sigma(rank, sigma)
-    return _lowrank_factors_jit(key, epoch, member, jnp.float32(sigma), shape=shape, rank=rank, noise_reuse=noise_reuse)
+    return _lowrank_factors_jit(key, epoch, member, lowrank_scale(sigma, rank), shape=shape, rank=rank, noise_reuse=noise_reuse)
 
 
-def population_lowrank_factors_pure(key, epoch, members, sigma, *, shape, rank, noise_reuse):
+def population_lowrank_factors_pure(key, epoch, members, scale, *, shape, rank, noise_reuse):
     """vmap of `lowrank_factors_pure` over a 1-D array of member indices."""
     one = partial(lowrank_factors_pure, shape=shape, rank=rank, noise_reuse=noise_reuse)
-    return jax.vmap(one, in_axes=(None, None, 0, None))(key, epoch, members, sigma)
+    return jax.vmap(one, in_axes=(None, None, 0, None))(key, epoch, members, scale)
 
 
 def population_lowrank_factors(key, shape, *, epoch, members, rank: int, sigma, noise_reuse: int = 1):
@@ -56,13 +82,12 @@ def population_lowrank_factors(key, shape, *, epoch, members, rank: int, sigma, 
     shape = _check_matrix_shape(shape)
     _check_rank_sigma(rank, sigma)
     members = jnp.asarray(members, dtype=jnp.int32)
-    return _population_lowrank_factors_jit(key, epoch, members, jnp.float32(sigma), shape=shape, rank=rank, noise_reuse=noise_reuse)
+    return _population_lowrank_factors_jit(key, epoch, members, lowrank_scale(sigma, rank), shape=shape, rank=rank, noise_reuse=noise_reuse)
 
 
 def full_noise_pure(key, epoch, member, sigma, *, shape, noise_reuse):
     """Traceable core of `full_noise`."""
-    z = jax.random.normal(member_key(key, epoch=epoch, member=member, noise_reuse=noise_reuse), shape, jnp.float32)
-    return antithetic_sign(member).astype(jnp.float32) * sigma * z
+    return _normal(key, epoch, member, shape, noise_reuse) * _signed(member, sigma)
 
 
 _lowrank_factors_jit = jax.jit(lowrank_factors_pure, static_argnames=("shape", "rank", "noise_reuse"))
@@ -76,9 +101,9 @@ def full_noise(key, shape, *, epoch, member, sigma, noise_reuse: int = 1):
     return _full_noise_jit(key, epoch, member, jnp.float32(sigma), shape=tuple(int(d) for d in shape), noise_reuse=noise_reuse)
 
 
-def _stacked_lowrank_pure(keys, epoch, member, sigmas, *, shape, rank, noise_reuse):
+def _stacked_lowrank_pure(keys, epoch, member, scales, *, shape, rank, noise_reuse):
     one = partial(lowrank_factors_pure, shape=shape, rank=rank, noise_reuse=noise_reuse)
-    return jax.vmap(one, in_axes=(0, None, None, 0))(keys, epoch, member, sigmas)
+    return jax.vmap(one, in_axes=(0, None, None, 0))(keys, epoch, member, scales)
 
 
 def _stacked_full_pure(keys, epoch, member, sigmas, *, shape, noise_reuse):
@@ -99,8 +124,7 @@ def stacked_lowrank_factors(keys, shape, *, epoch, member, rank: int, sigmas, no
     """
     shape = _check_matrix_shape(shape)
     _check_rank_sigma(rank, 1.0)
-    sigmas = jnp.asarray(sigmas, jnp.float32)
-    return _stacked_lowrank_jit(keys, epoch, member, sigmas, shape=shape, rank=rank, noise_reuse=noise_reuse)
+    return _stacked_lowrank_jit(keys, epoch, member, lowrank_scale(sigmas, rank), shape=shape, rank=rank, noise_reuse=noise_reuse)
 
 
 def stacked_full_noise(keys, shape, *, epoch, member, sigmas, noise_reuse: int = 1):

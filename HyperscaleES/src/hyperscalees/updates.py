@@ -12,7 +12,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from .noise import _check_matrix_shape, _check_rank_sigma, full_noise_pure, population_lowrank_factors_pure
+from .noise import _check_matrix_shape, _check_rank_sigma, full_noise_pure, lowrank_scale, population_lowrank_factors_pure
 
 
 def _as_fitness(fitness) -> jax.Array:
@@ -23,9 +23,9 @@ def _as_fitness(fitness) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("shape", "rank", "noise_reuse"))
-def _lowrank_update(key, fitness, epoch, sigma, *, shape, rank, noise_reuse):
+def _lowrank_update(key, fitness, epoch, scale, *, shape, rank, noise_reuse):
     members = jnp.arange(fitness.shape[0], dtype=jnp.int32)
-    a_scaled, b = population_lowrank_factors_pure(key, epoch, members, sigma, shape=shape, rank=rank, noise_reuse=noise_reuse)
+    a_scaled, b = population_lowrank_factors_pure(key, epoch, members, scale, shape=shape, rank=rank, noise_reuse=noise_reuse)
     weighted = fitness[:, None, None] * a_scaled
     return jnp.einsum("nir,njr->ij", weighted, b) / math.sqrt(fitness.shape[0])
 
@@ -34,7 +34,7 @@ def lowrank_update(key, shape, fitness, *, epoch, rank: int, sigma, noise_reuse:
     """Delta W = (1/sqrt(N)) sum_i f_i s_i (sigma/sqrt(r)) A_i B_i^T as ONE contraction (float32, (m, n))."""
     shape = _check_matrix_shape(shape)
     _check_rank_sigma(rank, sigma)
-    return _lowrank_update(key, _as_fitness(fitness), epoch, jnp.float32(sigma), shape=shape, rank=rank, noise_reuse=noise_reuse)
+    return _lowrank_update(key, _as_fitness(fitness), epoch, lowrank_scale(sigma, rank), shape=shape, rank=rank, noise_reuse=noise_reuse)
 
 
 @partial(jax.jit, static_argnames=("shape", "rank", "noise_reuse"))
