@@ -27,7 +27,7 @@ from ERO_EGGROLL.arc_evaluator import (
 from ERO_EGGROLL.arc_task import ArcDataError, load_tasks
 from ERO_EGGROLL.checkpointing import CheckpointError, RunState, assign_weights, load_checkpoint, save_checkpoint
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, ConfigError, config_from_dict, load_config
-from ERO_EGGROLL.memory import auto_members_per_batch, measured_peak_rss_bytes
+from ERO_EGGROLL.memory import auto_members_per_batch, measured_peak_rss_bytes, peak_memory_scope, preflight, reset_peak_memory
 from ERO_EGGROLL.model_loading import ModelLoadError, load_model
 from ERO_EGGROLL.perturbation import Perturber
 from ERO_EGGROLL.run_logging import plot_fitness, rewrite_metrics, write_resolved_config
@@ -138,7 +138,8 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
     if not state.history:  # epoch 0: the base model
         start = time.perf_counter()
         row = {"epoch": 0, "decoding": resolved_decoding(cfg), **evaluate_mean_model(model, processor, fitness_q, test_q, cfg, 0)}
-        row.update(seconds=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(device), new_best=True, rolled_back=False)
+        row.update(seconds=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(device), peak_memory_scope=peak_memory_scope(device),
+                   new_best=True, rolled_back=False)
         state.history.append(row)
         state.best_fitness, state.best_epoch = row["mean_model_fitness"], 0
         best_weights = {k: v.detach().cpu().clone() for k, v in perturber.evolvable_state().items()}
@@ -150,6 +151,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         if state.finished:
             break
         start = time.perf_counter()
+        reset_peak_memory(device)
         fitness = evaluate_population(perturber, model, processor, fitness_q, cfg, epoch, k, stop)
         stats = perturber.update(fitness, epoch)
         row = {"epoch": epoch + 1, "fitness": fitness, "member_mean": sum(fitness) / len(fitness),
@@ -198,8 +200,10 @@ def export_best_model(model, processor, out_dir: Path) -> None:
 
 def run(cfg: Config, resume: bool, stop: StopFlag) -> Path:
     ensure_model(cfg)
-    model, processor = load_model(cfg)
     tasks = load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)
+    if cfg.run.memory_check:
+        preflight(cfg, tasks)  # before any weights are loaded: a run that cannot fit is refused here
+    model, processor = load_model(cfg)
     run_dir, ckpt_dir = cfg.run_dir, cfg.checkpoint_path
     print(f"{cfg.run.name}: {len(tasks)} task(s), population {cfg.evolution.population_size}, rank {cfg.evolution.rank}, "
           f"{cfg.evolution.epochs} epochs, {cfg.evolution.mode} mode, {cfg.data.input_mode} input, device {next(model.parameters()).device}")

@@ -111,6 +111,7 @@ class RunConfig:
     save_every: int = 1
     target_fitness: float = 1.0
     degeneration_patience: int = 0  # 0: off; else go back to the best weights after this many epochs without a new best
+    memory_check: bool = True  # refuse to start when the memory model's predicted peak exceeds the free memory
 
 
 @dataclass

@@ -60,25 +60,39 @@ def _data(cfg: Config) -> str:
     return f"{len(tasks)} task(s) from {cfg.data.source} ({cfg.data.split}): {', '.join(t.id for t in tasks[:5])}{' ...' if len(tasks) > 5 else ''}"
 
 
+def _jax() -> str:
+    """JAX's backend and allocator: with CUDA JAX, pre-allocation would take 75% of the GPU from torch."""
+    import os
+
+    import jax
+
+    setting = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true (JAX's default)")
+    line = f"backend {jax.default_backend()}, XLA_PYTHON_CLIENT_PREALLOCATE={setting}"
+    for device in jax.devices():
+        stats = device.memory_stats() if device.platform == "gpu" else None
+        if stats:
+            line += f"; {device} holds {stats.get('bytes_in_use', 0) / 2**20:.0f} MiB (reserved {stats.get('bytes_reserved', 0) / 2**20:.0f} MiB)"
+    if setting.lower() not in ("false", "0") and jax.default_backend() == "gpu":
+        raise RuntimeError(line + ": JAX will pre-allocate 75% of the GPU; unset the variable or set it to false")
+    return line
+
+
 def _memory(cfg: Config) -> str:
-    import torch
+    from .arc_task import load_tasks
+    from .memory import DoesNotFit, check_fits, free_memory_bytes, plan_run
 
-    from .memory import report
-
-    lines = report(cfg).splitlines()
-    peak = next(line for line in lines if "peak on the device (resident" in line).split()[-2]
-    if torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        verdict = "fits" if float(peak) < 0.9 * total else "DOES NOT FIT: lower evaluation.batch_size, max_new_tokens_cap or use input_mode text"
-        return f"predicted peak {peak} GiB on a {total:.0f} GiB GPU: {verdict}"
-    import psutil
-
-    total = psutil.virtual_memory().total / 2**30
-    return f"predicted peak {peak} GiB; this machine has {total:.0f} GiB of RAM and no GPU"
+    plan = plan_run(cfg, load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids))
+    est = plan.estimate(cfg)
+    free, where = free_memory_bytes(plan.on_gpu)
+    try:
+        check_fits(est, free, where)
+    except DoesNotFit as err:
+        raise RuntimeError(f"DOES NOT FIT: {err}") from None
+    return f"predicted peak {est.device_total / 2**30:.2f} GiB fits the {free / 2**30:.1f} GiB free on {where}"
 
 
 def run_checks(cfg: Config | None) -> list[tuple[str, bool, str]]:
-    checks: list[tuple[str, Callable[[], str]]] = [("versions", _versions), ("devices", _devices), ("DLPack", _dlpack)]
+    checks: list[tuple[str, Callable[[], str]]] = [("versions", _versions), ("devices", _devices), ("JAX", _jax), ("DLPack", _dlpack)]
     if cfg is not None:
         checks += [("model", lambda: _model(cfg)), ("ARC data", lambda: _data(cfg)), ("memory", lambda: _memory(cfg))]
     results = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from .config import Config, ConfigError, load_config
@@ -34,21 +35,34 @@ class Workload:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per component. The peak is the resident part plus the larger of the two phases."""
+    """Bytes per component, phase by phase. The device peak is the resident part plus the larger phase."""
 
-    resident: dict[str, int]  # held for the whole run
-    evaluation: int  # one member's generate: KV cache, activations, that member's noise
-    update: int  # the fused update of the largest matrix: stacked factors of all N members + fp32 temporaries
-    host: dict[str, int]  # bytes in host memory that a GPU run keeps off the GPU
+    resident: dict[str, int]  # held on the device for the whole run
+    evaluation: dict[str, int]  # one generate call: its members' noise, KV cache, activations, image tensors
+    update: dict[str, int]  # the streamed update's two steps for the largest tensor; they do not overlap (max, not sum)
+    host: dict[str, int]  # host memory that a GPU run keeps off the GPU
     fullrank: dict[str, int]  # the same run with full-rank ES noise
 
     @property
+    def evaluation_total(self) -> int:
+        return sum(self.evaluation.values())
+
+    @property
+    def update_total(self) -> int:
+        return max(self.update.values(), default=0)
+
+    @property
     def device_total(self) -> int:
-        return sum(self.resident.values()) + max(self.evaluation, self.update)
+        return sum(self.resident.values()) + max(self.evaluation_total, self.update_total)
 
     @property
     def fullrank_total(self) -> int:
         return sum(self.fullrank.values())
+
+    def largest_component(self) -> tuple[str, int]:
+        parts = {**self.resident, **self.evaluation, **self.update}
+        name = max(parts, key=parts.get)
+        return name, parts[name]
 
 
 def workload_from_tasks(tasks, cfg: Config) -> Workload:
@@ -73,42 +87,127 @@ def workload_from_tasks(tasks, cfg: Config) -> Workload:
     return Workload(longest_prompt, new, patches, cfg.evaluation.batch_size)
 
 
-def estimate(cfg: Config, arch: dict, specs: list[ParamSpec], work: Workload, dtype: str, on_gpu: bool) -> MemoryEstimate:
-    """Bytes per component for one member evaluated at a time (peak = weights + the largest phase)."""
-    text = arch.get("text_config", arch)
-    vision = arch.get("vision_config", {})
-    b = DTYPE_BYTES[dtype]
-    n, r = cfg.evolution.population_size, cfg.evolution.rank
-    hidden, inter = text["hidden_size"], text["intermediate_size"]
-    layers, heads = text["num_hidden_layers"], text["num_attention_heads"]
+@dataclass(frozen=True)
+class _Shapes:
+    """What the memory model needs from the architecture and the parameter classes."""
+
+    lora: list[ParamSpec]
+    full: list[ParamSpec]
+    all_numel: int
+    text: dict
+    vision: dict
+
+    @property
+    def evolvable(self) -> int:
+        return sum(s.numel for s in self.lora + self.full)
+
+
+def _shapes(arch: dict, specs: list[ParamSpec]) -> _Shapes:
+    return _Shapes([s for s in specs if s.cls is ParamClass.LORA], [s for s in specs if s.cls is ParamClass.FULL],
+                   sum(s.numel for s in specs), arch.get("text_config", arch), arch.get("vision_config", {}))
+
+
+OPTIMIZER_STATE = "optimizer state (Adam moments, 2 x fp32 per evolvable parameter)"
+
+
+def resident_phase(cfg: Config, sh: _Shapes, b: int, on_gpu: bool) -> tuple[dict[str, int], dict[str, int]]:
+    """(device, host) bytes held for the whole run: weights, Adam moments, exact saved copies."""
+    evo = cfg.evolution
+    saved = sum(s.numel for s in sh.full) * b + (sum(s.numel for s in sh.lora) * b if evo.strategy == "inplace" else 0)
+    device = {"weights": sh.all_numel * b,
+              OPTIMIZER_STATE: 2 * sh.evolvable * FP32 if evo.optimizer in ("adam", "adamw") else 0,
+              "saved copies for exact restore (FULL tensors; LORA too under inplace)": 0 if on_gpu else saved}
+    return device, {"saved copies for exact restore (pinned host memory)": saved if on_gpu else 0}
+
+
+# Live activations of one decoder layer during the prefill, in units of (rows x prompt tokens x width x dtype
+# bytes): the MLP holds act(gate), up and their product (3 x intermediate); attention holds the residual, the
+# normed input, q, the attention output and its projection (about 6 x hidden). Checked by scripts/bench_memory.py.
+PREFILL_INTERMEDIATE_COPIES = 3
+PREFILL_HIDDEN_COPIES = 6
+PIXEL_VALUES_PER_PATCH = 3 * 2 * 14 * 14  # channels x temporal patch x 14 x 14, fp32
+
+
+def evaluation_phase(cfg: Config, sh: _Shapes, work: Workload, b: int, on_gpu: bool, members: int = 1) -> dict[str, int]:
+    """Bytes of one generate call evaluating `members` members on `work.batch` prompts each."""
+    text, r = sh.text, cfg.evolution.rank
+    rows = work.batch * members
+    hidden, inter, vocab = text["hidden_size"], text["intermediate_size"], text["vocab_size"]
+    heads = text["num_attention_heads"]
     kv_heads = text.get("num_key_value_heads", heads)
     head_dim = text.get("head_dim") or hidden // heads
-    vocab = text["vocab_size"]
-    seq = work.prompt_tokens + work.new_tokens
-    lora = [s for s in specs if s.cls is ParamClass.LORA]
-    full = [s for s in specs if s.cls is ParamClass.FULL]
-    evolvable = sum(s.numel for s in lora + full)
-    weights = sum(s.numel for s in specs) * b
-    kv_cache = 2 * layers * kv_heads * head_dim * seq * work.batch * b
-    attention_scores = 0 if on_gpu and cfg.model.attn_implementation == "sdpa" else work.batch * heads * work.prompt_tokens**2 * b
-    activations = work.batch * work.prompt_tokens * (4 * hidden + 3 * inter) * b + attention_scores + work.batch * vocab * FP32
-    vision_act = work.image_patches * vision.get("hidden_size", 0) * 8 * b if work.image_patches else 0
-    noise = sum((s.shape[0] + s.shape[1]) * r for s in lora) * (FP32 + b) + sum(s.numel for s in full) * (FP32 + b)
-    full_copies = sum(s.numel for s in full) * b
-    largest = max(lora, key=lambda s: s.numel, default=None)
-    update = 0 if largest is None else n * (largest.shape[0] + largest.shape[1]) * r * FP32 + largest.numel * (3 * FP32 + b)
-    optimizer = 2 * evolvable * FP32 if cfg.evolution.optimizer in ("adam", "adamw") else 0
-    inplace_copies = sum(s.numel for s in lora) * b if cfg.evolution.strategy == "inplace" else 0
-    resident = {"weights": weights, "optimizer state": optimizer, "FULL saved copies": full_copies,
-                "inplace saved copies": 0 if on_gpu else inplace_copies}
-    evaluation = kv_cache + activations + vision_act + noise
-    host = {"inplace saved copies (pinned host)": inplace_copies if on_gpu else 0}
-    lora_numel = sum(s.numel for s in lora)
-    fullrank = {"weights": weights, "optimizer state": optimizer,
-                "dense member noise (LORA tensors, in place) + saved copy": 2 * lora_numel * b + full_copies,
-                "update accumulator (fp32)": evolvable * FP32,
-                "evaluation (KV cache + activations)": kv_cache + activations + vision_act}
-    return MemoryEstimate(resident, evaluation, update, host, fullrank)
+    # fp32 draws (JAX) plus, for reduced-precision weights, their copies in the weights' dtype; K members are stacked
+    factor_bytes = FP32 + (b if b != FP32 else 0)
+    per_member = sum((s.shape[0] + s.shape[1]) * r for s in sh.lora) * factor_bytes + sum(s.numel for s in sh.full) * FP32
+    eager_scores = cfg.model.attn_implementation == "eager"  # sdpa never materializes the (T, T) scores
+    return {
+        "member noise (LORA factors, FULL noise)": per_member * members * (2 if members > 1 else 1),
+        "KV cache": 2 * text["num_hidden_layers"] * kv_heads * head_dim * (work.prompt_tokens + work.new_tokens - 1) * rows * b,
+        "prefill activations (one layer at a time)": rows * work.prompt_tokens * (PREFILL_INTERMEDIATE_COPIES * inter + PREFILL_HIDDEN_COPIES * hidden) * b
+        + (rows * heads * work.prompt_tokens**2 * b if eager_scores else 0),
+        "logits (last position, fp32)": rows * vocab * FP32,
+        "image tensors and vision activations": work.image_patches * members * (PIXEL_VALUES_PER_PATCH * FP32 + 8 * sh.vision.get("hidden_size", 0) * b),
+    }
+
+
+UPDATE_FACTOR_COPIES = 4
+
+
+def update_phase(cfg: Config, sh: _Shapes, b: int) -> dict[str, int]:
+    """The streamed update holds one tensor's work at a time, so the largest evolvable tensor decides.
+
+    Two steps that do not overlap: JAX's contraction (all members' factors, their fitness-weighted
+    copy and both operands laid out again for the einsum, plus the fp32 direction it returns), then
+    torch's optimizer and apply (direction + change for SGD; Adam adds the gradient and two moment
+    temporaries; reduced-precision weights add the stochastic-rounding noise), plus a 1-byte mask.
+    """
+    evo = cfg.evolution
+    if not sh.lora and not sh.full:
+        return {}
+    largest = max(sh.lora + sh.full, key=lambda s: s.numel)
+    buffers = (2 if evo.optimizer == "sgd" else 4) + (1 if b != FP32 else 0)
+    factors = 0
+    if largest in sh.lora:
+        factors = UPDATE_FACTOR_COPIES * evo.population_size * (largest.shape[0] + largest.shape[1]) * evo.rank * FP32
+    return {"update step 1: JAX contraction (all members' factors + direction)": factors + largest.numel * FP32,
+            "update step 2: optimizer + apply (fp32 buffers)": largest.numel * (buffers * FP32 + 1)}
+
+
+def estimate(cfg: Config, arch: dict, specs: list[ParamSpec], work: Workload, dtype: str, on_gpu: bool, members: int = 1) -> MemoryEstimate:
+    """The run's memory, phase by phase, from the architecture and the parameter classes alone."""
+    sh = _shapes(arch, specs)
+    b = DTYPE_BYTES[dtype]
+    resident, host = resident_phase(cfg, sh, b, on_gpu)
+    evaluation = evaluation_phase(cfg, sh, work, b, on_gpu, members)
+    kv_and_activations = sum(v for k, v in evaluation.items() if not k.startswith("member noise"))
+    lora_numel = sum(s.numel for s in sh.lora)
+    fullrank = {"weights": resident["weights"], OPTIMIZER_STATE: resident[OPTIMIZER_STATE],
+                "dense member noise (LORA tensors, in place) + saved copy": 2 * lora_numel * b + sum(s.numel for s in sh.full) * b,
+                "update accumulator (fp32)": sh.evolvable * FP32,
+                "evaluation (KV cache + activations)": kv_and_activations}
+    return MemoryEstimate(resident, evaluation, update_phase(cfg, sh, b), host, fullrank)
+
+
+class DoesNotFit(ConfigError):
+    """The memory model predicts that the run cannot fit; raised before anything is loaded."""
+
+
+def check_fits(est: MemoryEstimate, free_bytes: int, where: str) -> None:
+    """Refuse a run whose predicted peak exceeds the free memory, naming what to change."""
+    if est.device_total <= free_bytes:
+        return
+    name, size = est.largest_component()
+    advice = {"optimizer": "use evolution.optimizer: sgd (no per-parameter state), or evolve fewer tensors (params.overrides)",
+              "weights": "use a smaller model or model.dtype: bfloat16",
+              "KV cache": "lower evaluation.batch_size, evaluation.members_per_batch or evaluation.max_new_tokens_cap, or data.max_train_examples",
+              "prefill": "lower evaluation.batch_size or evaluation.members_per_batch, or use data.input_mode: text",
+              "update": "evolve fewer or smaller tensors (params.overrides) or lower evolution.population_size",
+              "saved": "use evolution.strategy: forward",
+              "image": "use data.input_mode: text or lower data.max_pixels"}
+    what = next((v for k, v in advice.items() if name.startswith(k)), "lower evaluation.batch_size or evaluation.members_per_batch")
+    raise DoesNotFit(f"predicted peak {est.device_total / 2**30:.2f} GiB does not fit the {free_bytes / 2**30:.2f} GiB free on {where}; "
+                      f"the largest part is {name} ({size / 2**30:.2f} GiB): {what} "
+                      "(`python -m ERO_EGGROLL.memory --config <yaml>` shows every part; run.memory_check: false skips this check)")
 
 
 def auto_members_per_batch(cfg: Config, arch: dict, specs: list[ParamSpec], prepared, device, dtype: str) -> int:
@@ -123,9 +222,35 @@ def auto_members_per_batch(cfg: Config, arch: dict, specs: list[ParamSpec], prep
         batch=cfg.evaluation.batch_size,
     )
     on_gpu = torch.device(device).type == "cuda"
-    per_member = estimate(cfg, arch, specs, work, dtype, on_gpu).evaluation
     free = torch.cuda.mem_get_info(device)[0] * 0.8 if on_gpu else psutil.virtual_memory().available * 0.5
-    return int(max(1, min(cfg.evolution.population_size, free // max(per_member, 1))))
+    fits = lambda k: estimate(cfg, arch, specs, work, dtype, on_gpu, members=k).evaluation_total <= free
+    k = 1
+    while k < cfg.evolution.population_size and fits(k + 1):
+        k += 1
+    return k
+
+
+def reset_peak_memory(device) -> None:
+    """Start a new peak measurement: the CUDA allocator's counter, or the process's VmHWM (Linux)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak then covers the whole process
+
+
+def peak_memory_scope(device) -> str:
+    """What `peak_memory_mb` in metrics.jsonl measures on this device (said next to the number)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return "torch.cuda.max_memory_allocated during the epoch; JAX's own GPU allocations are not included"
+    return "process peak RSS (VmHWM) during the epoch"
 
 
 def measured_peak_rss_bytes() -> int:
@@ -149,29 +274,71 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:8.3f} GiB"
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What the memory model needs about a run before any weights are loaded."""
+
+    arch: dict
+    source: Path
+    specs: list[ParamSpec]
+    work: Workload
+    dtype: str
+    on_gpu: bool
+    members: int
+
+    def estimate(self, cfg: Config) -> MemoryEstimate:
+        return estimate(cfg, self.arch, self.specs, self.work, self.dtype, self.on_gpu, self.members)
+
+
+def plan_run(cfg: Config, tasks) -> RunPlan:
+    """Architecture (config.json only), parameter classes on the meta device, and the longest generate call."""
+    import torch
+
+    source = architecture_json(cfg)
+    specs = classify(((name, p.shape) for name, p in meta_model_from_config_json(source).named_parameters()), cfg)
+    on_gpu = cfg.model.device == "cuda" or cfg.model.device == "auto" and torch.cuda.is_available()
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    k = cfg.evaluation.members_per_batch
+    return RunPlan(json.loads(source.read_text()), source, specs, workload_from_tasks(tasks, cfg), dtype, on_gpu, 1 if k == "auto" else k)
+
+
+def free_memory_bytes(on_gpu: bool) -> tuple[int, str]:
+    """(bytes free for a run, where): the GPU's free memory, or the host's available RAM."""
+    import psutil
+    import torch
+
+    if on_gpu:
+        return torch.cuda.mem_get_info()[0], f"the GPU ({torch.cuda.get_device_name()})"
+    return psutil.virtual_memory().available, "this machine's RAM"
+
+
+def preflight(cfg: Config, tasks) -> MemoryEstimate:
+    """Before a run loads anything: refuse it (DoesNotFit naming the part to change) when the predicted peak does not fit."""
+    plan = plan_run(cfg, tasks)
+    est = plan.estimate(cfg)
+    check_fits(est, *free_memory_bytes(plan.on_gpu))
+    return est
+
+
 def report(cfg: Config) -> str:
     from .arc_task import load_tasks
 
-    source = architecture_json(cfg)
-    arch = json.loads(source.read_text())
-    specs = classify(((name, p.shape) for name, p in meta_model_from_config_json(source).named_parameters()), cfg)
-    tasks = load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)
-    work = workload_from_tasks(tasks, cfg)
-    on_gpu = cfg.model.device == "cuda"
-    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-    est = estimate(cfg, arch, specs, work, dtype, on_gpu)
+    plan = plan_run(cfg, load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids))
+    source, specs, work, dtype, on_gpu = plan.source, plan.specs, plan.work, plan.dtype, plan.on_gpu
+    est = plan.estimate(cfg)
     lines = [f"architecture {source}; {dtype} on {'GPU' if on_gpu else 'CPU'}; population {cfg.evolution.population_size}, rank {cfg.evolution.rank}",
              f"longest generate call (estimated): {work.prompt_tokens} prompt + {work.new_tokens} new tokens x batch {work.batch}, "
              f"{work.image_patches} image patches", "", "EGGROLL (this design):"]
-    lines += [f"  {k:58s} {_gib(v)}" for k, v in est.resident.items() if v]
-    lines += [f"  {'phase: evaluate a member (KV cache, activations, noise)':58s} {_gib(est.evaluation)}",
-              f"  {'phase: fused update (N members factors, fp32 temporaries)':58s} {_gib(est.update)}"]
-    lines += [f"  {'peak on the device (resident + larger phase)':58s} {_gib(est.device_total)}"]
-    lines += [f"  {k:58s} {_gib(v)}" for k, v in est.host.items() if v]
+    lines += ["  resident:"] + [f"    {k:68s} {_gib(v)}" for k, v in est.resident.items() if v]
+    for phase, parts, total in (("phase: evaluate one generate call (sum)", est.evaluation, est.evaluation_total),
+                                ("phase: streamed update (the larger step)", est.update, est.update_total)):
+        lines += [f"  {phase}: {_gib(total).strip()}"] + [f"    {k:68s} {_gib(v)}" for k, v in parts.items() if v]
+    lines += [f"  {'peak on the device (resident + larger phase)':70s} {_gib(est.device_total)}"]
+    lines += [f"  {k:70s} {_gib(v)}" for k, v in est.host.items() if v]
     lines += ["", "full-rank ES (ERO-style noise, same sequential evaluation):"]
-    lines += [f"  {k:58s} {_gib(v)}" for k, v in est.fullrank.items() if v]
-    lines += [f"  {'peak on the device':58s} {_gib(est.fullrank_total)}",
-              "", f"EGGROLL needs {est.device_total / est.fullrank_total:.2f}x the memory of full-rank ES; only the update phase grows with N, by N(m+n)r x 4 bytes"]
+    lines += [f"  {k:70s} {_gib(v)}" for k, v in est.fullrank.items() if v]
+    lines += [f"  {'peak on the device':70s} {_gib(est.fullrank_total)}",
+              "", f"EGGROLL needs {est.device_total / est.fullrank_total:.2f}x the memory of full-rank ES; only the update phase grows with N, by a few N(m+n)r x 4 bytes of the largest tensor"]
     return "\n".join(lines)
 
 
