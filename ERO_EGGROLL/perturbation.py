@@ -189,21 +189,18 @@ class Perturber:
         scale = self.sigma_scale(epoch)
         lora, full = {}, {}
         with self._jax_placement():
-            return self._draw_member_noise(epoch, member, scale, lora, full)
-
-    def _draw_member_noise(self, epoch: int, member: int, scale: float, lora: dict, full: dict):
-        for g in self.groups[ParamClass.LORA]:
-            a, b = hs.stacked_lowrank_factors(g.keys, g.shape, epoch=epoch, member=member, rank=self.rank,
-                                              sigmas=g.base_sigmas * scale, noise_reuse=self.noise_reuse)
-            a_t, b_t = jax_to_torch(a), jax_to_torch(b)
-            for k, name in enumerate(g.names):
-                w = self.params[name]
-                lora[name] = (a_t[k].to(device=w.device, dtype=w.dtype), b_t[k].to(device=w.device, dtype=w.dtype))
-        for g in self.groups[ParamClass.FULL]:
-            eps = jax_to_torch(hs.stacked_full_noise(g.keys, g.shape, epoch=epoch, member=member,
-                                                     sigmas=g.base_sigmas * scale, noise_reuse=self.noise_reuse))
-            for k, name in enumerate(g.names):
-                full[name] = eps[k]
+            for g in self.groups[ParamClass.LORA]:
+                a, b = hs.stacked_lowrank_factors(g.keys, g.shape, epoch=epoch, member=member, rank=self.rank,
+                                                  sigmas=g.base_sigmas * scale, noise_reuse=self.noise_reuse)
+                a_t, b_t = jax_to_torch(a), jax_to_torch(b)
+                for k, name in enumerate(g.names):
+                    w = self.params[name]
+                    lora[name] = (a_t[k].to(device=w.device, dtype=w.dtype), b_t[k].to(device=w.device, dtype=w.dtype))
+            for g in self.groups[ParamClass.FULL]:
+                eps = jax_to_torch(hs.stacked_full_noise(g.keys, g.shape, epoch=epoch, member=member,
+                                                         sigmas=g.base_sigmas * scale, noise_reuse=self.noise_reuse))
+                for k, name in enumerate(g.names):
+                    full[name] = eps[k]
         return lora, full
 
     @contextlib.contextmanager

@@ -136,3 +136,14 @@ def test_update_peak_memory_does_not_grow_with_the_number_of_tensors(tiny_model_
     mb = {k: round(v / 2**20, 1) for k, v in out.items()}
     assert out["eight"] - out["two"] < 40 * 2**20, mb
     assert out["eight"] < 0.3 * out["eight_directions"], mb
+
+
+def test_contraction_in_torch_matches_the_jax_contraction(tiny):
+    """CUDA weights with a CPU-only jaxlib: only the factors cross to the device and torch contracts them.
+    Forced here on the CPU: the same directions up to float32 summation order."""
+    perturber = Perturber(copy.deepcopy(tiny[0]), small_config(population_size=6, sigma=0.5, sigma_mode="relative"))
+    fitness = hs.normalize_fitness(FITNESS[0])
+    jax_side = {n: perturber._direction(n, fitness, 2, 1.0).clone() for n in perturber.lora_names}
+    perturber._contract_in_torch = True
+    for name, expected in jax_side.items():
+        torch.testing.assert_close(perturber._direction(name, fitness, 2, 1.0), expected, rtol=1e-5, atol=1e-7)
