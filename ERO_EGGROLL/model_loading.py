@@ -8,6 +8,7 @@ which has no CPU build here.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -22,6 +23,13 @@ DOWNLOAD_HINT = (
     "with internet, or point model.path at the embedded default "
     f"{EMBEDDED_MODEL_DIR} (built by `python scripts/build_tiny_model.py`)"
 )
+
+
+# What load_processor reads besides the weights; each entry: alternative sets of files.
+PROCESSOR_FILES = {
+    "tokenizer files": (("tokenizer_config.json", "tokenizer.json"), ("tokenizer_config.json", "vocab.json", "merges.txt")),
+    "image processor config": (("preprocessor_config.json",), ("processor_config.json",)),
+}
 
 
 class ModelLoadError(ValueError):
@@ -64,13 +72,47 @@ def check_checkpoint_dir(path: Path) -> None:
     if not config_file.is_file():
         raise ModelLoadError(f"{path} has no config.json (found: {', '.join(found) or 'nothing'}); {DOWNLOAD_HINT}")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ModelLoadError(f"{config_file} is not valid JSON (line {err.lineno}): {err.msg}") from None
-    if model_type != "qwen2_5_vl":
-        raise ModelLoadError(f"{config_file} describes a {model_type!r} model, not 'qwen2_5_vl'; {DOWNLOAD_HINT}")
+    except UnicodeDecodeError as err:
+        raise ModelLoadError(f"{config_file} is not UTF-8 text (byte {err.start}); re-copy it") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_file} holds a JSON {type(config).__name__}, not an object of model settings; re-copy it")
+    if config.get("model_type") != "qwen2_5_vl":
+        raise ModelLoadError(f"{config_file} describes a {config.get('model_type')!r} model, not 'qwen2_5_vl'; {DOWNLOAD_HINT}")
     if not any(path.glob("*.safetensors")):
         raise ModelLoadError(f"{path} has no *.safetensors weights (found: {', '.join(found)}); {DOWNLOAD_HINT}")
+    names = {p.name for p in path.iterdir()}
+    for what, options in PROCESSOR_FILES.items():
+        if not any(all(f in names for f in option) for option in options):
+            wanted = " or ".join(" + ".join(option) for option in options)
+            raise ModelLoadError(f"{path} has no {what} ({wanted}); the run would fail when it first generates; {DOWNLOAD_HINT}")
+
+
+def check_weight_files(path: Path) -> str:
+    """Read every *.safetensors file whole: its header must parse and its size match the header's tensors.
+
+    Catches truncated or damaged copies before a run spends time on them; returns a summary."""
+    total, tensors = 0, 0
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with open(file, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len)) if header_len < 100_000_000 else None
+                if not isinstance(header, dict):
+                    raise ValueError("its header is not a JSON object")
+                ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+                expected = 8 + header_len + max(ends, default=0)
+                while f.read(1 << 24):  # every byte must be readable
+                    pass
+                size = f.tell()
+        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as err:
+            raise ModelLoadError(f"{file} is damaged ({err}); re-copy the weights") from None
+        if size != expected:
+            raise ModelLoadError(f"{file} is truncated or damaged: {size} bytes, its header describes {expected}; re-copy the weights")
+        total, tensors = total + size, tensors + len(ends)
+    return f"{tensors} tensors, {total / 2**20:.1f} MiB, every byte readable"
 
 
 def load_processor(path: str | Path) -> ImageOnlyQwen2_5_VLProcessor:
