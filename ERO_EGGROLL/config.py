@@ -8,10 +8,11 @@ Validation happens here, where the input enters, so a typo costs seconds instead
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
-import hashlib
-import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_MODEL_DIR = "checkpoints/tiny-qwen2.5-vl"
+MAX_NAME_PART = 128  # characters per folder of run.name
+
+
+def repo_path(path: str | Path) -> Path:
+    """Relative paths in a config are relative to the repository root, not the working directory."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else ROOT / p
 
 
 class ConfigError(ValueError):
@@ -112,6 +120,7 @@ class RunConfig:
     target_fitness: float = 1.0
     degeneration_patience: int = 0  # 0: off; else go back to the best weights after this many epochs without a new best
     memory_check: bool = True  # refuse to start when the memory model's predicted peak exceeds the free memory
+    if_exists: Literal["refuse", "move_aside"] = "refuse"  # a new run whose folders hold an earlier run: refuse, or move it aside (kept)
 
 
 @dataclass
@@ -128,9 +137,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def resolve_path(self, path: str) -> Path:
-        """Relative paths in a config are relative to the repository root, not the working directory."""
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else ROOT / p
+        return repo_path(path)
 
     @property
     def run_dir(self) -> Path:
@@ -140,16 +147,29 @@ class Config:
     def checkpoint_path(self) -> Path:
         return self.resolve_path(self.run.checkpoint_dir) / self.run.name
 
-    def replay_hash(self) -> str:
-        """Hash of everything that decides the evolved weights; resume refuses a run whose hash differs.
 
-        Left out: evolution.epochs (a run may be extended) and evaluation.members_per_batch (it changes
-        the speed, never the numbers: tests/test_batched_members.py)."""
-        evaluation = {k: v for k, v in dataclasses.asdict(self.evaluation).items() if k != "members_per_batch"}  # speed only
-        fixed = {"seed": self.seed, "model": self.model.path, "data": dataclasses.asdict(self.data),
-                 "evaluation": evaluation, "params": dataclasses.asdict(self.params),
-                 "evolution": {k: v for k, v in dataclasses.asdict(self.evolution).items() if k != "epochs"}}
-        return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
+# --- reading YAML ---------------------------------------------------------------------------------
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, but `1e-3` is a number (YAML 1.1 reads it as a string) and a repeated key is an error."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                mark = key_node.start_mark
+                raise ConfigError(f"duplicate key {key!r} at line {mark.line + 1} (the later value would silently win); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_implicit_resolver(  # YAML 1.2 floats: 1e-3, 1E+5, -2.5e3 (the 1.1 resolver needs a dot and a signed exponent)
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 # --- building dataclasses from plain data, with precise errors ------------------------------------
@@ -220,7 +240,7 @@ def _apply_override(data: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"--set {override!r}: expected section.key=value")
     dotted, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    value = _yaml_load(raw) if raw else ""
     node = data
     *parents, leaf = dotted.split(".")
     for part in parents:
@@ -230,9 +250,24 @@ def _apply_override(data: dict, override: str) -> None:
     node[leaf] = value
 
 
+def _non_finite(values: dict, prefix: str = "") -> str | None:
+    """The first float field (at any depth) that is inf or nan: such a value would turn every weight into NaN."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            problem = _non_finite(value, f"{prefix}{key}.")
+            if problem:
+                return problem
+        elif isinstance(value, float) and not math.isfinite(value):
+            return f"{prefix}{key} must be a finite number, got {value}"
+    return None
+
+
 def _validate(cfg: Config, where: str) -> None:
     evo, ev, data = cfg.evolution, cfg.evaluation, cfg.data
     dec = ev.decoding
+    problem = _non_finite(cfg.to_dict())
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
     checks = [
         (evo.population_size >= 2 and evo.population_size % 2 == 0,
          f"evolution.population_size must be even and >= 2 (members form antithetic pairs), got {evo.population_size}"),
@@ -272,6 +307,12 @@ def _validate(cfg: Config, where: str) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{where}: {message}")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"{where}: seed must be in 0..2**32-1 (a PRNG key holds 32 bits; larger seeds would alias), got {cfg.seed}")
+    name_parts = Path(cfg.run.name).parts
+    if any(len(part) > MAX_NAME_PART for part in name_parts) or any(ch < " " for ch in cfg.run.name):
+        raise ConfigError(f"{where}: run.name must be printable with at most {MAX_NAME_PART} characters per folder name "
+                          f"(file systems allow 255, and moved-aside runs get a suffix), got {len(cfg.run.name)} characters")
     if not cfg.run.name or any(part in ("", ".", "..") for part in Path(cfg.run.name).parts) or Path(cfg.run.name).is_absolute():
         raise ConfigError(f"{where}: run.name {cfg.run.name!r} must be a plain name (outputs stay under run.output_dir/run.name); "
                           "set run.output_dir to write elsewhere")
@@ -287,21 +328,29 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (configs/ holds default.yaml, smoke.yaml, qwen2_5_vl_7b.yaml)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text(encoding="utf-8"))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the YAML as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: malformed YAML{at}: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty (or only comments); start from configs/default.yaml, "
+                          "which lists every section")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    for override in overrides:
-        _apply_override(data, override)
-    return config_from_dict(data, str(path))
+    return config_from_dict(data, str(path), overrides)
 
 
-def config_from_dict(data: dict, where: str = "<dict>") -> Config:
-    """The same checks for a config held in memory (a checkpoint's saved config)."""
+def config_from_dict(data: dict, where: str = "<dict>", overrides: Sequence[str] = ()) -> Config:
+    """The same checks for a config held in memory (a checkpoint's saved config), after `--set` overrides."""
+    data = copy.deepcopy(data)
     try:
+        for override in overrides:
+            _apply_override(data, override)
         cfg = _build(Config, data, "")
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None

@@ -19,6 +19,8 @@ from .checkpointing import CheckpointError, RunState, assign_weights, load_check
 from .config import ConfigError, config_from_dict
 from .model_loading import ModelLoadError, load_model
 from .perturbation import Perturber
+from .qwen_param_mapper import classify_model
+from .run_identity import IdentityError, base_weights_digest, check_identity, identity_of
 
 
 def replay_weights(model, state: RunState) -> dict[str, torch.Tensor]:
@@ -49,7 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved, _, state = load_checkpoint(Path(args.checkpoint))
         cfg = config_from_dict(state.config, f"{args.checkpoint} (saved config)")
         model, _ = load_model(cfg)
-    except (CheckpointError, ConfigError, ModelLoadError) as err:
+        param = next(model.parameters())
+        # replay evaluates nothing, so the run's own members_per_batch stands
+        current = identity_of(cfg, classify_model(model, cfg), device_type=param.device.type, dtype=param.dtype,
+                              members_per_batch=state.identity.get("evaluation.members_per_batch", 1), base_weights=base_weights_digest(cfg))
+        check_identity(state.identity, current, args.checkpoint, "replay")
+    except (CheckpointError, ConfigError, ModelLoadError, IdentityError) as err:
         parser.exit(2, f"error: {err}\n")
     rebuilt = replay_weights(model, state)
     updates = sum(1 for r in state.history if r.get("fitness"))

@@ -4,25 +4,56 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import yaml
 
+from .disk import writing
+
 TIMING_FIELDS = ("seconds", "peak_memory_mb")  # the only metrics that differ between identical runs
+NON_FINITE_FLAG = "non_finite_fields"  # metrics.jsonl: fields whose value was inf or NaN, written as null
 
 
 def write_resolved_config(run_dir: Path, config: dict) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    """results/<run>/config.yaml, written only when it changes (a no-op resume leaves it untouched)."""
+    path = run_dir / "config.yaml"
+    text = yaml.safe_dump(config, sort_keys=False)
+    with writing(path):
+        if path.is_file() and path.read_text() == text:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def strict_json_row(row: dict) -> dict:
+    """`row` with every non-finite float (also inside lists) as None, and their field names under NON_FINITE_FLAG.
+
+    Strict JSON has no NaN or Infinity: readers other than Python's reject a file that holds them."""
+    bad = []
+
+    def clean(key: str, value):
+        if isinstance(value, float) and not math.isfinite(value):
+            bad.append(key)
+            return None
+        if isinstance(value, list):
+            return [clean(key, v) for v in value]
+        return value
+
+    out = {k: clean(k, v) for k, v in row.items()}
+    if bad:
+        out[NON_FINITE_FLAG] = sorted(set(bad))
+    return out
 
 
 def rewrite_metrics(run_dir: Path, history: list[dict]) -> None:
     """metrics.jsonl and member_fitness.csv from the run's history (so a resumed run's files equal an uninterrupted run's)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / "metrics.jsonl").open("w") as f:
-        for row in history:
-            f.write(json.dumps({k: v for k, v in row.items() if k != "fitness"}) + "\n")
-    with (run_dir / "member_fitness.csv").open("w", newline="") as f:
+    with writing(run_dir / "metrics.jsonl"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with (run_dir / "metrics.jsonl").open("w") as f:
+            for row in history:
+                f.write(json.dumps(strict_json_row({k: v for k, v in row.items() if k != "fitness"}), allow_nan=False) + "\n")
+    with writing(run_dir / "member_fitness.csv"), (run_dir / "member_fitness.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["epoch", "member", "fitness"])
         for row in history:
@@ -54,6 +85,7 @@ def plot_fitness(run_dir: Path, history: list[dict], title: str) -> Path:
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path = run_dir / "fitness_curve.png"
-    fig.savefig(path, dpi=110)
+    with writing(path):
+        fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

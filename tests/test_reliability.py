@@ -3,6 +3,7 @@
 import copy
 import errno
 import math
+import os
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from ERO_EGGROLL.arc_evaluator import EvaluationError, evaluate, prepare, questi
 from ERO_EGGROLL.arc_task import load_tasks
 from ERO_EGGROLL.checkpointing import CheckpointError, RunState, load_checkpoint, save_checkpoint
 from ERO_EGGROLL.config import ROOT, ConfigError, load_config
+from ERO_EGGROLL.disk import WriteError
 from ERO_EGGROLL.perturbation import Perturber
 from conftest import small_config, write_config
 
@@ -62,15 +64,16 @@ def test_all_equal_fitness_gives_a_zero_update(tiny):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_a_failing_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_a_failing_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, code):
     weights = {"w": torch.ones(3)}
     save_checkpoint(tmp_path, weights, {}, RunState(epoch=1), keep=False, best=False)
 
-    def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def failing(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(checkpointing, "save_file", disk_full)
-    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is intact"):
+    monkeypatch.setattr(checkpointing, "save_file", failing)
+    with pytest.raises(WriteError, match=f"could not write {tmp_path / 'epoch_0002'}: {os.strerror(code)} .*previous checkpoint is intact"):
         save_checkpoint(tmp_path, {"w": torch.zeros(3)}, {}, RunState(epoch=2), keep=False, best=False)
     saved, _, state = load_checkpoint(tmp_path)
     assert state.epoch == 1 and torch.equal(saved["w"], torch.ones(3))
