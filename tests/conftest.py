@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,24 @@ def small_config(**evolution) -> Config:
     for key, value in evolution.items():
         setattr(cfg.evolution, key, value)
     return cfg
+
+
+SMALL = ["data.task_ids=[b1fc8b8e]", "evaluation.max_new_tokens_cap=48", "evolution.epochs=2"]  # 48 tokens: members answer differently
+
+
+def run_args(tmp: Path, name: str, *overrides: str) -> list[str]:
+    """The training script's command line for a small run named `name` under `tmp`."""
+    sets = [*SMALL, f"run.name={name}", f"run.output_dir={tmp / 'results'}", f"run.checkpoint_dir={tmp / 'checkpoints'}", *overrides]
+    script = ROOT / "ERO_EGGROLL" / "arc_evolution_single_gpu.py"
+    return [sys.executable, str(script), "--config", str(ROOT / "configs" / "smoke.yaml")] + [a for s in sets for a in ("--set", s)]
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, tiny_model_dir) -> Path:
+    """One finished 2-epoch run (results/reference, checkpoints/reference under the returned folder), shared by the suite.
+
+    Tests that change a run work on a copy of it."""
+    tmp = tmp_path_factory.mktemp("runs")
+    done = subprocess.run(run_args(tmp, "reference"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp

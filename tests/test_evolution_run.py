@@ -1,6 +1,7 @@
 """The evolution run end to end: smoke test, resume after a signal, replay, determinism, crash safety.
 
-Each run is a separate process on a 1-task, population-4 configuration (about 10-20 s each).
+Each run is a separate process on a 1-task, population-4 configuration (about 10-20 s each);
+`reference` (conftest.py) is one finished run shared with tests/test_run_safety.py.
 """
 
 from __future__ import annotations
@@ -19,14 +20,9 @@ from safetensors.torch import load_file
 from ERO_EGGROLL.checkpointing import SLOW_WRITE_ENV, load_checkpoint, read_latest_name
 from ERO_EGGROLL.config import ROOT
 from ERO_EGGROLL.run_logging import TIMING_FIELDS
+from conftest import run_args
 
 SCRIPT = ROOT / "ERO_EGGROLL" / "arc_evolution_single_gpu.py"
-SMALL = ["data.task_ids=[b1fc8b8e]", "evaluation.max_new_tokens_cap=48", "evolution.epochs=2"]  # 48 tokens: members answer differently
-
-
-def run_args(tmp: Path, name: str, *overrides: str) -> list[str]:
-    sets = [*SMALL, f"run.name={name}", f"run.output_dir={tmp / 'results'}", f"run.checkpoint_dir={tmp / 'checkpoints'}", *overrides]
-    return [sys.executable, str(SCRIPT), "--config", str(ROOT / "configs" / "smoke.yaml")] + [a for s in sets for a in ("--set", s)]
 
 
 def run(tmp: Path, name: str, *overrides: str, env=None) -> subprocess.CompletedProcess:
@@ -48,13 +44,6 @@ def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].equal(b[key]), key
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model_dir):
-    tmp = tmp_path_factory.mktemp("runs")
-    run(tmp, "reference")
-    return tmp
 
 
 def test_smoke_script(tmp_path, tiny_model_dir):
