@@ -1,12 +1,14 @@
 """ARC-1 loading, validation and rendering."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from ERO_EGGROLL.arc_task import ERO_TASK_IDS, PALETTE, ArcDataError, grid_to_text, load_tasks, render_grid
+from ERO_EGGROLL.config import ROOT, load_config
 
 GOOD = {"train": [{"input": [[1, 2], [3, 4]], "output": [[4, 3], [2, 1]]}], "test": [{"input": [[0, 1], [1, 0]], "output": [[1, 0], [0, 1]]}]}
 
@@ -88,3 +90,17 @@ def test_render_cli_writes_a_png(tmp_path):
     assert (tmp_path / "e6de6e8f.png").stat().st_size > 1000
     bad = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.arc_task", "--render", "zzzz", "--out", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown task id" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_task_file_that_is_not_utf8(tmp_path):
+    (tmp_path / "bad00000.json").write_bytes(b'{"train": "\xff"}')
+    with pytest.raises(ArcDataError, match=r"bad00000.json: not UTF-8 text \(byte 11 is 0xff\)"):
+        load_tasks(str(tmp_path), ids=["bad00000"])
+
+
+def test_relative_data_source_is_validated_and_loaded_from_the_repository_root(tmp_path, monkeypatch):
+    _write(tmp_path / "tasks", "aaaa0001", GOOD)
+    relative = os.path.relpath(tmp_path / "tasks", ROOT)
+    monkeypatch.chdir(tmp_path / "tasks")  # from here, `relative` names nothing
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"data.source={relative}", "data.task_ids=[aaaa0001]"])
+    assert [t.id for t in load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)] == ["aaaa0001"]

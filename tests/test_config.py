@@ -61,6 +61,16 @@ def test_overrides_are_typed(tmp_path):
         ("data:\n  source: /no/such/dir\n", r"no such directory"),
         ("evolution: [\n", r"malformed YAML at line 2"),
         ("- just\n- a list\n", r"top level must be a mapping"),
+        ("evolution:\n  sigma: .inf\n", r"evolution.sigma must be a finite number, got inf"),
+        ("evaluation:\n  max_new_tokens_factor: .nan\n", r"evaluation.max_new_tokens_factor must be a finite number, got nan"),
+        ("run:\n  target_fitness: -.inf\n", r"run.target_fitness must be a finite number, got -inf"),
+        ("seed: 99999999999999999999\n", r"seed must be in 0..2\*\*32-1"),
+        ("seed: 1e3\n", r"seed: expected int, got float 1000.0"),
+        ("evolution:\n  lr: 1\n  lr: 2\n", r"duplicate key 'lr' at line 3"),
+        ("evolution: {}\nevolution: {}\n", r"duplicate key 'evolution' at line 2"),
+        ("", r"the file is empty"),
+        ("# only a comment\n", r"the file is empty"),
+        (f"run:\n  name: {'x' * 300}\n", r"run.name must be printable with at most 128 characters"),
     ],
 )
 def test_bad_configs_name_file_key_and_fix(tmp_path, text, message):
@@ -85,3 +95,17 @@ def test_cli_prints_resolved_config_and_fails_cleanly(tmp_path):
     assert ok.returncode == 0 and "population_size: 4" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.config", "--config", str(write_config(tmp_path, "seed: x\n"))], capture_output=True, text=True)
     assert bad.returncode == 2 and "seed: expected int" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_scientific_notation_is_a_number(tmp_path):
+    """YAML 1.1 reads 1e-3 as the string '1e-3'; a config means the number."""
+    cfg = load_config(write_config(tmp_path, "evolution:\n  lr: 1e-3\n  sigma: 5E-2\n"), ["evolution.max_update_norm=2e+1"])
+    assert (cfg.evolution.lr, cfg.evolution.sigma, cfg.evolution.max_update_norm) == (0.001, 0.05, 20.0)
+    assert load_config(write_config(tmp_path, "run:\n  name: 1e5x\n")).run.name == "1e5x"  # not every e is a number
+
+
+def test_a_config_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(path)

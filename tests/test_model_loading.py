@@ -6,8 +6,9 @@ import shutil
 import pytest
 import torch
 
-from ERO_EGGROLL.config import Config
-from ERO_EGGROLL.model_loading import ModelLoadError, load_model, load_model_from_dir
+from ERO_EGGROLL import doctor
+from ERO_EGGROLL.config import ROOT, Config
+from ERO_EGGROLL.model_loading import ModelLoadError, check_checkpoint_dir, check_weight_files, load_model, load_model_from_dir
 
 
 def test_embedded_model_loads_through_load_model(tiny_model_dir):
@@ -50,3 +51,35 @@ def test_truncated_safetensors(tiny_model_dir, tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ModelLoadError, match="truncated or corrupt"):
         load_model_from_dir(broken)
+
+
+def test_config_json_that_is_not_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ModelLoadError, match="holds a JSON list, not an object of model settings"):
+        load_model_from_dir(tmp_path)
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused_before_loading(tiny_model_dir, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"has no tokenizer files \(tokenizer_config.json \+ tokenizer.json or"):
+        check_checkpoint_dir(copy)
+
+
+def test_truncated_weights_are_found_by_reading_every_byte(tiny_model_dir, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    assert "57 tensors" in check_weight_files(copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # the header still parses: only the size gives it away
+    with pytest.raises(ModelLoadError, match="is truncated or damaged: .* bytes, its header describes"):
+        check_weight_files(copy)
+
+
+def test_doctor_takes_set_and_fails_a_model_without_tokenizer(tiny_model_dir, tmp_path, capsys):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    (copy / "tokenizer_config.json").unlink()
+    assert doctor.main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"model.path={copy}"]) == 1
+    assert "[FAIL] model: ModelLoadError" in capsys.readouterr().out

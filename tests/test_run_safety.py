@@ -23,7 +23,7 @@ from ERO_EGGROLL import arc_evolution_single_gpu as script
 from ERO_EGGROLL import checkpointing, disk
 from ERO_EGGROLL.checkpointing import (CheckpointError, RunState, latest_dir, load_checkpoint, read_latest_name, repair_latest,
                                        save_checkpoint)
-from ERO_EGGROLL.config import ROOT, load_config
+from ERO_EGGROLL.config import ROOT, ConfigError, load_config
 from ERO_EGGROLL.digest import tensor_digest
 from ERO_EGGROLL.disk import WriteError, publish_dir
 from ERO_EGGROLL.run_folder import RunFolderError, RunLock, claim_run_folders
@@ -305,3 +305,25 @@ def test_disk_full_during_a_run_is_one_line_and_exit_2(copy_of_reference, signal
     line = next(line for line in err.splitlines() if line.startswith("error:"))
     assert f"could not write {ckpt / 'epoch_0003'}: No space left on device" in line and "previous checkpoint is intact" in line
     assert "Traceback" not in err and read_latest_name(ckpt) == "epoch_0002"
+
+
+# --- 7: bad input gets one line before the model loads -------------------------------------------
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"*": "FROZEN"}, "every tensor is FROZEN .* nothing would evolve"),
+    ({"model.language_model.embed_tokens.weight": "LORA"}, "makes model.language_model.embed_tokens.weight LORA, .*only to nn.Linear weights"),
+])
+def test_classifications_that_cannot_evolve_are_refused(tiny, overrides, message):
+    model, _ = tiny
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    cfg.params.overrides = overrides
+    with pytest.raises(ConfigError, match=message):
+        script.check_evolvable(model, classify_model(model, cfg), cfg)
+
+
+def test_task_errors_come_before_the_model_loads(tmp_path, signals, capsys):
+    args = ["--config", str(ROOT / "configs" / "smoke.yaml"), "--set", "data.task_ids=[zzzz]", "--set", "model.path=/no/such/model"]
+    assert main(tmp_path, *args) == 2
+    err = capsys.readouterr().err
+    assert "unknown task id 'zzzz'" in err and "model" not in err.split("unknown task id")[0].lower()
+    assert not list((tmp_path / "checkpoints").iterdir())  # nothing written, the lock released
