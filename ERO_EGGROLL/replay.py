@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from .arc_evaluator import EvaluationError
 from .checkpointing import CheckpointError, RunState, assign_weights, load_checkpoint
 from .config import ConfigError, config_from_dict
 from .model_loading import ModelLoadError, load_model
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         current = identity_of(cfg, classify_model(model, cfg), device_type=param.device.type, dtype=param.dtype,
                               members_per_batch=state.identity.get("evaluation.members_per_batch", 1), base_weights=base_weights_digest(cfg))
         check_identity(state.identity, current, args.checkpoint, "replay")
-    except (CheckpointError, ConfigError, ModelLoadError, IdentityError) as err:
+    except (CheckpointError, ConfigError, ModelLoadError, IdentityError, EvaluationError) as err:
         parser.exit(2, f"error: {err}\n")
     rebuilt = replay_weights(model, state)
     updates = sum(1 for r in state.history if r.get("fitness"))

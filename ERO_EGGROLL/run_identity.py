@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .arc_evaluator import resolved_decoding
 from .config import Config
 from .digest import files_digest
 from .qwen_param_mapper import ParamSpec
@@ -36,9 +37,10 @@ ALLOWED_TO_CHANGE: dict[str, str] = {
     "model.config_json": "read only by the weight-free tools (parameter mapper, memory model)",
 }
 # Recorded as resolved rather than as written: model.device (its type: CPU and GPU arithmetic differ
-# in the last bits), model.dtype, and evaluation.members_per_batch, which is left out in float32
-# because batched members give identical answers there (tests/test_batched_members.py) but not in bf16.
-RESOLVED = ("model.device", "model.dtype", "evaluation.members_per_batch")
+# in the last bits), model.dtype, evaluation.decoding (preset 'ero' reads the base checkpoint's
+# generation_config.json), and evaluation.members_per_batch, which is left out in float32 because
+# batched members give identical answers there (tests/test_batched_members.py) but not in bf16.
+RESOLVED = ("model.device", "model.dtype", "evaluation.decoding", "evaluation.members_per_batch")
 
 
 class IdentityError(ValueError):
@@ -63,7 +65,7 @@ def identity_of(cfg: Config, specs: list[ParamSpec], *, device_type: str, dtype:
 
     identity = {k: v for k, v in _flat(cfg).items() if k not in ALLOWED_TO_CHANGE and k not in RESOLVED}
     dtype_name = str(dtype).removeprefix("torch.")
-    identity.update({"model.device": device_type, "model.dtype": dtype_name})
+    identity.update({"model.device": device_type, "model.dtype": dtype_name, "evaluation.decoding": resolved_decoding(cfg)})
     if dtype_name != "float32":
         identity["evaluation.members_per_batch"] = members_per_batch
     key_map = json.dumps([(s.name, s.cls.value, s.key_index) for s in specs])

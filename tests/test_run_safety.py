@@ -172,7 +172,8 @@ def test_identity_covers_every_field_but_the_allow_list(tiny):
         assert key not in reference
     changed = {"seed": "seed=1", "evolution.rank": "evolution.rank=3", "data.task_ids": "data.task_ids=[e6de6e8f]",
                "evaluation.batch_size": "evaluation.batch_size=1", "run.degeneration_patience": "run.degeneration_patience=2",
-               "model.attn_implementation": "model.attn_implementation=eager"}
+               "model.attn_implementation": "model.attn_implementation=eager",
+               "evaluation.decoding": "evaluation.decoding.repetition_penalty=1.1"}
     for field, override in changed.items():
         with pytest.raises(IdentityError, match=f"cannot resume exactly: {field} differs"):
             check_identity(reference, _identity(load_config(ROOT / "configs" / "smoke.yaml", [override]), model), "run", "resume")
