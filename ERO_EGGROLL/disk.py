@@ -48,6 +48,7 @@ def publish_dir(staging: Path, target: Path, previous_to: Path | None = None) ->
     `target` is a symlink to a hidden version directory beside it; the new symlink replaces the old
     one with os.replace (atomic), then the previous version is deleted, or moved to `previous_to`.
     A target that is still a plain directory (an older layout) is first moved aside as a version.
+    Versions orphaned by a crash before an earlier swap are removed. The run lock makes this the only writer.
     """
     version = target.with_name(f".{target.name}.v{time.time_ns()}")
     with writing(target):
@@ -69,6 +70,9 @@ def publish_dir(staging: Path, target: Path, previous_to: Path | None = None) ->
                 previous.rename(previous_to)
             else:
                 shutil.rmtree(previous, ignore_errors=True)
+        for orphan in target.parent.glob(f".{target.name}.v*"):  # left by a crash before a swap: never visible, never needed
+            if orphan != version:
+                shutil.rmtree(orphan, ignore_errors=True)
 
 
 def move_aside(path: Path, into: Path | None = None) -> Path:

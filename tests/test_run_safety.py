@@ -266,6 +266,9 @@ def test_publishing_a_directory_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(WriteError):
         publish_dir(version("three"), tmp_path / "best")
     assert (tmp_path / "best" / "f").read_text() == "two"  # the reader still sees a complete version
+    monkeypatch.undo()
+    publish_dir(version("four"), tmp_path / "best")
+    assert (tmp_path / "best" / "f").read_text() == "four" and len(list(tmp_path.glob(".best.v*"))) == 1  # the crash's orphan is gone
 
 
 def test_a_failed_export_leaves_the_previous_best_model(tmp_path, tiny, monkeypatch):
