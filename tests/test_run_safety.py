@@ -112,14 +112,6 @@ def test_the_training_script_refuses_a_run_locked_by_a_live_process(copy_of_refe
 
 # --- 3, 7, 8: resume is exact or refused ---------------------------------------------------------
 
-def test_resume_with_latest_missing_rebuilds_it_and_never_restarts(copy_of_reference, signals, capsys):
-    ckpt = copy_of_reference / "checkpoints" / "reference"
-    (ckpt / "LATEST").unlink()
-    assert main(copy_of_reference, "--resume", str(ckpt)) == 0
-    assert "LATEST in" in capsys.readouterr().err and read_latest_name(ckpt) == "epoch_0002"
-    assert load_checkpoint(ckpt)[2].epoch == 2  # nothing started again from epoch 0
-
-
 def test_resume_without_any_complete_checkpoint_is_refused(tmp_path):
     save_checkpoint(tmp_path, {"w": torch.ones(2)}, {}, RunState(epoch=1), keep=False, best=False)
     (tmp_path / "LATEST").write_text("garbage")
@@ -130,9 +122,13 @@ def test_resume_without_any_complete_checkpoint_is_refused(tmp_path):
         latest_dir(tmp_path)
 
 
-def test_set_with_resume_extends_a_finished_run_and_going_back_moves_later_epochs_aside(copy_of_reference, signals, capsys):
+def test_resume_rebuilds_latest_extends_with_set_and_goes_back_moving_later_epochs_aside(copy_of_reference, signals, capsys):
+    """Reproductions 3, 7 and 8 on one copy of the reference run (each step is one resume)."""
     ckpt, results = copy_of_reference / "checkpoints" / "reference", copy_of_reference / "results" / "reference"
-    assert main(copy_of_reference, "--resume", str(ckpt)) == 0  # the copy's new folders are written into config.yaml
+    (ckpt / "LATEST").unlink()
+    assert main(copy_of_reference, "--resume", str(ckpt)) == 0  # (the copy's new folders are written into config.yaml)
+    assert "LATEST in" in capsys.readouterr().err and read_latest_name(ckpt) == "epoch_0002"
+    assert load_checkpoint(ckpt)[2].epoch == 2  # rebuilt from the newest complete epoch, not started again from 0
     config_yaml = (results / "config.yaml").stat().st_mtime_ns
     assert main(copy_of_reference, "--resume", str(ckpt)) == 0  # a no-op: finished, same config
     assert "already finished" in capsys.readouterr().out
