@@ -33,7 +33,7 @@ from ERO_EGGROLL.checkpointing import (EPOCH_DIR, LATEST, CheckpointError, RunSt
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, ConfigError, config_from_dict, load_config
 from ERO_EGGROLL.disk import WriteError, publish_dir, writing
 from ERO_EGGROLL.memory import auto_members_per_batch, measured_peak_rss_bytes, peak_memory_scope, preflight, reset_peak_memory
-from ERO_EGGROLL.model_loading import ModelLoadError, load_model
+from ERO_EGGROLL.model_loading import ModelLoadError, check_checkpoint_dir, load_model
 from ERO_EGGROLL.perturbation import Perturber
 from ERO_EGGROLL.qwen_param_mapper import ParamClass, ParamSpec, classify_model
 from ERO_EGGROLL.run_folder import RunFolderError, RunLock, claim_run_folders
@@ -247,11 +247,18 @@ def export_best_model(model, processor, out_dir: Path) -> None:
 
 
 def run(cfg: Config, resume: Path | None, overwrite: bool, stop: StopFlag) -> Path:
-    """Tasks first (data errors cost no model time), the memory preflight, the run folders, the model, each evolution."""
+    """Tasks first (data errors cost no model time), the memory preflight, then, holding the run's lock, the rest."""
     tasks = load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)
     ensure_model(cfg)
+    check_checkpoint_dir(cfg.resolve_path(cfg.model.path))  # a run needs the weights: say where to put them before predicting memory
     if cfg.run.memory_check:
         preflight(cfg, tasks)  # before any weights are loaded: a run that cannot fit is refused here
+    with RunLock(cfg.checkpoint_path):
+        return run_locked(cfg, tasks, resume, overwrite, stop)
+
+
+def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: StopFlag) -> Path:
+    """The run folders (claimed, or resumed), the model, and each evolution: only one process gets here per run."""
     run_dir, ckpt_dir = cfg.run_dir, cfg.checkpoint_path
     if resume is None:
         claim_run_folders(ckpt_dir, run_dir, move_earlier=overwrite or cfg.run.if_exists == "move_aside")
@@ -331,8 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give --config, or --resume with a run's checkpoint folder")
         if resume and _run_folder_of(resume, cfg).resolve() != cfg.checkpoint_path.resolve():
             raise CheckpointError(f"--resume {resume} is not this config's checkpoint folder {cfg.checkpoint_path}")
-        with RunLock(cfg.checkpoint_path):
-            run(cfg, resume=resume, overwrite=args.overwrite, stop=stop)
+        run(cfg, resume=resume, overwrite=args.overwrite, stop=stop)
     except RunInterrupted as signal_name:
         print(f"\nstopped by {signal_name} after the last complete checkpoint; continue with:\n"
               f"  python ERO_EGGROLL/arc_evolution_single_gpu.py --resume {cfg.checkpoint_path}", file=sys.stderr)
