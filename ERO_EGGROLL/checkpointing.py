@@ -4,8 +4,11 @@ Layout of checkpoints/<run>/:
     epoch_0003/            evolvable.safetensors, optimizer.safetensors, state.json
     best/                  the best mean model so far (same files)
     LATEST                 the name of the newest complete epoch directory
+    moved_aside-<time>/    epochs (and best/, best_model/) set aside by resuming from an earlier epoch
 A directory is written under a temporary name and renamed when complete; LATEST is replaced
-atomically afterwards. A crash at any point leaves the previous checkpoint intact and loadable.
+atomically afterwards; best/ is a symlink swapped atomically (disk.publish_dir). A crash at any
+point leaves the previous checkpoint intact and loadable. Each safetensors header holds every
+tensor's byte hash (digest.tensor_digest), checked whenever it is read.
 """
 
 from __future__ import annotations
@@ -234,13 +237,18 @@ def read_state(path: Path) -> RunState:
     return state
 
 
+def _aside_folder(run_ckpt_dir: Path) -> Path:
+    """Where checkpoints that no longer belong to the run's line of epochs are kept."""
+    return run_ckpt_dir / f"moved_aside-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
 def rewind(run_ckpt_dir: Path, epoch_dir: Path) -> Path | None:
     """Resume from an earlier epoch: move later epochs and best_model/ into moved_aside-<time>/, point LATEST at `epoch_dir`.
 
     Returns the folder they went to (None when there was nothing later). Nothing is deleted."""
     number = int(EPOCH_DIR.fullmatch(epoch_dir.name).group(1))
     later = [p for p in run_ckpt_dir.glob("epoch_*") if EPOCH_DIR.fullmatch(p.name) and int(p.name[6:]) > number]
-    aside = run_ckpt_dir / f"moved_aside-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    aside = _aside_folder(run_ckpt_dir)
     for path in sorted(later) + [p for p in [run_ckpt_dir / "best_model"] if p.exists() and later]:
         move_aside(path, into=aside)
     write_latest(run_ckpt_dir, epoch_dir.name)
@@ -262,7 +270,7 @@ def best_weights_for(run_ckpt_dir: Path, state: RunState) -> dict[str, torch.Ten
         raise CheckpointError(f"{run_ckpt_dir}: the best weights of epoch {state.best_epoch} are neither in best/ nor in {source.name}/ "
                               "(not kept: run.save_every); resume from a later epoch or start the run again")
     weights, optimizer, best_state = load_checkpoint(source)
-    aside = run_ckpt_dir / f"moved_aside-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}" / "best" if best.exists() else None
+    aside = _aside_folder(run_ckpt_dir) / "best" if best.exists() else None
     publish_dir(_stage_dir(best, weights, optimizer, best_state), best, previous_to=aside)
     return weights
 
