@@ -72,6 +72,8 @@ def identity_of(cfg: Config, specs: list[ParamSpec], *, device_type: str, dtype:
     identity["tensor_keys"] = hashlib.sha256(key_map.encode()).hexdigest()[:32]
     identity["base_weights"] = base_weights
     identity.update({"versions.torch": torch.__version__, "versions.jax": jax.__version__, "versions.transformers": transformers.__version__})
+    # where the update's contraction runs: in JAX on the weights' device, or in torch when JAX cannot reach it
+    identity["jax_backend"] = jax.default_backend()
     return identity
 
 
@@ -86,6 +88,9 @@ def _hint(field: str, saved: Any) -> str:
                 f"(model.device: {saved})")
     if field.startswith("versions."):
         return f"install {field.removeprefix('versions.')}=={saved} to continue it exactly"
+    if field == "jax_backend":
+        return (f"the run computed its noise with JAX on '{saved}'; install the jaxlib for that backend "
+                "(the update's contraction runs in another place otherwise, with other last bits)")
     if field == "base_weights":
         return "model.path holds other base weights than the run started from; point it at the run's base model"
     if field == "tensor_keys":

@@ -190,7 +190,9 @@ def test_identity_refuses_another_dtype_device_type_or_base_weights(tiny):
         check_identity(saved, _identity(cfg, model, device_type="cuda"), "run", "replay")
     with pytest.raises(IdentityError, match="base_weights differs"):
         check_identity(saved, _identity(cfg, model, base_weights="other"), "run", "resume")
-    assert {"versions.torch", "versions.jax", "versions.transformers", "tensor_keys"} <= set(saved)
+    assert {"versions.torch", "versions.jax", "versions.transformers", "tensor_keys", "jax_backend"} <= set(saved)
+    with pytest.raises(IdentityError, match="jax_backend differs .*install the jaxlib"):
+        check_identity(saved, {**saved, "jax_backend": "gpu"}, "run", "resume")
 
 
 # --- 5: non-finite values and flipped bytes ------------------------------------------------------
