@@ -11,13 +11,16 @@ from ERO_EGGROLL.config import ROOT, ConfigError, load_config
 from ERO_EGGROLL.perturbation import Perturber
 
 POPULATION = 8
+# Relative sigma 2.0, not smoke.yaml's 0.5: at 0.5 every member of a rebuilt tiny model can give the same answer,
+# so k could not matter; at 2.0, 6-8 of the 8 members answer differently (seeds 0-3, the 2026-11-25 build).
+SIGMA = 2.0
 
 
 @pytest.fixture(scope="module")
 def setup(tiny):
     model, processor = copy.deepcopy(tiny[0]), tiny[1]
     cfg = load_config(ROOT / "configs" / "smoke.yaml", ["data.task_ids=[b1fc8b8e]", "evaluation.max_new_tokens_cap=48",
-                                                        f"evolution.population_size={POPULATION}"])
+                                                        f"evolution.population_size={POPULATION}", f"evolution.sigma={SIGMA}"])
     prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "fitness"), processor, cfg)
     perturber = Perturber(model, cfg)
     sequential = []
