@@ -38,9 +38,9 @@ def lowrank_update(key, shape, fitness, *, epoch, rank: int, sigma, noise_reuse:
 
 
 @partial(jax.jit, static_argnames=("shape", "rank", "noise_reuse"))
-def _lowrank_update_sq_norm(key, fitness, epoch, sigma, *, shape, rank, noise_reuse):
+def _lowrank_update_sq_norm(key, fitness, epoch, scale, *, shape, rank, noise_reuse):
     members = jnp.arange(fitness.shape[0], dtype=jnp.int32)
-    a_scaled, b = population_lowrank_factors_pure(key, epoch, members, sigma, shape=shape, rank=rank, noise_reuse=noise_reuse)
+    a_scaled, b = population_lowrank_factors_pure(key, epoch, members, scale, shape=shape, rank=rank, noise_reuse=noise_reuse)
     weighted = fitness[:, None, None] * a_scaled  # (N, m, r)
     highest = jax.lax.Precision.HIGHEST
     gram_a = jnp.einsum("nir,pis->nrps", weighted, weighted, precision=highest)  # (A'^T A') with A' = [f_i A_i], (N r)^2 entries
@@ -56,7 +56,7 @@ def lowrank_update_sq_norm(key, shape, fitness, *, epoch, rank: int, sigma, nois
     """
     shape = _check_matrix_shape(shape)
     _check_rank_sigma(rank, sigma)
-    return _lowrank_update_sq_norm(key, _as_fitness(fitness), epoch, jnp.float32(sigma), shape=shape, rank=rank, noise_reuse=noise_reuse)
+    return _lowrank_update_sq_norm(key, _as_fitness(fitness), epoch, lowrank_scale(sigma, rank), shape=shape, rank=rank, noise_reuse=noise_reuse)
 
 
 @partial(jax.jit, static_argnames=("shape", "noise_reuse"))
