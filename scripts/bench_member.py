@@ -34,21 +34,12 @@ from ERO_EGGROLL.memory import measured_peak_rss_bytes  # noqa: E402
 from ERO_EGGROLL.model_loading import load_model_from_dir  # noqa: E402
 from ERO_EGGROLL.perturbation import Perturber  # noqa: E402
 from ERO_EGGROLL.pytorch_jax_bridge import jax_to_torch  # noqa: E402
+from ERO_EGGROLL.random_model import SHAPES, random_model  # noqa: E402
 
 
 def random_30m_model(tiny_dir: Path):
     """A ~26M-parameter Qwen2.5-VL (8 layers, hidden 512) with random weights and the tiny model's tokenizer."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    data = json.loads((tiny_dir / "config.json").read_text())
-    data["text_config"].update({"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
-                                "num_attention_heads": 8, "num_key_value_heads": 4, "layer_types": ["full_attention"] * 8})
-    data["text_config"]["rope_parameters"]["mrope_section"] = [8, 12, 12]  # sums to head_dim / 2 = 32
-    data["vision_config"]["out_hidden_size"] = 512
-    config = Qwen2_5_VLConfig.from_dict(data)
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval().requires_grad_(False)
-    return model
+    return random_model(tiny_dir, SHAPES["26m"])
 
 
 def config_for(population: int, strategy: str = "forward", extra: tuple[str, ...] = ()):
