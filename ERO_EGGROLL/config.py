@@ -102,7 +102,7 @@ class EvolutionConfig:
     sigma_decay: float = 1.0
     weight_decay: float = 0.0  # adamw only
     max_update_norm: float | None = None  # global-norm clip of the update direction
-    stochastic_rounding: bool = False  # unbiased rounding of bf16/fp16 weight updates
+    stochastic_rounding: bool = False  # unbiased rounding of bf16 weight updates (fp16 rounds to nearest)
 
 
 @dataclass

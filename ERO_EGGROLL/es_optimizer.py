@@ -41,6 +41,9 @@ class EsOptimizer:
         if name not in self.moments:
             self.moments[name] = (torch.zeros_like(direction), torch.zeros_like(direction))
         m, v = self.moments[name]
+        if m.device != direction.device:  # moments loaded from a checkpoint live on the CPU
+            m, v = m.to(direction.device), v.to(direction.device)
+            self.moments[name] = (m, v)
         b1, b2 = ADAM_BETAS
         m.mul_(b1).add_((1 - b1) * grad)
         v.mul_(b2).add_((1 - b2) * grad * grad)
@@ -52,6 +55,7 @@ class EsOptimizer:
         return change
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The live moments (updated in place by the next step): save them before calling `change` again."""
         out = {}
         for name, (m, v) in self.moments.items():
             out[f"adam_m/{name}"], out[f"adam_v/{name}"] = m.contiguous(), v.contiguous()
@@ -103,8 +107,9 @@ class Applied:
 def apply_change(weight: torch.Tensor, change: torch.Tensor, rounding_generator: torch.Generator | None) -> Applied:
     """weight += change, computed in fp32 and rounded once into the weight's dtype.
 
-    CONSUMES `change` (it becomes the fp32 target), so the temporary memory stays at about two fp32
-    buffers of the weight's size whatever the model size; pass a tensor the caller owns.
+    CONSUMES `change` (it becomes the fp32 target), so the temporary memory stays at a few buffers of
+    the weight's size (the change, plus with stochastic rounding the int32 noise and the rounded
+    result) whatever the model size; pass a tensor the caller owns.
     """
     intended = float(torch.linalg.vector_norm(change, ord=1))
     sq_norm = float(torch.linalg.vector_norm(change)) ** 2

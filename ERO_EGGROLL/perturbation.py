@@ -294,8 +294,8 @@ class Perturber:
         return stats
 
     def _rounding_generator(self, name: str, epoch: int, weight: torch.Tensor) -> torch.Generator | None:
-        if not self.cfg.evolution.stochastic_rounding or weight.dtype == torch.float32:
-            return None
+        if not self.cfg.evolution.stochastic_rounding or weight.dtype != torch.bfloat16:
+            return None  # only bf16 is rounded stochastically
         return rounding_generator(self.cfg.seed, epoch, self.key_index[name], weight.device)
 
     def _direction(self, name: str, fitness: np.ndarray, epoch: int, scale: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 
 import hyperscalees as hs
 from ERO_EGGROLL.config import ROOT
-from ERO_EGGROLL.es_optimizer import apply_change, rounding_generator
+from ERO_EGGROLL.es_optimizer import rounding_generator
 from ERO_EGGROLL.perturbation import Perturber
 from ERO_EGGROLL.qwen_param_mapper import ParamClass
 
@@ -23,9 +23,40 @@ from conftest import small_config
 FITNESS = [[0.1, 0.9, 0.4, 0.3, 0.8, 0.2], [0.5, 0.1, 0.9, 0.9, 0.0, 0.3], [0.2, 0.2, 0.7, 0.1, 0.6, 0.4]]
 
 
-def one_shot_update(perturber: Perturber, raw_fitness, epoch: int) -> float:
+class _ReferenceAdam:
+    """The textbook out-of-place Adam/AdamW the project used before the moments were updated in place."""
+
+    def __init__(self, kind: str, lr: float, weight_decay: float):
+        self.kind, self.lr, self.weight_decay, self.step, self.moments = kind, lr, weight_decay, 0, {}
+
+    def change(self, name, direction, weight):
+        if self.kind == "sgd":
+            return self.lr * direction
+        grad = -direction
+        m, v = self.moments.get(name, (torch.zeros_like(direction), torch.zeros_like(direction)))
+        m = 0.9 * m + (1 - 0.9) * grad
+        v = 0.999 * v + (1 - 0.999) * grad * grad
+        self.moments[name] = (m, v)
+        change = -self.lr * (m / (1 - 0.9**self.step)) / ((v / (1 - 0.999**self.step)).sqrt() + 1e-8)
+        if self.kind == "adamw" and self.weight_decay:
+            change = change - self.lr * self.weight_decay * weight.float()
+        return change
+
+
+def _reference_apply(weight: torch.Tensor, change: torch.Tensor, generator: torch.Generator | None) -> None:
+    """weight += change in fp32, rounded once (stochastically for bf16 when a generator is given), out of place."""
+    target = weight.float() + change
+    if weight.dtype == torch.float32 or generator is None:
+        weight.copy_(target.to(weight.dtype))
+        return
+    bits = target.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, generator=generator)
+    weight.copy_(((bits + noise) & ~0xFFFF).view(torch.float32).to(torch.bfloat16))
+
+
+def one_shot_update(perturber: Perturber, optimizer: _ReferenceAdam, raw_fitness, epoch: int) -> float:
     """The update as it was before streaming, kept as the reference: every tensor's direction first,
-    the global norm over all of them, then the optimizer and rounding. Returns the clip factor."""
+    the global norm over all of them, then the optimizer and rounding, all out of place. Returns the clip factor."""
     evo = perturber.cfg.evolution
     fitness = hs.normalize_fitness(raw_fitness, evo.group_size)
     scale = evo.sigma_decay**epoch
@@ -39,15 +70,14 @@ def one_shot_update(perturber: Perturber, raw_fitness, epoch: int) -> float:
         directions[name] = torch.from_numpy(np.array(delta))
     norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in directions.values()))
     clip = 1.0 if evo.max_update_norm is None or norm <= evo.max_update_norm else evo.max_update_norm / norm
-    opt = perturber.optimizer
-    opt.lr = evo.lr * evo.lr_decay**epoch
-    opt.begin_step()
+    optimizer.lr = evo.lr * evo.lr_decay**epoch
+    optimizer.step += 1
     with torch.no_grad():
         for name, direction in directions.items():
             w = perturber.params[name]
-            change = opt.change(name, direction * clip, w)
-            sr = evo.stochastic_rounding and w.dtype != torch.float32
-            apply_change(w, change, rounding_generator(perturber.cfg.seed, epoch, perturber.key_index[name], w.device) if sr else None)
+            change = optimizer.change(name, direction * clip, w)
+            sr = evo.stochastic_rounding and w.dtype == torch.bfloat16
+            _reference_apply(w, change, rounding_generator(perturber.cfg.seed, epoch, perturber.key_index[name], w.device) if sr else None)
     return clip
 
 
@@ -64,17 +94,18 @@ def _pair(tiny, options: dict, dtype: torch.dtype):
     cfg = small_config(population_size=6, sigma=0.5, sigma_mode="relative", lr_decay=0.9, sigma_decay=0.95, **options)
     streamed_model = copy.deepcopy(tiny[0]).to(dtype)
     reference_model = copy.deepcopy(streamed_model)
-    return Perturber(streamed_model, cfg), Perturber(reference_model, cfg)
+    reference = Perturber(reference_model, cfg)
+    return Perturber(streamed_model, cfg), reference, _ReferenceAdam(cfg.evolution.optimizer, cfg.evolution.lr, cfg.evolution.weight_decay)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_streamed_update_is_bit_identical_to_the_one_shot_update(tiny, case):
     options, dtype = CASES[case]
-    streamed, reference = _pair(tiny, options, dtype)
+    streamed, reference, optimizer = _pair(tiny, options, dtype)
     before = {n: p.clone() for n, p in streamed.params.items()}
     for epoch, fitness in enumerate(FITNESS):
         streamed.update(fitness, epoch)
-        one_shot_update(reference, fitness, epoch)
+        one_shot_update(reference, optimizer, fitness, epoch)
     assert any(not torch.equal(before[n], p) for n, p in streamed.params.items()), "the update changed nothing: a vacuous comparison"
     different = [n for n, p in streamed.params.items() if not torch.equal(p, reference.params[n])]
     assert not different, f"{len(different)} tensor(s) differ, e.g. {different[:3]}"
@@ -84,10 +115,10 @@ def test_clipped_streamed_update_matches_the_one_shot_update_up_to_the_clip_fact
     """The streamed clip takes each LORA norm from the factors (fp32 Gram matrices); the reference sums the
     materialized directions in float64. The clip factors agree to ~1e-6 relative, so the weights agree to
     that relative precision, not bit for bit."""
-    streamed, reference = _pair(tiny, {"optimizer": "sgd", "lr": 0.5, "max_update_norm": 0.05}, torch.float32)
+    streamed, reference, optimizer = _pair(tiny, {"optimizer": "sgd", "lr": 0.5, "max_update_norm": 0.05}, torch.float32)
     for epoch, fitness in enumerate(FITNESS):
         stats = streamed.update(fitness, epoch)
-        reference_clip = one_shot_update(reference, fitness, epoch)
+        reference_clip = one_shot_update(reference, optimizer, fitness, epoch)
         assert reference_clip < 1.0  # the clip is active
         assert stats["clip_scale"] == pytest.approx(reference_clip, rel=1e-5)
     for name, p in streamed.params.items():
@@ -147,3 +178,15 @@ def test_contraction_in_torch_matches_the_jax_contraction(tiny):
     perturber._contract_in_torch = True
     for name, expected in jax_side.items():
         torch.testing.assert_close(perturber._direction(name, fitness, 2, 1.0), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_clipped_update_with_tied_pairs_moves_nothing(tiny):
+    """Every antithetic pair scoring alike cancels: the LORA norms from the factors are exactly 0 (a float32
+    residue below zero used to crash the clip's sqrt); the dense contractions keep a rounding residue of ~1e-9."""
+    streamed, _, _ = _pair(tiny, {"optimizer": "sgd", "lr": 0.5, "max_update_norm": 0.05}, torch.float32)
+    fitness = hs.normalize_fitness([0.3, 0.3, 0.9, 0.9, 0.1, 0.1])
+    assert all(streamed._direction_sq_norm(n, fitness, 0, 1.0) == 0.0 for n in streamed.lora_names)
+    before = {n: p.clone() for n, p in streamed.params.items()}
+    stats = streamed.update([0.3, 0.3, 0.9, 0.9, 0.1, 0.1], 0)
+    assert stats["update_norm"] < 1e-6 and stats["clip_scale"] == 1.0
+    assert max(float((before[n] - p).abs().max()) for n, p in streamed.params.items()) < 1e-6

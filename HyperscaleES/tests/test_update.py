@@ -109,3 +109,10 @@ def test_lowrank_update_norm_from_factors_equals_the_norm_of_the_update(key):
     dense = np.asarray(hs.lowrank_update(key, shape, fitness, epoch=3, rank=3, sigma=SIGMA), np.float64)
     from_factors = float(hs.lowrank_update_sq_norm(key, shape, fitness, epoch=3, rank=3, sigma=SIGMA))
     np.testing.assert_allclose(from_factors, np.sum(dense**2), rtol=1e-5)
+
+
+def test_lowrank_update_norm_is_exactly_zero_when_antithetic_pairs_tie(key):
+    """Tied pairs cancel exactly in the update; the norm from factors must say 0, never a negative residue."""
+    fitness = np.repeat(np.random.default_rng(7).normal(size=8).astype(np.float32), 2)
+    for shape in ((40, 24), (17, 63), (128, 5)):
+        assert float(hs.lowrank_update_sq_norm(key, shape, fitness, epoch=1, rank=2, sigma=SIGMA)) == 0.0
