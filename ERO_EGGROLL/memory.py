@@ -107,6 +107,7 @@ def _shapes(arch: dict, specs: list[ParamSpec]) -> _Shapes:
                    sum(s.numel for s in specs), arch.get("text_config", arch), arch.get("vision_config", {}))
 
 
+JAX_POOL = "JAX's GPU pool (kept after the update's contraction)"
 OPTIMIZER_STATE = "optimizer state (Adam moments, 2 x fp32 per evolvable parameter)"
 
 
@@ -173,11 +174,17 @@ def update_phase(cfg: Config, sh: _Shapes, b: int) -> dict[str, int]:
             "update step 2: optimizer + apply (fp32 buffers)": largest.numel * (buffers * FP32 + 1)}
 
 
-def estimate(cfg: Config, arch: dict, specs: list[ParamSpec], work: Workload, dtype: str, on_gpu: bool, members: int = 1) -> MemoryEstimate:
-    """The run's memory, phase by phase, from the architecture and the parameter classes alone."""
+def estimate(cfg: Config, arch: dict, specs: list[ParamSpec], work: Workload, dtype: str, on_gpu: bool, members: int = 1,
+             jax_on_device: bool = False) -> MemoryEstimate:
+    """The run's memory, phase by phase, from the architecture and the parameter classes alone.
+
+    `jax_on_device`: JAX draws on the GPU itself. Its allocator grows on demand but never hands memory
+    back to CUDA, so what its largest computation (the update's contraction) once took stays held."""
     sh = _shapes(arch, specs)
     b = DTYPE_BYTES[dtype]
     resident, host = resident_phase(cfg, sh, b, on_gpu)
+    if jax_on_device:
+        resident[JAX_POOL] = next(iter(update_phase(cfg, sh, b).values()), 0)
     evaluation = evaluation_phase(cfg, sh, work, b, on_gpu, members)
     kv_and_activations = sum(v for k, v in evaluation.items() if not k.startswith("member noise"))
     lora_numel = sum(s.numel for s in sh.lora)
@@ -287,7 +294,10 @@ class RunPlan:
     members: int
 
     def estimate(self, cfg: Config) -> MemoryEstimate:
-        return estimate(cfg, self.arch, self.specs, self.work, self.dtype, self.on_gpu, self.members)
+        import jax
+
+        jax_on_device = self.on_gpu and jax.default_backend() == "gpu"
+        return estimate(cfg, self.arch, self.specs, self.work, self.dtype, self.on_gpu, self.members, jax_on_device)
 
 
 def plan_run(cfg: Config, tasks) -> RunPlan:

@@ -135,3 +135,13 @@ def test_the_training_script_refuses_before_loading_anything(tmp_path, monkeypat
     assert code == 2
     assert "does not fit the 0.00 GiB free on a 1 MiB test device" in capsys.readouterr().err
     assert not (tmp_path / "checkpoints").exists()  # nothing was started
+
+
+def test_jax_on_the_gpu_keeps_its_largest_computation_resident(setup):
+    """JAX's allocator never returns memory to CUDA: with JAX on the device, the update's contraction stays held."""
+    _, _, cfg, arch, specs = setup
+    work = Workload(prompt_tokens=100, new_tokens=10, image_patches=0, batch=1)
+    apart, shared = (estimate(cfg, arch, specs, work, "bfloat16", on_gpu=True, jax_on_device=j) for j in (False, True))
+    pool = shared.resident["JAX's GPU pool (kept after the update's contraction)"]
+    assert pool == next(iter(apart.update.values())) > 0
+    assert shared.device_total == apart.device_total + pool
