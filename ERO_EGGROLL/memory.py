@@ -129,7 +129,7 @@ PREFILL_HIDDEN_COPIES = 6
 PIXEL_VALUES_PER_PATCH = 3 * 2 * 14 * 14  # channels x temporal patch x 14 x 14, fp32
 
 
-def evaluation_phase(cfg: Config, sh: _Shapes, work: Workload, b: int, on_gpu: bool, members: int = 1) -> dict[str, int]:
+def evaluation_phase(cfg: Config, sh: _Shapes, work: Workload, b: int, members: int = 1) -> dict[str, int]:
     """Bytes of one generate call evaluating `members` members on `work.batch` prompts each."""
     text, r = sh.text, cfg.evolution.rank
     rows = work.batch * members
@@ -185,7 +185,7 @@ def estimate(cfg: Config, arch: dict, specs: list[ParamSpec], work: Workload, dt
     resident, host = resident_phase(cfg, sh, b, on_gpu)
     if jax_on_device:
         resident[JAX_POOL] = next(iter(update_phase(cfg, sh, b).values()), 0)
-    evaluation = evaluation_phase(cfg, sh, work, b, on_gpu, members)
+    evaluation = evaluation_phase(cfg, sh, work, b, members)
     kv_and_activations = sum(v for k, v in evaluation.items() if not k.startswith("member noise"))
     lora_numel = sum(s.numel for s in sh.lora)
     fullrank = {"weights": resident["weights"], OPTIMIZER_STATE: resident[OPTIMIZER_STATE],
