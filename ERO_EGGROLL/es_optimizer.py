@@ -29,14 +29,15 @@ class EsOptimizer:
     def begin_step(self) -> None:
         self.step_count += 1
 
-    def change(self, name: str, direction: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def change(self, name: str, direction: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The fp32 change for one tensor at the current step (`direction` is the ascent direction).
 
-        Always a new tensor (never `direction` itself, which may alias a JAX buffer). Adam's moments
-        are updated in place, with the same operations in the same order as the textbook formulas,
-        so no second copy of the state exists even for a moment."""
+        Written into `out` when given (a workspace reused tensor after tensor, so the update does not
+        allocate and free a large buffer per tensor), else a new tensor; never `direction` itself, which
+        may alias a JAX buffer. Adam's moments are updated in place, with the same operations in the
+        same order as the textbook formulas, so no second copy of the state exists even for a moment."""
         if self.kind == "sgd":
-            return self.lr * direction
+            return self.lr * direction if out is None else torch.mul(direction, self.lr, out=out)
         grad = -direction
         if name not in self.moments:
             self.moments[name] = (torch.zeros_like(direction), torch.zeros_like(direction))
@@ -49,7 +50,8 @@ class EsOptimizer:
         v.mul_(b2).add_((1 - b2) * grad * grad)
         del grad
         denominator = (v / (1 - b2**self.step_count)).sqrt_().add_(ADAM_EPS)
-        change = (m / (1 - b1**self.step_count)).mul_(-self.lr).div_(denominator)
+        m_hat = m / (1 - b1**self.step_count) if out is None else torch.div(m, 1 - b1**self.step_count, out=out)
+        change = m_hat.mul_(-self.lr).div_(denominator)
         if self.kind == "adamw" and self.weight_decay:
             change.sub_(self.lr * self.weight_decay * weight.float())
         return change
@@ -104,23 +106,25 @@ class Applied:
     sq_norm: float  # squared L2 norm of the change
 
 
-def apply_change(weight: torch.Tensor, change: torch.Tensor, rounding_generator: torch.Generator | None) -> Applied:
+def apply_change(weight: torch.Tensor, change: torch.Tensor, rounding_generator: torch.Generator | None,
+                 mask: torch.Tensor | None = None) -> Applied:
     """weight += change, computed in fp32 and rounded once into the weight's dtype.
 
     CONSUMES `change` (it becomes the fp32 target), so the temporary memory stays at a few buffers of
     the weight's size (the change, plus with stochastic rounding the int32 noise and the rounded
-    result) whatever the model size; pass a tensor the caller owns.
+    result) whatever the model size; pass a tensor the caller owns. `mask`: an optional bool workspace
+    of the weight's shape for counting changed elements.
     """
     intended = float(torch.linalg.vector_norm(change, ord=1))
     sq_norm = float(torch.linalg.vector_norm(change)) ** 2
     if weight.dtype == torch.float32:
         target = change.add_(weight)
-        changed = int(torch.count_nonzero(target != weight))
+        changed = int(torch.count_nonzero(torch.ne(target, weight, out=mask)))
         weight.copy_(target)
         return Applied(intended, 0.0, changed, sq_norm)
     target = change.add_(weight.float())
     rounded = stochastic_round(target, weight.dtype, rounding_generator) if rounding_generator is not None else target.to(weight.dtype)
-    changed = int(torch.count_nonzero(rounded != weight))
+    changed = int(torch.count_nonzero(torch.ne(rounded, weight, out=mask)))
     weight.copy_(rounded)
     lost = float(torch.linalg.vector_norm(target.neg_().add_(rounded), ord=1))  # stored - intended, elementwise
     return Applied(intended, lost, changed, sq_norm)

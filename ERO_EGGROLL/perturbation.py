@@ -274,15 +274,21 @@ class Perturber:
         per_class: dict[str, float] = defaultdict(float)
         changed = total = 0
         intended = lost = 0.0
+        # one fp32 workspace of the largest tensor's size holds each tensor's change in turn: no large
+        # buffer is allocated and freed per tensor (the allocator would keep the freed ones)
+        largest = max((p.numel() for p in self.params.values()), default=0)
+        device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
+        workspace = torch.empty(largest, dtype=torch.float32, device=device)
+        changed_mask = torch.empty(largest, dtype=torch.bool, device=device)
         with torch.no_grad():
             for name, w in self.params.items():
                 direction = self._direction(name, fitness, epoch, scale)
                 direction_sq += float(torch.linalg.vector_norm(direction)) ** 2
                 if clip is not None and clip != 1.0:
                     direction = direction * clip
-                change = self.optimizer.change(name, direction, w)
+                change = self.optimizer.change(name, direction, w, out=workspace[: w.numel()].view(w.shape))
                 del direction  # frees the contraction's buffer before the change is applied
-                applied = apply_change(w, change, self._rounding_generator(name, epoch, w))
+                applied = apply_change(w, change, self._rounding_generator(name, epoch, w), changed_mask[: w.numel()].view(w.shape))
                 per_class[self.classes[name].value] += applied.sq_norm
                 intended, lost = intended + applied.intended, lost + applied.lost
                 changed, total = changed + applied.changed, total + w.numel()
