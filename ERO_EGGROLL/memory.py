@@ -277,6 +277,21 @@ def measured_peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def current_rss_bytes() -> int:
+    """This process's resident memory now (VmRSS; Linux), for measuring what a phase leaves held."""
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS:")).split()[1]) * 1024
+
+
+def start_rss_measurement() -> int:
+    """For benchmarks and tests: hand freed heap pages back (glibc), reset VmHWM to the current RSS,
+    and return that RSS, so `measured_peak_rss_bytes() - start` is what the code after it needed."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    reset_peak_memory("cpu")
+    return current_rss_bytes()
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:8.3f} GiB"
 

@@ -264,7 +264,7 @@ class Perturber:
         if len(fitness) != evo.population_size:
             raise ValueError(f"got {len(fitness)} fitness values for a population of {evo.population_size}")
         scale = self.sigma_scale(epoch)
-        norm = clip = None
+        norm, clip = None, 1.0  # without clipping, the norm is summed as the directions stream by
         if evo.max_update_norm is not None:
             norm = math.sqrt(sum(self._direction_sq_norm(name, fitness, epoch, scale) for name in self.params))
             clip = clip_scale(norm, evo.max_update_norm)
@@ -283,8 +283,9 @@ class Perturber:
         with torch.no_grad():
             for name, w in self.params.items():
                 direction = self._direction(name, fitness, epoch, scale)
-                direction_sq += float(torch.linalg.vector_norm(direction)) ** 2
-                if clip is not None and clip != 1.0:
+                if norm is None:
+                    direction_sq += float(torch.linalg.vector_norm(direction)) ** 2
+                if clip != 1.0:
                     direction = direction * clip
                 change = self.optimizer.change(name, direction, w, out=workspace[: w.numel()].view(w.shape))
                 del direction  # frees the contraction's buffer before the change is applied
@@ -292,7 +293,7 @@ class Perturber:
                 per_class[self.classes[name].value] += applied.sq_norm
                 intended, lost = intended + applied.intended, lost + applied.lost
                 changed, total = changed + applied.changed, total + w.numel()
-        stats = {"update_norm": norm if norm is not None else math.sqrt(direction_sq), "clip_scale": clip if clip is not None else 1.0,
+        stats = {"update_norm": norm if norm is not None else math.sqrt(direction_sq), "clip_scale": clip,
                  "lr": self.optimizer.lr, "sigma_scale": scale, "normalized_fitness": fitness.tolist()}
         stats.update({f"update_norm_{k}": math.sqrt(v) for k, v in per_class.items()})
         stats["fraction_changed"] = changed / max(total, 1)

@@ -32,18 +32,6 @@ PROMPT_TOKENS, NEW_TOKENS, ROWS, RANK, POPULATION = 384, 8, 4, 64, 16
 TOLERANCE = 0.20
 
 
-def _rss() -> int:
-    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS:")).split()[1]) * 1024
-
-
-def _reset_peak() -> None:
-    import ctypes
-
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def measure(size: str, dtype: str, optimizer: str, phase: str) -> dict:
     """Child process: measured and predicted bytes of the resident part and of one phase.
 
@@ -53,7 +41,7 @@ def measure(size: str, dtype: str, optimizer: str, phase: str) -> dict:
     import torch
 
     from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, load_config
-    from ERO_EGGROLL.memory import Workload, estimate, measured_peak_rss_bytes
+    from ERO_EGGROLL.memory import Workload, current_rss_bytes, estimate, measured_peak_rss_bytes, start_rss_measurement
     from ERO_EGGROLL.perturbation import Perturber
     from ERO_EGGROLL.qwen_param_mapper import classify_model
     from ERO_EGGROLL.random_model import SHAPES, TextShape, random_model
@@ -71,18 +59,16 @@ def measure(size: str, dtype: str, optimizer: str, phase: str) -> dict:
         twin.update(fitness, 0)  # compiles the update of every tensor shape
     twin.remove_hooks()
     del twin
-    _reset_peak()
-    base = _rss()
+    base = start_rss_measurement()
     model = random_model(tiny_dir, shape, torch_dtype)
     perturber = Perturber(model, cfg)
-    _reset_peak()
-    measured = {"resident": _rss() - base}
-    start = _rss()
+    start = start_rss_measurement()
+    measured = {"resident": start - base}
     if phase == "update":
         perturber.update(fitness, 0)
         measured["update"] = measured_peak_rss_bytes() - start
         if optimizer != "sgd":  # Adam's moments are created by the first update and stay: resident, not workspace
-            measured["optimizer state"] = _rss() - start
+            measured["optimizer state"] = current_rss_bytes() - start
             measured["update"] -= measured["optimizer state"]
     else:
         ids = torch.randint(0, 300, (ROWS, PROMPT_TOKENS))

@@ -26,27 +26,12 @@ sys.path.insert(0, str(ROOT))
 from bench_common import write_results  # noqa: E402
 
 
-def _rss_bytes() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
-
-
-def _reset_peak() -> None:
-    import ctypes
-
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS counts live memory only
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def update_case(size: str, optimizer: str, dtype: str, population: int, reps: int) -> dict:
     """Child process: median seconds and peak growth of one update of a model of this size."""
     import torch
 
     from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, load_config
-    from ERO_EGGROLL.memory import measured_peak_rss_bytes
+    from ERO_EGGROLL.memory import measured_peak_rss_bytes, start_rss_measurement
     from ERO_EGGROLL.model_loading import load_model_from_dir
     from ERO_EGGROLL.perturbation import Perturber
     from ERO_EGGROLL.random_model import SHAPES, TextShape, random_model
@@ -67,8 +52,7 @@ def update_case(size: str, optimizer: str, dtype: str, population: int, reps: in
     del twin
     model = tiny if size == "tiny" else random_model(tiny_dir, shape, torch_dtype)
     perturber = Perturber(model, cfg)
-    _reset_peak()
-    rss_before = _rss_bytes()
+    rss_before = start_rss_measurement()
     start = time.perf_counter()
     perturber.update(fitness, 1)
     times = [time.perf_counter() - start]

@@ -126,25 +126,20 @@ def test_clipped_streamed_update_matches_the_one_shot_update_up_to_the_clip_fact
 
 
 _MEMORY_CHILD = """
-import ctypes, json
+import json
 import torch
 from ERO_EGGROLL.config import ROOT, load_config
-from ERO_EGGROLL.memory import measured_peak_rss_bytes
+from ERO_EGGROLL.memory import measured_peak_rss_bytes, start_rss_measurement
 from ERO_EGGROLL.perturbation import Perturber
 from ERO_EGGROLL.random_model import TextShape, random_model
 
 cfg = load_config(ROOT / "configs" / "smoke.yaml", ["evolution.population_size=8", "evolution.sigma_mode=absolute", "evolution.sigma=0.02"])
 fitness = [float((3 * i) % 5) for i in range(8)]
 
-def rss():
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) * 1024
-
 def update_growth(layers):
     model = random_model(ROOT / "checkpoints" / "tiny-qwen2.5-vl", TextShape(512, 2048, layers, 8, 8))
     perturber = Perturber(model, cfg)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := current RSS
-    start = rss()
+    start = start_rss_measurement()
     perturber.update(fitness, 1)
     growth = measured_peak_rss_bytes() - start
     perturber.remove_hooks()
