@@ -1,0 +1,105 @@
+"""Record, or check, the numbers of a few small runs, so that a restructuring provably changes none of them.
+
+    python scripts/reference_runs.py --record tests/reference/runs.json   # before the change
+    python scripts/reference_runs.py --check tests/reference/runs.json    # after it: exit 1 on any difference
+
+Each case is the tests' small run (tests/conftest.py SMALL) plus a few settings that walk a different
+path of the code (optimizer, strategy, clip, bf16 rounding, batched members, per-task mode with the
+degeneration guard). What is recorded: every metrics row without its timings, and the per-tensor
+digest of the final checkpoint's weights. The numbers hold for one build of the embedded tiny model
+(its base-weight digest is recorded too): a rebuild on another machine rounds differently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import run_args  # noqa: E402  (the tests' own command line for a small run)
+
+from ERO_EGGROLL.checkpointing import load_checkpoint  # noqa: E402
+from ERO_EGGROLL.config import ROOT as REPO, load_config  # noqa: E402
+from ERO_EGGROLL.digest import tensor_digest  # noqa: E402
+from ERO_EGGROLL.run_identity import base_weights_digest  # noqa: E402
+from ERO_EGGROLL.run_logging import TIMING_FIELDS  # noqa: E402
+
+CASES: dict[str, list[str]] = {
+    "reference": [],  # exactly the suite's shared `reference` run
+    "adam_inplace_clipped": ["evolution.optimizer=adam", "evolution.strategy=inplace", "evolution.max_update_norm=0.001"],
+    "bf16_rounding_batched": ["model.dtype=bfloat16", "evolution.stochastic_rounding=true", "evaluation.members_per_batch=2"],
+    "per_task_guard": ["evolution.mode=per_task", "data.task_ids=[b1fc8b8e,e6de6e8f]", "evolution.epochs=3",
+                       "run.degeneration_patience=1", "evolution.optimizer=adamw", "evolution.weight_decay=0.1"],
+}
+
+
+def run_folders(ckpt: Path) -> list[Path]:
+    """The run's checkpoint folder, or in per_task mode one folder per task."""
+    return [ckpt] if (ckpt / "LATEST").exists() else sorted(p for p in ckpt.iterdir() if (p / "LATEST").exists())
+
+
+def outcome(tmp: Path, name: str) -> dict:
+    """Metrics rows (timings dropped) and final weight digests of the run `name` under `tmp`."""
+    result = {}
+    for folder in run_folders(tmp / "checkpoints" / name):
+        label = folder.relative_to(tmp / "checkpoints").as_posix()
+        results = tmp / "results" / label
+        rows = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
+        weights = load_checkpoint(folder)[0]
+        result[label] = {"metrics": [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows],
+                         "weights": {n: tensor_digest(t) for n, t in sorted(weights.items())}}
+    return result
+
+
+def run_case(tmp: Path, name: str) -> dict:
+    done = subprocess.run(run_args(tmp, name, *CASES[name]), capture_output=True, text=True, timeout=900)
+    if done.returncode:
+        raise SystemExit(f"case {name} failed:\n{done.stderr[-3000:]}")
+    return outcome(tmp, name)
+
+
+def differences(recorded: dict, current: dict, where: str = "") -> list[str]:
+    """Human-readable paths where two nested outcomes differ."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        out = [f"{where}/{k}: missing" for k in recorded.keys() - current.keys()]
+        out += [f"{where}/{k}: unexpected" for k in current.keys() - recorded.keys()]
+        for k in recorded.keys() & current.keys():
+            out += differences(recorded[k], current[k], f"{where}/{k}")
+        return out
+    return [] if recorded == current else [f"{where}: {recorded!r} != {current!r}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--record", type=Path, help="write the outcomes to this JSON file")
+    mode.add_argument("--check", type=Path, help="compare the outcomes with this JSON file")
+    parser.add_argument("--case", action="append", choices=sorted(CASES), help="only these cases (default: all)")
+    args = parser.parse_args(argv)
+    base = base_weights_digest(load_config(REPO / "configs" / "smoke.yaml"))
+    cases = args.case or list(CASES)
+    with tempfile.TemporaryDirectory() as tmp:
+        current = {name: run_case(Path(tmp), name) for name in cases}
+    if args.record:
+        args.record.parent.mkdir(parents=True, exist_ok=True)
+        args.record.write_text(json.dumps({"base_weights": base, "cases": current}, indent=1, sort_keys=True) + "\n")
+        print(f"recorded {len(current)} case(s) in {args.record}")
+        return 0
+    saved = json.loads(args.check.read_text())
+    if saved["base_weights"] != base:
+        print(f"the tiny model here (base weights {base}) is not the recorded build ({saved['base_weights']}); re-record")
+        return 2
+    found = differences({n: saved["cases"][n] for n in cases}, current)
+    print("\n".join(found[:20]) if found else f"{len(cases)} case(s) identical to {args.check}")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
