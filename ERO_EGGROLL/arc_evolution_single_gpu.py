@@ -32,13 +32,15 @@ from ERO_EGGROLL.checkpointing import (EPOCH_DIR, LATEST, CheckpointError, RunSt
                                        load_checkpoint, read_state, repair_latest, rewind, save_checkpoint)
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, ConfigError, config_from_dict, load_config
 from ERO_EGGROLL.disk import WriteError, publish_dir, writing
+from ERO_EGGROLL.epoch_step import EpochStep
 from ERO_EGGROLL.memory import auto_members_per_batch, measured_peak_rss_bytes, peak_memory_scope, preflight, reset_peak_memory
 from ERO_EGGROLL.model_loading import ModelLoadError, check_checkpoint_dir, load_model
 from ERO_EGGROLL.perturbation import Perturber
-from ERO_EGGROLL.qwen_param_mapper import ParamClass, ParamSpec, classify_model
+from ERO_EGGROLL.qwen_param_mapper import classify_model
 from ERO_EGGROLL.run_folder import RunFolderError, RunLock, claim_run_folders
 from ERO_EGGROLL.run_identity import IdentityError, base_weights_digest, check_identity, identity_of
 from ERO_EGGROLL.run_logging import plot_fitness, rewrite_metrics, write_resolved_config
+from ERO_EGGROLL.tensor_classes import ParamSpec
 
 
 class RunInterrupted(Exception):
@@ -122,21 +124,6 @@ def evaluate_population(perturber: Perturber, model, processor, prepared, cfg: C
     return fitness
 
 
-def check_evolvable(model, specs: list[ParamSpec], cfg: Config) -> None:
-    """Refuse a classification that evolves nothing, or LORA on a tensor the forward strategy cannot perturb."""
-    if all(s.cls is ParamClass.FROZEN for s in specs):
-        raise ConfigError("params: every tensor is FROZEN (params.overrides, freeze_vision, freeze_nonlora), so nothing would "
-                          "evolve; make some tensors LORA or FULL")
-    if cfg.evolution.strategy == "forward":
-        modules = dict(model.named_modules())
-        for spec in specs:
-            module = modules.get(spec.name.removesuffix(".weight"))
-            if spec.cls is ParamClass.LORA and not (isinstance(module, torch.nn.Linear) and spec.name.endswith(".weight")):
-                raise ConfigError(f"params.overrides makes {spec.name} LORA, but evolution.strategy 'forward' adds low-rank noise "
-                                  f"only to nn.Linear weights (it belongs to a {type(module).__name__}); use strategy: inplace, "
-                                  "or make it FULL or FROZEN")
-
-
 def _started(ckpt_dir: Path) -> bool:
     return (ckpt_dir / LATEST).exists() or any(ckpt_dir.glob("epoch_*"))
 
@@ -172,6 +159,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         perturber.optimizer.load_state(state.optimizer_step, optimizer_tensors)
         best_weights = best_weights_for(ckpt_dir, state)
         print(f"resumed {ckpt_dir} after epoch {state.epoch}")
+    step = EpochStep(perturber, state, cfg.run.degeneration_patience, best_weights)
     write_resolved_config(run_dir, cfg.to_dict())
     if state.finished:
         print(f"{ckpt_dir}: already finished")
@@ -181,8 +169,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         row.update(seconds=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(device), peak_memory_scope=peak_memory_scope(device),
                    new_best=True, rolled_back=False)
         state.history.append(row)
-        state.best_fitness, state.best_epoch = row["mean_model_fitness"], 0
-        best_weights = {k: v.detach().cpu().clone() for k, v in perturber.evolvable_state().items()}
+        step.begin(row["mean_model_fitness"])
         save_checkpoint(ckpt_dir, perturber.evolvable_state(), {}, state, keep=True, best=True)
         print(f"epoch 0 (base model): fitness {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}")
     epochs = tqdm(range(state.epoch, evo.epochs), desc=f"{cfg.run.name} epochs", unit="epoch", initial=state.epoch, total=evo.epochs)
@@ -192,25 +179,16 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         start = time.perf_counter()
         reset_peak_memory(device)
         fitness = evaluate_population(perturber, model, processor, fitness_q, cfg, epoch, k, stop)
-        stats = perturber.update(fitness, epoch)
+        stats = step.update(fitness, epoch)
         row = {"epoch": epoch + 1, "fitness": fitness, "member_mean": sum(fitness) / len(fitness),
                "member_max": max(fitness), "member_min": min(fitness),
                **evaluate_mean_model(model, processor, fitness_q, test_q, cfg, epoch + 1),
                "lr": stats["lr"], "sigma_scale": stats["sigma_scale"], "update_norm": stats["update_norm"],
                "fraction_changed": stats["fraction_changed"], "lost_update_fraction": stats["lost_update_fraction"]}
-        row["new_best"] = row["mean_model_fitness"] > state.best_fitness
-        row["rolled_back"] = False
-        if row["new_best"]:
-            state.best_fitness, state.best_epoch, state.epochs_since_best = row["mean_model_fitness"], epoch + 1, 0
-            best_weights = {k: v.detach().cpu().clone() for k, v in perturber.evolvable_state().items()}
-        else:
-            state.epochs_since_best += 1
-            if cfg.run.degeneration_patience and state.epochs_since_best >= cfg.run.degeneration_patience:
-                assign_weights(model, best_weights, "best weights")  # ERO's degeneration guard
-                state.epochs_since_best, row["rolled_back"] = 0, True
-        row.update(seconds=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(device))
+        decision = step.conclude(epoch + 1, row["mean_model_fitness"])
+        row.update(new_best=decision.new_best, rolled_back=decision.rolled_back, seconds=time.perf_counter() - start,
+                   peak_memory_mb=peak_memory_mb(device))
         state.history.append(row)
-        state.epoch, state.optimizer_step = epoch + 1, perturber.optimizer.step_count
         state.finished = state.epoch == evo.epochs or row["mean_model_fitness"] >= cfg.run.target_fitness
         keep = state.epoch % cfg.run.save_every == 0 or state.finished
         save_checkpoint(ckpt_dir, perturber.evolvable_state(), perturber.optimizer.state_tensors(), state, keep=keep, best=row["new_best"])
@@ -226,7 +204,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
     perturber.remove_hooks()
     rewrite_metrics(run_dir, state.history)
     plot_fitness(run_dir, state.history, f"{cfg.run.name}: {', '.join(t.id for t in tasks)}")
-    assign_weights(model, best_weights, "best weights")
+    assign_weights(model, step.best_weights, "best weights")
     best_test = evaluate(model, processor, test_q, cfg, (BEST_MODEL_STREAM,))
     return {"best_epoch": state.best_epoch, "best_result": best_test}
 
@@ -264,7 +242,6 @@ def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: S
         claim_run_folders(ckpt_dir, run_dir, move_earlier=overwrite or cfg.run.if_exists == "move_aside")
     model, processor = load_model(cfg)
     specs = classify_model(model, cfg)
-    check_evolvable(model, specs, cfg)
     base_weights = base_weights_digest(cfg)
     print(f"{cfg.run.name}: {len(tasks)} task(s), population {cfg.evolution.population_size}, rank {cfg.evolution.rank}, "
           f"{cfg.evolution.epochs} epochs, {cfg.evolution.mode} mode, {cfg.data.input_mode} input, device {next(model.parameters()).device}")

@@ -262,13 +262,8 @@ def _non_finite(values: dict, prefix: str = "") -> str | None:
     return None
 
 
-def _validate(cfg: Config, where: str) -> None:
-    evo, ev, data = cfg.evolution, cfg.evaluation, cfg.data
-    dec = ev.decoding
-    problem = _non_finite(cfg.to_dict())
-    if problem:
-        raise ConfigError(f"{where}: {problem}")
-    checks = [
+def _evolution_checks(evo: EvolutionConfig) -> list[tuple[bool, str]]:
+    return [
         (evo.population_size >= 2 and evo.population_size % 2 == 0,
          f"evolution.population_size must be even and >= 2 (members form antithetic pairs), got {evo.population_size}"),
         (evo.rank >= 1, f"evolution.rank must be >= 1, got {evo.rank}"),
@@ -280,6 +275,31 @@ def _validate(cfg: Config, where: str) -> None:
          f"evolution.group_size {evo.group_size} must be 0 or divide evolution.population_size {evo.population_size}"),
         (0 < evo.lr_decay <= 1 and 0 < evo.sigma_decay <= 1, "evolution.lr_decay and evolution.sigma_decay must be in (0, 1]"),
         (evo.max_update_norm is None or evo.max_update_norm > 0, f"evolution.max_update_norm must be > 0 or null, got {evo.max_update_norm}"),
+        *[(getattr(evo, key) in choices, f"evolution.{key} must be one of {list(choices)}, got {getattr(evo, key)!r}")
+          for key, choices in _choices(EvolutionConfig).items()],
+    ]
+
+
+def _choices(section: type) -> dict[str, tuple]:
+    """The allowed values of a section's Literal fields (the YAML loader checks them too; code callers need this)."""
+    hints = typing.get_type_hints(section)
+    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(section) if typing.get_origin(hints[f.name]) is Literal}
+
+
+def check_evolution(evo: EvolutionConfig, where: str) -> None:
+    """The checks of the evolution settings alone (for `Perturber.for_module`, which has no run config)."""
+    for ok, message in _evolution_checks(evo):
+        if not ok:
+            raise ConfigError(f"{where}: {message}")
+
+
+def _validate(cfg: Config, where: str) -> None:
+    evo, ev, data = cfg.evolution, cfg.evaluation, cfg.data
+    dec = ev.decoding
+    problem = _non_finite(cfg.to_dict())
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
+    checks = _evolution_checks(evo) + [
         (ev.max_new_tokens_cap >= 1, f"evaluation.max_new_tokens_cap must be >= 1 (a model must be allowed to answer), got {ev.max_new_tokens_cap}"),
         (ev.max_new_tokens_factor > 0, f"evaluation.max_new_tokens_factor must be > 0, got {ev.max_new_tokens_factor}"),
         (ev.batch_size >= 1, f"evaluation.batch_size must be >= 1, got {ev.batch_size}"),

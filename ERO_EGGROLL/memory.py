@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import Config, ConfigError, load_config
-from .qwen_param_mapper import ParamClass, ParamSpec, architecture_json, classify, meta_model_from_config_json
+from .qwen_param_mapper import architecture_json, classify, meta_model_from_config_json
+from .tensor_classes import ParamClass, ParamSpec
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TOKENS_PER_GRID_CHAR = 0.7  # Qwen2 tokenizers split digits; "0, " is about two tokens
@@ -139,7 +140,7 @@ def evaluation_phase(cfg: Config, sh: _Shapes, work: Workload, b: int, members: 
     head_dim = text.get("head_dim") or hidden // heads
     # fp32 draws (JAX) plus, for reduced-precision weights, their copies in the weights' dtype; K members are stacked
     factor_bytes = FP32 + (b if b != FP32 else 0)
-    per_member = sum((s.shape[0] + s.shape[1]) * r for s in sh.lora) * factor_bytes + sum(s.numel for s in sh.full) * FP32
+    per_member = sum(sum(s.matrix_shape) * r for s in sh.lora) * factor_bytes + sum(s.numel for s in sh.full) * FP32
     eager_scores = cfg.model.attn_implementation == "eager"  # sdpa never materializes the (T, T) scores
     return {
         "member noise (LORA factors, FULL noise)": per_member * members * (2 if members > 1 else 1),
@@ -169,7 +170,7 @@ def update_phase(cfg: Config, sh: _Shapes, b: int) -> dict[str, int]:
     buffers = (2 if evo.optimizer == "sgd" else 4) + (1 if b != FP32 else 0)
     factors = 0
     if largest in sh.lora:
-        factors = UPDATE_FACTOR_COPIES * evo.population_size * (largest.shape[0] + largest.shape[1]) * evo.rank * FP32
+        factors = UPDATE_FACTOR_COPIES * evo.population_size * sum(largest.matrix_shape) * evo.rank * FP32
     return {"update step 1: JAX contraction (all members' factors + direction)": factors + largest.numel * FP32,
             "update step 2: optimizer + apply (fp32 buffers)": largest.numel * (buffers * FP32 + 1)}
 

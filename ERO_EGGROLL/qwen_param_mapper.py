@@ -13,41 +13,13 @@ Rules (explicit `params.overrides` patterns win over them):
 from __future__ import annotations
 
 import argparse
-import enum
 import fnmatch
 import json
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from .config import Config, ConfigError, load_config
-
-
-class ParamClass(str, enum.Enum):
-    FROZEN = "FROZEN"
-    LORA = "LORA"
-    FULL = "FULL"
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    name: str
-    shape: tuple[int, ...]
-    cls: ParamClass
-    key_index: int  # stable integer for hyperscalees.param_key: crc32 of the name
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-def key_index(name: str) -> int:
-    """A process-independent integer per tensor name (Python's hash() is salted per process)."""
-    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+from .tensor_classes import ParamClass, ParamSpec, make_specs
 
 
 def _rule(name: str, shape: tuple[int, ...], freeze_vision: bool, freeze_nonlora: bool) -> ParamClass:
@@ -65,7 +37,7 @@ def _rule(name: str, shape: tuple[int, ...], freeze_vision: bool, freeze_nonlora
 
 def classify(named_shapes: Iterable[tuple[str, Sequence[int]]], cfg: Config) -> list[ParamSpec]:
     """A ParamSpec per tensor, in the model's parameter order."""
-    specs, seen = [], {}
+    named = []
     patterns = cfg.params.overrides
     for name, shape in named_shapes:
         shape = tuple(int(d) for d in shape)
@@ -73,17 +45,11 @@ def classify(named_shapes: Iterable[tuple[str, Sequence[int]]], cfg: Config) -> 
         for pattern, forced in patterns.items():
             if fnmatch.fnmatchcase(name, pattern):
                 cls = ParamClass(forced)
-        if cls is ParamClass.LORA and len(shape) != 2:
-            raise ConfigError(f"params.overrides makes {name} (shape {shape}) LORA, but only 2-D weights can take low-rank noise")
-        index = key_index(name)
-        if index in seen:
-            raise ConfigError(f"tensor names {seen[index]} and {name} collide on their noise key; rename one override")
-        seen[index] = name
-        specs.append(ParamSpec(name, shape, cls, index))
-    unused = [p for p in patterns if not any(fnmatch.fnmatchcase(s.name, p) for s in specs)]
+        named.append((name, shape, cls))
+    unused = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name, _, _ in named)]
     if unused:
         raise ConfigError(f"params.overrides pattern(s) {unused} match no tensor of this model")
-    return specs
+    return make_specs(named)
 
 
 def classify_model(model, cfg: Config) -> list[ParamSpec]:
@@ -118,7 +84,7 @@ def summarize(specs: list[ParamSpec], rank: int, bytes_per_value: int = 4) -> li
     rows = []
     for cls in ParamClass:
         group = [s for s in specs if s.cls is cls]
-        lowrank = sum((s.shape[0] + s.shape[1]) * rank if cls is ParamClass.LORA else s.numel for s in group) if cls is not ParamClass.FROZEN else 0
+        lowrank = sum(sum(s.matrix_shape) * rank if cls is ParamClass.LORA else s.numel for s in group) if cls is not ParamClass.FROZEN else 0
         fullrank = sum(s.numel for s in group) if cls is not ParamClass.FROZEN else 0
         rows.append({"class": cls.value, "tensors": len(group), "parameters": sum(s.numel for s in group),
                      "noise bytes/member (EGGROLL)": lowrank * bytes_per_value, "noise bytes/member (full-rank)": fullrank * bytes_per_value})

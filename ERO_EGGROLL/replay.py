@@ -16,8 +16,9 @@ from typing import Sequence
 import torch
 
 from .arc_evaluator import EvaluationError
-from .checkpointing import CheckpointError, RunState, assign_weights, load_checkpoint
+from .checkpointing import CheckpointError, RunState, load_checkpoint
 from .config import ConfigError, config_from_dict
+from .epoch_step import EpochStep
 from .model_loading import ModelLoadError, load_model
 from .perturbation import Perturber
 from .qwen_param_mapper import classify_model
@@ -25,19 +26,22 @@ from .run_identity import IdentityError, base_weights_digest, check_identity, id
 
 
 def replay_weights(model, state: RunState) -> dict[str, torch.Tensor]:
-    """Apply every recorded update (and degeneration-guard rollback) to `model`; return the evolvable tensors."""
+    """Apply every recorded epoch to `model` through the training's own epoch step; return the evolvable tensors.
+
+    The step's decisions (new best, degeneration-guard rollback) are recomputed from the recorded mean-model
+    fitness and must equal the recorded ones: a history that disagrees with itself is refused."""
     cfg = config_from_dict(state.config, "saved config")
     perturber = Perturber(model, cfg)
-    best = {k: v.detach().clone() for k, v in perturber.evolvable_state().items()}
+    step = EpochStep(perturber, RunState(), cfg.run.degeneration_patience)
     for row in state.history:
         if not row.get("fitness"):
-            continue  # epoch 0: the base model
-        epoch = row["epoch"] - 1
-        perturber.update(row["fitness"], epoch)
-        if row.get("new_best"):
-            best = {k: v.detach().clone() for k, v in perturber.evolvable_state().items()}
-        if row.get("rolled_back"):
-            assign_weights(model, best, "replayed best weights")
+            step.begin(row["mean_model_fitness"])  # epoch 0: the base model
+            continue
+        step.update(row["fitness"], row["epoch"] - 1)
+        decision = step.conclude(row["epoch"], row["mean_model_fitness"])
+        if (decision.new_best, decision.rolled_back) != (row["new_best"], row["rolled_back"]):
+            raise CheckpointError(f"epoch {row['epoch']} of the saved history records new_best={row['new_best']}, "
+                                  f"rolled_back={row['rolled_back']}, but its fitness gives {decision}: the history was altered")
     perturber.remove_hooks()
     return {k: v.detach().clone() for k, v in perturber.evolvable_state().items()}
 

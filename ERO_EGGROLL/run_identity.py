@@ -22,7 +22,7 @@ import torch
 from .arc_evaluator import resolved_decoding
 from .config import Config
 from .digest import files_digest
-from .qwen_param_mapper import ParamSpec
+from .tensor_classes import ParamSpec
 
 ALLOWED_TO_CHANGE: dict[str, str] = {
     "evolution.epochs": "how many epochs run, not what an epoch computes: a finished run can be extended",

@@ -76,16 +76,16 @@ def bench_model(name: str, model, processor, reps: int, extra: tuple[str, ...] =
     def jax_directions():
         for name in perturber.lora_names:
             w = perturber.params[name]
-            hs.lowrank_update(perturber.param_keys[name], tuple(w.shape), fitness, epoch=0, rank=cfg.evolution.rank,
-                              sigma=perturber.sigma[name]).block_until_ready()
+            hs.lowrank_update(perturber.plan.keys[name], tuple(w.shape), fitness, epoch=0, rank=cfg.evolution.rank,
+                              sigma=perturber.plan.sigma[name]).block_until_ready()
 
     def torch_directions():
         """The same contraction as one torch einsum over the DLPack'd factors of all members."""
         f = torch.from_numpy(fitness)
         for name in perturber.lora_names:
             w = perturber.params[name]
-            a, b = hs.population_lowrank_factors(perturber.param_keys[name], tuple(w.shape), epoch=0, members=range(16),
-                                                 rank=cfg.evolution.rank, sigma=perturber.sigma[name])
+            a, b = hs.population_lowrank_factors(perturber.plan.keys[name], tuple(w.shape), epoch=0, members=range(16),
+                                                 rank=cfg.evolution.rank, sigma=perturber.plan.sigma[name])
             torch.einsum("nir,njr->ij", f[:, None, None] * jax_to_torch(a), jax_to_torch(b)) / 4.0  # / sqrt(16)
 
     row["LORA update directions, JAX contraction s"] = median_seconds(jax_directions, reps)

@@ -29,6 +29,7 @@ from ERO_EGGROLL.disk import WriteError, publish_dir
 from ERO_EGGROLL.run_folder import RunFolderError, RunLock, claim_run_folders
 from ERO_EGGROLL.run_identity import ALLOWED_TO_CHANGE, IdentityError, check_identity, identity_of
 from ERO_EGGROLL.run_logging import NON_FINITE_FLAG, rewrite_metrics
+from ERO_EGGROLL.perturbation import Perturber
 from ERO_EGGROLL.qwen_param_mapper import classify_model
 
 
@@ -312,15 +313,17 @@ def test_disk_full_during_a_run_is_one_line_and_exit_2(copy_of_reference, signal
 # --- 7: bad input gets one line before the model loads -------------------------------------------
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"*": "FROZEN"}, "every tensor is FROZEN .* nothing would evolve"),
-    ({"model.language_model.embed_tokens.weight": "LORA"}, "makes model.language_model.embed_tokens.weight LORA, .*only to nn.Linear weights"),
+    ({"*": "FROZEN"}, "every tensor is FROZEN.* nothing would evolve"),
+    ({"model.language_model.norm.weight": "LORA"}, "model.language_model.norm.weight .* is classified LORA, but low-rank noise needs "
+                                                   "a tensor of 2 or more dimensions"),
 ])
 def test_classifications_that_cannot_evolve_are_refused(tiny, overrides, message):
     model, _ = tiny
     cfg = load_config(ROOT / "configs" / "smoke.yaml")
     cfg.params.overrides = overrides
     with pytest.raises(ConfigError, match=message):
-        script.check_evolvable(model, classify_model(model, cfg), cfg)
+        Perturber(model, cfg)
+    assert not any(m._forward_hooks for m in model.modules())  # a refused model is left as it was
 
 
 def test_task_errors_come_before_the_model_loads(tmp_path, signals, capsys):

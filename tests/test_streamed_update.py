@@ -57,12 +57,12 @@ def _reference_apply(weight: torch.Tensor, change: torch.Tensor, generator: torc
 def one_shot_update(perturber: Perturber, optimizer: _ReferenceAdam, raw_fitness, epoch: int) -> float:
     """The update as it was before streaming, kept as the reference: every tensor's direction first,
     the global norm over all of them, then the optimizer and rounding, all out of place. Returns the clip factor."""
-    evo = perturber.cfg.evolution
+    evo = perturber.evo
     fitness = hs.normalize_fitness(raw_fitness, evo.group_size)
     scale = evo.sigma_decay**epoch
     directions = {}
     for name, w in perturber.params.items():
-        key, sigma = perturber.param_keys[name], perturber.sigma[name] * scale
+        key, sigma = perturber.plan.keys[name], perturber.plan.sigma[name] * scale
         if perturber.classes[name] is ParamClass.LORA:
             delta = hs.lowrank_update(key, tuple(w.shape), fitness, epoch=epoch, rank=evo.rank, sigma=sigma, noise_reuse=evo.noise_reuse)
         else:
@@ -77,7 +77,7 @@ def one_shot_update(perturber: Perturber, optimizer: _ReferenceAdam, raw_fitness
             w = perturber.params[name]
             change = optimizer.change(name, direction * clip, w)
             sr = evo.stochastic_rounding and w.dtype == torch.bfloat16
-            _reference_apply(w, change, rounding_generator(perturber.cfg.seed, epoch, perturber.key_index[name], w.device) if sr else None)
+            _reference_apply(w, change, rounding_generator(perturber.seed, epoch, perturber.plan.specs[name].key_index, w.device) if sr else None)
     return clip
 
 
@@ -169,10 +169,10 @@ def test_contraction_in_torch_matches_the_jax_contraction(tiny):
     Forced here on the CPU: the same directions up to float32 summation order."""
     perturber = Perturber(copy.deepcopy(tiny[0]), small_config(population_size=6, sigma=0.5, sigma_mode="relative"))
     fitness = hs.normalize_fitness(FITNESS[0])
-    jax_side = {n: perturber._direction(n, fitness, 2, 1.0).clone() for n in perturber.lora_names}
-    perturber._contract_in_torch = True
+    jax_side = {n: perturber.plan.direction(n, fitness, 2).clone() for n in perturber.lora_names}
+    perturber.plan.contract_in_torch = True
     for name, expected in jax_side.items():
-        torch.testing.assert_close(perturber._direction(name, fitness, 2, 1.0), expected, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(perturber.plan.direction(name, fitness, 2), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_clipped_update_with_tied_pairs_moves_nothing(tiny):
@@ -180,7 +180,7 @@ def test_clipped_update_with_tied_pairs_moves_nothing(tiny):
     residue below zero used to crash the clip's sqrt); the dense contractions keep a rounding residue of ~1e-9."""
     streamed, _, _ = _pair(tiny, {"optimizer": "sgd", "lr": 0.5, "max_update_norm": 0.05}, torch.float32)
     fitness = hs.normalize_fitness([0.3, 0.3, 0.9, 0.9, 0.1, 0.1])
-    assert all(streamed._direction_sq_norm(n, fitness, 0, 1.0) == 0.0 for n in streamed.lora_names)
+    assert all(streamed.plan.direction_sq_norm(n, fitness, 0) == 0.0 for n in streamed.lora_names)
     before = {n: p.clone() for n, p in streamed.params.items()}
     stats = streamed.update([0.3, 0.3, 0.9, 0.9, 0.1, 0.1], 0)
     assert stats["update_norm"] < 1e-6 and stats["clip_scale"] == 1.0
