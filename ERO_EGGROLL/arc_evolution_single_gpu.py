@@ -4,71 +4,34 @@
     python ERO_EGGROLL/arc_evolution_single_gpu.py --resume checkpoints/default [--set evolution.epochs=12]
     python ERO_EGGROLL/arc_evolution_single_gpu.py --resume checkpoints/default/epoch_0003   # go back to an earlier epoch
 
-The loop, as in the paper: for each epoch, for each member in turn: perturb, evaluate, restore;
-then one fused update; then evaluate the new mean model, log, checkpoint.
+The loop, as in the paper (evolution_loop): for each epoch, for each member in turn: perturb, evaluate,
+restore; then one fused update; then evaluate the new mean model, log, checkpoint. This script reads the
+config, checks what can be checked before the model loads, owns the run's folders and exports the result.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-from tqdm import tqdm
-
-from ERO_EGGROLL.arc_evaluator import (
-    EvalResult, EvaluationError, evaluate, evaluate_members, prepare, questions_for, resolved_decoding, results_table, write_table,
-)
+from ERO_EGGROLL.arc_evaluator import EvalResult, EvaluationError, results_table, write_table
 from ERO_EGGROLL.arc_task import ArcDataError, load_tasks
-from ERO_EGGROLL.checkpointing import (EPOCH_DIR, LATEST, CheckpointError, RunState, assign_weights, best_weights_for, latest_dir,
-                                       load_checkpoint, read_state, repair_latest, rewind, save_checkpoint)
+from ERO_EGGROLL.checkpointing import EPOCH_DIR, CheckpointError, RunState, assign_weights, latest_dir, read_state, run_started
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, ConfigError, config_from_dict, load_config
 from ERO_EGGROLL.disk import WriteError, publish_dir, writing
-from ERO_EGGROLL.epoch_step import EpochStep
-from ERO_EGGROLL.memory import auto_members_per_batch, measured_peak_rss_bytes, peak_memory_scope, preflight, reset_peak_memory
+from ERO_EGGROLL.evolution_loop import evolve
+from ERO_EGGROLL.memory import preflight
 from ERO_EGGROLL.model_loading import ModelLoadError, check_checkpoint_dir, load_model
-from ERO_EGGROLL.perturbation import Perturber
 from ERO_EGGROLL.qwen_param_mapper import classify_model
 from ERO_EGGROLL.run_folder import RunFolderError, RunLock, claim_run_folders
-from ERO_EGGROLL.run_identity import IdentityError, base_weights_digest, check_identity, identity_of
-from ERO_EGGROLL.run_logging import plot_fitness, rewrite_metrics, write_resolved_config
-from ERO_EGGROLL.tensor_classes import ParamSpec
-
-
-class RunInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; raised at the next safe point (never inside a checkpoint write)."""
-
-
-class StopFlag:
-    """Signal handlers only set this flag; the loop checks it between members and after checkpoints."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
-
-    def check(self) -> None:
-        if self.signal_name:
-            raise RunInterrupted(self.signal_name)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return measured_peak_rss_bytes() / 2**20
+from ERO_EGGROLL.run_identity import IdentityError, base_weights_digest
+from ERO_EGGROLL.stop_signals import RunInterrupted, StopFlag
 
 
 def ensure_model(cfg: Config) -> None:
@@ -79,134 +42,6 @@ def ensure_model(cfg: Config) -> None:
 
         print(f"building the embedded tiny Qwen2.5-VL into {path} (once, about two minutes on a CPU)")
         build_tiny_model(path)
-
-
-# Streams of integers that name each evaluation, so that sampled decoding is seeded per (seed, stream, question).
-MEMBER_STREAM, MEAN_MODEL_STREAM, MEAN_MODEL_TEST_STREAM, BEST_MODEL_STREAM = 0, 1, 2, 3
-
-
-def evaluate_mean_model(model, processor, fitness_questions, test_questions, cfg: Config, epoch: int) -> dict:
-    """The mean model after `epoch` updates (0: the base model) on the fitness and the test questions."""
-    result = evaluate(model, processor, fitness_questions, cfg, (MEAN_MODEL_STREAM, epoch))
-    test = result if test_questions is fitness_questions else evaluate(model, processor, test_questions, cfg, (MEAN_MODEL_TEST_STREAM, epoch))
-    mean = lambda per_task: sum(per_task.values()) / len(per_task)
-    return {"mean_model_fitness": result.fitness, "mean_model_test_score": test.fitness,
-            "mean_model_exact": mean(test.metric("exact")), "mean_model_cell_accuracy": mean(test.metric("cell_accuracy")),
-            "answers": [a.text for a in test.answers]}
-
-
-def members_per_batch(cfg: Config, model, perturber: Perturber, prepared) -> int:
-    k = cfg.evaluation.members_per_batch
-    if k == "auto":
-        p = next(model.parameters())
-        k = auto_members_per_batch(cfg, model.config.to_dict(), perturber.specs, prepared, p.device, str(p.dtype).removeprefix("torch."))
-        print(f"evaluation.members_per_batch auto: {k} member(s) per generate call")
-    return min(k, cfg.evolution.population_size)
-
-
-def evaluate_population(perturber: Perturber, model, processor, prepared, cfg: Config, epoch: int, k: int, stop: StopFlag) -> list[float]:
-    """Every member's fitness: one at a time (k = 1, the reference), or k members per generate call."""
-    fitness: list[float] = []
-    n = cfg.evolution.population_size
-    bar = tqdm(total=n, desc=f"epoch {epoch + 1} members", unit="member", leave=False)
-    for first in range(0, n, k):
-        ids = list(range(first, min(first + k, n)))
-        if len(ids) == 1:
-            with perturber.member(epoch, ids[0]):
-                fitness.append(evaluate(model, processor, prepared, cfg, (MEMBER_STREAM, epoch, ids[0])).fitness)
-        else:  # greedy decoding only (config validation), so the stream of the first member is enough
-            with perturber.members(epoch, ids):
-                fitness += [r.fitness for r in evaluate_members(model, processor, prepared, cfg, len(ids), (MEMBER_STREAM, epoch, ids[0]))]
-        bar.update(len(ids))
-        bar.set_postfix(fitness=f"{fitness[-1]:.3f}", best=f"{max(fitness):.3f}")
-        stop.check()
-    bar.close()
-    return fitness
-
-
-def _started(ckpt_dir: Path) -> bool:
-    return (ckpt_dir / LATEST).exists() or any(ckpt_dir.glob("epoch_*"))
-
-
-def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, stop: StopFlag, resume_from: Path | None,
-           specs: list[ParamSpec], base_weights: str) -> dict:
-    """One evolution (all tasks jointly, or one task in per_task mode). Returns the best model's test result row data.
-
-    `resume_from`: None (a new run), the run's checkpoint folder (continue from its newest checkpoint), or one of its
-    epoch_NNNN/ directories (go back there; later epochs are moved aside). Resume is exact or refused."""
-    evo = cfg.evolution
-    param = next(model.parameters())
-    device = param.device
-    perturber = Perturber(model, cfg, specs)
-    fitness_q = prepare(questions_for(tasks, cfg, "fitness"), processor, cfg)
-    test_q = fitness_q if cfg.data.fitness_source == "test" else prepare(questions_for(tasks, cfg, "test"), processor, cfg)
-    k = members_per_batch(cfg, model, perturber, fitness_q)
-    identity = identity_of(cfg, specs, device_type=device.type, dtype=param.dtype, members_per_batch=k, base_weights=base_weights)
-    state, best_weights = RunState(identity=identity, config=cfg.to_dict()), None
-    if resume_from is not None and (cfg.evolution.mode == "joint" or _started(ckpt_dir)):  # per_task: a task not reached yet starts afresh
-        if resume_from == ckpt_dir:
-            repair_latest(ckpt_dir)
-        weights, optimizer_tensors, state = load_checkpoint(resume_from)
-        check_identity(state.identity, identity, str(resume_from), "resume")
-        if resume_from != ckpt_dir:
-            rewind(ckpt_dir, resume_from)
-        if evo.epochs < state.epoch:
-            raise ConfigError(f"evolution.epochs {evo.epochs} is less than the {state.epoch} epochs {ckpt_dir} already ran; "
-                              f"to go back, resume from {ckpt_dir}/epoch_{evo.epochs:04d}")
-        state.config = cfg.to_dict()  # e.g. more epochs: later resumes and replays see the config in force
-        state.finished = state.epoch == evo.epochs or state.history[-1]["mean_model_fitness"] >= cfg.run.target_fitness
-        assign_weights(model, weights, str(ckpt_dir), expected=perturber.evolvable_state())
-        perturber.optimizer.load_state(state.optimizer_step, optimizer_tensors)
-        best_weights = best_weights_for(ckpt_dir, state)
-        print(f"resumed {ckpt_dir} after epoch {state.epoch}")
-    step = EpochStep(perturber, state, cfg.run.degeneration_patience, best_weights)
-    write_resolved_config(run_dir, cfg.to_dict())
-    if state.finished:
-        print(f"{ckpt_dir}: already finished")
-    if not state.history:  # epoch 0: the base model
-        start = time.perf_counter()
-        row = {"epoch": 0, "decoding": resolved_decoding(cfg), **evaluate_mean_model(model, processor, fitness_q, test_q, cfg, 0)}
-        row.update(seconds=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(device), peak_memory_scope=peak_memory_scope(device),
-                   new_best=True, rolled_back=False)
-        state.history.append(row)
-        step.begin(row["mean_model_fitness"])
-        save_checkpoint(ckpt_dir, perturber.evolvable_state(), {}, state, keep=True, best=True)
-        print(f"epoch 0 (base model): fitness {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}")
-    epochs = tqdm(range(state.epoch, evo.epochs), desc=f"{cfg.run.name} epochs", unit="epoch", initial=state.epoch, total=evo.epochs)
-    for epoch in epochs:
-        if state.finished:
-            break
-        start = time.perf_counter()
-        reset_peak_memory(device)
-        fitness = evaluate_population(perturber, model, processor, fitness_q, cfg, epoch, k, stop)
-        stats = step.update(fitness, epoch)
-        row = {"epoch": epoch + 1, "fitness": fitness, "member_mean": sum(fitness) / len(fitness),
-               "member_max": max(fitness), "member_min": min(fitness),
-               **evaluate_mean_model(model, processor, fitness_q, test_q, cfg, epoch + 1),
-               "lr": stats["lr"], "sigma_scale": stats["sigma_scale"], "update_norm": stats["update_norm"],
-               "fraction_changed": stats["fraction_changed"], "lost_update_fraction": stats["lost_update_fraction"]}
-        decision = step.conclude(epoch + 1, row["mean_model_fitness"])
-        row.update(new_best=decision.new_best, rolled_back=decision.rolled_back, seconds=time.perf_counter() - start,
-                   peak_memory_mb=peak_memory_mb(device))
-        state.history.append(row)
-        state.finished = state.epoch == evo.epochs or row["mean_model_fitness"] >= cfg.run.target_fitness
-        keep = state.epoch % cfg.run.save_every == 0 or state.finished
-        save_checkpoint(ckpt_dir, perturber.evolvable_state(), perturber.optimizer.state_tensors(), state, keep=keep, best=row["new_best"])
-        rewrite_metrics(run_dir, state.history)
-        tqdm.write(f"epoch {epoch + 1}/{evo.epochs}: members {row['member_mean']:.4f} [{row['member_min']:.4f}, {row['member_max']:.4f}]  "
-                   f"mean model {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
-                   f"cells {row['mean_model_cell_accuracy']:.4f}  |dW| {row['update_norm']:.3g}  {row['seconds']:.1f}s"
-                   + ("  (new best)" if row["new_best"] else "") + ("  (rolled back to best)" if row["rolled_back"] else ""))
-        epochs.set_postfix(fitness=f"{row['mean_model_fitness']:.3f}", best=f"{state.best_fitness:.3f}")
-        stop.check()
-        if state.finished and state.epoch < evo.epochs:
-            tqdm.write(f"target fitness {cfg.run.target_fitness} reached: stopping early")
-    perturber.remove_hooks()
-    rewrite_metrics(run_dir, state.history)
-    plot_fitness(run_dir, state.history, f"{cfg.run.name}: {', '.join(t.id for t in tasks)}")
-    assign_weights(model, step.best_weights, "best weights")
-    best_test = evaluate(model, processor, test_q, cfg, (BEST_MODEL_STREAM,))
-    return {"best_epoch": state.best_epoch, "best_result": best_test}
 
 
 def export_best_model(model, processor, out_dir: Path) -> None:
@@ -277,9 +112,9 @@ def _saved_state(resume: Path) -> RunState:
     """The state to read a resumed run's config from: that checkpoint, the run's newest, or (per_task) its first task's."""
     if (resume / "state.json").is_file():
         return read_state(resume)
-    if _started(resume):
+    if run_started(resume):
         return read_state(latest_dir(resume)[0])  # a damaged LATEST is reported (and rebuilt) by the resume itself
-    tasks = sorted(p for p in resume.iterdir() if p.is_dir() and _started(p)) if resume.is_dir() else []
+    tasks = sorted(p for p in resume.iterdir() if p.is_dir() and run_started(p)) if resume.is_dir() else []
     if not tasks:
         raise CheckpointError(f"{resume} holds no checkpoint (no LATEST file, no epoch_NNNN/); give the run's checkpoints/<run> folder")
     return read_state(latest_dir(tasks[0])[0])

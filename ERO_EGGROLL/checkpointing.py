@@ -309,3 +309,8 @@ def load_evaluated_model(cfg, checkpoint: str | None):
     model, processor = load_model(cfg)
     assign_weights(model, weights, str(path))
     return model, processor
+
+
+def run_started(run_ckpt_dir: Path) -> bool:
+    """Whether a run (or a per_task task) has saved anything in this folder."""
+    return (run_ckpt_dir / LATEST).exists() or any(run_ckpt_dir.glob("epoch_*"))

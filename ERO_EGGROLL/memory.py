@@ -350,7 +350,7 @@ def report(cfg: Config) -> str:
     from .arc_task import load_tasks
 
     plan = plan_run(cfg, load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids))
-    source, specs, work, dtype, on_gpu = plan.source, plan.specs, plan.work, plan.dtype, plan.on_gpu
+    source, work, dtype, on_gpu = plan.source, plan.work, plan.dtype, plan.on_gpu
     est = plan.estimate(cfg)
     lines = [f"architecture {source}; {dtype} on {'GPU' if on_gpu else 'CPU'}; population {cfg.evolution.population_size}, rank {cfg.evolution.rank}",
              f"longest generate call (estimated): {work.prompt_tokens} prompt + {work.new_tokens} new tokens x batch {work.batch}, "

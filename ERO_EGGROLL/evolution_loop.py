@@ -1,0 +1,110 @@
+"""One evolution: epoch 0 (the base model), then for each epoch the population's fitness, the epoch step, the
+mean model's evaluation, metrics and a checkpoint; resume is exact or refused.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .arc_evaluator import evaluate, prepare, questions_for, resolved_decoding
+from .checkpointing import RunState, assign_weights, best_weights_for, load_checkpoint, repair_latest, rewind, run_started, save_checkpoint
+from .config import Config, ConfigError
+from .epoch_step import EpochStep
+from .memory import measured_peak_rss_bytes, peak_memory_scope, reset_peak_memory
+from .perturbation import Perturber
+from .population import BEST_MODEL_STREAM, evaluate_mean_model, evaluate_population, members_per_batch
+from .run_identity import check_identity, identity_of
+from .run_logging import plot_fitness, rewrite_metrics, write_resolved_config
+from .stop_signals import StopFlag
+from .tensor_classes import ParamSpec
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return measured_peak_rss_bytes() / 2**20
+
+
+def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, stop: StopFlag, resume_from: Path | None,
+           specs: list[ParamSpec], base_weights: str) -> dict:
+    """One evolution (all tasks jointly, or one task in per_task mode). Returns the best model's test result row data.
+
+    `resume_from`: None (a new run), the run's checkpoint folder (continue from its newest checkpoint), or one of its
+    epoch_NNNN/ directories (go back there; later epochs are moved aside). Resume is exact or refused."""
+    evo = cfg.evolution
+    param = next(model.parameters())
+    device = param.device
+    perturber = Perturber(model, cfg, specs)
+    fitness_q = prepare(questions_for(tasks, cfg, "fitness"), processor, cfg)
+    test_q = fitness_q if cfg.data.fitness_source == "test" else prepare(questions_for(tasks, cfg, "test"), processor, cfg)
+    k = members_per_batch(cfg, model, perturber, fitness_q)
+    identity = identity_of(cfg, specs, device_type=device.type, dtype=param.dtype, members_per_batch=k, base_weights=base_weights)
+    state, best_weights = RunState(identity=identity, config=cfg.to_dict()), None
+    if resume_from is not None and (cfg.evolution.mode == "joint" or run_started(ckpt_dir)):  # per_task: a task not reached yet starts afresh
+        if resume_from == ckpt_dir:
+            repair_latest(ckpt_dir)
+        weights, optimizer_tensors, state = load_checkpoint(resume_from)
+        check_identity(state.identity, identity, str(resume_from), "resume")
+        if resume_from != ckpt_dir:
+            rewind(ckpt_dir, resume_from)
+        if evo.epochs < state.epoch:
+            raise ConfigError(f"evolution.epochs {evo.epochs} is less than the {state.epoch} epochs {ckpt_dir} already ran; "
+                              f"to go back, resume from {ckpt_dir}/epoch_{evo.epochs:04d}")
+        state.config = cfg.to_dict()  # e.g. more epochs: later resumes and replays see the config in force
+        state.finished = state.epoch == evo.epochs or state.history[-1]["mean_model_fitness"] >= cfg.run.target_fitness
+        assign_weights(model, weights, str(ckpt_dir), expected=perturber.evolvable_state())
+        perturber.optimizer.load_state(state.optimizer_step, optimizer_tensors)
+        best_weights = best_weights_for(ckpt_dir, state)
+        print(f"resumed {ckpt_dir} after epoch {state.epoch}")
+    step = EpochStep(perturber, state, cfg.run.degeneration_patience, best_weights)
+    write_resolved_config(run_dir, cfg.to_dict())
+    if state.finished:
+        print(f"{ckpt_dir}: already finished")
+    if not state.history:  # epoch 0: the base model
+        start = time.perf_counter()
+        row = {"epoch": 0, "decoding": resolved_decoding(cfg), **evaluate_mean_model(model, processor, fitness_q, test_q, cfg, 0)}
+        row.update(seconds=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(device), peak_memory_scope=peak_memory_scope(device),
+                   new_best=True, rolled_back=False)
+        state.history.append(row)
+        step.begin(row["mean_model_fitness"])
+        save_checkpoint(ckpt_dir, perturber.evolvable_state(), {}, state, keep=True, best=True)
+        print(f"epoch 0 (base model): fitness {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}")
+    epochs = tqdm(range(state.epoch, evo.epochs), desc=f"{cfg.run.name} epochs", unit="epoch", initial=state.epoch, total=evo.epochs)
+    for epoch in epochs:
+        if state.finished:
+            break
+        start = time.perf_counter()
+        reset_peak_memory(device)
+        fitness = evaluate_population(perturber, model, processor, fitness_q, cfg, epoch, k, stop)
+        stats = step.update(fitness, epoch)
+        row = {"epoch": epoch + 1, "fitness": fitness, "member_mean": sum(fitness) / len(fitness),
+               "member_max": max(fitness), "member_min": min(fitness),
+               **evaluate_mean_model(model, processor, fitness_q, test_q, cfg, epoch + 1),
+               "lr": stats["lr"], "sigma_scale": stats["sigma_scale"], "update_norm": stats["update_norm"],
+               "fraction_changed": stats["fraction_changed"], "lost_update_fraction": stats["lost_update_fraction"]}
+        decision = step.conclude(epoch + 1, row["mean_model_fitness"])
+        row.update(new_best=decision.new_best, rolled_back=decision.rolled_back, seconds=time.perf_counter() - start,
+                   peak_memory_mb=peak_memory_mb(device))
+        state.history.append(row)
+        state.finished = state.epoch == evo.epochs or row["mean_model_fitness"] >= cfg.run.target_fitness
+        keep = state.epoch % cfg.run.save_every == 0 or state.finished
+        save_checkpoint(ckpt_dir, perturber.evolvable_state(), perturber.optimizer.state_tensors(), state, keep=keep, best=row["new_best"])
+        rewrite_metrics(run_dir, state.history)
+        tqdm.write(f"epoch {epoch + 1}/{evo.epochs}: members {row['member_mean']:.4f} [{row['member_min']:.4f}, {row['member_max']:.4f}]  "
+                   f"mean model {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
+                   f"cells {row['mean_model_cell_accuracy']:.4f}  |dW| {row['update_norm']:.3g}  {row['seconds']:.1f}s"
+                   + ("  (new best)" if row["new_best"] else "") + ("  (rolled back to best)" if row["rolled_back"] else ""))
+        epochs.set_postfix(fitness=f"{row['mean_model_fitness']:.3f}", best=f"{state.best_fitness:.3f}")
+        stop.check()
+        if state.finished and state.epoch < evo.epochs:
+            tqdm.write(f"target fitness {cfg.run.target_fitness} reached: stopping early")
+    perturber.remove_hooks()
+    rewrite_metrics(run_dir, state.history)
+    plot_fitness(run_dir, state.history, f"{cfg.run.name}: {', '.join(t.id for t in tasks)}")
+    assign_weights(model, step.best_weights, "best weights")
+    best_test = evaluate(model, processor, test_q, cfg, (BEST_MODEL_STREAM,))
+    return {"best_epoch": state.best_epoch, "best_result": best_test}

@@ -1,0 +1,57 @@
+"""Scoring a population: every member's fitness in member order, one at a time or K members per generate call.
+
+Also the mean model's evaluation (fitness and test questions), and the integer streams that name
+each evaluation so that sampled decoding is seeded per (seed, stream, question).
+"""
+
+from __future__ import annotations
+
+from tqdm import tqdm
+
+from .arc_evaluator import evaluate, evaluate_members
+from .config import Config
+from .memory import auto_members_per_batch
+from .perturbation import Perturber
+from .stop_signals import StopFlag
+
+# Streams of integers that name each evaluation, so that sampled decoding is seeded per (seed, stream, question).
+MEMBER_STREAM, MEAN_MODEL_STREAM, MEAN_MODEL_TEST_STREAM, BEST_MODEL_STREAM = 0, 1, 2, 3
+
+
+def evaluate_mean_model(model, processor, fitness_questions, test_questions, cfg: Config, epoch: int) -> dict:
+    """The mean model after `epoch` updates (0: the base model) on the fitness and the test questions."""
+    result = evaluate(model, processor, fitness_questions, cfg, (MEAN_MODEL_STREAM, epoch))
+    test = result if test_questions is fitness_questions else evaluate(model, processor, test_questions, cfg, (MEAN_MODEL_TEST_STREAM, epoch))
+    mean = lambda per_task: sum(per_task.values()) / len(per_task)
+    return {"mean_model_fitness": result.fitness, "mean_model_test_score": test.fitness,
+            "mean_model_exact": mean(test.metric("exact")), "mean_model_cell_accuracy": mean(test.metric("cell_accuracy")),
+            "answers": [a.text for a in test.answers]}
+
+
+def members_per_batch(cfg: Config, model, perturber: Perturber, prepared) -> int:
+    k = cfg.evaluation.members_per_batch
+    if k == "auto":
+        p = next(model.parameters())
+        k = auto_members_per_batch(cfg, model.config.to_dict(), perturber.specs, prepared, p.device, str(p.dtype).removeprefix("torch."))
+        print(f"evaluation.members_per_batch auto: {k} member(s) per generate call")
+    return min(k, cfg.evolution.population_size)
+
+
+def evaluate_population(perturber: Perturber, model, processor, prepared, cfg: Config, epoch: int, k: int, stop: StopFlag) -> list[float]:
+    """Every member's fitness: one at a time (k = 1, the reference), or k members per generate call."""
+    fitness: list[float] = []
+    n = cfg.evolution.population_size
+    bar = tqdm(total=n, desc=f"epoch {epoch + 1} members", unit="member", leave=False)
+    for first in range(0, n, k):
+        ids = list(range(first, min(first + k, n)))
+        if len(ids) == 1:
+            with perturber.member(epoch, ids[0]):
+                fitness.append(evaluate(model, processor, prepared, cfg, (MEMBER_STREAM, epoch, ids[0])).fitness)
+        else:  # greedy decoding only (config validation), so the stream of the first member is enough
+            with perturber.members(epoch, ids):
+                fitness += [r.fitness for r in evaluate_members(model, processor, prepared, cfg, len(ids), (MEMBER_STREAM, epoch, ids[0]))]
+        bar.update(len(ids))
+        bar.set_postfix(fitness=f"{fitness[-1]:.3f}", best=f"{max(fitness):.3f}")
+        stop.check()
+    bar.close()
+    return fitness
