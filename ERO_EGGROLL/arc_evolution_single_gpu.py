@@ -11,10 +11,8 @@ then one fused update; then evaluate the new mean model, log, checkpoint.
 from __future__ import annotations
 
 import argparse
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,8 +29,10 @@ from ERO_EGGROLL.arc_task import ArcDataError, load_tasks
 from ERO_EGGROLL.checkpointing import (EPOCH_DIR, LATEST, CheckpointError, RunState, assign_weights, best_weights_for, latest_dir,
                                        load_checkpoint, read_state, repair_latest, rewind, save_checkpoint)
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, ConfigError, config_from_dict, load_config
-from ERO_EGGROLL.disk import WriteError, publish_dir, writing
+from ERO_EGGROLL.disk import WriteError, writing
+from ERO_EGGROLL.export import ExportError, export_model
 from ERO_EGGROLL.memory import auto_members_per_batch, measured_peak_rss_bytes, peak_memory_scope, preflight, reset_peak_memory
+from ERO_EGGROLL.model_card import model_card
 from ERO_EGGROLL.model_loading import ModelLoadError, check_checkpoint_dir, load_model
 from ERO_EGGROLL.perturbation import Perturber
 from ERO_EGGROLL.qwen_param_mapper import ParamClass, ParamSpec, classify_model
@@ -228,22 +228,14 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
     plot_fitness(run_dir, state.history, f"{cfg.run.name}: {', '.join(t.id for t in tasks)}")
     assign_weights(model, best_weights, "best weights")
     best_test = evaluate(model, processor, test_q, cfg, (BEST_MODEL_STREAM,))
-    return {"best_epoch": state.best_epoch, "best_result": best_test}
+    return {"best_epoch": state.best_epoch, "best_result": best_test, "history": state.history}
 
 
-def export_best_model(model, processor, out_dir: Path) -> None:
-    """save_pretrained of the best weights into a fresh directory, then published atomically as `out_dir`."""
-    with writing(out_dir):
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        with writing(staging):
-            model.save_pretrained(staging)
-            processor.save_pretrained(staging)
-        publish_dir(staging, out_dir)
-    finally:
-        if staging.exists():  # only when something failed before the rename
-            shutil.rmtree(staging, ignore_errors=True)
+def export_best_model(model, cfg: Config, task_ids: list[str], evolved: dict, ckpt_dir: Path, run_dir: Path) -> None:
+    """ckpt_dir/best_model: the base model's folder with the best weights and a model card (export.py), published atomically."""
+    card = lambda report: model_card(cfg, task_ids, evolved["history"], evolved["best_epoch"], evolved["best_result"], ckpt_dir,
+                                     run_dir / "fitness_curve.png", report)
+    export_model(model, cfg.resolve_path(cfg.model.path), ckpt_dir / "best_model", card)
 
 
 def run(cfg: Config, resume: Path | None, overwrite: bool, stop: StopFlag) -> Path:
@@ -277,7 +269,7 @@ def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: S
     if cfg.evolution.mode == "joint":
         out = evolve(cfg, model, processor, tasks, run_dir, ckpt_dir, stop, resume_from(ckpt_dir), specs, base_weights)
         best_result = out["best_result"]
-        export_best_model(model, processor, ckpt_dir / "best_model")
+        export_best_model(model, cfg, [t.id for t in tasks], out, ckpt_dir, run_dir)
     else:
         base = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
         answers, per_task = [], {}
@@ -285,7 +277,7 @@ def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: S
             assign_weights(model, base, "base weights")
             out = evolve(cfg, model, processor, [task], run_dir / task.id, ckpt_dir / task.id, stop, resume_from(ckpt_dir / task.id),
                          specs, base_weights)
-            export_best_model(model, processor, ckpt_dir / task.id / "best_model")
+            export_best_model(model, cfg, [task.id], out, ckpt_dir / task.id, run_dir / task.id)
             per_task.update(out["best_result"].per_task)
             answers += out["best_result"].answers
         best_result = EvalResult(per_task, answers)
@@ -344,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
               f"  python ERO_EGGROLL/arc_evolution_single_gpu.py --resume {cfg.checkpoint_path}", file=sys.stderr)
         return 130
     except (ConfigError, ArcDataError, ModelLoadError, CheckpointError, EvaluationError, IdentityError, WriteError,
-            RunFolderError) as err:
+            RunFolderError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

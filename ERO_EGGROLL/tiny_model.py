@@ -4,7 +4,8 @@ Real architecture, random weights, a byte-level BPE tokenizer trained here with 
 special tokens and a Qwen2.5-VL-style chat template, and a short backprop pretraining on ARC-1
 TRAINING-split prompts so that it answers in grid syntax, as the real 7B does. The evaluation
 split (where the ERO tasks live) is never seen. Saved with save_pretrained, loaded through the
-same `load_model` as a downloaded 7B checkpoint.
+same `load_model` as a downloaded 7B checkpoint. Its processor files name the stock Qwen2_5_VLProcessor,
+so the folder is a standard Qwen2.5-VL folder (the image-only class is how this project loads it).
 """
 
 from __future__ import annotations
