@@ -20,7 +20,6 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from tqdm import tqdm
 
 from ERO_EGGROLL.arc_evaluator import (
     EvalResult, EvaluationError, evaluate, evaluate_members, prepare, questions_for, resolved_decoding, results_table, write_table,
@@ -35,6 +34,7 @@ from ERO_EGGROLL.memory import auto_members_per_batch, measured_peak_rss_bytes, 
 from ERO_EGGROLL.model_card import model_card
 from ERO_EGGROLL.model_loading import ModelLoadError, check_checkpoint_dir, load_model
 from ERO_EGGROLL.perturbation import Perturber
+from ERO_EGGROLL.progress import bar, summary
 from ERO_EGGROLL.qwen_param_mapper import ParamClass, ParamSpec, classify_model
 from ERO_EGGROLL.run_folder import RunFolderError, RunLock, claim_run_folders
 from ERO_EGGROLL.run_identity import IdentityError, base_weights_digest, check_identity, identity_of
@@ -106,7 +106,7 @@ def evaluate_population(perturber: Perturber, model, processor, prepared, cfg: C
     """Every member's fitness: one at a time (k = 1, the reference), or k members per generate call."""
     fitness: list[float] = []
     n = cfg.evolution.population_size
-    bar = tqdm(total=n, desc=f"epoch {epoch + 1} members", unit="member", leave=False)
+    members = bar(total=n, desc=f"epoch {epoch + 1} members", unit="member", leave=False)
     for first in range(0, n, k):
         ids = list(range(first, min(first + k, n)))
         if len(ids) == 1:
@@ -115,10 +115,10 @@ def evaluate_population(perturber: Perturber, model, processor, prepared, cfg: C
         else:  # greedy decoding only (config validation), so the stream of the first member is enough
             with perturber.members(epoch, ids):
                 fitness += [r.fitness for r in evaluate_members(model, processor, prepared, cfg, len(ids), (MEMBER_STREAM, epoch, ids[0]))]
-        bar.update(len(ids))
-        bar.set_postfix(fitness=f"{fitness[-1]:.3f}", best=f"{max(fitness):.3f}")
+        members.update(len(ids))
+        members.set_postfix(fitness=f"{fitness[-1]:.3f}", best=f"{max(fitness):.3f}")
         stop.check()
-    bar.close()
+    members.close()
     return fitness
 
 
@@ -185,7 +185,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         best_weights = {k: v.detach().cpu().clone() for k, v in perturber.evolvable_state().items()}
         save_checkpoint(ckpt_dir, perturber.evolvable_state(), {}, state, keep=True, best=True)
         print(f"epoch 0 (base model): fitness {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}")
-    epochs = tqdm(range(state.epoch, evo.epochs), desc=f"{cfg.run.name} epochs", unit="epoch", initial=state.epoch, total=evo.epochs)
+    epochs = bar(range(state.epoch, evo.epochs), desc=f"{cfg.run.name} epochs", unit="epoch", initial=state.epoch, total=evo.epochs)
     for epoch in epochs:
         if state.finished:
             break
@@ -215,14 +215,14 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         keep = state.epoch % cfg.run.save_every == 0 or state.finished
         save_checkpoint(ckpt_dir, perturber.evolvable_state(), perturber.optimizer.state_tensors(), state, keep=keep, best=row["new_best"])
         rewrite_metrics(run_dir, state.history)
-        tqdm.write(f"epoch {epoch + 1}/{evo.epochs}: members {row['member_mean']:.4f} [{row['member_min']:.4f}, {row['member_max']:.4f}]  "
-                   f"mean model {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
-                   f"cells {row['mean_model_cell_accuracy']:.4f}  |dW| {row['update_norm']:.3g}  {row['seconds']:.1f}s"
-                   + ("  (new best)" if row["new_best"] else "") + ("  (rolled back to best)" if row["rolled_back"] else ""))
+        summary(f"epoch {epoch + 1}/{evo.epochs}: members {row['member_mean']:.4f} [{row['member_min']:.4f}, {row['member_max']:.4f}]  "
+                f"mean model {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
+                f"cells {row['mean_model_cell_accuracy']:.4f}  |dW| {row['update_norm']:.3g}  {row['seconds']:.1f}s"
+                + ("  (new best)" if row["new_best"] else "") + ("  (rolled back to best)" if row["rolled_back"] else ""))
         epochs.set_postfix(fitness=f"{row['mean_model_fitness']:.3f}", best=f"{state.best_fitness:.3f}")
         stop.check()
         if state.finished and state.epoch < evo.epochs:
-            tqdm.write(f"target fitness {cfg.run.target_fitness} reached: stopping early")
+            summary(f"target fitness {cfg.run.target_fitness} reached: stopping early")
     perturber.remove_hooks()
     rewrite_metrics(run_dir, state.history)
     plot_fitness(run_dir, state.history, f"{cfg.run.name}: {', '.join(t.id for t in tasks)}")
@@ -278,6 +278,9 @@ def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: S
             out = evolve(cfg, model, processor, [task], run_dir / task.id, ckpt_dir / task.id, stop, resume_from(ckpt_dir / task.id),
                          specs, base_weights)
             export_best_model(model, cfg, [task.id], out, ckpt_dir / task.id, run_dir / task.id)
+            result = out["best_result"]
+            summary(f"task {task.id}: best epoch {out['best_epoch']}, test score {result.fitness:.4f}, "
+                    f"cells {result.metric('cell_accuracy')[task.id]:.4f}, exact {result.metric('exact')[task.id]:.4f}")
             per_task.update(out["best_result"].per_task)
             answers += out["best_result"].answers
         best_result = EvalResult(per_task, answers)

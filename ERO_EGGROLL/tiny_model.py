@@ -16,9 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-
 from .arc_task import ArcTask, Pair, load_tasks
+from .progress import bar
 from .prompts import Question, SYSTEM_PROMPT, answer_text, build_messages
 
 SPECIAL_TOKENS = [
@@ -137,7 +136,7 @@ def _pretrain(model, tokenizer, tasks: list[ArcTask], steps: int, batch_size: in
     pad = tokenizer.pad_token_id
     losses = []
     model.train()
-    for _ in (bar := tqdm(range(steps), desc="pretraining tiny model", unit="step", leave=False)):
+    for _ in (steps_bar := bar(range(steps), total=steps, desc="pretraining tiny model", unit="step", leave=False)):
         batch = _pretraining_examples(tokenizer, tasks, batch_size, rng)
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), pad)
@@ -154,7 +153,7 @@ def _pretrain(model, tokenizer, tasks: list[ArcTask], steps: int, batch_size: in
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        steps_bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return losses
 
