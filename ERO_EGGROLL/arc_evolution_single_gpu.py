@@ -30,6 +30,7 @@ from ERO_EGGROLL.checkpointing import (EPOCH_DIR, LATEST, CheckpointError, RunSt
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, ConfigError, config_from_dict, load_config
 from ERO_EGGROLL.disk import WriteError, writing
 from ERO_EGGROLL.export import ExportError, export_model
+from ERO_EGGROLL.loggers import Loggers, check_available as check_loggers
 from ERO_EGGROLL.memory import auto_members_per_batch, measured_peak_rss_bytes, peak_memory_scope, preflight, reset_peak_memory
 from ERO_EGGROLL.model_card import model_card
 from ERO_EGGROLL.model_loading import ModelLoadError, check_checkpoint_dir, load_model
@@ -173,6 +174,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         best_weights = best_weights_for(ckpt_dir, state)
         print(f"resumed {ckpt_dir} after epoch {state.epoch}")
     write_resolved_config(run_dir, cfg.to_dict())
+    loggers = Loggers(cfg.run.loggers, run_dir, cfg.to_dict(), cfg.run.name if run_dir == cfg.run_dir else f"{cfg.run.name}/{run_dir.name}")
     if state.finished:
         print(f"{ckpt_dir}: already finished")
     if not state.history:  # epoch 0: the base model
@@ -184,6 +186,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         state.best_fitness, state.best_epoch = row["mean_model_fitness"], 0
         best_weights = {k: v.detach().cpu().clone() for k, v in perturber.evolvable_state().items()}
         save_checkpoint(ckpt_dir, perturber.evolvable_state(), {}, state, keep=True, best=True)
+        loggers.log(row)
         print(f"epoch 0 (base model): fitness {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}")
     epochs = bar(range(state.epoch, evo.epochs), desc=f"{cfg.run.name} epochs", unit="epoch", initial=state.epoch, total=evo.epochs)
     for epoch in epochs:
@@ -215,6 +218,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         keep = state.epoch % cfg.run.save_every == 0 or state.finished
         save_checkpoint(ckpt_dir, perturber.evolvable_state(), perturber.optimizer.state_tensors(), state, keep=keep, best=row["new_best"])
         rewrite_metrics(run_dir, state.history)
+        loggers.log(row)
         summary(f"epoch {epoch + 1}/{evo.epochs}: members {row['member_mean']:.4f} [{row['member_min']:.4f}, {row['member_max']:.4f}]  "
                 f"mean model {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
                 f"cells {row['mean_model_cell_accuracy']:.4f}  |dW| {row['update_norm']:.3g}  {row['seconds']:.1f}s"
@@ -224,6 +228,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         if state.finished and state.epoch < evo.epochs:
             summary(f"target fitness {cfg.run.target_fitness} reached: stopping early")
     perturber.remove_hooks()
+    loggers.close()
     rewrite_metrics(run_dir, state.history)
     plot_fitness(run_dir, state.history, f"{cfg.run.name}: {', '.join(t.id for t in tasks)}")
     assign_weights(model, best_weights, "best weights")
@@ -240,6 +245,7 @@ def export_best_model(model, cfg: Config, task_ids: list[str], evolved: dict, ck
 
 def run(cfg: Config, resume: Path | None, overwrite: bool, stop: StopFlag) -> Path:
     """Tasks first (data errors cost no model time), the memory preflight, then, holding the run's lock, the rest."""
+    check_loggers(cfg.run.loggers)
     tasks = load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)
     ensure_model(cfg)
     check_checkpoint_dir(cfg.resolve_path(cfg.model.path))  # a run needs the weights: say where to put them before predicting memory

@@ -57,8 +57,10 @@ def test_same_seed_same_numbers_across_processes(reference):
     assert metrics(reference, "reference")[1]["member_max"] > metrics(reference, "reference")[1]["member_min"]  # a real update happened
     assert metrics(reference, "reference")[0]["decoding"] == {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
                                                          "repetition_penalty": 1.0}  # recorded with the run
-    done = run(reference, "again")
+    done = run(reference, "again", "run.loggers=[tensorboard,wandb]")  # loggers report the numbers, never change them
     assert metrics(reference, "again") == metrics(reference, "reference")
+    assert list((reference / "results" / "again" / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((reference / "results" / "again" / "wandb").glob("offline-run-*/run-*.wandb"))
     # output to a pipe: no bars, one summary line per epoch (progress.py)
     assert [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("epoch ")] == ["epoch 0 (base model)", "epoch 1/2", "epoch 2/2"]
     assert "members" not in done.stderr and "again epochs" not in done.stderr
