@@ -109,7 +109,7 @@ def write_weights(model, base_dir: Path, out_dir: Path) -> WeightsReport:
         with safe_open(base_dir / shard, framework="pt") as f:
             metadata[shard] = f.metadata()
             base_dtypes.update({n: SAFETENSORS_DTYPES.get(f.get_slice(n).get_dtype(), tensors[n].dtype) for n in names})
-    run_dtype = next(iter(tensors.values())).dtype
+    run_dtype = next(model.parameters()).dtype
     name = lambda dtype: str(dtype).removeprefix("torch.")
     report = WeightsReport(sorted({name(d) for d in base_dtypes.values()}), name(run_dtype), shards=sorted(layout))
     report.cast = any(d != run_dtype for d in base_dtypes.values())
@@ -117,14 +117,16 @@ def write_weights(model, base_dir: Path, out_dir: Path) -> WeightsReport:
         _count_changes(tensors, layout, base_dir, report)
         if report.changed_elements and report.kept_elements < KEEP_FRACTION * report.changed_elements:
             report.written_dtype = report.run_dtype
+    total_size = 0
     for shard, names in layout.items():
         out = {n: tensors[n].detach().to("cpu", run_dtype if report.written_dtype else base_dtypes[n]).contiguous() for n in names}
         save_file(out, out_dir / shard, metadata=metadata[shard])
+        total_size += sum(t.numel() * t.element_size() for t in out.values())
         del out
     if (base_dir / INDEX).is_file():
         if report.written_dtype:
             index = json.loads((base_dir / INDEX).read_text())
-            index.setdefault("metadata", {})["total_size"] = sum((out_dir / s).stat().st_size for s in layout)
+            index.setdefault("metadata", {})["total_size"] = total_size  # the tensors' bytes, as transformers writes it
             (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         else:
             shutil.copyfile(base_dir / INDEX, out_dir / INDEX)
