@@ -88,12 +88,16 @@ LOGGERS = {"tensorboard": TensorBoardLogger, "wandb": WandbLogger}
 
 
 class Loggers:
-    """The configured loggers as one: log(row) per epoch, close() at the end. Empty (and free) by default."""
+    """The configured loggers as one: log(row) per epoch, close() at the end. Empty (and free) by default.
+
+    Each opens at the first row, so resuming a finished run leaves no empty W&B run or event file."""
 
     def __init__(self, names: list[str], run_dir: Path, config: dict, name: str):
-        self.loggers = [LOGGERS[n](run_dir, config, name) for n in names]
+        self.names, self.args, self.loggers = names, (run_dir, config, name), []
 
     def log(self, row: dict) -> None:
+        if self.names and not self.loggers:
+            self.loggers = [LOGGERS[n](*self.args) for n in self.names]
         for logger in self.loggers:
             logger.log(row)
 

@@ -90,6 +90,12 @@ def test_wandb_writes_an_offline_run_without_an_account(tmp_path, monkeypatch):
     assert config["evolution"] == {"population_size": 4}
 
 
+def test_nothing_is_written_before_the_first_row(tmp_path):
+    """A resumed run that is already finished logs no row: no empty event file or W&B run."""
+    Loggers(["tensorboard", "wandb"], tmp_path, CONFIG, "finished").close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_missing_package_is_named_with_what_to_install(monkeypatch):
     real = loggers_module.importlib.util.find_spec
     monkeypatch.setattr(loggers_module.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
