@@ -71,7 +71,7 @@ def model_card(cfg: Config, task_ids: list[str], history: list[dict], best_epoch
              f"# {cfg.run.name}: Qwen2.5-VL evolved with EGGROLL on ARC-1", "",
              f"Base model: `{cfg.model.path}` with new weights (the best mean model, epoch {best_epoch} of {history[-1]['epoch']})."
              + (f" The base model's own card is kept as {BASE_CARD}." if (base_dir / "README.md").is_file() else ""), "",
-             *_weights_section(report), "",
+             *[part for line in _weights_section(report) for part in (line, "")],
              "## Method", "",
              f"EGGROLL low-rank evolution strategies (ERO_EGGROLL): population {evo.population_size}, rank {evo.rank}, "
              f"sigma {evo.sigma} ({evo.sigma_mode}), optimizer {evo.optimizer}, lr {evo.lr}, {evo.mode} mode, "
