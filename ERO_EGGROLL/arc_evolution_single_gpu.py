@@ -12,9 +12,7 @@ config, checks what can be checked before the model loads, owns the run's folder
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -24,10 +22,14 @@ from ERO_EGGROLL.arc_evaluator import EvalResult, EvaluationError, results_table
 from ERO_EGGROLL.arc_task import ArcDataError, load_tasks
 from ERO_EGGROLL.checkpointing import EPOCH_DIR, CheckpointError, RunState, assign_weights, latest_dir, read_state, run_started
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, ConfigError, config_from_dict, load_config
-from ERO_EGGROLL.disk import WriteError, publish_dir, writing
+from ERO_EGGROLL.disk import WriteError, writing
 from ERO_EGGROLL.evolution_loop import evolve
+from ERO_EGGROLL.export import ExportError, export_model
+from ERO_EGGROLL.loggers import check_available as check_loggers
 from ERO_EGGROLL.memory import preflight
+from ERO_EGGROLL.model_card import model_card
 from ERO_EGGROLL.model_loading import ModelLoadError, check_checkpoint_dir, load_model
+from ERO_EGGROLL.progress import summary
 from ERO_EGGROLL.qwen_param_mapper import classify_model
 from ERO_EGGROLL.run_folder import RunFolderError, RunLock, claim_run_folders
 from ERO_EGGROLL.run_identity import IdentityError, base_weights_digest
@@ -44,23 +46,16 @@ def ensure_model(cfg: Config) -> None:
         build_tiny_model(path)
 
 
-def export_best_model(model, processor, out_dir: Path) -> None:
-    """save_pretrained of the best weights into a fresh directory, then published atomically as `out_dir`."""
-    with writing(out_dir):
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        with writing(staging):
-            model.save_pretrained(staging)
-            processor.save_pretrained(staging)
-        publish_dir(staging, out_dir)
-    finally:
-        if staging.exists():  # only when something failed before the rename
-            shutil.rmtree(staging, ignore_errors=True)
+def export_best_model(model, cfg: Config, task_ids: list[str], evolved: dict, ckpt_dir: Path, run_dir: Path) -> None:
+    """ckpt_dir/best_model: the base model's folder with the best weights and a model card (export.py), published atomically."""
+    card = lambda report: model_card(cfg, task_ids, evolved["history"], evolved["best_epoch"], evolved["best_result"], ckpt_dir,
+                                     run_dir / "fitness_curve.png", report)
+    export_model(model, cfg.resolve_path(cfg.model.path), ckpt_dir / "best_model", card)
 
 
 def run(cfg: Config, resume: Path | None, overwrite: bool, stop: StopFlag) -> Path:
     """Tasks first (data errors cost no model time), the memory preflight, then, holding the run's lock, the rest."""
+    check_loggers(cfg.run.loggers)
     tasks = load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)
     ensure_model(cfg)
     check_checkpoint_dir(cfg.resolve_path(cfg.model.path))  # a run needs the weights: say where to put them before predicting memory
@@ -89,7 +84,7 @@ def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: S
     if cfg.evolution.mode == "joint":
         out = evolve(cfg, model, processor, tasks, run_dir, ckpt_dir, stop, resume_from(ckpt_dir), specs, base_weights)
         best_result = out["best_result"]
-        export_best_model(model, processor, ckpt_dir / "best_model")
+        export_best_model(model, cfg, [t.id for t in tasks], out, ckpt_dir, run_dir)
     else:
         base = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
         answers, per_task = [], {}
@@ -97,7 +92,10 @@ def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: S
             assign_weights(model, base, "base weights")
             out = evolve(cfg, model, processor, [task], run_dir / task.id, ckpt_dir / task.id, stop, resume_from(ckpt_dir / task.id),
                          specs, base_weights)
-            export_best_model(model, processor, ckpt_dir / task.id / "best_model")
+            export_best_model(model, cfg, [task.id], out, ckpt_dir / task.id, run_dir / task.id)
+            result = out["best_result"]
+            summary(f"task {task.id}: best epoch {out['best_epoch']}, test score {result.fitness:.4f}, "
+                    f"cells {result.metric('cell_accuracy')[task.id]:.4f}, exact {result.metric('exact')[task.id]:.4f}")
             per_task.update(out["best_result"].per_task)
             answers += out["best_result"].answers
         best_result = EvalResult(per_task, answers)
@@ -156,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
               f"  python ERO_EGGROLL/arc_evolution_single_gpu.py --resume {cfg.checkpoint_path}", file=sys.stderr)
         return 130
     except (ConfigError, ArcDataError, ModelLoadError, CheckpointError, EvaluationError, IdentityError, WriteError,
-            RunFolderError) as err:
+            RunFolderError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

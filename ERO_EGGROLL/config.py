@@ -121,6 +121,7 @@ class RunConfig:
     degeneration_patience: int = 0  # 0: off; else go back to the best weights after this many epochs without a new best
     memory_check: bool = True  # refuse to start when the memory model's predicted peak exceeds the free memory
     if_exists: Literal["refuse", "move_aside"] = "refuse"  # a new run whose folders hold an earlier run: refuse, or move it aside (kept)
+    loggers: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)  # also report each epoch there (loggers.py)
 
 
 @dataclass
@@ -321,6 +322,7 @@ def _validate(cfg: Config, where: str) -> None:
         (data.cell_size >= 2, f"data.cell_size must be >= 2 pixels, got {data.cell_size}"),
         (cfg.run.save_every >= 1, f"run.save_every must be >= 1, got {cfg.run.save_every}"),
         (cfg.run.degeneration_patience >= 0, "run.degeneration_patience must be >= 0 (0: off)"),
+        (len(set(cfg.run.loggers)) == len(cfg.run.loggers), f"run.loggers names a logger twice: {cfg.run.loggers}"),
         (not (data.fitness_source == "train_loo" and data.max_train_examples == 1),
          "data.fitness_source 'train_loo' needs at least 2 training pairs as examples; raise data.max_train_examples"),
     ]

@@ -8,14 +8,14 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-
 from .arc_evaluator import evaluate, prepare, questions_for, resolved_decoding
 from .checkpointing import RunState, assign_weights, best_weights_for, load_checkpoint, repair_latest, rewind, run_started, save_checkpoint
 from .config import Config, ConfigError
 from .epoch_step import EpochStep
+from .loggers import Loggers
 from .memory import measured_peak_rss_bytes, peak_memory_scope, reset_peak_memory
 from .perturbation import Perturber
+from .progress import bar, summary
 from .population import BEST_MODEL_STREAM, evaluate_mean_model, evaluate_population, members_per_batch
 from .run_identity import check_identity, identity_of
 from .run_logging import plot_fitness, rewrite_metrics, write_resolved_config
@@ -62,6 +62,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         print(f"resumed {ckpt_dir} after epoch {state.epoch}")
     step = EpochStep(perturber, state, cfg.run.degeneration_patience, best_weights)
     write_resolved_config(run_dir, cfg.to_dict())
+    loggers = Loggers(cfg.run.loggers, run_dir, cfg.to_dict(), cfg.run.name if run_dir == cfg.run_dir else f"{cfg.run.name}/{run_dir.name}")
     if state.finished:
         print(f"{ckpt_dir}: already finished")
     if not state.history:  # epoch 0: the base model
@@ -72,8 +73,9 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         state.history.append(row)
         step.begin(row["mean_model_fitness"])
         save_checkpoint(ckpt_dir, perturber.evolvable_state(), {}, state, keep=True, best=True)
+        loggers.log(row)
         print(f"epoch 0 (base model): fitness {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}")
-    epochs = tqdm(range(state.epoch, evo.epochs), desc=f"{cfg.run.name} epochs", unit="epoch", initial=state.epoch, total=evo.epochs)
+    epochs = bar(range(state.epoch, evo.epochs), desc=f"{cfg.run.name} epochs", unit="epoch", initial=state.epoch, total=evo.epochs)
     for epoch in epochs:
         if state.finished:
             break
@@ -94,17 +96,19 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         keep = state.epoch % cfg.run.save_every == 0 or state.finished
         save_checkpoint(ckpt_dir, perturber.evolvable_state(), perturber.optimizer.state_tensors(), state, keep=keep, best=row["new_best"])
         rewrite_metrics(run_dir, state.history)
-        tqdm.write(f"epoch {epoch + 1}/{evo.epochs}: members {row['member_mean']:.4f} [{row['member_min']:.4f}, {row['member_max']:.4f}]  "
-                   f"mean model {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
-                   f"cells {row['mean_model_cell_accuracy']:.4f}  |dW| {row['update_norm']:.3g}  {row['seconds']:.1f}s"
-                   + ("  (new best)" if row["new_best"] else "") + ("  (rolled back to best)" if row["rolled_back"] else ""))
+        loggers.log(row)
+        summary(f"epoch {epoch + 1}/{evo.epochs}: members {row['member_mean']:.4f} [{row['member_min']:.4f}, {row['member_max']:.4f}]  "
+                f"mean model {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
+                f"cells {row['mean_model_cell_accuracy']:.4f}  |dW| {row['update_norm']:.3g}  {row['seconds']:.1f}s"
+                + ("  (new best)" if row["new_best"] else "") + ("  (rolled back to best)" if row["rolled_back"] else ""))
         epochs.set_postfix(fitness=f"{row['mean_model_fitness']:.3f}", best=f"{state.best_fitness:.3f}")
         stop.check()
         if state.finished and state.epoch < evo.epochs:
-            tqdm.write(f"target fitness {cfg.run.target_fitness} reached: stopping early")
+            summary(f"target fitness {cfg.run.target_fitness} reached: stopping early")
     perturber.remove_hooks()
+    loggers.close()
     rewrite_metrics(run_dir, state.history)
     plot_fitness(run_dir, state.history, f"{cfg.run.name}: {', '.join(t.id for t in tasks)}")
     assign_weights(model, step.best_weights, "best weights")
     best_test = evaluate(model, processor, test_q, cfg, (BEST_MODEL_STREAM,))
-    return {"best_epoch": state.best_epoch, "best_result": best_test}
+    return {"best_epoch": state.best_epoch, "best_result": best_test, "history": state.history}

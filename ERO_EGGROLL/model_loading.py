@@ -36,8 +36,14 @@ class ModelLoadError(ValueError):
     """A model directory that cannot be loaded, with what was found and how to fix it."""
 
 
+# The class that processor_config.json and tokenizer_config.json name, so that AutoProcessor elsewhere builds the real one.
+STANDARD_PROCESSOR_CLASS = "Qwen2_5_VLProcessor"
+
+
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """Qwen2.5-VL processor with tokenizer and image processor only (no video processor)."""
+    """Qwen2.5-VL processor with tokenizer and image processor only (no video processor).
+
+    How files are loaded here, not what they are: whatever it saves names the stock class."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
@@ -45,6 +51,15 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "processor_class": STANDARD_PROCESSOR_CLASS}
+
+    def save_pretrained(self, save_directory, **kwargs) -> list[str]:
+        files = super().save_pretrained(save_directory, **kwargs)
+        self.tokenizer._set_processor_class(STANDARD_PROCESSOR_CLASS)  # ProcessorMixin wrote this class's own name there
+        self.tokenizer.save_pretrained(save_directory)
+        return files
 
 
 def resolve_device(device: str) -> torch.device:

@@ -6,12 +6,11 @@ each evaluation so that sampled decoding is seeded per (seed, stream, question).
 
 from __future__ import annotations
 
-from tqdm import tqdm
-
 from .arc_evaluator import evaluate, evaluate_members
 from .config import Config
 from .memory import auto_members_per_batch
 from .perturbation import Perturber
+from .progress import bar
 from .stop_signals import StopFlag
 
 # Streams of integers that name each evaluation, so that sampled decoding is seeded per (seed, stream, question).
@@ -41,7 +40,7 @@ def evaluate_population(perturber: Perturber, model, processor, prepared, cfg: C
     """Every member's fitness: one at a time (k = 1, the reference), or k members per generate call."""
     fitness: list[float] = []
     n = cfg.evolution.population_size
-    bar = tqdm(total=n, desc=f"epoch {epoch + 1} members", unit="member", leave=False)
+    members = bar(total=n, desc=f"epoch {epoch + 1} members", unit="member", leave=False)
     for first in range(0, n, k):
         ids = list(range(first, min(first + k, n)))
         if len(ids) == 1:
@@ -50,8 +49,8 @@ def evaluate_population(perturber: Perturber, model, processor, prepared, cfg: C
         else:  # greedy decoding only (config validation), so the stream of the first member is enough
             with perturber.members(epoch, ids):
                 fitness += [r.fitness for r in evaluate_members(model, processor, prepared, cfg, len(ids), (MEMBER_STREAM, epoch, ids[0]))]
-        bar.update(len(ids))
-        bar.set_postfix(fitness=f"{fitness[-1]:.3f}", best=f"{max(fitness):.3f}")
+        members.update(len(ids))
+        members.set_postfix(fitness=f"{fitness[-1]:.3f}", best=f"{max(fitness):.3f}")
         stop.check()
-    bar.close()
+    members.close()
     return fitness

@@ -4,7 +4,8 @@ Real architecture, random weights, a byte-level BPE tokenizer trained here with 
 special tokens and a Qwen2.5-VL-style chat template, and a short backprop pretraining on ARC-1
 TRAINING-split prompts so that it answers in grid syntax, as the real 7B does. The evaluation
 split (where the ERO tasks live) is never seen. Saved with save_pretrained, loaded through the
-same `load_model` as a downloaded 7B checkpoint.
+same `load_model` as a downloaded 7B checkpoint. Its processor files name the stock Qwen2_5_VLProcessor,
+so the folder is a standard Qwen2.5-VL folder (the image-only class is how this project loads it).
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-
 from .arc_task import ArcTask, Pair, load_tasks
+from .progress import bar
 from .prompts import Question, SYSTEM_PROMPT, answer_text, build_messages
 
 SPECIAL_TOKENS = [
@@ -136,7 +136,7 @@ def _pretrain(model, tokenizer, tasks: list[ArcTask], steps: int, batch_size: in
     pad = tokenizer.pad_token_id
     losses = []
     model.train()
-    for _ in (bar := tqdm(range(steps), desc="pretraining tiny model", unit="step", leave=False)):
+    for _ in (steps_bar := bar(range(steps), total=steps, desc="pretraining tiny model", unit="step", leave=False)):
         batch = _pretraining_examples(tokenizer, tasks, batch_size, rng)
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), pad)
@@ -153,7 +153,7 @@ def _pretrain(model, tokenizer, tasks: list[ArcTask], steps: int, batch_size: in
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        steps_bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return losses
 

@@ -57,8 +57,13 @@ def test_same_seed_same_numbers_across_processes(reference):
     assert metrics(reference, "reference")[1]["member_max"] > metrics(reference, "reference")[1]["member_min"]  # a real update happened
     assert metrics(reference, "reference")[0]["decoding"] == {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
                                                          "repetition_penalty": 1.0}  # recorded with the run
-    run(reference, "again")
+    done = run(reference, "again", "run.loggers=[tensorboard,wandb]")  # loggers report the numbers, never change them
     assert metrics(reference, "again") == metrics(reference, "reference")
+    assert list((reference / "results" / "again" / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((reference / "results" / "again" / "wandb").glob("offline-run-*/run-*.wandb"))
+    # output to a pipe: no bars, one summary line per epoch (progress.py)
+    assert [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("epoch ")] == ["epoch 0 (base model)", "epoch 1/2", "epoch 2/2"]
+    assert "members" not in done.stderr and "again epochs" not in done.stderr
     assert_same_weights(final_weights(reference, "again"), final_weights(reference, "reference"))
 
 
@@ -118,7 +123,8 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_intact(tmp_pat
     assert load_checkpoint(ckpt)[2].epoch == 2
 
 
-def test_exported_best_model_loads_with_transformers(reference):
+def test_exported_best_model_loads_with_transformers(reference, tiny_model_dir):
+    """The export is the base model's folder with the best weights, plus a model card (README.md)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     export = reference / "checkpoints" / "reference" / "best_model"
@@ -126,6 +132,14 @@ def test_exported_best_model_loads_with_transformers(reference):
     best = load_file(reference / "checkpoints" / "reference" / "best" / "evolvable.safetensors")
     params = dict(model.named_parameters())
     assert all(params[n].equal(t) for n, t in best.items())
+    base = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.name != "model.safetensors"}
+    exported = {p.name: p.read_bytes() for p in export.iterdir() if p.name not in ("model.safetensors", "README.md")}
+    assert exported == base  # config, generation config, tokenizer, chat template, processor config: byte for byte
+    card = (export / "README.md").read_text()
+    best_epoch = load_checkpoint(reference / "checkpoints" / "reference")[2].best_epoch
+    assert card.startswith("---\nbase_model: checkpoints/tiny-qwen2.5-vl\n") and f"epoch {best_epoch} of 2" in card
+    assert "## Results (test-time search)" in card and "| T1 | b1fc8b8e |" in card and "| 2 | " in card
+    assert f"python -m ERO_EGGROLL.replay {reference / 'checkpoints' / 'reference'} --check" in card
 
 
 def test_evaluator_cli_on_an_evolved_checkpoint(reference):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ERO_EGGROLL import arc_evolution_single_gpu as script
-from ERO_EGGROLL import checkpointing, disk
+from ERO_EGGROLL import checkpointing, disk, export
 from ERO_EGGROLL.checkpointing import (CheckpointError, RunState, latest_dir, load_checkpoint, read_latest_name, repair_latest,
                                        save_checkpoint)
 from ERO_EGGROLL.config import ROOT, ConfigError, load_config
@@ -270,18 +270,18 @@ def test_publishing_a_directory_is_atomic(tmp_path, monkeypatch):
     assert (tmp_path / "best" / "f").read_text() == "four" and len(list(tmp_path.glob(".best.v*"))) == 1  # the crash's orphan is gone
 
 
-def test_a_failed_export_leaves_the_previous_best_model(tmp_path, tiny, monkeypatch):
-    model, processor = tiny
+def test_a_failed_export_leaves_the_previous_best_model(tmp_path, tiny, tiny_model_dir, monkeypatch):
+    model, _ = tiny
     out = tmp_path / "best_model"
-    script.export_best_model(model, processor, out)
+    export.export_model(model, tiny_model_dir, out, lambda report: "first\n")
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(model, "save_pretrained", disk_full)
+    monkeypatch.setattr(export, "save_file", disk_full)
     with pytest.raises(WriteError, match="No space left on device.*previous checkpoint is intact"):
-        script.export_best_model(model, processor, out)
-    assert (out / "config.json").is_file() and not list(tmp_path.glob(".best_model.tmp-*"))
+        export.export_model(model, tiny_model_dir, out, lambda report: "second\n")
+    assert (out / "README.md").read_text() == "first\n" and not list(tmp_path.glob(".best_model.tmp-*"))
 
 
 # --- 6: write failures are one line, exit 2 ------------------------------------------------------
