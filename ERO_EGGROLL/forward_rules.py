@@ -34,8 +34,11 @@ def lowrank_delta(module: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.
     return getattr(F, f"conv{x.dim() - 2}d")(inner, kernel_a, groups=groups)
 
 
-def check_lowrank_module(module: nn.Module, name: str) -> str | None:
+def check_lowrank_module(module: nn.Module, name: str, parent: nn.Module | None) -> str | None:
     """Why the forward strategy cannot add low-rank noise to `name` of `module` (None: it can)."""
+    if isinstance(parent, nn.MultiheadAttention):
+        return (f"{name}: MultiheadAttention uses its out_proj weight without calling out_proj, so a forward hook would "
+                "never add the noise; use strategy 'inplace', or make it FULL or FROZEN")
     if not isinstance(module, LOW_RANK_TYPES) or not name.endswith(".weight"):
         return (f"{name} is LORA, but the forward strategy adds low-rank noise only to the weights of "
                 f"{', '.join(t.__name__ for t in LOW_RANK_TYPES)} (it belongs to a {type(module).__name__}); use strategy "
@@ -96,7 +99,9 @@ BIAS_TYPES = (nn.Linear, *CONV_TYPES)
 
 
 def declare_row_rule(module_type: type, rule: RowRule) -> None:
-    """Let several members share a batch through `module_type` (a norm): `rule(module, x, out, noise)`."""
+    """Let several members share a batch through `module_type` (a norm): `rule(module, x, out, noise)` returns the
+    output of one block of rows, given its input `x`, its output `out` with the base tensors and the member's fp32
+    `noise` per FULL attribute. The rule must not call `module` itself (its hook would run again)."""
     ROW_RULES[module_type] = rule
     declare_norm(module_type)
 

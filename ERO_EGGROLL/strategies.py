@@ -63,11 +63,12 @@ class ForwardHooks:
         self._stacked: LowRank = {}  # K members: (K, m, r), (K, n, r)
         self._stacked_full: Dense = {}  # K members' FULL noise: (K, *shape)
         self._hooks = []
-        problems = [p for p in (check_lowrank_module(modules[n.rpartition(".")[0]], n) for n in lora_names) if p]
+        owner = lambda name: name.rpartition(".")[0]
+        problems = [p for p in (check_lowrank_module(modules[owner(n)], n, modules.get(owner(owner(n)))) for n in lora_names) if p]
         if problems:  # before any hook is installed, so a refused model is left as it was
             raise ConfigError(problems[0])
         for name in lora_names:
-            self._hooks.append(modules[name.rpartition(".")[0]].register_forward_hook(self._lowrank_hook(name)))
+            self._hooks.append(modules[owner(name)].register_forward_hook(self._lowrank_hook(name)))
         by_module: dict[str, list[str]] = defaultdict(list)
         for name in full_names:
             owner, _, attr = name.rpartition(".")

@@ -2,7 +2,7 @@
 
 `classify_module` gives the defaults for any torch module (`Perturber.for_module`): weights of
 Linear, Conv1d/2d/3d and Embedding LORA (a conv kernel as the matrix (out_channels,
-in_channels/groups x kernel size)), norm weights and every bias FULL. A norm is recognised by its
+in_channels/groups x kernel size)), norm weights and every bias (`bias`, `*_bias`) FULL. A norm is recognised by its
 type (NORM_TYPES, which `declare_norm` extends), never by an attribute name that a look-alike
 module would share. Anything else is a clear error that names the tensor and how to classify it.
 Qwen2.5-VL's name-based rules live in qwen_param_mapper.
@@ -77,7 +77,7 @@ def declare_norm(module_type: type) -> None:
 
 
 def default_class(owner: nn.Module, attr: str, name: str, shape: tuple[int, ...]) -> ParamClass:
-    if attr == "bias" or (attr == "weight" and isinstance(owner, tuple(NORM_TYPES))):
+    if attr == "bias" or attr.endswith("_bias") or (attr == "weight" and isinstance(owner, tuple(NORM_TYPES))):
         return ParamClass.FULL
     if attr == "weight" and isinstance(owner, LOW_RANK_TYPES):
         return ParamClass.LORA

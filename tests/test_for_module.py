@@ -1,0 +1,156 @@
+"""EGGROLL on plain torch modules (`Perturber.for_module`): defaults, conv and embedding noise, norms, errors, learning."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from ERO_EGGROLL.config import ROOT, ConfigError
+from ERO_EGGROLL.forward_rules import ROW_RULES, declare_row_rule
+from ERO_EGGROLL.perturbation import Perturber
+from ERO_EGGROLL.tensor_classes import NORM_TYPES, ParamClass
+
+sys.path.insert(0, str(ROOT / "scripts" / "examples"))
+
+
+def perturber(net: nn.Module, **options) -> Perturber:
+    return Perturber.for_module(net, **{"population_size": 4, "rank": 2, "sigma": 0.3, "lr": 0.1, **options})
+
+
+NETS = {
+    "conv1d": (lambda: nn.Sequential(nn.Conv1d(3, 6, 5, stride=2, padding=2)), (4, 3, 17)),
+    "conv2d grouped, dilated, reflect-padded": (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2,
+                                                                               padding_mode="reflect")), (4, 4, 9, 9)),
+    "conv3d": (lambda: nn.Sequential(nn.Conv3d(2, 4, (1, 3, 3), padding=(0, 1, 1))), (2, 2, 3, 6, 6)),
+    "embedding": (lambda: nn.Sequential(nn.Embedding(20, 8)), None),
+    "layer norm + linear": (lambda: nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8)), (4, 3, 5)),
+    "batch norm (eval)": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(), (4, 3, 6, 6)),
+}
+
+
+def inputs(name: str, shape) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 20, (4, 7), generator=g) if shape is None else torch.randn(shape, generator=g)
+
+
+def test_defaults_classify_by_module_type():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Embedding(5, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    classes = {s.name: s.cls for s in perturber(net).specs}
+    assert classes == {"0.weight": ParamClass.LORA, "0.bias": ParamClass.FULL, "1.weight": ParamClass.FULL, "1.bias": ParamClass.FULL,
+                       "2.weight": ParamClass.LORA, "3.weight": ParamClass.FULL, "3.bias": ParamClass.FULL,
+                       "4.weight": ParamClass.LORA, "4.bias": ParamClass.FULL}
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_forward_noise_equals_the_noise_in_place(name):
+    """The forward strategy (thin convolutions, gathered embedding rows, per-row norms) gives the module's
+    output with W + E_i in its weights."""
+    make, shape = NETS[name]
+    x = inputs(name, shape)
+    torch.manual_seed(0)
+    forward_net = make()
+    inplace_net = copy.deepcopy(forward_net)
+    forward, inplace = perturber(forward_net), perturber(inplace_net, strategy="inplace")
+    for member in range(4):
+        with forward.member(1, member), inplace.member(1, member), torch.no_grad():
+            torch.testing.assert_close(forward_net(x), inplace_net(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_members_as_batch_rows_equal_members_one_at_a_time(name):
+    make, shape = NETS[name]
+    x = inputs(name, shape)
+    torch.manual_seed(0)
+    net = make()
+    p = perturber(net)
+    with torch.no_grad():
+        alone = []
+        for member in range(4):
+            with p.member(2, member):
+                alone.append(net(x))
+        with p.members(2, range(4)):
+            together = net(torch.cat([x] * 4))
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_a_member_never_changes_the_model_batch_norm_statistics_included():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    p = perturber(net)
+    with p.member(0, 1), torch.no_grad():
+        net(torch.randn(4, 3, 6, 6))
+        assert not torch.equal(net[1].running_mean, state["1.running_mean"])  # the member did move them
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+def test_unknown_tensors_are_refused_by_name_with_the_fix():
+    with pytest.raises(ConfigError, match=r"in_proj_weight \(a MultiheadAttention.in_proj_weight of shape \(24, 8\)\) has no "
+                                          r"default EGGROLL class; pass classify="):
+        perturber(nn.MultiheadAttention(8, 2))
+    full = lambda name, tensor: ParamClass.FULL if "proj_weight" in name else None
+    with pytest.raises(ConfigError, match="out_proj.weight: MultiheadAttention uses its out_proj weight without calling out_proj"):
+        perturber(nn.MultiheadAttention(8, 2), classify=full)  # a hook there would silently add nothing
+    p = perturber(nn.MultiheadAttention(8, 2), classify=full, strategy="inplace")
+    assert p.classes["in_proj_weight"] is ParamClass.FULL and p.classes["out_proj.weight"] is ParamClass.LORA
+
+
+def test_a_look_alike_norm_is_not_guessed_from_its_attributes():
+    class OnePlusNorm(nn.Module):  # Gemma-style: scales by (1 + w), with the attribute names of an RMSNorm
+        def __init__(self):
+            super().__init__()
+            self.weight, self.variance_epsilon = nn.Parameter(torch.zeros(6)), 1e-6
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)
+
+    net = nn.Sequential(nn.Linear(4, 6), OnePlusNorm())
+    with pytest.raises(ConfigError, match="1.weight .*OnePlusNorm.weight.* no default EGGROLL class"):
+        perturber(net)
+    p = perturber(net, classify=lambda name, t: ParamClass.FULL if name == "1.weight" else None, sigma_mode="absolute")
+    with pytest.raises(ConfigError, match="FULL tensor 1.weight belongs to a module with no per-row rule"), p.members(0, range(4)):
+        pass
+    declare_row_rule(OnePlusNorm, lambda m, x, out, noise: out + out / (1 + m.weight) * noise["weight"].to(x.dtype))
+    try:
+        p = perturber(net)  # now a declared norm: FULL by default, and batchable
+        x = torch.randn(2, 4)
+        with torch.no_grad():
+            alone = []
+            for member in range(4):
+                with p.member(0, member):
+                    alone.append(net(x))
+            with p.members(0, range(4)):
+                torch.testing.assert_close(net(torch.cat([x] * 4)), torch.cat(alone), rtol=1e-5, atol=1e-6)
+    finally:
+        ROW_RULES.pop(OnePlusNorm)
+        NORM_TYPES.remove(OnePlusNorm)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"strategy": "sideways"}, r"evolution.strategy must be one of \['forward', 'inplace'\], got 'sideways'"),
+    ({"population_size": 3}, "population_size must be even"),
+    ({"momentum": 0.9}, r"unknown option\(s\) \['momentum'\]"),
+])
+def test_bad_options_are_refused_clearly(options, message):
+    with pytest.raises(ConfigError, match=message):
+        perturber(nn.Linear(3, 2), **options)
+
+
+def test_examples_mlp_and_cnn_learn_from_scratch():
+    """The README's examples, shortened: the held-out loss falls clearly within a few dozen epochs."""
+    import cnn_bars
+    import mlp_regression
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the examples do: nets this small run fastest on one thread
+    try:
+        mlp = mlp_regression.run(epochs=20)
+        cnn = cnn_bars.run(epochs=30)
+    finally:
+        torch.set_num_threads(threads)
+    assert mlp["after"] < 0.75 * mlp["before"], mlp
+    assert cnn["after"] < 0.8 * cnn["before"] and cnn["accuracy_after"] > cnn["accuracy_before"] + 0.2, cnn
