@@ -39,7 +39,7 @@ def check_lowrank_module(module: nn.Module, name: str, parent: nn.Module | None)
     if isinstance(parent, nn.MultiheadAttention):
         return (f"{name}: MultiheadAttention uses its out_proj weight without calling out_proj, so a forward hook would "
                 "never add the noise; use strategy 'inplace', or make it FULL or FROZEN")
-    if not isinstance(module, LOW_RANK_TYPES) or not name.endswith(".weight"):
+    if not isinstance(module, LOW_RANK_TYPES) or name.rpartition(".")[2] != "weight":
         return (f"{name} is LORA, but the forward strategy adds low-rank noise only to the weights of "
                 f"{', '.join(t.__name__ for t in LOW_RANK_TYPES)} (it belongs to a {type(module).__name__}); use strategy "
                 "'inplace', or make it FULL or FROZEN")

@@ -93,7 +93,8 @@ def torch_to_jax(t: torch.Tensor, *, strict: bool = False) -> jax.Array:
             "cast the tensor to a 32-bit type or set jax.config.update('jax_enable_x64', True)"
         )
     if t.numel() and (copied_reason or _jax_pointer(x) != t.data_ptr()):
-        reason = copied_reason or f"data pointer {t.data_ptr():#x} is not {DLPACK_ALIGNMENT}-byte aligned" if t.data_ptr() % DLPACK_ALIGNMENT else "JAX could not alias this layout"
+        misaligned = f"data pointer {t.data_ptr():#x} is not {DLPACK_ALIGNMENT}-byte aligned"
+        reason = copied_reason or (misaligned if t.data_ptr() % DLPACK_ALIGNMENT else "JAX could not alias this layout")
         message = f"torch_to_jax copied {t.numel() * t.element_size()} bytes: {reason}"
         if strict:
             raise ValueError(message + " (strict=True)")

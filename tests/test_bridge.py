@@ -114,3 +114,10 @@ def test_inspect_conversion_reports_both_directions():
     back = inspect_conversion(torch.zeros(128))
     assert back.zero_copy and back.direction == "torch->jax"
     assert "zero-copy" in str(back)
+
+
+def test_a_strided_copy_names_its_layout_as_the_reason():
+    columns = torch.arange(48.0).reshape(6, 8)[:, :5]  # starts where its (aligned) base starts; rows are 8 apart
+    assert columns.data_ptr() % 64 == 0
+    with pytest.raises(ValueError, match=r"strides \(8, 1\) are not a dense layout"):
+        torch_to_jax(columns, strict=True)

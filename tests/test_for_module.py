@@ -154,3 +154,10 @@ def test_examples_mlp_and_cnn_learn_from_scratch():
         torch.set_num_threads(threads)
     assert mlp["after"] < 0.75 * mlp["before"], mlp
     assert cnn["after"] < 0.8 * cnn["before"] and cnn["accuracy_after"] > cnn["accuracy_before"] + 0.2, cnn
+
+
+def test_member_noise_keeps_its_dtype_promise():
+    """LORA factors in the weights' dtype (they enter the forward pass); FULL noise in float32 (added in fp32, rounded once)."""
+    lora, full = perturber(nn.Linear(6, 4).to(torch.bfloat16)).member_noise(0, 1)
+    assert {t.dtype for pair in lora.values() for t in pair} == {torch.bfloat16}
+    assert {t.dtype for t in full.values()} == {torch.float32}

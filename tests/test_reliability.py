@@ -45,7 +45,7 @@ def test_out_of_memory_says_what_to_lower(setup, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(model, "generate", oom)
-    with pytest.raises(EvaluationError, match="population size is not the cause.*batch_size.*max_new_tokens_cap"):
+    with pytest.raises(EvaluationError, match="lower members_per_batch first.*batch_size.*max_new_tokens_cap"):
         evaluate(model, processor, prepared, cfg)
 
 

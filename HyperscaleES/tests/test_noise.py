@@ -1,4 +1,4 @@
-"""Semantics of EGGROLL member noise (DESIGN.md, 'EGGROLL algorithm reference')."""
+"""Semantics of EGGROLL member noise (docs/design.md, 'EGGROLL semantics')."""
 
 import hashlib
 import math

@@ -1,4 +1,4 @@
-"""The fused update and fitness shaping (DESIGN.md semantics)."""
+"""The fused update and fitness shaping (docs/design.md, 'EGGROLL semantics')."""
 
 import math
 
