@@ -26,7 +26,7 @@ from ERO_EGGROLL.disk import WriteError, writing
 from ERO_EGGROLL.evolution_loop import evolve
 from ERO_EGGROLL.export import ExportError, export_model
 from ERO_EGGROLL.loggers import check_available as check_loggers
-from ERO_EGGROLL.memory import preflight
+from ERO_EGGROLL.memory_check import preflight
 from ERO_EGGROLL.model_card import model_card
 from ERO_EGGROLL.model_loading import ModelLoadError, check_checkpoint_dir, load_model
 from ERO_EGGROLL.progress import summary

@@ -79,7 +79,8 @@ def _jax() -> str:
 
 def _memory(cfg: Config) -> str:
     from .arc_task import load_tasks
-    from .memory import DoesNotFit, check_fits, free_memory_bytes, plan_run
+    from .memory import plan_run
+    from .memory_check import DoesNotFit, check_fits, free_memory_bytes
 
     plan = plan_run(cfg, load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids))
     est = plan.estimate(cfg)

@@ -13,7 +13,7 @@ from .checkpointing import RunState, assign_weights, best_weights_for, load_chec
 from .config import Config, ConfigError
 from .epoch_step import EpochStep
 from .loggers import Loggers
-from .memory import measured_peak_rss_bytes, peak_memory_scope, reset_peak_memory
+from .memory_measure import measured_peak_rss_bytes, peak_memory_scope, reset_peak_memory
 from .perturbation import Perturber
 from .progress import bar, summary
 from .population import BEST_MODEL_STREAM, evaluate_mean_model, evaluate_population, members_per_batch

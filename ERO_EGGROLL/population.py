@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .arc_evaluator import evaluate, evaluate_members
 from .config import Config
-from .memory import auto_members_per_batch
+from .memory_check import auto_members_per_batch
 from .perturbation import Perturber
 from .progress import bar
 from .stop_signals import StopFlag

@@ -30,7 +30,7 @@ import hyperscalees as hs  # noqa: E402
 from ERO_EGGROLL.arc_evaluator import evaluate, prepare, questions_for  # noqa: E402
 from ERO_EGGROLL.arc_task import load_tasks  # noqa: E402
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, load_config  # noqa: E402
-from ERO_EGGROLL.memory import measured_peak_rss_bytes  # noqa: E402
+from ERO_EGGROLL.memory_measure import measured_peak_rss_bytes  # noqa: E402
 from ERO_EGGROLL.model_loading import load_model_from_dir  # noqa: E402
 from ERO_EGGROLL.perturbation import Perturber  # noqa: E402
 from ERO_EGGROLL.pytorch_jax_bridge import jax_to_torch  # noqa: E402

@@ -41,7 +41,8 @@ def measure(size: str, dtype: str, optimizer: str, phase: str) -> dict:
     import torch
 
     from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, load_config
-    from ERO_EGGROLL.memory import Workload, current_rss_bytes, estimate, measured_peak_rss_bytes, start_rss_measurement
+    from ERO_EGGROLL.memory import Workload, estimate
+    from ERO_EGGROLL.memory_measure import current_rss_bytes, measured_peak_rss_bytes, start_rss_measurement
     from ERO_EGGROLL.perturbation import Perturber
     from ERO_EGGROLL.qwen_param_mapper import classify_model
     from ERO_EGGROLL.random_model import SHAPES, TextShape, random_model

@@ -24,7 +24,7 @@ import psutil
 import torch
 
 import hyperscalees as hs
-from ERO_EGGROLL.memory import measured_peak_rss_bytes
+from ERO_EGGROLL.memory_measure import measured_peak_rss_bytes
 from ERO_EGGROLL.pytorch_jax_bridge import jax_to_torch, shares_memory, torch_to_jax
 from bench_common import median_seconds, write_results
 

@@ -31,7 +31,7 @@ def update_case(size: str, optimizer: str, dtype: str, population: int, reps: in
     import torch
 
     from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, load_config
-    from ERO_EGGROLL.memory import measured_peak_rss_bytes, start_rss_measurement
+    from ERO_EGGROLL.memory_measure import measured_peak_rss_bytes, start_rss_measurement
     from ERO_EGGROLL.model_loading import load_model_from_dir
     from ERO_EGGROLL.perturbation import Perturber
     from ERO_EGGROLL.random_model import SHAPES, TextShape, random_model

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ERO_EGGROLL.config import ROOT, load_config
-from ERO_EGGROLL.memory import UPDATE_FACTOR_COPIES, DoesNotFit, Workload, check_fits, estimate, plan_run
+from ERO_EGGROLL.memory import UPDATE_FACTOR_COPIES, Workload, estimate, plan_run
+from ERO_EGGROLL.memory_check import DoesNotFit, check_fits
 from ERO_EGGROLL.perturbation import Perturber
 from ERO_EGGROLL.qwen_param_mapper import classify_model
 
@@ -79,7 +80,9 @@ import psutil, torch
 sys.path.insert(0, {scripts!r})
 from bench_member import random_30m_model
 from ERO_EGGROLL.config import ROOT, load_config
-from ERO_EGGROLL.memory import UPDATE_FACTOR_COPIES, DoesNotFit, Workload, check_fits, estimate, plan_run, measured_peak_rss_bytes
+from ERO_EGGROLL.memory import UPDATE_FACTOR_COPIES, Workload, estimate, plan_run
+from ERO_EGGROLL.memory_check import DoesNotFit, check_fits
+from ERO_EGGROLL.memory_measure import measured_peak_rss_bytes
 from ERO_EGGROLL.qwen_param_mapper import classify_model
 rss_before = psutil.Process().memory_info().rss
 model = random_30m_model(ROOT / "checkpoints" / "tiny-qwen2.5-vl")
@@ -126,10 +129,10 @@ def test_a_run_that_cannot_fit_is_refused_naming_what_to_change():
 
 
 def test_the_training_script_refuses_before_loading_anything(tmp_path, monkeypatch, capsys):
-    import ERO_EGGROLL.memory as memory
+    import ERO_EGGROLL.memory_check as memory_check
     from ERO_EGGROLL.arc_evolution_single_gpu import main
 
-    monkeypatch.setattr(memory, "free_memory_bytes", lambda on_gpu: (1 << 20, "a 1 MiB test device"))
+    monkeypatch.setattr(memory_check, "free_memory_bytes", lambda on_gpu: (1 << 20, "a 1 MiB test device"))
     code = main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run.output_dir={tmp_path}/results",
                  "--set", f"run.checkpoint_dir={tmp_path}/checkpoints"])
     assert code == 2

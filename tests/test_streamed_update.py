@@ -129,7 +129,7 @@ _MEMORY_CHILD = """
 import json
 import torch
 from ERO_EGGROLL.config import ROOT, load_config
-from ERO_EGGROLL.memory import measured_peak_rss_bytes, start_rss_measurement
+from ERO_EGGROLL.memory_measure import measured_peak_rss_bytes, start_rss_measurement
 from ERO_EGGROLL.perturbation import Perturber
 from ERO_EGGROLL.random_model import TextShape, random_model
 
