@@ -62,7 +62,9 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         best_weights = best_weights_for(ckpt_dir, state)
         print(f"resumed {ckpt_dir} after epoch {state.epoch}")
     step = EpochStep(perturber, state, cfg.run.degeneration_patience, best_weights)
-    workers = WorkerPool(cfg, [t.id for t in tasks], k, identity, state.history, perturber.evolvable_state()) if cfg.distributed.workers > 1 else None
+    workers = None
+    if cfg.distributed.workers > 1 and not state.finished:  # Ray actors evaluate the members (distributed.py)
+        workers = WorkerPool(cfg, [t.id for t in tasks], k, identity, state.history, perturber.evolvable_state())
     write_resolved_config(run_dir, cfg.to_dict())
     loggers = Loggers(cfg.run.loggers, run_dir, cfg.to_dict(), cfg.run.name if run_dir == cfg.run_dir else f"{cfg.run.name}/{run_dir.name}")
     if state.finished:
@@ -97,7 +99,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
                    peak_memory_mb=peak_memory_mb(device))
         state.history.append(row)
         if workers:  # every worker applies the same step and must then hold the driver's weights bit for bit
-            row["workers"] = workers.advance(row, perturber.evolvable_state())
+            row.update(workers=workers.advance(row, perturber.evolvable_state()), seconds=time.perf_counter() - start)
         state.finished = state.epoch == evo.epochs or row["mean_model_fitness"] >= cfg.run.target_fitness
         keep = state.epoch % cfg.run.save_every == 0 or state.finished
         save_checkpoint(ckpt_dir, perturber.evolvable_state(), perturber.optimizer.state_tensors(), state, keep=keep, best=row["new_best"])
