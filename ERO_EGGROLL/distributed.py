@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hyperscalees
 import torch
 
+import ERO_EGGROLL  # its folder goes to the workers' PYTHONPATH
 from .config import Config, DistributedConfig
 from .digest import tensor_digest
 from .population import member_batches
@@ -89,7 +91,7 @@ class WorkerPool:
         if short:
             raise DistributedError(f"distributed.workers {dist.workers} need {', '.join(short)}: lower distributed.workers "
                                    "or the per-worker CPUs/GPUs, or add machines to the cluster")
-        paths = [str(Path(m.__file__).resolve().parents[1]) for m in (sys.modules["ERO_EGGROLL"], sys.modules["hyperscalees"])]
+        paths = [str(Path(m.__file__).resolve().parents[1]) for m in (ERO_EGGROLL, hyperscalees)]  # this checkout, not an installed copy
         env = {"PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
         if os.environ.get(FAULT_ENV):
             env[FAULT_ENV] = os.environ[FAULT_ENV]
@@ -100,25 +102,26 @@ class WorkerPool:
         self.cfg, self.k, self.identity = cfg, k, identity
         self.rows = [{f: r[f] for f in REPLAYED if f in r} for r in history]
         self.expected = self._driver_digests(weights, len(history) - 1)
-        self.slots = [self._start(i, _Slot(i, None)) for i in range(dist.workers)]
+        self.slots = [self._start(_Slot(i, None)) for i in range(dist.workers)]
 
     @staticmethod
     def _driver_digests(weights: dict[str, torch.Tensor], epoch: int) -> tuple[int, dict[str, str]]:
         return epoch, {name: tensor_digest(t) for name, t in weights.items()}
 
-    def _start(self, index: int, slot: _Slot) -> _Slot:
+    def _start(self, slot: _Slot) -> _Slot:
         """A (new) actor for `slot`: it loads the model, then replays the driver's history; its identity is checked."""
-        slot.actor = self.actor_class.remote(*self.args, index, slot.restarts)
+        slot.actor = self.actor_class.remote(*self.args, slot.index, slot.restarts)
         slot.identity, slot.ready, slot.busy = slot.actor.identity.remote(), slot.actor.advance.remote(self.rows), False
         return slot
 
     def _lost(self, slot: _Slot, err: Exception, epoch: int) -> None:
+        """A worker's process is gone (`epoch`: 1-based, the one running): start a replacement, or give up."""
         slot.restarts += 1
         if slot.restarts > MAX_RESTARTS:
             raise DistributedError(f"worker {slot.index} died {slot.restarts} times (last in epoch {epoch}); the last error: {err}")
         print(f"worker {slot.index} lost in epoch {epoch}; its batch goes to the others and a replacement replays "
               f"{len(self.rows)} recorded epoch(s)", file=sys.stderr)
-        self._start(slot.index, slot)
+        self._start(slot)
 
     def _settle(self, slot: _Slot, ref, epoch: int) -> None:
         """The slot's replay finished: its identity and digests must equal the driver's, or the run stops."""
@@ -153,7 +156,7 @@ class WorkerPool:
             readies = {slot.ready: slot for slot in self.slots if slot.ready is not None}
             (ref,), _ = ray.wait([*running, *readies], num_returns=1)
             if ref in readies:
-                self._settle(readies[ref], ref, epoch)
+                self._settle(readies[ref], ref, epoch + 1)
                 continue
             slot, ids = running.pop(ref)
             slot.busy = False

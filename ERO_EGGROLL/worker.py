@@ -4,6 +4,8 @@ It loads the model once and keeps it for the whole evolution. Its weights move o
 EpochStep, fed the rows the driver records (replay.apply_row), so after every epoch they equal the driver's bit for
 bit; it reports a tensor_digest per evolvable tensor so that the driver can prove it. A restarted worker rebuilds
 its weights the same way from the base model and the history the driver sends: no shared filesystem is needed.
+Ray imports this module by name in the actor's process, so the package's __init__ (JAX allocates GPU memory on
+demand) runs before anything imports JAX.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import os
 import time
 
-import ERO_EGGROLL  # noqa: F401  # first: the package sets XLA_PYTHON_CLIENT_PREALLOCATE before JAX is imported
 import torch
 
 from .arc_evaluator import prepare, questions_for

@@ -1,6 +1,6 @@
 """Epoch time of the tiny-model run in one process and with W CPU workers, and the scaling this predicts on W GPUs.
 
-    python scripts/bench_distributed.py [--workers 2] [--population 8] [--epochs 3]
+    python scripts/bench_distributed.py [--workers 2] [--population 8] [--epochs 5]
 
 Every process gets one torch thread (OMP_NUM_THREADS=1 for the driver, distributed.cpus_per_worker=1 for the
 workers), so that one process and one worker are the same unit of compute. The first epoch is left out (JAX
@@ -50,7 +50,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--population", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         single = run(Path(tmp), "single", args.epochs, args.population, 1)[2:]
@@ -64,12 +64,14 @@ def main() -> int:
                    for r in multi) / len(multi)
     print(f"\nepoch seconds, epochs 2..{args.epochs} averaged: 1 process {epoch_1:.2f}, {args.workers} workers {epoch_w:.2f}: "
           f"speed-up {epoch_1 / epoch_w:.2f}x (load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
-    print(f"t_batch {t_member:.3f} s (one member), t_update {t_update:.3f} s, t_driver {t_driver:.3f} s")
     batches = args.population  # members_per_batch 1
-    print("on paper, W workers (e.g. W GPUs) with these times:")
-    for w in (1, 2, 4, 8, 16):
-        predicted = math.ceil(batches / w) * t_member + t_driver + (t_update if w > 1 else 0)
-        print(f"  W={w:2d}: epoch {predicted:.2f} s, speed-up {(batches * t_member + t_driver) / predicted:.2f}x")
+    t_alone = (epoch_1 - t_driver) / batches  # one process's member, the driver's own share taken out
+    print(f"t_batch {t_alone:.3f} s per member alone (1 process), {t_member:.3f} s in a worker beside the others on these "
+          f"{os.cpu_count()} shared CPUs; t_update {t_update:.3f} s, t_driver {t_driver:.3f} s")
+    print("on paper, W workers each on its own device (e.g. W GPUs), so each member costs t_batch alone:")
+    for w in [w for w in (1, 2, 4, 8, 16, 32) if w <= batches]:
+        predicted = math.ceil(batches / w) * t_alone + t_driver + (t_update if w > 1 else 0)
+        print(f"  W={w:2d}: epoch {predicted:.2f} s, speed-up {(batches * t_alone + t_driver) / predicted:.2f}x")
     return 0
 
 
