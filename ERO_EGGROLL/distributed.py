@@ -121,6 +121,7 @@ class WorkerPool:
             raise DistributedError(f"worker {slot.index} died {slot.restarts} times (last in epoch {epoch}); the last error: {err}")
         print(f"worker {slot.index} lost in epoch {epoch}; its batch goes to the others and a replacement replays "
               f"{len(self.rows)} recorded epoch(s)", file=sys.stderr)
+        self.ray.kill(slot.actor)  # an unreachable but living actor must free its CPUs/GPU for the replacement
         self._start(slot)
 
     def _settle(self, slot: _Slot, ref, epoch: int) -> None:
