@@ -23,6 +23,7 @@ from ERO_EGGROLL.arc_task import ArcDataError, load_tasks
 from ERO_EGGROLL.checkpointing import EPOCH_DIR, CheckpointError, RunState, assign_weights, latest_dir, read_state, run_started
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, ConfigError, config_from_dict, load_config
 from ERO_EGGROLL.disk import WriteError, writing
+from ERO_EGGROLL.distributed import DistributedError
 from ERO_EGGROLL.evolution_loop import evolve
 from ERO_EGGROLL.export import ExportError, export_model
 from ERO_EGGROLL.loggers import check_available as check_loggers
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
               f"  python ERO_EGGROLL/arc_evolution_single_gpu.py --resume {cfg.checkpoint_path}", file=sys.stderr)
         return 130
     except (ConfigError, ArcDataError, ModelLoadError, CheckpointError, EvaluationError, IdentityError, WriteError,
-            RunFolderError, ExportError) as err:
+            RunFolderError, ExportError, DistributedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -125,6 +125,16 @@ class RunConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Where the population is evaluated (distributed.py): moves work, never numbers."""
+
+    workers: int = 1  # 1: this process alone; W > 1: W Ray actors evaluate members, the driver keeps the mean model
+    address: str | None = None  # null: start a local Ray instance; 'auto' or 'ray://host:port' (or host:port): join a cluster
+    gpus_per_worker: float = 1.0  # when the run's device is CUDA (fractions share a GPU)
+    cpus_per_worker: int = 1  # CPU runs: also each worker's torch threads
+
+
+@dataclass
 class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -133,6 +143,7 @@ class Config:
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
     params: ParamsConfig = field(default_factory=ParamsConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -281,6 +292,22 @@ def _evolution_checks(evo: EvolutionConfig) -> list[tuple[bool, str]]:
     ]
 
 
+ADDRESS = re.compile(r"^(auto|(ray://)?[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5})$")
+
+
+def _distributed_checks(dist: DistributedConfig, population_size: int) -> list[tuple[bool, str]]:
+    return [
+        (1 <= dist.workers <= population_size,
+         f"distributed.workers must be between 1 (this process alone) and evolution.population_size {population_size} "
+         f"(a worker evaluates at least one member), got {dist.workers}"),
+        (dist.address is None or bool(ADDRESS.match(dist.address)),
+         f"distributed.address must be null (start a local Ray instance), 'auto' (the cluster `ray start` made on this "
+         f"machine) or 'ray://host:port' / 'host:port', got {dist.address!r}"),
+        (dist.gpus_per_worker > 0, f"distributed.gpus_per_worker must be > 0 (used on CUDA runs; fractions share a GPU), got {dist.gpus_per_worker}"),
+        (dist.cpus_per_worker >= 1, f"distributed.cpus_per_worker must be >= 1, got {dist.cpus_per_worker}"),
+    ]
+
+
 def _choices(section: type) -> dict[str, tuple]:
     """The allowed values of a section's Literal fields (the YAML loader checks them too; code callers need this)."""
     hints = typing.get_type_hints(section)
@@ -326,7 +353,7 @@ def _validate(cfg: Config, where: str) -> None:
         (not (data.fitness_source == "train_loo" and data.max_train_examples == 1),
          "data.fitness_source 'train_loo' needs at least 2 training pairs as examples; raise data.max_train_examples"),
     ]
-    for ok, message in checks:
+    for ok, message in checks + _distributed_checks(cfg.distributed, evo.population_size):
         if not ok:
             raise ConfigError(f"{where}: {message}")
     if not 0 <= cfg.seed < 2**32:

@@ -11,6 +11,7 @@ import torch
 from .arc_evaluator import evaluate, prepare, questions_for, resolved_decoding
 from .checkpointing import RunState, assign_weights, best_weights_for, load_checkpoint, repair_latest, rewind, run_started, save_checkpoint
 from .config import Config, ConfigError
+from .distributed import WorkerPool
 from .epoch_step import EpochStep
 from .loggers import Loggers
 from .memory_measure import measured_peak_rss_bytes, peak_memory_scope, reset_peak_memory
@@ -61,6 +62,9 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         best_weights = best_weights_for(ckpt_dir, state)
         print(f"resumed {ckpt_dir} after epoch {state.epoch}")
     step = EpochStep(perturber, state, cfg.run.degeneration_patience, best_weights)
+    workers = None
+    if cfg.distributed.workers > 1 and not state.finished:  # Ray actors evaluate the members (distributed.py)
+        workers = WorkerPool(cfg, [t.id for t in tasks], k, identity, state.history, perturber.evolvable_state())
     write_resolved_config(run_dir, cfg.to_dict())
     loggers = Loggers(cfg.run.loggers, run_dir, cfg.to_dict(), cfg.run.name if run_dir == cfg.run_dir else f"{cfg.run.name}/{run_dir.name}")
     if state.finished:
@@ -72,6 +76,8 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
                    new_best=True, rolled_back=False)
         state.history.append(row)
         step.begin(row["mean_model_fitness"])
+        if workers:
+            row["workers"] = workers.advance(row, perturber.evolvable_state())
         save_checkpoint(ckpt_dir, perturber.evolvable_state(), {}, state, keep=True, best=True)
         loggers.log(row)
         print(f"epoch 0 (base model): fitness {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}")
@@ -81,7 +87,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
             break
         start = time.perf_counter()
         reset_peak_memory(device)
-        fitness = evaluate_population(perturber, model, processor, fitness_q, cfg, epoch, k, stop)
+        fitness = workers.evaluate(epoch, stop) if workers else evaluate_population(perturber, model, processor, fitness_q, cfg, epoch, k, stop)
         stats = step.update(fitness, epoch)
         row = {"epoch": epoch + 1, "fitness": fitness, "member_mean": sum(fitness) / len(fitness),
                "member_max": max(fitness), "member_min": min(fitness),
@@ -92,6 +98,8 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         row.update(new_best=decision.new_best, rolled_back=decision.rolled_back, seconds=time.perf_counter() - start,
                    peak_memory_mb=peak_memory_mb(device))
         state.history.append(row)
+        if workers:  # every worker applies the same step and must then hold the driver's weights bit for bit
+            row.update(workers=workers.advance(row, perturber.evolvable_state()), seconds=time.perf_counter() - start)
         state.finished = state.epoch == evo.epochs or row["mean_model_fitness"] >= cfg.run.target_fitness
         keep = state.epoch % cfg.run.save_every == 0 or state.finished
         save_checkpoint(ckpt_dir, perturber.evolvable_state(), perturber.optimizer.state_tensors(), state, keep=keep, best=row["new_best"])
@@ -106,6 +114,8 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         if state.finished and state.epoch < evo.epochs:
             summary(f"target fitness {cfg.run.target_fitness} reached: stopping early")
     perturber.remove_hooks()
+    if workers:
+        workers.close()
     loggers.close()
     rewrite_metrics(run_dir, state.history)
     plot_fitness(run_dir, state.history, f"{cfg.run.name}: {', '.join(t.id for t in tasks)}")

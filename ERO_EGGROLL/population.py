@@ -36,19 +36,28 @@ def members_per_batch(cfg: Config, model, perturber: Perturber, prepared) -> int
     return min(k, cfg.evolution.population_size)
 
 
+def member_batches(population_size: int, k: int) -> list[list[int]]:
+    """Which members share a generate call: [0, k), [k, 2k), ... fixed by the config, never by who evaluates them."""
+    return [list(range(first, min(first + k, population_size))) for first in range(0, population_size, k)]
+
+
+def evaluate_batch(perturber: Perturber, model, processor, prepared, cfg: Config, epoch: int, ids: list[int]) -> list[float]:
+    """The fitness of the members `ids` (one batch of member_batches): alone, or as rows of one generate call."""
+    if len(ids) == 1:
+        with perturber.member(epoch, ids[0]):
+            return [evaluate(model, processor, prepared, cfg, (MEMBER_STREAM, epoch, ids[0])).fitness]
+    # greedy decoding only (config validation), so the stream of the first member is enough
+    with perturber.members(epoch, ids):
+        return [r.fitness for r in evaluate_members(model, processor, prepared, cfg, len(ids), (MEMBER_STREAM, epoch, ids[0]))]
+
+
 def evaluate_population(perturber: Perturber, model, processor, prepared, cfg: Config, epoch: int, k: int, stop: StopFlag) -> list[float]:
     """Every member's fitness: one at a time (k = 1, the reference), or k members per generate call."""
     fitness: list[float] = []
     n = cfg.evolution.population_size
     members = bar(total=n, desc=f"epoch {epoch + 1} members", unit="member", leave=False)
-    for first in range(0, n, k):
-        ids = list(range(first, min(first + k, n)))
-        if len(ids) == 1:
-            with perturber.member(epoch, ids[0]):
-                fitness.append(evaluate(model, processor, prepared, cfg, (MEMBER_STREAM, epoch, ids[0])).fitness)
-        else:  # greedy decoding only (config validation), so the stream of the first member is enough
-            with perturber.members(epoch, ids):
-                fitness += [r.fitness for r in evaluate_members(model, processor, prepared, cfg, len(ids), (MEMBER_STREAM, epoch, ids[0]))]
+    for ids in member_batches(n, k):
+        fitness += evaluate_batch(perturber, model, processor, prepared, cfg, epoch, ids)
         members.update(len(ids))
         members.set_postfix(fitness=f"{fitness[-1]:.3f}", best=f"{max(fitness):.3f}")
         stop.check()

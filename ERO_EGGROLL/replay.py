@@ -25,23 +25,27 @@ from .qwen_param_mapper import classify_model
 from .run_identity import IdentityError, base_weights_digest, check_identity, identity_of
 
 
-def replay_weights(model, state: RunState) -> dict[str, torch.Tensor]:
-    """Apply every recorded epoch to `model` through the training's own epoch step; return the evolvable tensors.
-
-    The step's decisions (new best, degeneration-guard rollback) are recomputed from the recorded mean-model
+def apply_row(step: EpochStep, row: dict) -> None:
+    """Apply one recorded epoch (a metrics row) through the training's own epoch step: epoch 0 begins, later rows update
+    and conclude. The decisions (new best, degeneration-guard rollback) are recomputed from the recorded mean-model
     fitness and must equal the recorded ones: a history that disagrees with itself is refused."""
+    if not row.get("fitness"):
+        step.begin(row["mean_model_fitness"])  # epoch 0: the base model
+        return
+    step.update(row["fitness"], row["epoch"] - 1)
+    decision = step.conclude(row["epoch"], row["mean_model_fitness"])
+    if (decision.new_best, decision.rolled_back) != (row["new_best"], row["rolled_back"]):
+        raise CheckpointError(f"epoch {row['epoch']} of the saved history records new_best={row['new_best']}, "
+                              f"rolled_back={row['rolled_back']}, but its fitness gives {decision}: the history was altered")
+
+
+def replay_weights(model, state: RunState) -> dict[str, torch.Tensor]:
+    """Apply every recorded epoch to `model` (apply_row); return the evolvable tensors."""
     cfg = config_from_dict(state.config, "saved config")
     perturber = Perturber(model, cfg)
     step = EpochStep(perturber, RunState(), cfg.run.degeneration_patience)
     for row in state.history:
-        if not row.get("fitness"):
-            step.begin(row["mean_model_fitness"])  # epoch 0: the base model
-            continue
-        step.update(row["fitness"], row["epoch"] - 1)
-        decision = step.conclude(row["epoch"], row["mean_model_fitness"])
-        if (decision.new_best, decision.rolled_back) != (row["new_best"], row["rolled_back"]):
-            raise CheckpointError(f"epoch {row['epoch']} of the saved history records new_best={row['new_best']}, "
-                                  f"rolled_back={row['rolled_back']}, but its fitness gives {decision}: the history was altered")
+        apply_row(step, row)
     perturber.remove_hooks()
     return {k: v.detach().clone() for k, v in perturber.evolvable_state().items()}
 

@@ -36,6 +36,11 @@ ALLOWED_TO_CHANGE: dict[str, str] = {
     "model.path": "where the base weights are; their bytes are in the identity as base_weights",
     "model.config_json": "read only by the weight-free tools (parameter mapper, memory model)",
     "run.loggers": "where the same numbers are also reported (TensorBoard, W&B), not what an epoch computes",
+    "distributed.workers": "how many processes evaluate the members: each member's fitness is the same anywhere (member "
+                           "batches are fixed by the config), and the workers' weights are verified bit-identical every epoch",
+    "distributed.address": "which Ray cluster runs the workers, not what they compute",
+    "distributed.gpus_per_worker": "how devices are shared among workers; the device type itself is in the identity",
+    "distributed.cpus_per_worker": "how many CPUs (and torch threads) a worker gets; its weights are verified bit-identical to the driver's every epoch",
 }
 # Recorded as resolved rather than as written: model.device (its type: CPU and GPU arithmetic differ
 # in the last bits), model.dtype, evaluation.decoding (preset 'ero' reads the base checkpoint's

@@ -11,7 +11,7 @@ import yaml
 
 from .disk import writing
 
-TIMING_FIELDS = ("seconds", "peak_memory_mb")  # the only metrics that differ between identical runs
+TIMING_FIELDS = ("seconds", "peak_memory_mb", "workers")  # the only metrics that differ between identical runs (workers: per-worker timing)
 NON_FINITE_FLAG = "non_finite_fields"  # metrics.jsonl: fields whose value was inf or NaN, written as null
 
 

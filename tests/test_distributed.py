@@ -1,0 +1,79 @@
+"""distributed.workers: 2 Ray workers (1 CPU each) give the single-process run's numbers and weights, also when one
+dies mid-epoch; workers whose weights drift from the driver's stop the run.
+
+One local Ray instance serves the module; each run is the training script joining it through distributed.address.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from ERO_EGGROLL.config import Config, ConfigError, config_from_dict
+from ERO_EGGROLL.worker import FAULT_ENV
+from conftest import run_args
+from test_evolution_run import assert_same_weights, final_weights, metrics
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """A 2-CPU local Ray instance, as `ray start --head` would give on a machine; ended with the module."""
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def distributed_run(tmp, name: str, address: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **({FAULT_ENV: fault} if fault else {})}
+    args = run_args(tmp, name, "distributed.workers=2", "distributed.cpus_per_worker=1", f"distributed.address={address}")
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+
+
+def assert_same_run(tmp, name: str, reference) -> list[dict]:
+    assert metrics(tmp, name) == metrics(reference, "reference")  # metrics minus timings and per-worker figures
+    assert_same_weights(final_weights(tmp, name), final_weights(reference, "reference"))
+    return [json.loads(line)["workers"] for line in (tmp / "results" / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_workers_equal_the_single_process_run(reference, tmp_path, ray_address):
+    done = distributed_run(tmp_path, "two", ray_address)
+    assert done.returncode == 0, done.stderr[-3000:]
+    workers = assert_same_run(tmp_path, "two", reference)
+    for epoch in workers[1:]:
+        assert [w["worker"] for w in epoch] == [0, 1] and sum(w["members"] for w in epoch) == 4
+        assert all(w["members"] >= 1 for w in epoch)  # both took batches: the first two are handed out at once
+
+
+def test_a_worker_lost_mid_epoch_changes_nothing(reference, tmp_path, ray_address):
+    done = distributed_run(tmp_path, "lost", ray_address, fault="exit:1:1")  # worker 1 exits when asked for its 2nd member
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "worker 1 lost in epoch" in done.stderr
+    workers = assert_same_run(tmp_path, "lost", reference)
+    assert workers[-1][1]["restarts"] == 1 and workers[-1][0]["restarts"] == 0
+
+
+def test_a_worker_whose_weights_drift_stops_the_run(tmp_path, tiny_model_dir, ray_address):
+    done = distributed_run(tmp_path, "drift", ray_address, fault="drift:0:1")  # one ulp in one tensor after epoch 1's step
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "error: worker 0 disagrees with the driver after epoch 1: tensor " in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("workers", 0, "distributed.workers must be between 1"),
+    ("workers", 6, "and evolution.population_size 4"),
+    ("address", "http://head", "distributed.address must be null"),
+    ("cpus_per_worker", 0, "distributed.cpus_per_worker must be >= 1"),
+    ("gpus_per_worker", 0, "distributed.gpus_per_worker must be > 0"),
+])
+def test_distributed_settings_are_validated(key, value, message):
+    data = Config().to_dict()
+    data["evolution"]["population_size"] = 4
+    data["distributed"][key] = value
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(data)
