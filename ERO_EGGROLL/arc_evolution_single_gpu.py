@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ERO_EGGROLL.arc_evaluator import (
     EvalResult, EvaluationError, evaluate, evaluate_members, prepare, questions_for, resolved_decoding, results_table, write_table,
 )
+from ERO_EGGROLL.answer_likelihood import fitness_gradient, gradient_cosine
 from ERO_EGGROLL.arc_task import ArcDataError, load_tasks
 from ERO_EGGROLL.checkpointing import (EPOCH_DIR, LATEST, CheckpointError, RunState, assign_weights, best_weights_for, latest_dir,
                                        load_checkpoint, read_state, repair_latest, rewind, save_checkpoint)
@@ -84,13 +85,27 @@ MEMBER_STREAM, MEAN_MODEL_STREAM, MEAN_MODEL_TEST_STREAM, BEST_MODEL_STREAM = 0,
 
 
 def evaluate_mean_model(model, processor, fitness_questions, test_questions, cfg: Config, epoch: int) -> dict:
-    """The mean model after `epoch` updates (0: the base model) on the fitness and the test questions."""
-    result = evaluate(model, processor, fitness_questions, cfg, (MEAN_MODEL_STREAM, epoch))
-    test = result if test_questions is fitness_questions else evaluate(model, processor, test_questions, cfg, (MEAN_MODEL_TEST_STREAM, epoch))
-    mean = lambda per_task: sum(per_task.values()) / len(per_task)
+    """The mean model after `epoch` updates (0: the base model): its fitness, and on the test questions (held out
+    under fitness_source 'train_loo') every metric whatever the fitness: answer log-prob and the greedy answer's scores."""
+    same = test_questions is fitness_questions
+    result = evaluate(model, processor, fitness_questions, cfg, (MEAN_MODEL_STREAM, epoch), report=same)
+    test = result if same else evaluate(model, processor, test_questions, cfg, (MEAN_MODEL_TEST_STREAM, epoch), report=True)
     return {"mean_model_fitness": result.fitness, "mean_model_test_score": test.fitness,
-            "mean_model_exact": mean(test.metric("exact")), "mean_model_cell_accuracy": mean(test.metric("cell_accuracy")),
+            "mean_model_exact": test.mean("exact"), "mean_model_cell_accuracy": test.mean("cell_accuracy"),
+            "mean_model_char_similarity": test.mean("char_similarity"), "mean_model_answer_logprob": test.mean("answer_logprob"),
             "answers": [a.text for a in test.answers]}
+
+
+def update_mean_model(perturber: Perturber, model, processor, fitness, fitness_questions, cfg: Config, epoch: int) -> dict:
+    """perturber.update; with evolution.log_gradient_cosine also `gradient_cosine`, the cosine between the weights'
+    change and the true gradient of the answer_logprob fitness at the weights before it (one backward pass)."""
+    if not cfg.evolution.log_gradient_cosine:
+        return perturber.update(fitness, epoch)
+    before = {n: t.clone() for n, t in perturber.evolvable_state().items()}
+    gradient = fitness_gradient(model, processor, fitness_questions, cfg, list(before))
+    stats = perturber.update(fitness, epoch)
+    change = {n: t.float() - before[n].float() for n, t in perturber.evolvable_state().items()}
+    return {**stats, "gradient_cosine": gradient_cosine(gradient, change)}
 
 
 def members_per_batch(cfg: Config, model, perturber: Perturber, prepared) -> int:
@@ -177,14 +192,16 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         print(f"{ckpt_dir}: already finished")
     if not state.history:  # epoch 0: the base model
         start = time.perf_counter()
-        row = {"epoch": 0, "decoding": resolved_decoding(cfg), **evaluate_mean_model(model, processor, fitness_q, test_q, cfg, 0)}
+        row = {"epoch": 0, "decoding": resolved_decoding(cfg), "max_new_tokens_rule": cfg.evaluation.max_new_tokens_rule,
+               **evaluate_mean_model(model, processor, fitness_q, test_q, cfg, 0)}
         row.update(seconds=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(device), peak_memory_scope=peak_memory_scope(device),
                    new_best=True, rolled_back=False)
         state.history.append(row)
         state.best_fitness, state.best_epoch = row["mean_model_fitness"], 0
         best_weights = {k: v.detach().cpu().clone() for k, v in perturber.evolvable_state().items()}
         save_checkpoint(ckpt_dir, perturber.evolvable_state(), {}, state, keep=True, best=True)
-        print(f"epoch 0 (base model): fitness {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}")
+        print(f"epoch 0 (base model): fitness {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
+              f"answer log-prob {row['mean_model_answer_logprob']:.4f}")
     epochs = tqdm(range(state.epoch, evo.epochs), desc=f"{cfg.run.name} epochs", unit="epoch", initial=state.epoch, total=evo.epochs)
     for epoch in epochs:
         if state.finished:
@@ -192,12 +209,13 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         start = time.perf_counter()
         reset_peak_memory(device)
         fitness = evaluate_population(perturber, model, processor, fitness_q, cfg, epoch, k, stop)
-        stats = perturber.update(fitness, epoch)
+        stats = update_mean_model(perturber, model, processor, fitness, fitness_q, cfg, epoch)
         row = {"epoch": epoch + 1, "fitness": fitness, "member_mean": sum(fitness) / len(fitness),
                "member_max": max(fitness), "member_min": min(fitness),
                **evaluate_mean_model(model, processor, fitness_q, test_q, cfg, epoch + 1),
                "lr": stats["lr"], "sigma_scale": stats["sigma_scale"], "update_norm": stats["update_norm"],
-               "fraction_changed": stats["fraction_changed"], "lost_update_fraction": stats["lost_update_fraction"]}
+               "fraction_changed": stats["fraction_changed"], "lost_update_fraction": stats["lost_update_fraction"],
+               **({"gradient_cosine": stats["gradient_cosine"]} if "gradient_cosine" in stats else {})}
         row["new_best"] = row["mean_model_fitness"] > state.best_fitness
         row["rolled_back"] = False
         if row["new_best"]:
@@ -217,7 +235,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         rewrite_metrics(run_dir, state.history)
         tqdm.write(f"epoch {epoch + 1}/{evo.epochs}: members {row['member_mean']:.4f} [{row['member_min']:.4f}, {row['member_max']:.4f}]  "
                    f"mean model {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
-                   f"cells {row['mean_model_cell_accuracy']:.4f}  |dW| {row['update_norm']:.3g}  {row['seconds']:.1f}s"
+                   f"cells {row['mean_model_cell_accuracy']:.4f}  answer log-prob {row['mean_model_answer_logprob']:.4f}  |dW| {row['update_norm']:.3g}  {row['seconds']:.1f}s"
                    + ("  (new best)" if row["new_best"] else "") + ("  (rolled back to best)" if row["rolled_back"] else ""))
         epochs.set_postfix(fitness=f"{row['mean_model_fitness']:.3f}", best=f"{state.best_fitness:.3f}")
         stop.check()
@@ -227,7 +245,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
     rewrite_metrics(run_dir, state.history)
     plot_fitness(run_dir, state.history, f"{cfg.run.name}: {', '.join(t.id for t in tasks)}")
     assign_weights(model, best_weights, "best weights")
-    best_test = evaluate(model, processor, test_q, cfg, (BEST_MODEL_STREAM,))
+    best_test = evaluate(model, processor, test_q, cfg, (BEST_MODEL_STREAM,), report=True)
     return {"best_epoch": state.best_epoch, "best_result": best_test}
 
 

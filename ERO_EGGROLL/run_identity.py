@@ -35,6 +35,7 @@ ALLOWED_TO_CHANGE: dict[str, str] = {
     "run.memory_check": "whether a run that may not fit is refused before it starts, not what it computes",
     "model.path": "where the base weights are; their bytes are in the identity as base_weights",
     "model.config_json": "read only by the weight-free tools (parameter mapper, memory model)",
+    "evolution.log_gradient_cosine": "a logged diagnostic: one backward pass of the mean model, which changes no weight and draws no noise",
 }
 # Recorded as resolved rather than as written: model.device (its type: CPU and GPU arithmetic differ
 # in the last bits), model.dtype, evaluation.decoding (preset 'ero' reads the base checkpoint's
