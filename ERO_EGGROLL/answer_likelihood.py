@@ -93,3 +93,15 @@ def fitness_gradient(model, processor, prepared: Sequence[PreparedQuestion], cfg
         for p, flag in zip(chosen, flags):
             p.requires_grad_(flag)
     return {n: (g if g is not None else torch.zeros_like(p)).detach() for n, p, g in zip(names, chosen, grads)}
+
+
+def update_with_gradient_cosine(perturber, model, processor, fitness: Sequence[float], prepared: Sequence[PreparedQuestion], cfg: Config,
+                                epoch: int) -> dict:
+    """`perturber.update(fitness, epoch)`'s statistics plus `gradient_cosine`: the cosine between the change the update
+    made to the evolvable tensors and the true gradient of the answer_logprob fitness on `prepared` at the weights
+    before it (one backward pass; nothing else changes, so a run's numbers are the same with or without it)."""
+    before = {n: t.clone() for n, t in perturber.evolvable_state().items()}
+    gradient = fitness_gradient(model, processor, prepared, cfg, list(before))
+    stats = perturber.update(fitness, epoch)
+    change = {n: t.float() - before[n].float() for n, t in perturber.evolvable_state().items()}
+    return {**stats, "gradient_cosine": gradient_cosine(gradient, change)}

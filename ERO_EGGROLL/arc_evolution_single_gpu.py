@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ERO_EGGROLL.arc_evaluator import (
     EvalResult, EvaluationError, evaluate, evaluate_members, prepare, questions_for, resolved_decoding, results_table, write_table,
 )
-from ERO_EGGROLL.answer_likelihood import fitness_gradient, gradient_cosine
+from ERO_EGGROLL.answer_likelihood import update_with_gradient_cosine
 from ERO_EGGROLL.arc_task import ArcDataError, load_tasks
 from ERO_EGGROLL.checkpointing import (EPOCH_DIR, LATEST, CheckpointError, RunState, assign_weights, best_weights_for, latest_dir,
                                        load_checkpoint, read_state, repair_latest, rewind, save_checkpoint)
@@ -94,18 +94,6 @@ def evaluate_mean_model(model, processor, fitness_questions, test_questions, cfg
             "mean_model_exact": test.mean("exact"), "mean_model_cell_accuracy": test.mean("cell_accuracy"),
             "mean_model_char_similarity": test.mean("char_similarity"), "mean_model_answer_logprob": test.mean("answer_logprob"),
             "answers": [a.text for a in test.answers]}
-
-
-def update_mean_model(perturber: Perturber, model, processor, fitness, fitness_questions, cfg: Config, epoch: int) -> dict:
-    """perturber.update; with evolution.log_gradient_cosine also `gradient_cosine`, the cosine between the weights'
-    change and the true gradient of the answer_logprob fitness at the weights before it (one backward pass)."""
-    if not cfg.evolution.log_gradient_cosine:
-        return perturber.update(fitness, epoch)
-    before = {n: t.clone() for n, t in perturber.evolvable_state().items()}
-    gradient = fitness_gradient(model, processor, fitness_questions, cfg, list(before))
-    stats = perturber.update(fitness, epoch)
-    change = {n: t.float() - before[n].float() for n, t in perturber.evolvable_state().items()}
-    return {**stats, "gradient_cosine": gradient_cosine(gradient, change)}
 
 
 def members_per_batch(cfg: Config, model, perturber: Perturber, prepared) -> int:
@@ -209,7 +197,8 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         start = time.perf_counter()
         reset_peak_memory(device)
         fitness = evaluate_population(perturber, model, processor, fitness_q, cfg, epoch, k, stop)
-        stats = update_mean_model(perturber, model, processor, fitness, fitness_q, cfg, epoch)
+        stats = (update_with_gradient_cosine(perturber, model, processor, fitness, fitness_q, cfg, epoch)
+                 if evo.log_gradient_cosine else perturber.update(fitness, epoch))
         row = {"epoch": epoch + 1, "fitness": fitness, "member_mean": sum(fitness) / len(fitness),
                "member_max": max(fitness), "member_min": min(fitness),
                **evaluate_mean_model(model, processor, fitness_q, test_q, cfg, epoch + 1),
@@ -235,7 +224,8 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         rewrite_metrics(run_dir, state.history)
         tqdm.write(f"epoch {epoch + 1}/{evo.epochs}: members {row['member_mean']:.4f} [{row['member_min']:.4f}, {row['member_max']:.4f}]  "
                    f"mean model {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
-                   f"cells {row['mean_model_cell_accuracy']:.4f}  answer log-prob {row['mean_model_answer_logprob']:.4f}  |dW| {row['update_norm']:.3g}  {row['seconds']:.1f}s"
+                   f"cells {row['mean_model_cell_accuracy']:.4f}  answer log-prob {row['mean_model_answer_logprob']:.4f}  "
+                   f"|dW| {row['update_norm']:.3g}  {row['seconds']:.1f}s"
                    + ("  (new best)" if row["new_best"] else "") + ("  (rolled back to best)" if row["rolled_back"] else ""))
         epochs.set_postfix(fitness=f"{row['mean_model_fitness']:.3f}", best=f"{state.best_fitness:.3f}")
         stop.check()

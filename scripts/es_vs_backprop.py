@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from bench_common import write_results  # noqa: E402
 
-from ERO_EGGROLL.answer_likelihood import answer_logprob_objective, fitness_gradient, gradient_cosine  # noqa: E402
+from ERO_EGGROLL.answer_likelihood import answer_logprob_objective, update_with_gradient_cosine  # noqa: E402
 from ERO_EGGROLL.arc_evaluator import evaluate, evaluate_members  # noqa: E402
 from ERO_EGGROLL.arc_task import load_tasks  # noqa: E402
 from ERO_EGGROLL.config import Config, load_config  # noqa: E402
@@ -52,7 +52,6 @@ def run_es(cfg: Config, model, processor, train, held_out, budget: int, members_
     """EGGROLL for budget // N epochs through the Perturber facade; held-out log-prob and gradient cosine per epoch."""
     n = cfg.evolution.population_size
     perturber = Perturber(model, cfg)
-    names = list(perturber.evolvable_state())
     curve = [(0, evaluate(model, processor, held_out, cfg).fitness)]
     cosines = []
     for epoch in range(budget // n):
@@ -60,10 +59,7 @@ def run_es(cfg: Config, model, processor, train, held_out, budget: int, members_
         for first in range(0, n, members_per_call):
             with perturber.members(epoch, range(first, first + members_per_call)):
                 fitness += [r.fitness for r in evaluate_members(model, processor, train, cfg, members_per_call)]
-        before = {k: v.clone() for k, v in perturber.evolvable_state().items()}
-        gradient = fitness_gradient(model, processor, train, cfg, names)
-        perturber.update(fitness, epoch)
-        cosines.append(gradient_cosine(gradient, {k: v - before[k] for k, v in perturber.evolvable_state().items()}))
+        cosines.append(update_with_gradient_cosine(perturber, model, processor, fitness, train, cfg, epoch)["gradient_cosine"])
         curve.append(((epoch + 1) * n, evaluate(model, processor, held_out, cfg).fitness))
     perturber.remove_hooks()
     return {"curve": curve, "gradient_cosine": cosines}
