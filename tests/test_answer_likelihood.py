@@ -133,3 +133,15 @@ def test_a_held_out_run_raises_the_held_out_answer_logprob(tmp_path, tiny_model_
     assert rows[-1]["mean_model_test_score"] == rows[-1]["mean_model_answer_logprob"]  # the test score is the held-out log-prob
     cosines = [r["gradient_cosine"] for r in rows[1:]]
     assert all(-1 <= c <= 1 for c in cosines) and sum(cosines) > 0, cosines
+
+
+def test_members_per_batch_is_part_of_an_answer_logprob_runs_identity(tiny):
+    """Batched members' log-probs differ from one-at-a-time in the last fp32 bits, so resuming with another K is not exact."""
+    from ERO_EGGROLL.qwen_param_mapper import classify_model
+    from ERO_EGGROLL.run_identity import identity_of
+
+    model, _ = tiny
+    identity = lambda cfg: identity_of(cfg, classify_model(model, cfg), device_type="cpu", dtype=torch.float32, members_per_batch=4,
+                                       base_weights="abc")
+    assert identity(_cfg())["evaluation.members_per_batch"] == 4
+    assert "evaluation.members_per_batch" not in identity(load_config(ROOT / "configs" / "smoke.yaml"))
