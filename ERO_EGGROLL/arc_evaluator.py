@@ -76,7 +76,8 @@ def _checked(cfg: Config, score: float, task_id: str) -> float:
     low, high = (-math.inf, 0.0) if name == LIKELIHOOD_FITNESS else (0.0, 1.0)
     if not (isinstance(score, float) and math.isfinite(score) and low <= score <= high):
         span = "a finite float <= 0 (a mean log-probability)" if name == LIKELIHOOD_FITNESS else "a finite float in [0, 1]"
-        raise EvaluationError(f"fitness {name!r} returned {score!r} for task {task_id}; it must be {span} (NaN would poison the update)")
+        raise EvaluationError(f"fitness {name!r} returned {score!r} for task {task_id}; a fitness must be {span} "
+                              "(NaN would poison the update)")
     return score
 
 

@@ -39,7 +39,8 @@ def main() -> int:
     for k in (1, POPULATION):
         seconds = {}
         for fitness in ("char_similarity", "answer_logprob"):
-            cfg = load_config(ROOT / "configs" / "default.yaml", [f"evaluation.fitness={fitness}", f"evolution.population_size={POPULATION}",
+            cfg = load_config(ROOT / "configs" / "default.yaml", [f"evaluation.fitness={fitness}",
+                                                                  f"evolution.population_size={POPULATION}",
                                                                   f"evaluation.max_new_tokens_cap={args.cap}"])
             model, processor = load_model_from_dir(cfg.resolve_path(cfg.model.path))
             prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "fitness"), processor, cfg)

@@ -123,7 +123,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if max(args.populations) > args.budget:
-        parser.error(f"population {max(args.populations)} needs --budget >= {max(args.populations)} (one epoch costs one forward pass per member)")
+        parser.error(f"population {max(args.populations)} needs --budget >= {max(args.populations)} "
+                     "(one epoch costs one forward pass per member)")
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
@@ -157,7 +158,8 @@ def main() -> int:
         updates = len(cos) if cos is not None else r["curve"][-1][0]
         mean_cos = f"{sum(cos) / len(cos):.4f}" if cos else "-"
         final = r["curve"][-1][1]
-        print(f"| {r['method']} | {updates} | {final:.4f} | {final - base:+.4f} | {r['train_final']:.4f} | {mean_cos} | {r['seconds']:.0f} |")
+        print(f"| {r['method']} | {updates} | {final:.4f} | {final - base:+.4f} | {r['train_final']:.4f} | {mean_cos} | "
+              f"{r['seconds']:.0f} |")
     write_results("es_vs_backprop", results, quick=False)
     print(f"wrote {args.out}")
     return 0

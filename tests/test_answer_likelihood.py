@@ -122,7 +122,8 @@ def test_a_held_out_run_raises_the_held_out_answer_logprob(tmp_path, tiny_model_
     Calibrated on this project's 2-core CPU with today's tiny build: over seeds 0-3 the held-out answer log-prob
     rose by 0.114, 0.048, 0.083 and 0.066 (from -1.3742); the margin 0.02 is under half the smallest rise. The
     gradient cosine was positive in all 8 epochs (0.0028-0.0054)."""
-    args = run_args(tmp_path, "heldout", *HELD_OUT, "evolution.sigma=0.5", "evolution.population_size=8", "evaluation.members_per_batch=8",
+    args = run_args(tmp_path, "heldout", *HELD_OUT, "evolution.sigma=0.5", "evolution.population_size=8",
+                    "evaluation.members_per_batch=8",
                     "evaluation.batch_size=8", "evolution.lr=1.0", "evaluation.max_new_tokens_cap=16",
                     "evolution.log_gradient_cosine=true", "seed=0")
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
