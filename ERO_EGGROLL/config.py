@@ -72,12 +72,15 @@ class DecodingConfig:
 
 @dataclass
 class EvaluationConfig:
-    # char_similarity: ERO's published metric; grid_char_similarity: the same on the lenient grid reading (arc_fitness)
-    fitness: Literal["char_similarity", "grid_char_similarity", "exact", "cell_accuracy", "sequence"] = "char_similarity"
+    # char_similarity: ERO's published metric; grid_char_similarity: the same on the lenient grid reading (arc_fitness);
+    # answer_logprob: the mean log-probability of the right answer's tokens, teacher-forced, no generation (answer_likelihood)
+    fitness: Literal["char_similarity", "grid_char_similarity", "exact", "cell_accuracy", "sequence", "answer_logprob"] = "char_similarity"
     batch_size: int = 4  # prompts per generate call within one member
-    # target_tokens: max_new_tokens_factor x the target answer's token count; ero: 2 x the reduced target text's characters (ERO's budget)
-    max_new_tokens_rule: Literal["target_tokens", "ero"] = "target_tokens"
-    max_new_tokens_factor: float = 2.0  # the target_tokens rule only
+    # target_tokens: max_new_tokens_factor x the target answer's token count; ero: 2 x the reduced target text's characters (ERO's
+    # budget); both read the target, so fitness_source 'test' only. demonstrations: factor x the answer size the demonstrations and
+    # the query suggest (prepared.demonstrated_size), never the target: what held-out questions (fitness_source 'train_loo') need
+    max_new_tokens_rule: Literal["target_tokens", "ero", "demonstrations"] = "target_tokens"
+    max_new_tokens_factor: float = 2.0  # the target_tokens and demonstrations rules
     max_new_tokens_cap: int = 1024  # caps either rule
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     members_per_batch: Union[int, Literal["auto"]] = 1  # 1: sequential (the reference); K: K members per generate call
@@ -103,6 +106,7 @@ class EvolutionConfig:
     weight_decay: float = 0.0  # adamw only
     max_update_norm: float | None = None  # global-norm clip of the update direction
     stochastic_rounding: bool = False  # unbiased rounding of bf16 weight updates (fp16 rounds to nearest)
+    log_gradient_cosine: bool = False  # log the cosine between each ES update and the true gradient (one backward pass per epoch)
 
 
 @dataclass
@@ -334,9 +338,16 @@ def _validate(cfg: Config, where: str) -> None:
         (ev.members_per_batch == "auto" or ev.members_per_batch >= 1, f"evaluation.members_per_batch must be >= 1 or 'auto', got {ev.members_per_batch}"),
         (ev.members_per_batch == 1 or evo.strategy == "forward",
          "evaluation.members_per_batch > 1 needs evolution.strategy: forward (in-place weights cannot differ per row)"),
-        (ev.max_new_tokens_rule == "target_tokens" or ev.max_new_tokens_factor == EvaluationConfig.max_new_tokens_factor,
-         "evaluation.max_new_tokens_factor applies to max_new_tokens_rule 'target_tokens' only; the 'ero' rule is "
-         "twice the reduced target text's characters: remove max_new_tokens_factor"),
+        (ev.max_new_tokens_rule != "ero" or ev.max_new_tokens_factor == EvaluationConfig.max_new_tokens_factor,
+         "evaluation.max_new_tokens_factor applies to max_new_tokens_rule 'target_tokens' and 'demonstrations' only; the 'ero' "
+         "rule is twice the reduced target text's characters: remove max_new_tokens_factor"),
+        (data.fitness_source == "test" or ev.max_new_tokens_rule == "demonstrations",
+         f"data.fitness_source 'train_loo' reports held-out test scores, but evaluation.max_new_tokens_rule "
+         f"'{ev.max_new_tokens_rule}' sizes each answer's token budget from the hidden test answer; use "
+         "max_new_tokens_rule: demonstrations (sized from the demonstrations and the query)"),
+        (not evo.log_gradient_cosine or ev.fitness == "answer_logprob",
+         f"evolution.log_gradient_cosine needs evaluation.fitness: answer_logprob (the only fitness with a true gradient), "
+         f"got {ev.fitness!r}"),
         (ev.members_per_batch == 1 or not (dec.do_sample or dec.preset == "ero"),
          "evaluation.members_per_batch > 1 needs greedy decoding: a sampled answer depends on which rows share the "
          "generate call; use members_per_batch: 1 with evaluation.decoding.do_sample or preset 'ero'"),

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+from .answer_likelihood import update_with_gradient_cosine
 from .arc_evaluator import evaluate, prepare, questions_for, resolved_decoding
 from .checkpointing import RunState, assign_weights, best_weights_for, load_checkpoint, repair_latest, rewind, run_started, save_checkpoint
 from .config import Config, ConfigError
@@ -71,7 +72,8 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         print(f"{ckpt_dir}: already finished")
     if not state.history:  # epoch 0: the base model
         start = time.perf_counter()
-        row = {"epoch": 0, "decoding": resolved_decoding(cfg), **evaluate_mean_model(model, processor, fitness_q, test_q, cfg, 0)}
+        row = {"epoch": 0, "decoding": resolved_decoding(cfg), "max_new_tokens_rule": cfg.evaluation.max_new_tokens_rule,
+               **evaluate_mean_model(model, processor, fitness_q, test_q, cfg, 0)}
         row.update(seconds=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(device), peak_memory_scope=peak_memory_scope(device),
                    new_best=True, rolled_back=False)
         state.history.append(row)
@@ -80,7 +82,8 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
             row["workers"] = workers.advance(row, perturber.evolvable_state())
         save_checkpoint(ckpt_dir, perturber.evolvable_state(), {}, state, keep=True, best=True)
         loggers.log(row)
-        print(f"epoch 0 (base model): fitness {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}")
+        print(f"epoch 0 (base model): fitness {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
+              f"answer log-prob {row['mean_model_answer_logprob']:.4f}")
     epochs = bar(range(state.epoch, evo.epochs), desc=f"{cfg.run.name} epochs", unit="epoch", initial=state.epoch, total=evo.epochs)
     for epoch in epochs:
         if state.finished:
@@ -88,12 +91,14 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         start = time.perf_counter()
         reset_peak_memory(device)
         fitness = workers.evaluate(epoch, stop) if workers else evaluate_population(perturber, model, processor, fitness_q, cfg, epoch, k, stop)
-        stats = step.update(fitness, epoch)
+        stats = (update_with_gradient_cosine(lambda: step.update(fitness, epoch), perturber, model, processor, fitness_q, cfg)
+                 if evo.log_gradient_cosine else step.update(fitness, epoch))
         row = {"epoch": epoch + 1, "fitness": fitness, "member_mean": sum(fitness) / len(fitness),
                "member_max": max(fitness), "member_min": min(fitness),
                **evaluate_mean_model(model, processor, fitness_q, test_q, cfg, epoch + 1),
                "lr": stats["lr"], "sigma_scale": stats["sigma_scale"], "update_norm": stats["update_norm"],
-               "fraction_changed": stats["fraction_changed"], "lost_update_fraction": stats["lost_update_fraction"]}
+               "fraction_changed": stats["fraction_changed"], "lost_update_fraction": stats["lost_update_fraction"],
+               **({"gradient_cosine": stats["gradient_cosine"]} if "gradient_cosine" in stats else {})}
         decision = step.conclude(epoch + 1, row["mean_model_fitness"])
         row.update(new_best=decision.new_best, rolled_back=decision.rolled_back, seconds=time.perf_counter() - start,
                    peak_memory_mb=peak_memory_mb(device))
@@ -107,7 +112,8 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         loggers.log(row)
         summary(f"epoch {epoch + 1}/{evo.epochs}: members {row['member_mean']:.4f} [{row['member_min']:.4f}, {row['member_max']:.4f}]  "
                 f"mean model {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
-                f"cells {row['mean_model_cell_accuracy']:.4f}  |dW| {row['update_norm']:.3g}  {row['seconds']:.1f}s"
+                f"cells {row['mean_model_cell_accuracy']:.4f}  answer log-prob {row['mean_model_answer_logprob']:.4f}  "
+                f"|dW| {row['update_norm']:.3g}  {row['seconds']:.1f}s"
                 + ("  (new best)" if row["new_best"] else "") + ("  (rolled back to best)" if row["rolled_back"] else ""))
         epochs.set_postfix(fitness=f"{row['mean_model_fitness']:.3f}", best=f"{state.best_fitness:.3f}")
         stop.check()
@@ -120,5 +126,5 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
     rewrite_metrics(run_dir, state.history)
     plot_fitness(run_dir, state.history, f"{cfg.run.name}: {', '.join(t.id for t in tasks)}")
     assign_weights(model, step.best_weights, "best weights")
-    best_test = evaluate(model, processor, test_q, cfg, (BEST_MODEL_STREAM,))
+    best_test = evaluate(model, processor, test_q, cfg, (BEST_MODEL_STREAM,), report=True)
     return {"best_epoch": state.best_epoch, "best_result": best_test, "history": state.history}

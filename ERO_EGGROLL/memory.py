@@ -68,7 +68,7 @@ class MemoryEstimate:
 
 def workload_from_tasks(tasks, cfg: Config) -> Workload:
     """Estimate the longest prompt of the configured questions without a tokenizer."""
-    from .arc_evaluator import questions_for, token_budget
+    from .prepared import questions_for, token_budget
     from .arc_task import grid_to_text, render_grid
     from .prompts import answer_text
 
@@ -83,7 +83,7 @@ def workload_from_tasks(tasks, cfg: Config) -> Workload:
                 image_patches += (img.width // 14) * (img.height // 14)
             image_tokens = image_patches // 4
         longest_prompt = max(longest_prompt, PROMPT_OVERHEAD_TOKENS + int(text_chars * TOKENS_PER_GRID_CHAR) + image_tokens)
-        new = max(new, token_budget(cfg.evaluation, q.target, int(len(answer_text(q.target)) * TOKENS_PER_GRID_CHAR)))
+        new = max(new, token_budget(cfg.evaluation, q, lambda grid: int(len(answer_text(grid)) * TOKENS_PER_GRID_CHAR)))
         patches = max(patches, image_patches)
     return Workload(longest_prompt, new, patches, cfg.evaluation.batch_size)
 

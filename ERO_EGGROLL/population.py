@@ -18,12 +18,14 @@ MEMBER_STREAM, MEAN_MODEL_STREAM, MEAN_MODEL_TEST_STREAM, BEST_MODEL_STREAM = 0,
 
 
 def evaluate_mean_model(model, processor, fitness_questions, test_questions, cfg: Config, epoch: int) -> dict:
-    """The mean model after `epoch` updates (0: the base model) on the fitness and the test questions."""
-    result = evaluate(model, processor, fitness_questions, cfg, (MEAN_MODEL_STREAM, epoch))
-    test = result if test_questions is fitness_questions else evaluate(model, processor, test_questions, cfg, (MEAN_MODEL_TEST_STREAM, epoch))
-    mean = lambda per_task: sum(per_task.values()) / len(per_task)
+    """The mean model after `epoch` updates (0: the base model): its fitness, and on the test questions (held out
+    under fitness_source 'train_loo') every metric whatever the fitness: answer log-prob and the greedy answer's scores."""
+    same = test_questions is fitness_questions
+    result = evaluate(model, processor, fitness_questions, cfg, (MEAN_MODEL_STREAM, epoch), report=same)
+    test = result if same else evaluate(model, processor, test_questions, cfg, (MEAN_MODEL_TEST_STREAM, epoch), report=True)
     return {"mean_model_fitness": result.fitness, "mean_model_test_score": test.fitness,
-            "mean_model_exact": mean(test.metric("exact")), "mean_model_cell_accuracy": mean(test.metric("cell_accuracy")),
+            "mean_model_exact": test.mean("exact"), "mean_model_cell_accuracy": test.mean("cell_accuracy"),
+            "mean_model_char_similarity": test.mean("char_similarity"), "mean_model_answer_logprob": test.mean("answer_logprob"),
             "answers": [a.text for a in test.answers]}
 
 

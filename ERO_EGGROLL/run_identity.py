@@ -41,11 +41,13 @@ ALLOWED_TO_CHANGE: dict[str, str] = {
     "distributed.address": "which Ray cluster runs the workers, not what they compute",
     "distributed.gpus_per_worker": "how devices are shared among workers; the device type itself is in the identity",
     "distributed.cpus_per_worker": "how many CPUs (and torch threads) a worker gets; its weights are verified bit-identical to the driver's every epoch",
+    "evolution.log_gradient_cosine": "a logged diagnostic: one backward pass of the mean model, which changes no weight and draws no noise",
 }
 # Recorded as resolved rather than as written: model.device (its type: CPU and GPU arithmetic differ
 # in the last bits), model.dtype, evaluation.decoding (preset 'ero' reads the base checkpoint's
-# generation_config.json), and evaluation.members_per_batch, which is left out in float32 because
-# batched members give identical answers there (tests/test_batched_members.py) but not in bf16.
+# generation_config.json), and evaluation.members_per_batch, which is left out in float32 with a generated
+# fitness because batched members give identical answers there (tests/test_batched_members.py), but not in
+# bf16, nor for answer_logprob, whose values move in the last fp32 bits with the batch's shape.
 RESOLVED = ("model.device", "model.dtype", "evaluation.decoding", "evaluation.members_per_batch")
 
 
@@ -72,7 +74,7 @@ def identity_of(cfg: Config, specs: list[ParamSpec], *, device_type: str, dtype:
     identity = {k: v for k, v in _flat(cfg).items() if k not in ALLOWED_TO_CHANGE and k not in RESOLVED}
     dtype_name = str(dtype).removeprefix("torch.")
     identity.update({"model.device": device_type, "model.dtype": dtype_name, "evaluation.decoding": resolved_decoding(cfg)})
-    if dtype_name != "float32":
+    if dtype_name != "float32" or cfg.evaluation.fitness == "answer_logprob":
         identity["evaluation.members_per_batch"] = members_per_batch
     key_map = json.dumps([(s.name, s.cls.value, s.key_index) for s in specs])
     identity["tensor_keys"] = hashlib.sha256(key_map.encode()).hexdigest()[:32]
@@ -102,7 +104,7 @@ def _hint(field: str, saved: Any) -> str:
     if field == "tensor_keys":
         return "the model's tensors or their classes differ from the run's (another architecture or params settings)"
     return (f"use the run's saved results/<run>/config.yaml; only {', '.join(ALLOWED_TO_CHANGE)} may change "
-            "(and members_per_batch in float32)")
+            "(and members_per_batch in float32 with a generated fitness)")
 
 
 def check_identity(saved: dict[str, Any], current: dict[str, Any], where: str, action: str) -> None:

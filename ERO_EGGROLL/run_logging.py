@@ -62,27 +62,37 @@ def rewrite_metrics(run_dir: Path, history: list[dict]) -> None:
 
 
 def plot_fitness(run_dir: Path, history: list[dict], title: str) -> Path:
+    """fitness_curve.png: left, the search's fitness (members and mean model, on its own scale: a log-probability is
+    <= 0); right, the mean model on the test questions: answer log-prob, and the greedy answer's scores in [0, 1]."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in history]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, test_ax) = plt.subplots(1, 2, figsize=(11, 4))
     members = [r for r in history if r.get("fitness")]
     if members:
         xs = [r["epoch"] for r in members]
         ax.fill_between(xs, [r["member_min"] for r in members], [r["member_max"] for r in members], alpha=0.2, label="members min-max")
         ax.plot(xs, [r["member_mean"] for r in members], "--", label="members mean")
     ax.plot(epochs, [r["mean_model_fitness"] for r in history], "o-", label="mean model fitness")
-    ax.plot(epochs, [r["mean_model_test_score"] for r in history], "s:", label="mean model test score")
-    ax.plot(epochs, [r["mean_model_cell_accuracy"] for r in history], "^:", label="mean model cell accuracy")
-    ax.set_xlabel("epoch (0 = base model)")
-    ax.set_ylabel("score")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
+    ax.set_title("fitness (search questions)", fontsize=9)
+    logprob_ax = test_ax.twinx()
+    logprob_ax.plot(epochs, [r.get("mean_model_answer_logprob") for r in history], "o-", color="C3", label="answer log-prob (right axis)")
+    logprob_ax.set_ylabel("mean answer-token log-prob")
+    for key, style, label in (("mean_model_char_similarity", "s:", "char similarity"), ("mean_model_cell_accuracy", "^:", "cell accuracy"),
+                              ("mean_model_exact", "v:", "exact match")):
+        test_ax.plot(epochs, [r.get(key) for r in history], style, label=label)
+    test_ax.set_ylim(-0.02, 1.02)
+    test_ax.set_title("mean model on the test questions", fontsize=9)
+    for axis in (ax, test_ax):
+        axis.set_xlabel("epoch (0 = base model)")
+        axis.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    lines = test_ax.get_legend_handles_labels()[0] + logprob_ax.get_legend_handles_labels()[0]
+    test_ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = run_dir / "fitness_curve.png"
     with writing(path):

@@ -42,9 +42,14 @@ def random_30m_model(tiny_dir: Path):
     return random_model(tiny_dir, SHAPES["26m"])
 
 
+# These benchmarks measure generation: pin a generated fitness on the test questions, whatever default.yaml's fitness is.
+GENERATION = ("evaluation.fitness=char_similarity", "data.fitness_source=test", "evaluation.max_new_tokens_rule=target_tokens",
+              "evaluation.batch_size=2", "evaluation.members_per_batch=1", "evolution.lr=0.5")
+
+
 def config_for(population: int, strategy: str = "forward", extra: tuple[str, ...] = ()):
-    return load_config(ROOT / "configs" / "default.yaml", [f"evolution.population_size={population}", f"evolution.strategy={strategy}",
-                                                           "evaluation.max_new_tokens_cap=64", *extra])
+    return load_config(ROOT / "configs" / "default.yaml", [*GENERATION, f"evolution.population_size={population}",
+                                                           f"evolution.strategy={strategy}", "evaluation.max_new_tokens_cap=64", *extra])
 
 
 # A random model's biases are all zero, so sigma relative to their scale is undefined: use an absolute sigma there.

@@ -7,6 +7,7 @@ import pytest
 
 import typing
 
+from ERO_EGGROLL.arc_evaluator import LIKELIHOOD_FITNESS
 from ERO_EGGROLL.arc_fitness import METRICS
 from ERO_EGGROLL.config import ROOT, ConfigError, EvaluationConfig, load_config
 from conftest import write_config
@@ -28,7 +29,7 @@ def test_7b_config_matches_the_issue():
 
 
 def test_every_fitness_metric_is_selectable_and_only_those():
-    assert set(typing.get_args(typing.get_type_hints(EvaluationConfig)["fitness"])) == set(METRICS)
+    assert set(typing.get_args(typing.get_type_hints(EvaluationConfig)["fitness"])) == set(METRICS) | {LIKELIHOOD_FITNESS}
     assert load_config(ROOT / "configs" / "smoke.yaml", ["evaluation.fitness=grid_char_similarity"]).evaluation.fitness == "grid_char_similarity"
 
 
@@ -49,14 +50,17 @@ def test_overrides_are_typed(tmp_path):
         ("evolution:\n  population_size: 8\n  group_size: 3\n", r"group_size 3 must be 0 or divide"),
         ("data:\n  input_mode: txt\n", r"'txt' is not one of .*did you mean 'text'"),
         ("evaluation:\n  max_new_tokens_cap: 0\n", r"max_new_tokens_cap must be >= 1"),
-        ("evaluation:\n  max_new_tokens_rule: eros\n", r"'eros' is not one of 'target_tokens' \| 'ero'; did you mean 'ero'\?"),
-        ("evaluation:\n  max_new_tokens_rule: ero\n  max_new_tokens_factor: 3.0\n", r"max_new_tokens_factor applies to .*'target_tokens' only"),
+        ("evaluation:\n  max_new_tokens_rule: eros\n", r"'eros' is not one of 'target_tokens' \| 'ero' \| 'demonstrations'; did you mean 'ero'\?"),
+        ("evaluation:\n  max_new_tokens_rule: ero\n  max_new_tokens_factor: 3.0\n", r"max_new_tokens_factor applies to .*'target_tokens' and 'demonstrations' only"),
         ("evaluation:\n  fitness: grid_char_similarty\n", r"did you mean 'grid_char_similarity'\?"),
         ("evaluation:\n  decoding:\n    preset: er\n", r"evaluation.decoding.preset: 'er' is not one of .*did you mean 'ero'\?"),
         ("evaluation:\n  decoding:\n    preset: ero\n    repetition_penalty: 1.05\n", r"preset 'ero' reads .*remove the values"),
         ("evaluation:\n  decoding:\n    do_sample: true\n  members_per_batch: 2\n", r"members_per_batch > 1 needs greedy decoding"),
         ("evaluation:\n  decoding:\n    temperature: 0\n", r"temperature > 0"),
         ("evaluation:\n  greedy: true\n", r"unknown key 'greedy'"),
+        ("data:\n  fitness_source: train_loo\n", r"'train_loo' reports held-out .*'target_tokens' sizes .* use max_new_tokens_rule: demonstrations"),
+        ("evolution:\n  log_gradient_cosine: true\n", r"log_gradient_cosine needs evaluation.fitness: answer_logprob .*got 'char_similarity'"),
+        ("evaluation:\n  fitness: answer_logprb\n", r"did you mean 'answer_logprob'\?"),
         ("data:\n  task_ids: []\n", r"task_ids is empty"),
         ("data:\n  source: /no/such/dir\n", r"no such directory"),
         ("evolution: [\n", r"malformed YAML at line 2"),

@@ -120,8 +120,9 @@ def test_train_loo_never_uses_the_test_output(setup):
 
 def test_results_table_layout(setup, tmp_path):
     model, processor, cfg, tasks = setup
-    result = evaluate(model, processor, prepare(questions_for(tasks, cfg, "test"), processor, cfg), cfg)
+    result = evaluate(model, processor, prepare(questions_for(tasks, cfg, "test"), processor, cfg), cfg, report=True)
     rows = results_table([t.id for t in tasks], result)
+    assert all(r["answer_logprob"] < 0 for r in rows)  # a report scores the answer's likelihood whatever the fitness
     assert [r["task"] for r in rows] == ["T1", "T2", "mean"] and rows[-1]["id"].endswith("solved exactly")
     csv_path, md_path = write_table(rows, tmp_path / "table")
     assert "| T1 | b1fc8b8e |" in md_path.read_text() and csv_path.read_text().startswith("task,id,char_similarity")

@@ -167,18 +167,6 @@ def test_per_task_mode_with_degeneration_guard_replays_exactly(tmp_path, tiny_mo
         assert done.returncode == 0 and "bit-identical" in done.stdout, done.stdout + done.stderr
 
 
-def test_learning_evidence_the_mean_model_rises_above_its_start(tmp_path, tiny_model_dir):
-    """Two epochs at population 8 on b1fc8b8e with the `sequence` fitness lift the mean model (0.6545 -> 0.6847
-    when measured on this machine's tiny-model build).
-
-    Calibrated, and weak: over seeds 0-2 and relative sigma 1.0/1.5 the mean model rose in 3 of 6 runs and
-    fell in none. The positional char similarity no longer rises at all on today's build (its base model
-    already answers with the long row of zeros); a fitness that always separates members is the real fix."""
-    run(tmp_path, "learn", "evaluation.fitness=sequence", "evolution.sigma=1.0", "evolution.population_size=8", "seed=0")
-    rows = metrics(tmp_path, "learn")
-    assert rows[-1]["mean_model_fitness"] >= rows[0]["mean_model_fitness"] + 0.02, rows
-
-
 @pytest.mark.parametrize("k", ["2", "auto"])
 def test_batched_population_run_equals_the_sequential_run(reference, k):
     """evaluation.members_per_batch changes the speed, never the numbers."""
