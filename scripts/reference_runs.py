@@ -73,6 +73,8 @@ def differences(recorded: dict, current: dict, where: str = "") -> list[str]:
         for k in recorded.keys() & current.keys():
             out += differences(recorded[k], current[k], f"{where}/{k}")
         return out
+    if isinstance(recorded, list) and isinstance(current, list) and len(recorded) == len(current):
+        return [d for i, (a, b) in enumerate(zip(recorded, current)) for d in differences(a, b, f"{where}[{i}]")]
     return [] if recorded == current else [f"{where}: {recorded!r} != {current!r}"]
 
 
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--record", type=Path, help="write the outcomes to this JSON file")
     mode.add_argument("--check", type=Path, help="compare the outcomes with this JSON file")
     parser.add_argument("--case", action="append", choices=sorted(CASES), help="only these cases (default: all)")
+    parser.add_argument("--write-current", type=Path, help="with --check: also write today's outcomes here (to re-record "
+                        "after a change that adds metrics on purpose, once the check shows only 'unexpected' new fields)")
     args = parser.parse_args(argv)
     base = base_weights_digest(load_config(REPO / "configs" / "smoke.yaml"))
     cases = args.case or list(CASES)
@@ -97,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the tiny model here (base weights {base}) is not the recorded build ({saved['base_weights']}); re-record")
         return 2
     found = differences({n: saved["cases"][n] for n in cases}, current)
-    print("\n".join(found[:20]) if found else f"{len(cases)} case(s) identical to {args.check}")
+    if args.write_current:
+        args.write_current.write_text(json.dumps({"base_weights": base, "cases": current}, indent=1, sort_keys=True) + "\n")
+    print("\n".join(found[:40]) if found else f"{len(cases)} case(s) identical to {args.check}")
     return 1 if found else 0
 
 
