@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_common import median_seconds, write_results  # noqa: E402
 from bench_member import RANDOM_MODEL_SIGMA, config_for, random_30m_model  # noqa: E402
 
-from ERO_EGGROLL import arc_evaluator  # noqa: E402
+from ERO_EGGROLL import generation  # noqa: E402
 from ERO_EGGROLL.arc_evaluator import evaluate_members, prepare, questions_for  # noqa: E402
 from ERO_EGGROLL.arc_task import load_tasks  # noqa: E402
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR  # noqa: E402
@@ -38,18 +38,18 @@ POPULATION = 16
 @contextlib.contextmanager
 def fixed_length():
     """Every generate call of the evaluator produces exactly max_new_tokens tokens (no early stop)."""
-    original = arc_evaluator.generation_config
+    original = generation.generation_config
 
     def fixed(*args, **kwargs):
         config = original(*args, **kwargs)
         config.min_new_tokens = config.max_new_tokens
         return config
 
-    arc_evaluator.generation_config = fixed
+    generation.generation_config = fixed
     try:
         yield
     finally:
-        arc_evaluator.generation_config = original
+        generation.generation_config = original
 
 
 def bench_model(name: str, model, processor, ks, reps: int, extra=()) -> list[dict]:
