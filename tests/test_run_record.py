@@ -17,7 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from ERO_EGGROLL.checkpointing import RunState, load_checkpoint, read_latest_name
-from ERO_EGGROLL.config import config_from_dict
+from ERO_EGGROLL.config import ROOT, ConfigError, config_from_dict, load_config
 from ERO_EGGROLL.digest import tensor_digest
 from ERO_EGGROLL.perturbation import Perturber
 from ERO_EGGROLL.qwen_param_mapper import classify_model
@@ -165,3 +165,15 @@ def test_base_weights_read_from_disk_are_the_loaded_ones_and_a_snapshot_resumes_
     assert all(t.equal(params[n]) for n, t in base_evolvable(model, base_dir, names).items())
     assert nearest_snapshot(ckpt, 3) == ckpt / "epoch_0002"  # run.snapshot_every=2
     rebuild(Perturber(model, cfg), state, 3, ReplayedBest(base_dir, ckpt, cfg.run.degeneration_patience))  # checks the digest
+
+
+@pytest.mark.parametrize("override,message", [
+    ("run.checkpoint=copies", "run.checkpoint"),
+    ("run.snapshot_every=-1", "run.snapshot_every must be >= 0"),
+    ("run.export_best=mean", "run.export_best"),
+])
+def test_the_new_run_keys_are_checked_where_they_enter(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs" / "smoke.yaml", [override])
+    with pytest.raises(ConfigError, match="run.snapshot_every applies to run.checkpoint 'replay' only"):
+        load_config(ROOT / "configs" / "smoke.yaml", ["run.checkpoint=full", "run.snapshot_every=2"])
