@@ -28,13 +28,17 @@ from ERO_EGGROLL.evolution_loop import evolve
 from ERO_EGGROLL.export import ExportError, export_model
 from ERO_EGGROLL.loggers import check_available as check_loggers
 from ERO_EGGROLL.memory_check import preflight
+from ERO_EGGROLL.memory_measure import measured_peak_rss_bytes
 from ERO_EGGROLL.model_card import model_card
 from ERO_EGGROLL.model_loading import ModelLoadError, check_checkpoint_dir, load_model
 from ERO_EGGROLL.progress import summary
 from ERO_EGGROLL.qwen_param_mapper import classify_model
+from ERO_EGGROLL.resume import disk_bytes
+from ERO_EGGROLL.run_record import base_evolvable
 from ERO_EGGROLL.run_folder import RunFolderError, RunLock, claim_run_folders
 from ERO_EGGROLL.run_identity import IdentityError, base_weights_digest
 from ERO_EGGROLL.stop_signals import RunInterrupted, StopFlag
+from ERO_EGGROLL.tensor_classes import ParamClass
 
 
 def ensure_model(cfg: Config) -> None:
@@ -85,15 +89,18 @@ def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: S
     if cfg.evolution.mode == "joint":
         out = evolve(cfg, model, processor, tasks, run_dir, ckpt_dir, stop, resume_from(ckpt_dir), specs, base_weights)
         best_result = out["best_result"]
-        export_best_model(model, cfg, [t.id for t in tasks], out, ckpt_dir, run_dir)
+        if cfg.run.export_best == "all":
+            export_best_model(model, cfg, [t.id for t in tasks], out, ckpt_dir, run_dir)
     else:
-        base = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+        evolvable = [s.name for s in specs if s.cls is not ParamClass.FROZEN]
         answers, per_task = [], {}
-        for task in tasks:
-            assign_weights(model, base, "base weights")
+        for i, task in enumerate(tasks):
+            if i:  # each task starts from the base weights, read again from the model's files (no copy held in RAM)
+                assign_weights(model, base_evolvable(model, cfg.resolve_path(cfg.model.path), evolvable), "base weights")
             out = evolve(cfg, model, processor, [task], run_dir / task.id, ckpt_dir / task.id, stop, resume_from(ckpt_dir / task.id),
                          specs, base_weights)
-            export_best_model(model, cfg, [task.id], out, ckpt_dir / task.id, run_dir / task.id)
+            if cfg.run.export_best == "all":
+                export_best_model(model, cfg, [task.id], out, ckpt_dir / task.id, run_dir / task.id)
             result = out["best_result"]
             summary(f"task {task.id}: best epoch {out['best_epoch']}, test score {result.fitness:.4f}, "
                     f"cells {result.metric('cell_accuracy')[task.id]:.4f}, exact {result.metric('exact')[task.id]:.4f}")
@@ -103,7 +110,8 @@ def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: S
     with writing(run_dir / "final_table.md"):
         csv_path, md_path = write_table(results_table([t.id for t in tasks], best_result), run_dir / "final_table")
     print(f"\nbest model per task ({md_path}):\n{md_path.read_text()}")
-    print(f"results: {run_dir}\ncheckpoints: {ckpt_dir}")
+    print(f"results: {run_dir}\ncheckpoints: {ckpt_dir} ({disk_bytes(ckpt_dir)} bytes on disk, best_model/ included; "
+          f"run.checkpoint: {cfg.run.checkpoint}); host RAM peak {measured_peak_rss_bytes() / 2**20:.0f} MiB")
     return run_dir
 
 

@@ -58,6 +58,11 @@ class RunState:
     epochs_since_best: int = 0
     optimizer_step: int = 0
     finished: bool = False
+    # the run record (run_record.py): digest of the evolvable weights after each epoch (index = epoch), the
+    # newest epoch's per-tensor digests, and each tensor's sigma as computed from the BASE weights
+    weight_digests: list[str] = field(default_factory=list)
+    tensor_digests: dict[str, str] = field(default_factory=dict)
+    sigma: dict[str, float] = field(default_factory=dict)
 
 
 def _slow_write_fault(name: str) -> None:
@@ -100,10 +105,12 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
     return next((name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
 
 
-def save_checkpoint(run_ckpt_dir: Path, weights, optimizer, state: RunState, *, keep: bool, best: bool) -> Path:
+def save_checkpoint(run_ckpt_dir: Path, weights, optimizer, state: RunState, *, keep: bool, best: bool,
+                    store_tensors: bool = True) -> Path:
     """Write epoch_<n>/ (and best/), point LATEST at it, prune unkept epoch directories.
 
-    Weights that are not finite are never saved: the run stops with the previous checkpoint intact."""
+    Weights that are not finite are never saved: the run stops with the previous checkpoint intact. Without
+    `store_tensors` (run.checkpoint: replay) the tensor files hold no tensors: the state is the run record."""
     name = f"epoch_{state.epoch:04d}"
     bad = _non_finite(weights)
     if bad:
@@ -111,6 +118,8 @@ def save_checkpoint(run_ckpt_dir: Path, weights, optimizer, state: RunState, *, 
                               f"{read_latest_name(run_ckpt_dir) or 'the previous checkpoint'} is intact. Lower evolution.lr or "
                               "evolution.sigma (or set evolution.max_update_norm) and start again")
     target = run_ckpt_dir / name
+    if not store_tensors:
+        weights, optimizer = {}, {}
     staging = _stage_dir(target, weights, optimizer, state, keep)
     with writing(target):
         if target.exists():  # never overwrite a saved epoch: keep the earlier one beside it
@@ -305,9 +314,14 @@ def load_evaluated_model(cfg, checkpoint: str | None):
     if (path / "config.json").is_file():
         device = resolve_device(cfg.model.device)
         return load_model_from_dir(path, dtype=resolve_dtype(cfg.model.dtype, device), device=device)
-    weights, _, _ = load_checkpoint(path)
+    weights, _, state = load_checkpoint(path)
     model, processor = load_model(cfg)
-    assign_weights(model, weights, str(path))
+    if weights:
+        assign_weights(model, weights, str(path))
+    else:  # a run record (run.checkpoint: replay): its weights are rebuilt by replay from the base model
+        from .run_record import replay_into
+
+        replay_into(model, state, cfg.resolve_path(cfg.model.path))
     return model, processor
 
 

@@ -126,6 +126,10 @@ class RunConfig:
     memory_check: bool = True  # refuse to start when the memory model's predicted peak exceeds the free memory
     if_exists: Literal["refuse", "move_aside"] = "refuse"  # a new run whose folders hold an earlier run: refuse, or move it aside (kept)
     loggers: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)  # also report each epoch there (loggers.py)
+    # replay: each epoch saves a run record of kilobytes (weights are rebuilt from keys + fitness); full: every epoch's tensors
+    checkpoint: Literal["replay", "full"] = "replay"
+    snapshot_every: int = 0  # replay mode: also save the weights (and optimizer state) every K epochs; 0: never
+    export_best: Literal["all", "none"] = "all"  # best_model/ per run (per task in per_task mode), or no export at all
 
 
 @dataclass
@@ -360,6 +364,9 @@ def _validate(cfg: Config, where: str) -> None:
         (data.cell_size >= 2, f"data.cell_size must be >= 2 pixels, got {data.cell_size}"),
         (cfg.run.save_every >= 1, f"run.save_every must be >= 1, got {cfg.run.save_every}"),
         (cfg.run.degeneration_patience >= 0, "run.degeneration_patience must be >= 0 (0: off)"),
+        (cfg.run.snapshot_every >= 0, f"run.snapshot_every must be >= 0 (0: no weight snapshots), got {cfg.run.snapshot_every}"),
+        (cfg.run.checkpoint == "replay" or cfg.run.snapshot_every == 0,
+         "run.snapshot_every applies to run.checkpoint 'replay' only ('full' saves the weights every epoch): remove it"),
         (len(set(cfg.run.loggers)) == len(cfg.run.loggers), f"run.loggers names a logger twice: {cfg.run.loggers}"),
         (not (data.fitness_source == "train_loo" and data.max_train_examples == 1),
          "data.fitness_source 'train_loo' needs at least 2 training pairs as examples; raise data.max_train_examples"),

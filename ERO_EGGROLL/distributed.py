@@ -21,16 +21,16 @@ import torch
 
 import ERO_EGGROLL  # its folder goes to the workers' PYTHONPATH
 from .config import Config, DistributedConfig
-from .digest import tensor_digest
 from .population import member_batches
 from .progress import bar
 from .run_identity import check_identity
+from .run_record import tensor_digests
 from .stop_signals import StopFlag
 from .worker import FAULT_ENV, PopulationWorker
 
 OBJECT_STORE_BYTES = 200 * 2**20  # a local instance: only fitness values and digests travel
 MAX_RESTARTS = 3  # per worker and run: a worker that keeps dying is a broken machine or setup, not bad luck
-REPLAYED = ("epoch", "fitness", "mean_model_fitness", "new_best", "rolled_back")  # what replay.apply_row reads
+REPLAYED = ("epoch", "fitness", "mean_model_fitness", "new_best", "rolled_back")  # what EpochStep.apply reads
 
 
 class DistributedError(RuntimeError):
@@ -106,7 +106,7 @@ class WorkerPool:
 
     @staticmethod
     def _driver_digests(weights: dict[str, torch.Tensor], epoch: int) -> tuple[int, dict[str, str]]:
-        return epoch, {name: tensor_digest(t) for name, t in weights.items()}
+        return epoch, tensor_digests(weights)
 
     def _start(self, slot: _Slot) -> _Slot:
         """A (new) actor for `slot`: it loads the model, then replays the driver's history; its identity is checked."""

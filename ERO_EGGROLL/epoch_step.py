@@ -5,15 +5,17 @@ An epoch's weight change is `update(fitness, epoch)` (the streamed ES update) fo
 (after `patience` epochs without a new best, the weights go back to the best epoch's; the optimizer
 state carries on). The decisions depend only on the mean model's fitness, so a replay that feeds the
 recorded fitness values takes the same decisions, and checks them against the record.
+
+Where the best weights come from is a strategy (run_record.py): host clones (`run.checkpoint: full`)
+or a replay to the best epoch (`replay`), so training, replay and the guard share this one code path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
-import torch
-
-from .checkpointing import RunState, assign_weights
+from .checkpointing import CheckpointError, RunState
 from .perturbation import Perturber
 
 
@@ -23,20 +25,24 @@ class Decision:
     rolled_back: bool
 
 
+class BestWeights(Protocol):
+    """Keeps (or knows how to rebuild) the best epoch's weights."""
+
+    def keep(self, perturber: Perturber, state: RunState) -> None: ...
+
+    def restore(self, perturber: Perturber, state: RunState) -> None: ...
+
+
 class EpochStep:
     """Moves `perturber`'s weights epoch by epoch and keeps `state`'s best/guard fields current."""
 
-    def __init__(self, perturber: Perturber, state: RunState, patience: int, best_weights: dict[str, torch.Tensor] | None = None):
-        self.perturber, self.state, self.patience = perturber, state, patience
-        self.best_weights = best_weights  # host copies of the best epoch's evolvable tensors
-
-    def _keep_best(self) -> None:
-        self.best_weights = {k: v.detach().cpu().clone() for k, v in self.perturber.evolvable_state().items()}
+    def __init__(self, perturber: Perturber, state: RunState, patience: int, best: BestWeights):
+        self.perturber, self.state, self.patience, self.best = perturber, state, patience, best
 
     def begin(self, base_fitness: float) -> None:
         """Epoch 0: the base model is the best so far."""
         self.state.best_fitness, self.state.best_epoch, self.state.epochs_since_best = base_fitness, 0, 0
-        self._keep_best()
+        self.best.keep(self.perturber, self.state)
 
     def update(self, fitness, epoch: int) -> dict:
         """Move the weights by epoch `epoch`'s update (0-based); returns the update's statistics."""
@@ -51,11 +57,23 @@ class EpochStep:
         state.epoch = epoch
         if mean_fitness > state.best_fitness:
             state.best_fitness, state.best_epoch, state.epochs_since_best = mean_fitness, epoch, 0
-            self._keep_best()
+            self.best.keep(self.perturber, state)
             return Decision(new_best=True, rolled_back=False)
         state.epochs_since_best += 1
         if self.patience and state.epochs_since_best >= self.patience:
-            assign_weights(self.perturber.model, self.best_weights, "best weights")  # ERO's degeneration guard
+            self.best.restore(self.perturber, state)  # ERO's degeneration guard
             state.epochs_since_best = 0
             return Decision(new_best=False, rolled_back=True)
         return Decision(new_best=False, rolled_back=False)
+
+    def apply(self, row: dict) -> None:
+        """Apply one recorded epoch (a metrics row): epoch 0 begins, later rows update and conclude. The decisions are
+        recomputed from the recorded mean-model fitness and must equal the recorded ones (else CheckpointError)."""
+        if not row.get("fitness"):
+            self.begin(row["mean_model_fitness"])  # epoch 0: the base model
+            return
+        self.update(row["fitness"], row["epoch"] - 1)
+        decision = self.conclude(row["epoch"], row["mean_model_fitness"])
+        if (decision.new_best, decision.rolled_back) != (row["new_best"], row["rolled_back"]):
+            raise CheckpointError(f"epoch {row['epoch']} of the saved history records new_best={row['new_best']}, "
+                                  f"rolled_back={row['rolled_back']}, but its fitness gives {decision}: the history was altered")

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from .answer_likelihood import update_with_gradient_cosine
 from .arc_evaluator import evaluate, prepare, questions_for, resolved_decoding
-from .checkpointing import RunState, assign_weights, best_weights_for, load_checkpoint, repair_latest, rewind, run_started, save_checkpoint
-from .config import Config, ConfigError
+from .checkpointing import RunState, run_started, save_checkpoint
+from .config import Config
 from .distributed import WorkerPool
 from .epoch_step import EpochStep
 from .loggers import Loggers
@@ -19,7 +19,9 @@ from .memory_measure import measured_peak_rss_bytes, peak_memory_scope, reset_pe
 from .perturbation import Perturber
 from .progress import bar, summary
 from .population import BEST_MODEL_STREAM, evaluate_mean_model, evaluate_population, members_per_batch
-from .run_identity import check_identity, identity_of
+from .resume import disk_bytes, resume
+from .run_identity import identity_of
+from .run_record import ClonedBest, ReplayedBest, check_sigma, record_weights
 from .run_logging import plot_fitness, rewrite_metrics, write_resolved_config
 from .stop_signals import StopFlag
 from .tensor_classes import ParamSpec
@@ -45,24 +47,13 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
     test_q = fitness_q if cfg.data.fitness_source == "test" else prepare(questions_for(tasks, cfg, "test"), processor, cfg)
     k = members_per_batch(cfg, model, perturber, fitness_q)
     identity = identity_of(cfg, specs, device_type=device.type, dtype=param.dtype, members_per_batch=k, base_weights=base_weights)
-    state, best_weights = RunState(identity=identity, config=cfg.to_dict()), None
+    state = RunState(identity=identity, config=cfg.to_dict())
+    replay_mode = cfg.run.checkpoint == "replay"
+    best = ReplayedBest(cfg.resolve_path(cfg.model.path), ckpt_dir, cfg.run.degeneration_patience) if replay_mode else ClonedBest()
     if resume_from is not None and (cfg.evolution.mode == "joint" or run_started(ckpt_dir)):  # per_task: a task not reached yet starts afresh
-        if resume_from == ckpt_dir:
-            repair_latest(ckpt_dir)
-        weights, optimizer_tensors, state = load_checkpoint(resume_from)
-        check_identity(state.identity, identity, str(resume_from), "resume")
-        if resume_from != ckpt_dir:
-            rewind(ckpt_dir, resume_from)
-        if evo.epochs < state.epoch:
-            raise ConfigError(f"evolution.epochs {evo.epochs} is less than the {state.epoch} epochs {ckpt_dir} already ran; "
-                              f"to go back, resume from {ckpt_dir}/epoch_{evo.epochs:04d}")
-        state.config = cfg.to_dict()  # e.g. more epochs: later resumes and replays see the config in force
-        state.finished = state.epoch == evo.epochs or state.history[-1]["mean_model_fitness"] >= cfg.run.target_fitness
-        assign_weights(model, weights, str(ckpt_dir), expected=perturber.evolvable_state())
-        perturber.optimizer.load_state(state.optimizer_step, optimizer_tensors)
-        best_weights = best_weights_for(ckpt_dir, state)
-        print(f"resumed {ckpt_dir} after epoch {state.epoch}")
-    step = EpochStep(perturber, state, cfg.run.degeneration_patience, best_weights)
+        state = resume(cfg, perturber, identity, ckpt_dir, resume_from, best)
+    check_sigma(perturber, state, str(ckpt_dir))
+    step = EpochStep(perturber, state, cfg.run.degeneration_patience, best)
     workers = None
     if cfg.distributed.workers > 1 and not state.finished:  # Ray actors evaluate the members (distributed.py)
         workers = WorkerPool(cfg, [t.id for t in tasks], k, identity, state.history, perturber.evolvable_state())
@@ -80,7 +71,8 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         step.begin(row["mean_model_fitness"])
         if workers:
             row["workers"] = workers.advance(row, perturber.evolvable_state())
-        save_checkpoint(ckpt_dir, perturber.evolvable_state(), {}, state, keep=True, best=True)
+        record_weights(state, perturber)
+        save_checkpoint(ckpt_dir, perturber.evolvable_state(), {}, state, keep=True, best=not replay_mode, store_tensors=not replay_mode)
         loggers.log(row)
         print(f"epoch 0 (base model): fitness {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
               f"answer log-prob {row['mean_model_answer_logprob']:.4f}")
@@ -106,14 +98,18 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
         if workers:  # every worker applies the same step and must then hold the driver's weights bit for bit
             row.update(workers=workers.advance(row, perturber.evolvable_state()), seconds=time.perf_counter() - start)
         state.finished = state.epoch == evo.epochs or row["mean_model_fitness"] >= cfg.run.target_fitness
-        keep = state.epoch % cfg.run.save_every == 0 or state.finished
-        save_checkpoint(ckpt_dir, perturber.evolvable_state(), perturber.optimizer.state_tensors(), state, keep=keep, best=row["new_best"])
+        record_weights(state, perturber)
+        snapshot = not replay_mode or (cfg.run.snapshot_every and state.epoch % cfg.run.snapshot_every == 0)
+        keep = state.epoch % cfg.run.save_every == 0 or state.finished or bool(snapshot)
+        saved = save_checkpoint(ckpt_dir, perturber.evolvable_state(), perturber.optimizer.state_tensors(), state, keep=keep,
+                                best=row["new_best"] and not replay_mode, store_tensors=bool(snapshot))
         rewrite_metrics(run_dir, state.history)
         loggers.log(row)
         summary(f"epoch {epoch + 1}/{evo.epochs}: members {row['member_mean']:.4f} [{row['member_min']:.4f}, {row['member_max']:.4f}]  "
                 f"mean model {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
                 f"cells {row['mean_model_cell_accuracy']:.4f}  answer log-prob {row['mean_model_answer_logprob']:.4f}  "
-                f"|dW| {row['update_norm']:.3g}  {row['seconds']:.1f}s"
+                f"|dW| {row['update_norm']:.3g}  {row['seconds']:.1f}s  "
+                f"checkpoint {disk_bytes(saved)} B  host peak {measured_peak_rss_bytes() / 2**20:.0f} MiB"
                 + ("  (new best)" if row["new_best"] else "") + ("  (rolled back to best)" if row["rolled_back"] else ""))
         epochs.set_postfix(fitness=f"{row['mean_model_fitness']:.3f}", best=f"{state.best_fitness:.3f}")
         stop.check()
@@ -125,6 +121,6 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
     loggers.close()
     rewrite_metrics(run_dir, state.history)
     plot_fitness(run_dir, state.history, f"{cfg.run.name}: {', '.join(t.id for t in tasks)}")
-    assign_weights(model, step.best_weights, "best weights")
+    best.restore(perturber, state)  # the best epoch's weights, for the final evaluation and the export
     best_test = evaluate(model, processor, test_q, cfg, (BEST_MODEL_STREAM,), report=True)
     return {"best_epoch": state.best_epoch, "best_result": best_test, "history": state.history}

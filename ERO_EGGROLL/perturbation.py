@@ -15,6 +15,7 @@ BatchNorm running statistics) are restored bit for bit on exit.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import fields
 
 import torch
@@ -70,6 +71,13 @@ class Perturber:
     def optimizer(self):
         """The update's optimizer state (step count, Adam moments): what a checkpoint saves."""
         return self._update.optimizer
+
+    def with_fresh_optimizer(self) -> Perturber:
+        """The same model, weights and noise plan with a new optimizer state: a replay to an earlier epoch (the guard's
+        best weights, run.checkpoint: replay) moves the weights without touching the live Adam moments."""
+        view = copy.copy(self)
+        view._update = StreamedUpdate(self.plan, self.params, self.evo, self.seed)
+        return view
 
     def member_noise(self, epoch: int, member: int) -> tuple[LowRank, Dense]:
         """{name: (A_scaled, B)} for LORA, in the weights' dtype and device; {name: eps} for FULL, in float32."""

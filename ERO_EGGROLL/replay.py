@@ -4,7 +4,9 @@ All noise is regenerated from keys, so a run's whole history is a few kilobytes:
 
     python -m ERO_EGGROLL.replay checkpoints/<run> [--check]
 
-`--check` compares the rebuilt tensors with the checkpoint bit for bit.
+`--check` compares the rebuilt tensors with the checkpoint bit for bit (a run record without tensors,
+`run.checkpoint: replay`: with its digest); `--export DIR` writes the best epoch's model as the
+standard exported folder, made on demand from the base model and the run record.
 """
 
 from __future__ import annotations
@@ -18,36 +20,33 @@ import torch
 from .arc_evaluator import EvaluationError
 from .checkpointing import CheckpointError, RunState, load_checkpoint
 from .config import ConfigError, config_from_dict
-from .epoch_step import EpochStep
+from .disk import WriteError
+from .export import ExportError, export_model
 from .model_loading import ModelLoadError, load_model
 from .perturbation import Perturber
 from .qwen_param_mapper import classify_model
+from .run_record import ReplayedBest, check_sigma, rebuild
 from .run_identity import IdentityError, base_weights_digest, check_identity, identity_of
 
 
-def apply_row(step: EpochStep, row: dict) -> None:
-    """Apply one recorded epoch (a metrics row) through the training's own epoch step: epoch 0 begins, later rows update
-    and conclude. The decisions (new best, degeneration-guard rollback) are recomputed from the recorded mean-model
-    fitness and must equal the recorded ones: a history that disagrees with itself is refused."""
-    if not row.get("fitness"):
-        step.begin(row["mean_model_fitness"])  # epoch 0: the base model
-        return
-    step.update(row["fitness"], row["epoch"] - 1)
-    decision = step.conclude(row["epoch"], row["mean_model_fitness"])
-    if (decision.new_best, decision.rolled_back) != (row["new_best"], row["rolled_back"]):
-        raise CheckpointError(f"epoch {row['epoch']} of the saved history records new_best={row['new_best']}, "
-                              f"rolled_back={row['rolled_back']}, but its fitness gives {decision}: the history was altered")
+def replay_weights(perturber: Perturber, state: RunState, base_dir: Path, upto: int, patience: int) -> dict[str, torch.Tensor]:
+    """Set the weights to those after epoch `upto`, replayed from the base weights through the training's own epoch step
+    (run_record.rebuild; never from a snapshot, so that --check proves the replay); return the evolvable tensors.
 
-
-def replay_weights(model, state: RunState) -> dict[str, torch.Tensor]:
-    """Apply every recorded epoch to `model` (apply_row); return the evolvable tensors."""
-    cfg = config_from_dict(state.config, "saved config")
-    perturber = Perturber(model, cfg)
-    step = EpochStep(perturber, RunState(), cfg.run.degeneration_patience)
-    for row in state.history:
-        apply_row(step, row)
-    perturber.remove_hooks()
+    The step's decisions (new best, degeneration-guard rollback) are recomputed from the recorded mean-model
+    fitness and must equal the recorded ones, and the rebuilt weights must match the record's digest."""
+    rebuild(perturber, state, upto, ReplayedBest(base_dir, None, patience))
     return {k: v.detach().clone() for k, v in perturber.evolvable_state().items()}
+
+
+def replay_card(cfg, state: RunState, run: str) -> str:
+    """The model card of an export made by replay: what the weights are and how to make them again."""
+    row = state.history[state.best_epoch]
+    return "\n".join([f"# {cfg.run.name}: Qwen2.5-VL evolved with EGGROLL on ARC-1", "",
+                      f"Base model: `{cfg.model.path}` with the weights of epoch {state.best_epoch} of {state.epoch} (the best mean "
+                      f"model: fitness {row['mean_model_fitness']:.4f}, test score {row['mean_model_test_score']:.4f}), rebuilt from "
+                      "the run record by replay and checked against its digest.", "", "```bash",
+                      f"python -m ERO_EGGROLL.replay {run} --export <dir>", "```", ""])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a run's checkpoint folder (checkpoints/<run>) or an epoch_NNNN/ directory")
     parser.add_argument("--check", action="store_true", help="compare with the checkpoint's tensors bit for bit")
     parser.add_argument("--out", help="write the rebuilt tensors to this safetensors file")
+    parser.add_argument("--export", metavar="DIR", help="write the best epoch's model as the standard exported folder (export.py)")
     args = parser.parse_args(argv)
     try:
         saved, _, state = load_checkpoint(Path(args.checkpoint))
@@ -67,7 +67,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_identity(state.identity, current, args.checkpoint, "replay")
     except (CheckpointError, ConfigError, ModelLoadError, IdentityError, EvaluationError) as err:
         parser.exit(2, f"error: {err}\n")
-    rebuilt = replay_weights(model, state)
+    base_dir = cfg.resolve_path(cfg.model.path)
+    try:
+        perturber = Perturber(model, cfg)  # sigma from the base weights: the model is the base model here
+        check_sigma(perturber, state, args.checkpoint)
+        rebuilt = replay_weights(perturber, state, base_dir, state.epoch, cfg.run.degeneration_patience)
+        if args.export:
+            replay_weights(perturber, state, base_dir, state.best_epoch, cfg.run.degeneration_patience)
+            export_model(model, base_dir, Path(args.export), lambda report: replay_card(cfg, state, args.checkpoint))
+            print(f"exported epoch {state.best_epoch} (the best) to {args.export}")
+    except (CheckpointError, ExportError, WriteError) as err:
+        parser.exit(2, f"error: {err}\n")
     updates = sum(1 for r in state.history if r.get("fitness"))
     print(f"replayed {updates} update(s) of {cfg.run.name} from {len(rebuilt)} evolvable tensors")
     if args.out:
@@ -75,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         save_file(rebuilt, args.out)
         print(f"wrote {args.out}")
-    if args.check:
+    if args.check and not saved:  # a run record: the rebuilt weights matched its digest (run_record.rebuild checked it)
+        print(f"bit-identical to the run record's digest of epoch {state.epoch}")
+    elif args.check:
         different = [n for n in saved if not torch.equal(saved[n], rebuilt[n].cpu())]
         if different:
             print(f"MISMATCH in {len(different)} tensor(s), e.g. {different[:3]}")

@@ -1,7 +1,7 @@
 """One worker of a distributed run (distributed.py starts it as a Ray actor): it evaluates the members it is given.
 
 It loads the model once and keeps it for the whole evolution. Its weights move only through the training's own
-EpochStep, fed the rows the driver records (replay.apply_row), so after every epoch they equal the driver's bit for
+EpochStep, fed the rows the driver records (EpochStep.apply), so after every epoch they equal the driver's bit for
 bit; it reports a tensor_digest per evolvable tensor so that the driver can prove it. A restarted worker rebuilds
 its weights the same way from the base model and the history the driver sends: no shared filesystem is needed.
 Ray imports this module by name in the actor's process, so the package's __init__ (JAX allocates GPU memory on
@@ -19,24 +19,18 @@ from .arc_evaluator import prepare, questions_for
 from .arc_task import load_tasks
 from .checkpointing import RunState
 from .config import config_from_dict
-from .digest import tensor_digest
 from .epoch_step import EpochStep
 from .model_loading import load_model
 from .perturbation import Perturber
 from .population import evaluate_batch
 from .qwen_param_mapper import classify_model
-from .replay import apply_row
 from .run_identity import base_weights_digest, identity_of
+from .run_record import ClonedBest, tensor_digests
 
 # Test-only fault injection, "<kind>:<worker>:<n>" (like checkpointing.SLOW_WRITE_ENV). Only the worker's first process
 # obeys it, so that its replacement runs normally. kind 'exit': the process exits when asked for a batch after it has
 # evaluated n members (a lost machine, mid-epoch); kind 'drift': after the epoch-n step it moves one weight by one ulp.
 FAULT_ENV = "ERO_EGGROLL_FAULT_WORKER"
-
-
-def evolvable_digests(perturber: Perturber) -> dict[str, str]:
-    """tensor_digest of every evolvable tensor: what the driver and its workers compare after every epoch."""
-    return {name: tensor_digest(t) for name, t in perturber.evolvable_state().items()}
 
 
 class PopulationWorker:
@@ -49,7 +43,8 @@ class PopulationWorker:
         self.model, self.processor = load_model(cfg)
         self.specs = classify_model(self.model, cfg)
         self.perturber = Perturber(self.model, cfg, self.specs)
-        self.step = EpochStep(self.perturber, RunState(), cfg.run.degeneration_patience)
+        # the guard's best weights as host clones: a worker has no run record to replay them from
+        self.step = EpochStep(self.perturber, RunState(), cfg.run.degeneration_patience, ClonedBest())
         tasks = load_tasks(cfg.data.source, cfg.data.split, task_ids)
         self.questions = prepare(questions_for(tasks, cfg, "fitness"), self.processor, cfg)
         self.members_done = 0
@@ -67,12 +62,12 @@ class PopulationWorker:
         """Apply recorded epochs (the driver's rows, in order) through EpochStep; the digests after them and the seconds."""
         start = time.perf_counter()
         for row in rows:
-            apply_row(self.step, row)
+            self.step.apply(row)
             if self.fault == ("drift", row["epoch"]):
                 with torch.no_grad():
                     flat = next(iter(self.perturber.params.values())).view(-1)
                     flat[0] = torch.nextafter(flat[0], torch.tensor(float("inf"), dtype=flat.dtype))
-        return evolvable_digests(self.perturber), time.perf_counter() - start
+        return tensor_digests(self.perturber.evolvable_state()), time.perf_counter() - start
 
     def evaluate(self, epoch: int, ids: list[int]) -> tuple[list[float], float]:
         """The fitness of members `ids` of `epoch` (one generate call for several), and the seconds it took."""

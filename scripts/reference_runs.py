@@ -6,7 +6,7 @@
 Each case is the tests' small run (tests/conftest.py SMALL) plus a few settings that walk a different
 path of the code (optimizer, strategy, clip, bf16 rounding, batched members, per-task mode with the
 degeneration guard). What is recorded: every metrics row without its timings, and the per-tensor
-digest of the final checkpoint's weights. The numbers hold for one build of the embedded tiny model
+digest of the final checkpoint's weights (from its tensors, or from the run record of a replay-mode run). The numbers hold for one build of the embedded tiny model
 (its base-weight digest is recorded too): a rebuild on another machine rounds differently.
 """
 
@@ -52,9 +52,9 @@ def outcome(tmp: Path, name: str) -> dict:
         label = folder.relative_to(tmp / "checkpoints").as_posix()
         results = tmp / "results" / label
         rows = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
-        weights = load_checkpoint(folder)[0]
+        weights, _, state = load_checkpoint(folder)
         result[label] = {"metrics": [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows],
-                         "weights": {n: tensor_digest(t) for n, t in sorted(weights.items())}}
+                         "weights": {n: tensor_digest(t) for n, t in sorted(weights.items())} if weights else state.tensor_digests}
     return result
 
 

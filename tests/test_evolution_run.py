@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from ERO_EGGROLL.checkpointing import SLOW_WRITE_ENV, load_checkpoint, read_latest_name
 from ERO_EGGROLL.config import ROOT
 from ERO_EGGROLL.run_logging import TIMING_FIELDS
+from ERO_EGGROLL.run_record import combined_digest, tensor_digests
 from conftest import run_args
 
 SCRIPT = ROOT / "ERO_EGGROLL" / "arc_evolution_single_gpu.py"
@@ -36,14 +36,14 @@ def metrics(tmp: Path, name: str) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in rows]
 
 
-def final_weights(tmp: Path, name: str):
-    return load_checkpoint(tmp / "checkpoints" / name)[0]
+def final_weights(tmp: Path, name: str) -> dict[str, str]:
+    """Per-tensor byte digests (digest.tensor_digest) of the final weights, from the run record (run.checkpoint: replay;
+    tests/test_run_record.py checks them against tensors rebuilt by replay)."""
+    return load_checkpoint(tmp / "checkpoints" / name)[2].tensor_digests
 
 
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].equal(b[key]), key
+def assert_same_weights(a: dict[str, str], b: dict[str, str]):
+    assert a and a == b
 
 
 def test_smoke_script(tmp_path, tiny_model_dir):
@@ -71,7 +71,7 @@ def test_different_seed_differs(reference):
     run(reference, "seed1", "seed=1")
     assert [r["member_mean"] for r in metrics(reference, "seed1")[1:]] != [r["member_mean"] for r in metrics(reference, "reference")[1:]]
     a, b = final_weights(reference, "seed1"), final_weights(reference, "reference")
-    assert any(not a[k].equal(b[k]) for k in a)
+    assert a.keys() == b.keys() and any(a[k] != b[k] for k in a)
 
 
 def test_replay_rebuilds_the_checkpoint_bit_for_bit(reference):
@@ -116,8 +116,8 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_intact(tmp_pat
     proc.kill()
     proc.wait()
     assert read_latest_name(ckpt) == "epoch_0000"
-    weights, _, state = load_checkpoint(ckpt)
-    assert state.epoch == 0 and weights
+    state = load_checkpoint(ckpt)[2]
+    assert state.epoch == 0 and len(state.weight_digests) == 1  # the run record of epoch 0, intact
     resumed = subprocess.run([sys.executable, str(SCRIPT), "--resume", str(ckpt)], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert load_checkpoint(ckpt)[2].epoch == 2
@@ -129,14 +129,14 @@ def test_exported_best_model_loads_with_transformers(reference, tiny_model_dir):
 
     export = reference / "checkpoints" / "reference" / "best_model"
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(export)
-    best = load_file(reference / "checkpoints" / "reference" / "best" / "evolvable.safetensors")
-    params = dict(model.named_parameters())
-    assert all(params[n].equal(t) for n, t in best.items())
+    state = load_checkpoint(reference / "checkpoints" / "reference")[2]
+    params = dict(model.named_parameters())  # the best epoch's weights, as the run record's digest of that epoch says
+    assert combined_digest(tensor_digests({n: params[n] for n in state.tensor_digests})) == state.weight_digests[state.best_epoch]
     base = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.name != "model.safetensors"}
     exported = {p.name: p.read_bytes() for p in export.iterdir() if p.name not in ("model.safetensors", "README.md")}
     assert exported == base  # config, generation config, tokenizer, chat template, processor config: byte for byte
     card = (export / "README.md").read_text()
-    best_epoch = load_checkpoint(reference / "checkpoints" / "reference")[2].best_epoch
+    best_epoch = state.best_epoch
     assert card.startswith("---\nbase_model: checkpoints/tiny-qwen2.5-vl\n") and f"epoch {best_epoch} of 2" in card
     assert "## Results (test-time search)" in card and "| T1 | b1fc8b8e |" in card and "| 2 | " in card
     assert f"python -m ERO_EGGROLL.replay {reference / 'checkpoints' / 'reference'} --check" in card
