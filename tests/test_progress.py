@@ -6,9 +6,10 @@ import contextlib
 import io
 from types import SimpleNamespace
 
-from ERO_EGGROLL import arc_evolution_single_gpu as script
+from ERO_EGGROLL import population
 from ERO_EGGROLL.config import Config
 from ERO_EGGROLL.progress import bar, summary
+from ERO_EGGROLL.stop_signals import StopFlag
 
 
 class Terminal(io.StringIO):
@@ -50,12 +51,12 @@ def test_the_population_loop_writes_nothing_when_stderr_is_not_a_terminal(monkey
         def member(self, epoch, i):
             return contextlib.nullcontext()
 
-    monkeypatch.setattr(script, "evaluate", lambda model, processor, prepared, cfg, stream: SimpleNamespace(fitness=0.25))
+    monkeypatch.setattr(population, "evaluate", lambda model, processor, prepared, cfg, stream: SimpleNamespace(fitness=0.25))
     cfg = Config()
     cfg.evolution.population_size = 6
-    fitness = script.evaluate_population(Perturber(), None, None, [], cfg, 0, 1, script.StopFlag())
+    fitness = population.evaluate_population(Perturber(), None, None, [], cfg, 0, 1, StopFlag())
     assert fitness == [0.25] * 6 and capsys.readouterr().err == ""
     terminal = Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
-    script.evaluate_population(Perturber(), None, None, [], cfg, 0, 1, script.StopFlag())
+    population.evaluate_population(Perturber(), None, None, [], cfg, 0, 1, StopFlag())
     assert "epoch 1 members" in terminal.getvalue()
