@@ -81,15 +81,21 @@ def test_replay_rebuilds_the_checkpoint_bit_for_bit(reference):
     assert "bit-identical" in done.stdout
 
 
-def test_sigterm_then_resume_equals_uninterrupted(reference, tmp_path):
-    proc = subprocess.Popen(run_args(tmp_path, "reference"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ckpt = tmp_path / "checkpoints" / "reference"
+def stopped_after_epoch_1(args: list[str], checkpoint: Path) -> str:
+    """Run the training command `args` and send SIGTERM once `checkpoint` holds epoch 1; its stderr (exit code 130 checked)."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while read_latest_name(ckpt) != "epoch_0001" and time.time() < deadline:
-        time.sleep(0.2)
+    while read_latest_name(checkpoint) != "epoch_0001" and time.time() < deadline:
+        time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stderr[-2000:]
+    return stderr
+
+
+def test_sigterm_then_resume_equals_uninterrupted(reference, tmp_path):
+    ckpt = tmp_path / "checkpoints" / "reference"
+    stderr = stopped_after_epoch_1(run_args(tmp_path, "reference"), ckpt)
     assert "stopped by SIGTERM" in stderr and "--resume" in stderr
     assert read_latest_name(ckpt) in ("epoch_0001", "epoch_0002")
     resumed = subprocess.run([sys.executable, str(SCRIPT), "--resume", str(ckpt)], capture_output=True, text=True, timeout=600)

@@ -7,16 +7,14 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from ERO_EGGROLL.checkpointing import RunState, load_checkpoint, read_latest_name
+from ERO_EGGROLL.checkpointing import RunState, load_checkpoint
 from ERO_EGGROLL.config import ROOT, ConfigError, config_from_dict, load_config
 from ERO_EGGROLL.digest import tensor_digest
 from ERO_EGGROLL.perturbation import Perturber
@@ -26,7 +24,7 @@ from ERO_EGGROLL.run_logging import TIMING_FIELDS
 from ERO_EGGROLL.run_record import ReplayedBest, base_evolvable, nearest_snapshot, rebuild
 from ERO_EGGROLL.tensor_classes import ParamClass
 from conftest import run_args
-from test_evolution_run import SCRIPT, metrics
+from test_evolution_run import SCRIPT, metrics, stopped_after_epoch_1
 
 GUARDED = ["evolution.population_size=2", "evaluation.max_new_tokens_cap=16", "run.degeneration_patience=1"]
 JOINT = [*GUARDED, "evolution.epochs=4"]  # SGD
@@ -46,13 +44,7 @@ def resume(checkpoint: Path, *overrides: str) -> None:
 
 def interrupted_then_resumed(tmp: Path, name: str, first: Path, *overrides: str) -> None:
     """The run stopped by SIGTERM once `first` holds epoch 1, then resumed by replay to its end."""
-    proc = subprocess.Popen(run_args(tmp, name, *overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while read_latest_name(first) != "epoch_0001" and time.time() < deadline:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130, stderr[-2000:]
+    stopped_after_epoch_1(run_args(tmp, name, *overrides), first)
     resume(tmp / "checkpoints" / name)
 
 
