@@ -27,11 +27,13 @@ def lowrank_delta(module: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.
         return (x @ b) @ a.T
     if isinstance(module, nn.Embedding):
         return F.embedding(x, a) @ b.T
-    groups, rank = module.groups, a.shape[1]
-    kernel_b = b.T.reshape(rank, module.in_channels // groups, *module.kernel_size).repeat(groups, *[1] * (x.dim() - 1))
+    groups, rank, nd = module.groups, a.shape[1], len(module.kernel_size)
+    if x.dim() == nd + 1:  # an unbatched input, which torch's convolutions accept
+        return lowrank_delta(module, x.unsqueeze(0), a, b).squeeze(0)
+    kernel_b = b.T.reshape(rank, module.in_channels // groups, *module.kernel_size).repeat(groups, *[1] * (nd + 1))
     inner = module._conv_forward(x, kernel_b, None)  # the module's own stride, padding (mode), dilation and groups
-    kernel_a = a.reshape(*a.shape, *[1] * (x.dim() - 2))
-    return getattr(F, f"conv{x.dim() - 2}d")(inner, kernel_a, groups=groups)
+    kernel_a = a.reshape(*a.shape, *[1] * nd)
+    return getattr(F, f"conv{nd}d")(inner, kernel_a, groups=groups)
 
 
 def check_lowrank_module(module: nn.Module, name: str, parent: nn.Module | None) -> str | None:
@@ -49,7 +51,10 @@ def check_lowrank_module(module: nn.Module, name: str, parent: nn.Module | None)
 
 
 def per_member_blocks(t: torch.Tensor, k: int) -> torch.Tensor:
-    """(K*P, ...) rows, member-major, as (K, P, ...)."""
+    """(K*P, ...) rows, member-major, as (K, P, ...). Dimension 0 must be the batch."""
+    if t.dim() == 0 or t.shape[0] % k:
+        raise ValueError(f"{k} members share this batch, but a module's input has shape {tuple(t.shape)}: its first dimension "
+                         "must be the batch, K equal blocks of rows (member-major)")
     return t.reshape(k, -1, *t.shape[1:])
 
 

@@ -60,6 +60,10 @@ class Perturber:
                               "params.overrides, freeze_vision, freeze_nonlora; for_module: classify=)")
         params = dict(model.named_parameters())
         self.params = {s.name: params[s.name] for s in specs if s.cls is not ParamClass.FROZEN}
+        devices = {p.device for p in self.params.values()}
+        if len(devices) > 1:
+            raise ConfigError(f"the evolving tensors are on {len(devices)} devices ({', '.join(sorted(map(str, devices)))}); "
+                              "EGGROLL here needs them on one device (load the model without device_map='auto', or freeze the rest)")
         self.plan = NoisePlan(specs, self.params, evo, seed)
         self.lora_names, self.full_names = self.plan.names(ParamClass.LORA), self.plan.names(ParamClass.FULL)
         self._update = StreamedUpdate(self.plan, self.params, evo, seed)

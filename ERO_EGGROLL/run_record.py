@@ -47,7 +47,7 @@ def check_sigma(perturber: Perturber, state: RunState, where: str) -> None:
         return
     different = [n for n, s in perturber.plan.sigma.items() if state.sigma.get(n) != s]
     if different or state.sigma.keys() != perturber.plan.sigma.keys():
-        raise CheckpointError(f"{where}: the sigma of {different[:1] or 'some tensor'} differs from the run record's "
+        raise CheckpointError(f"{where}: the sigma of {different[0] if different else 'some tensor'} differs from the run record's "
                               "(computed from other base weights?); resume and replay need the run's base model")
 
 
@@ -112,7 +112,8 @@ class ReplayedBest:
 
     def restore(self, perturber: Perturber, state: RunState) -> None:
         epoch = state.best_epoch
-        if combined_digest(tensor_digests(perturber.evolvable_state())) == state.weight_digests[epoch]:
+        recorded = state.weight_digests[epoch] if epoch < len(state.weight_digests) else None  # else rebuild says why
+        if recorded is not None and combined_digest(tensor_digests(perturber.evolvable_state())) == recorded:
             return  # the weights already are the best epoch's (e.g. the last epoch was the best)
         rebuild(perturber.with_fresh_optimizer(), state, epoch, self)
 
@@ -159,6 +160,8 @@ def replay_into(model: torch.nn.Module, state: RunState, base_dir: Path) -> None
 
     cfg = config_from_dict(state.config, "the run record's config")
     perturber = Perturber(model, cfg)
-    check_sigma(perturber, state, "replay")
-    rebuild(perturber, state, state.epoch, ReplayedBest(base_dir, None, cfg.run.degeneration_patience))
-    perturber.remove_hooks()
+    try:
+        check_sigma(perturber, state, "replay")
+        rebuild(perturber, state, state.epoch, ReplayedBest(base_dir, None, cfg.run.degeneration_patience))
+    finally:
+        perturber.remove_hooks()

@@ -37,10 +37,11 @@ class SavedInPlace:
     @contextlib.contextmanager
     def applied(self, lora: LowRank, full: Dense):
         """The tensors as W + noise: FULL noise added in fp32, LORA as A_s B^T (reshaped to the kernel), rounded once."""
+        with torch.no_grad():  # every backup is complete before any tensor changes
+            for name, p in self.params.items():
+                self._saved[name].copy_(p)
         try:
             with torch.no_grad():
-                for name, p in self.params.items():
-                    self._saved[name].copy_(p)
                 for name, eps in full.items():
                     p = self.params[name]
                     p.copy_((p.float() + eps).to(p.dtype))
@@ -86,7 +87,7 @@ class ForwardHooks:
             if name in self._stacked:
                 a_stack, b_stack = self._stacked[name]
                 if isinstance(module, nn.Linear):  # one batched matmul pair: (K*P, T, n) -> (K, P*T, n)
-                    x = inputs[0].reshape(a_stack.shape[0], -1, inputs[0].shape[-1])
+                    x = per_member_blocks(inputs[0], a_stack.shape[0]).reshape(a_stack.shape[0], -1, inputs[0].shape[-1])
                     delta = torch.bmm(torch.bmm(x, b_stack), a_stack.transpose(1, 2))
                     return output + delta.reshape(output.shape)
                 blocks = per_member_blocks(inputs[0], a_stack.shape[0])

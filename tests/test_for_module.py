@@ -161,3 +161,17 @@ def test_member_noise_keeps_its_dtype_promise():
     lora, full = perturber(nn.Linear(6, 4).to(torch.bfloat16)).member_noise(0, 1)
     assert {t.dtype for pair in lora.values() for t in pair} == {torch.bfloat16}
     assert {t.dtype for t in full.values()} == {torch.float32}
+
+
+def test_an_unbatched_conv_input_gets_the_same_noise_as_a_batch_of_one():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1))
+    p, x = perturber(net), torch.randn(3, 9)
+    with p.member(0, 1), torch.no_grad():
+        torch.testing.assert_close(net(x), net(x.unsqueeze(0)).squeeze(0))
+
+
+def test_members_need_the_batch_in_the_first_dimension():
+    p = perturber(nn.Linear(5, 3))
+    with pytest.raises(ValueError, match=r"4 members share this batch, but a module's input has shape \(6, 5\)"), p.members(0, range(4)):
+        p.model(torch.randn(6, 5))
