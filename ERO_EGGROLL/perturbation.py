@@ -115,6 +115,13 @@ class Perturber:
                 with self._in_place.applied({}, full), self._hooks.member(lora):
                     yield self.model
 
+    def check_batchable(self) -> None:
+        """Whether several members can share a batch (the forward strategy, a per-row rule for every FULL tensor's module):
+        raises the clear error before any evaluation runs."""
+        if self._hooks is None:
+            raise ConfigError("evaluating several members per batch needs evolution.strategy: forward")
+        self._hooks.check_batchable()
+
     @contextlib.contextmanager
     def members(self, epoch: int, member_ids):
         """K members at once, for a batch whose rows are K equal blocks, member-major (row b is member b // (rows/K)).
@@ -122,8 +129,7 @@ class Perturber:
         LORA deltas and FULL noise are applied per row in the forward pass; no weight is modified.
         """
         member_ids = list(member_ids)
-        if self._hooks is None:
-            raise ValueError("evaluating several members per batch needs evolution.strategy: forward")
+        self.check_batchable()
         for m in member_ids:
             self._check_member(m)
         with self._buffers_restored(), self._hooks.rows([self.member_noise(epoch, m) for m in member_ids]):

@@ -35,7 +35,10 @@ def members_per_batch(cfg: Config, model, perturber: Perturber, prepared) -> int
         p = next(model.parameters())
         k = auto_members_per_batch(cfg, model.config.to_dict(), perturber.specs, prepared, p.device, str(p.dtype).removeprefix("torch."))
         print(f"evaluation.members_per_batch auto: {k} member(s) per generate call")
-    return min(k, cfg.evolution.population_size)
+    k = min(k, cfg.evolution.population_size)
+    if k > 1:
+        perturber.check_batchable()  # before the base model's evaluation, not at the first population batch
+    return k
 
 
 def member_batches(population_size: int, k: int) -> list[list[int]]:

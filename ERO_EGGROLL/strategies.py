@@ -122,13 +122,17 @@ class ForwardHooks:
         finally:
             self._single = {}
 
-    @contextlib.contextmanager
-    def rows(self, noises: list[tuple[LowRank, Dense]]):
-        """K members at once, for a batch whose rows are K equal member-major blocks; no tensor is modified."""
+    def check_batchable(self) -> None:
+        """Refuse several members per batch where a FULL tensor's module has no per-row rule."""
         if self.unbatchable:
             raise ConfigError(f"FULL tensor {self.unbatchable} belongs to a module with no per-row rule (forward_rules.ROW_RULES), "
                               "so several members cannot share a batch through it; freeze it (params.overrides), declare a "
                               "rule with forward_rules.declare_row_rule, or use evaluation.members_per_batch: 1")
+
+    @contextlib.contextmanager
+    def rows(self, noises: list[tuple[LowRank, Dense]]):
+        """K members at once, for a batch whose rows are K equal member-major blocks; no tensor is modified."""
+        self.check_batchable()
         lora_names, full_names = noises[0][0].keys(), noises[0][1].keys()
         try:
             self._stacked = {n: (torch.stack([m[0][n][0] for m in noises]), torch.stack([m[0][n][1] for m in noises])) for n in lora_names}
