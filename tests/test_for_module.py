@@ -32,6 +32,17 @@ NETS = {
 }
 
 
+def alone_and_together(p: Perturber, net: nn.Module, x: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs of members 0..3 one at a time, and of the same four as blocks of one batch."""
+    with torch.no_grad():
+        alone = []
+        for member in range(4):
+            with p.member(epoch, member):
+                alone.append(net(x))
+        with p.members(epoch, range(4)):
+            return torch.cat(alone), net(torch.cat([x] * 4))
+
+
 def inputs(name: str, shape) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 20, (4, 7), generator=g) if shape is None else torch.randn(shape, generator=g)
@@ -66,15 +77,8 @@ def test_members_as_batch_rows_equal_members_one_at_a_time(name):
     x = inputs(name, shape)
     torch.manual_seed(0)
     net = make()
-    p = perturber(net)
-    with torch.no_grad():
-        alone = []
-        for member in range(4):
-            with p.member(2, member):
-                alone.append(net(x))
-        with p.members(2, range(4)):
-            together = net(torch.cat([x] * 4))
-    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    alone, together = alone_and_together(perturber(net), net, x, 2)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
 
 
 def test_a_member_never_changes_the_model_batch_norm_statistics_included():
@@ -116,15 +120,8 @@ def test_a_look_alike_norm_is_not_guessed_from_its_attributes():
         pass
     declare_row_rule(OnePlusNorm, lambda m, x, out, noise: out + out / (1 + m.weight) * noise["weight"].to(x.dtype))
     try:
-        p = perturber(net)  # now a declared norm: FULL by default, and batchable
-        x = torch.randn(2, 4)
-        with torch.no_grad():
-            alone = []
-            for member in range(4):
-                with p.member(0, member):
-                    alone.append(net(x))
-            with p.members(0, range(4)):
-                torch.testing.assert_close(net(torch.cat([x] * 4)), torch.cat(alone), rtol=1e-5, atol=1e-6)
+        alone, together = alone_and_together(perturber(net), net, torch.randn(2, 4), 0)  # a declared norm: FULL, batchable
+        torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
     finally:
         ROW_RULES.pop(OnePlusNorm)
         NORM_TYPES.remove(OnePlusNorm)
