@@ -1,12 +1,16 @@
-"""How a module's output changes when a member's noise is on its tensors, computed without touching the tensors.
+"""How a module's output changes when members' noise is on its tensors, computed without touching the tensors.
 
 Low-rank deltas (LORA weights), for an input x and factors A_s (m, r), B (n, r), E = A_s B^T:
-  Linear     y += (x B) A_s^T
+  Linear     y += (x B) A_s^T      K members at once: one bmm per member block, added in place
   Embedding  y += A_s[ids] B^T                       (the gathered rows of E, E never formed)
   ConvNd     y += conv_1x1(conv(x, B^T as r kernels), A_s)   (two thin convolutions, groups kept)
-Per-row FULL rules (several members as blocks of batch rows): a bias is added per block; a norm is
-recomputed per block with each member's weight (and bias), exactly as the module computes it with
-that value in place. Norm types are declared in ROW_RULES, not guessed from attribute names.
+Sibling Linears that a model calls on one input tensor (q/k/v, gate/up: SHARED_INPUT_SIBLINGS)
+share one product x [B_q B_k B_v]. Per-row FULL rules replace a module's forward while members
+share a batch: a Linear/Conv computes x W^T without its bias and adds each block's member bias
+(rounded to the model's dtype first, the order of a member alone); a norm computes its output with
+each member's weight (and bias), exactly as the module does with that value in place. Norm types
+are declared in ROW_RULES (one block at a time) or STACKED_ROW_RULES (all blocks in one call), not
+guessed from attribute names.
 """
 
 from __future__ import annotations
@@ -19,6 +23,34 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
 from .tensor_classes import CONV_TYPES, LOW_RANK_TYPES, declare_norm
+
+# Names of sibling Linears (children of one module) that the model calls on the same input tensor, so that one
+# product x [B_1 .. B_g] serves all of them. A declaration only saves work: a hook whose input is not the tensor
+# of its group's last product computes the product for that input.
+SHARED_INPUT_SIBLINGS: list[tuple[str, ...]] = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
+
+
+def shared_input_groups(linear_weights: list[str]) -> list[list[str]]:
+    """The LORA Linear weight names grouped by SHARED_INPUT_SIBLINGS (same parent module); all others alone."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name in linear_weights:
+        parent, _, child = name.removesuffix(".weight").rpartition(".")
+        siblings = next((s for s in SHARED_INPUT_SIBLINGS if child in s), None)
+        groups.setdefault((parent, *siblings) if siblings else (name,), []).append(name)
+    return list(groups.values())
+
+
+def project_rows(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x B per member: rows (K*P, ..., n), member-major, times b (K, n, R) -> (K, P*..., R)."""
+    return torch.bmm(per_member_blocks(x, b.shape[0]).reshape(b.shape[0], -1, x.shape[-1]), b)
+
+
+def add_lowrank_rows(out: torch.Tensor, xb: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+    """out + (x B) A_s^T per member block, with xb (K, rows, r) and a_t (K, r, m); in place in the module's output."""
+    if out.is_contiguous():
+        out.view(a_t.shape[0], -1, a_t.shape[-1]).baddbmm_(xb, a_t)
+        return out
+    return out + torch.bmm(xb, a_t).view(out.shape)
 
 
 def lowrank_delta(module: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -58,55 +90,60 @@ def per_member_blocks(t: torch.Tensor, k: int) -> torch.Tensor:
     return t.reshape(k, -1, *t.shape[1:])
 
 
-def _value(module: nn.Module, attr: str, noise: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """A tensor of `module` as a member has it: base + noise, added in fp32 and rounded once, as in place."""
-    base = getattr(module, attr)
-    return (base.float() + noise[attr]).to(base.dtype) if attr in noise else base
+def _member_bias(module, x, values):
+    """x W^T (or the convolution) without the bias, then each block's member bias: the order of a member alone."""
+    bias = values["bias"]
+    per_member_blocks(x, bias.shape[0])  # the input's first dimension must be the batch (its clear error)
+    out = F.linear(x, module.weight) if isinstance(module, nn.Linear) else module._conv_forward(x, module.weight, None)
+    blocks = per_member_blocks(out, bias.shape[0])
+    shape = [1] * blocks.dim()
+    channel = out.dim() - len(module.kernel_size) if isinstance(module, CONV_TYPES) else -1  # in blocks: one more dim
+    shape[0], shape[channel] = bias.shape[0], -1
+    return blocks.add_(bias.view(shape)).reshape(out.shape)
 
 
-def _added_bias(module, x, out, noise):
-    channel_dim = 1 if isinstance(module, CONV_TYPES) else out.dim() - 1
-    shape = [1] * out.dim()
-    shape[channel_dim] = -1
-    return out + noise["bias"].view(shape).to(out.dtype)
-
-
-def _rms_norm_qwen(module, x, out, noise):
+def _rms_norm_qwen_rows(module, x, values):
+    """Qwen2_5_VLRMSNorm.forward with each block's member weight (the same operations, so the same bits)."""
+    weight = values["weight"]
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-    return _value(module, "weight", noise) * h.to(x.dtype)
+    blocks = per_member_blocks(h.to(x.dtype), weight.shape[0])
+    return (weight.view(weight.shape[0], *[1] * (blocks.dim() - 2), -1) * blocks).reshape(x.shape)
 
 
-def _rms_norm(module, x, out, noise):
-    return F.rms_norm(x, module.normalized_shape, _value(module, "weight", noise), module.eps)
+def _rms_norm(module, x, values):
+    return F.rms_norm(x, module.normalized_shape, values.get("weight", module.weight), module.eps)
 
 
-def _layer_norm(module, x, out, noise):
-    return F.layer_norm(x, module.normalized_shape, _value(module, "weight", noise), _value(module, "bias", noise), module.eps)
+def _layer_norm(module, x, values):
+    return F.layer_norm(x, module.normalized_shape, values.get("weight", module.weight), values.get("bias", module.bias), module.eps)
 
 
-def _group_norm(module, x, out, noise):
-    return F.group_norm(x, module.num_groups, _value(module, "weight", noise), _value(module, "bias", noise), module.eps)
+def _group_norm(module, x, values):
+    return F.group_norm(x, module.num_groups, values.get("weight", module.weight), values.get("bias", module.bias), module.eps)
 
 
-def _batch_norm(module, x, out, noise):
+def _batch_norm(module, x, values):
     if module.training or module.running_mean is None:
         raise ValueError("several members per batch need BatchNorm in eval mode (batch statistics would mix the members)")
-    return F.batch_norm(x, module.running_mean, module.running_var, _value(module, "weight", noise),
-                        _value(module, "bias", noise), False, 0.0, module.eps)
+    return F.batch_norm(x, module.running_mean, module.running_var, values.get("weight", module.weight),
+                        values.get("bias", module.bias), False, 0.0, module.eps)
 
 
-RowRule = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
-# module type -> its output for one block of rows, given the member's fp32 noise on its FULL tensors
-ROW_RULES: dict[type, RowRule] = {Qwen2_5_VLRMSNorm: _rms_norm_qwen, nn.RMSNorm: _rms_norm, nn.LayerNorm: _layer_norm,
-                                  nn.GroupNorm: _group_norm, nn.modules.batchnorm._BatchNorm: _batch_norm}
+RowRule = Callable[[nn.Module, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+# module type -> its output for one block of rows (its input x), given the member's values of its FULL tensors
+ROW_RULES: dict[type, RowRule] = {nn.RMSNorm: _rms_norm, nn.LayerNorm: _layer_norm, nn.GroupNorm: _group_norm,
+                                  nn.modules.batchnorm._BatchNorm: _batch_norm}
+# module type -> its output for all K blocks in one call, given the K members' values stacked on a first dimension
+STACKED_ROW_RULES: dict[type, RowRule] = {Qwen2_5_VLRMSNorm: _rms_norm_qwen_rows}
 BIAS_TYPES = (nn.Linear, *CONV_TYPES)
 
 
 def declare_row_rule(module_type: type, rule: RowRule) -> None:
-    """Let several members share a batch through `module_type` (a norm): `rule(module, x, out, noise)` returns the
-    output of one block of rows, given its input `x`, its output `out` with the base tensors and the member's fp32
-    `noise` per FULL attribute. The rule must not call `module` itself (its hook would run again)."""
+    """Let several members share a batch through `module_type` (a norm): `rule(module, x, values)` returns the
+    module's output for one block of rows `x`, given the member's `values` of its FULL tensors (base + noise, added
+    in fp32 and rounded to the tensor's dtype, as the member has them in place). While members share a batch the
+    rule replaces the module's forward, so it must compute the whole output (and not call `module` itself)."""
     ROW_RULES[module_type] = rule
     declare_norm(module_type)
 
@@ -114,11 +151,26 @@ def declare_row_rule(module_type: type, rule: RowRule) -> None:
 declare_norm(Qwen2_5_VLRMSNorm)
 
 
+def _block_by_block(rule: RowRule) -> RowRule:
+    def stacked(module, x, values):
+        k = next(iter(values.values())).shape[0]
+        blocks = per_member_blocks(x, k)
+        return torch.cat([rule(module, xb, {a: v[i] for a, v in values.items()}) for i, xb in enumerate(blocks)])
+
+    return stacked
+
+
 def row_rule(module: nn.Module, attrs: list[str]) -> RowRule | None:
-    """The per-row rule for `module` with FULL tensors `attrs`, or None where none is declared."""
-    for module_type, rule in ROW_RULES.items():
-        if isinstance(module, module_type):
-            return rule
+    """The forward of `module` for K member blocks, with FULL tensors `attrs` (values stacked per member), or None
+    where no rule is declared."""
+    for rules, wrap in ((STACKED_ROW_RULES, lambda r: r), (ROW_RULES, _block_by_block)):
+        for module_type, rule in rules.items():
+            if isinstance(module, module_type):
+                return wrap(rule)
     if attrs == ["bias"] and isinstance(module, BIAS_TYPES):
-        return _added_bias
+        return _member_bias
     return None
+
+
+def is_bias_rule(rule: RowRule) -> bool:
+    return rule is _member_bias

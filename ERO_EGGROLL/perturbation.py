@@ -67,9 +67,11 @@ class Perturber:
         self.plan = NoisePlan(specs, self.params, evo, seed)
         self.lora_names, self.full_names = self.plan.names(ParamClass.LORA), self.plan.names(ParamClass.FULL)
         self._update = StreamedUpdate(self.plan, self.params, evo, seed)
-        in_place = self.params if evo.strategy == "inplace" else {n: self.params[n] for n in self.full_names}
-        self._in_place = SavedInPlace(in_place)
         self._hooks = ForwardHooks(model, self.lora_names, self.full_names) if evo.strategy == "forward" else None
+        if self._hooks is None:
+            self._in_place = SavedInPlace(self.params)
+        else:  # FULL tensors in place, but the biases that the forward pass adds (ForwardHooks.biases_in_forward)
+            self._in_place = SavedInPlace({n: self.params[n] for n in self.full_names if n not in self._hooks.biases_in_forward})
 
     @property
     def optimizer(self):
@@ -112,7 +114,9 @@ class Perturber:
                 with self._in_place.applied(lora, full):
                     yield self.model
             else:
-                with self._in_place.applied({}, full), self._hooks.member(lora):
+                biases = {n: eps for n, eps in full.items() if n in self._hooks.biases_in_forward}
+                in_place = {n: eps for n, eps in full.items() if n not in biases}
+                with self._in_place.applied({}, in_place), self._hooks.member(lora, biases):
                     yield self.model
 
     def check_batchable(self) -> None:

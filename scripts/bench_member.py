@@ -1,8 +1,8 @@
-"""Benchmark: what one member costs, per perturbation strategy, and what the update costs.
+"""Benchmark: what the update costs, memory against the population size, and prompt batching.
 
 On the embedded tiny model and a ~30M-parameter random Qwen2.5-VL (same tokenizer), measured side
-by side in one run (medians over repetitions):
-  * per-member evaluation time: plain generate (no perturbation), `forward`, `inplace`
+by side in one run (medians over repetitions; a member's generation cost per strategy, at fixed
+length, is scripts/bench_population.py's):
   * the fused update: JAX contraction (hyperscalees.lowrank_update) vs torch einsum over the
     DLPack'd factors
   * peak RSS vs population size (fresh subprocess per size: it must stay flat)
@@ -60,21 +60,6 @@ def bench_model(name: str, model, processor, reps: int, extra: tuple[str, ...] =
     cfg = config_for(16, extra=extra)
     prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "fitness"), processor, cfg)
     row = {"model": name, "parameters": sum(p.numel() for p in model.parameters())}
-    new_tokens = lambda: sum(a.new_tokens for a in evaluate(model, processor, prepared, cfg).answers)
-    # members answer with different lengths, so costs are compared per generated token
-    row["plain generate ms/token"] = 1000 * median_seconds(lambda: evaluate(model, processor, prepared, cfg), reps) / new_tokens()
-    for strategy in ("forward", "inplace"):
-        perturber = Perturber(model, config_for(16, strategy, extra))
-
-        def member():
-            with perturber.member(0, 1):
-                evaluate(model, processor, prepared, cfg)
-
-        with perturber.member(0, 1):
-            tokens = new_tokens()
-        row[f"{strategy} ms/token"] = 1000 * median_seconds(member, reps) / tokens
-        row[f"{strategy} / plain"] = row[f"{strategy} ms/token"] / row["plain generate ms/token"]
-        perturber.remove_hooks()
     perturber = Perturber(model, cfg)
     fitness = hs.normalize_fitness([float(i % 5) for i in range(16)])
 
@@ -141,7 +126,7 @@ def main() -> None:
     rows = [bench_model("tiny (embedded)", tiny, processor, reps)]
     if not args.quick:
         rows.append(bench_model("random ~26M", random_30m_model(tiny_dir), processor, reps, RANDOM_MODEL_SIGMA))
-    print("\n## Per-member cost (3 ARC questions, <= 64 new tokens; milliseconds per generated token; medians)")
+    print("\n## Update and prompt batching (3 ARC questions, <= 64 new tokens; medians)")
     for row in rows:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
     memory = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import weakref
 
 import pytest
 import torch
@@ -71,6 +72,38 @@ def test_forward_noise_equals_the_noise_in_place(name):
             torch.testing.assert_close(forward_net(x), inplace_net(x), rtol=1e-5, atol=1e-5)
 
 
+class SiblingProjections(nn.Module):
+    """q_proj and k_proj (a declared shared-input group) called on different tensors, one of them changed in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj = nn.Linear(6, 5), nn.Linear(6, 5)
+
+    def forward(self, x):
+        q = self.q_proj(x)
+        k_first = self.k_proj(x * 2)  # another tensor: the group's product must be recomputed
+        y = x.clone()
+        q_again = self.q_proj(y)
+        y.mul_(3)  # the same tensor, changed in place: its product must be recomputed
+        return torch.cat([q, k_first, q_again, self.k_proj(y)], dim=-1)
+
+
+def test_shared_input_products_follow_the_actual_input():
+    torch.manual_seed(0)
+    net, x = SiblingProjections(), torch.randn(3, 6)
+    inplace_net = copy.deepcopy(net)
+    forward, inplace = perturber(net), perturber(inplace_net, strategy="inplace")
+    for member in range(4):
+        with forward.member(0, member), inplace.member(0, member), torch.no_grad():
+            torch.testing.assert_close(net(x), inplace_net(x), rtol=1e-5, atol=1e-5)
+    with forward.member(0, 1), torch.no_grad():  # the product does not keep its input alive
+        y = torch.randn(3, 6)
+        net.q_proj(y)
+        alive = weakref.ref(y)
+        del y
+        assert alive() is None
+
+
 @pytest.mark.parametrize("name", NETS)
 def test_members_as_batch_rows_equal_members_one_at_a_time(name):
     make, shape = NETS[name]
@@ -118,7 +151,8 @@ def test_a_look_alike_norm_is_not_guessed_from_its_attributes():
     p = perturber(net, classify=lambda name, t: ParamClass.FULL if name == "1.weight" else None, sigma_mode="absolute")
     with pytest.raises(ConfigError, match="FULL tensor 1.weight belongs to a module with no per-row rule"), p.members(0, range(4)):
         pass
-    declare_row_rule(OnePlusNorm, lambda m, x, out, noise: out + out / (1 + m.weight) * noise["weight"].to(x.dtype))
+    declare_row_rule(OnePlusNorm, lambda m, x, values: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+                     * (1 + values["weight"]))
     try:
         alone, together = alone_and_together(perturber(net), net, torch.randn(2, 4), 0)  # a declared norm: FULL, batchable
         torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
