@@ -1,8 +1,9 @@
 """Putting members' noise on a model: the perturbation strategies, each a context manager owning its own state.
 
 - `SavedInPlace`: noise added into the tensors, every one restored from an exact saved copy on exit
-  (pinned host memory for CUDA tensors, so GPU memory does not double). FULL tensors of a single
-  member always go this way; LORA weights too under `strategy: inplace`.
+  (pinned host memory for CUDA tensors, so GPU memory does not double). A single member's FULL
+  tensors go this way (under `forward`, all but Linear/Conv biases); LORA weights too under
+  `strategy: inplace`.
 - `ForwardHooks`: LORA weights are never touched; their module adds the low-rank delta in its
   forward (forward_rules), and so does a Linear/Conv its member's FULL bias. For K members at once,
   the batch rows are K equal member-major blocks and every perturbed module (LORA delta, bias, norm)
