@@ -30,13 +30,14 @@ from .tensor_classes import CONV_TYPES, LOW_RANK_TYPES, declare_norm
 SHARED_INPUT_SIBLINGS: list[tuple[str, ...]] = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
 
 
-def shared_input_groups(linear_weights: list[str]) -> list[list[str]]:
-    """The LORA Linear weight names grouped by SHARED_INPUT_SIBLINGS (same parent module); all others alone."""
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for name in linear_weights:
+def shared_input_groups(in_features: dict[str, int]) -> list[list[str]]:
+    """LORA Linear weight names (with their modules' in_features) grouped by SHARED_INPUT_SIBLINGS (same parent
+    module, same input width); all others alone."""
+    groups: dict[tuple, list[str]] = {}
+    for name, width in in_features.items():
         parent, _, child = name.removesuffix(".weight").rpartition(".")
         siblings = next((s for s in SHARED_INPUT_SIBLINGS if child in s), None)
-        groups.setdefault((parent, *siblings) if siblings else (name,), []).append(name)
+        groups.setdefault((parent, siblings, width) if siblings else (name,), []).append(name)
     return list(groups.values())
 
 
@@ -47,7 +48,7 @@ def project_rows(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def add_lowrank_rows(out: torch.Tensor, xb: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
     """out + (x B) A_s^T per member block, with xb (K, rows, r) and a_t (K, r, m); in place in the module's output."""
-    if out.is_contiguous():
+    if out.is_contiguous() and out.dtype == xb.dtype == a_t.dtype:  # (autocast makes them differ)
         out.view(a_t.shape[0], -1, a_t.shape[-1]).baddbmm_(xb, a_t)
         return out
     return out + torch.bmm(xb, a_t).view(out.shape)
@@ -137,6 +138,7 @@ ROW_RULES: dict[type, RowRule] = {nn.RMSNorm: _rms_norm, nn.LayerNorm: _layer_no
 # module type -> its output for all K blocks in one call, given the K members' values stacked on a first dimension
 STACKED_ROW_RULES: dict[type, RowRule] = {Qwen2_5_VLRMSNorm: _rms_norm_qwen_rows}
 BIAS_TYPES = (nn.Linear, *CONV_TYPES)
+_PLAIN_FORWARDS = {t.forward for t in BIAS_TYPES}
 
 
 def declare_row_rule(module_type: type, rule: RowRule) -> None:
@@ -167,7 +169,7 @@ def row_rule(module: nn.Module, attrs: list[str]) -> RowRule | None:
         for module_type, rule in rules.items():
             if isinstance(module, module_type):
                 return wrap(rule)
-    if attrs == ["bias"] and isinstance(module, BIAS_TYPES):
+    if attrs == ["bias"] and type(module).forward in _PLAIN_FORWARDS:  # a subclass may compute otherwise
         return _member_bias
     return None
 

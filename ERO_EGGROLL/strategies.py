@@ -69,6 +69,8 @@ class _SharedProduct:
         self.b, self.x, self.version, self.xb = b, lambda: None, -1, None  # b: (K, n, R), the group's B factors side by side
 
     def of(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_inference():  # no version counter to check: no reuse
+            return project_rows(x, self.b)
         # identity and version, not equality: a sibling receives the very tensor the first one did, unmodified
         if self.x() is not x or x._version != self.version:
             self.x, self.version, self.xb = weakref.ref(x), x._version, project_rows(x, self.b)
@@ -91,18 +93,21 @@ class ForwardHooks:
                                 for n in lora_names) if p]
         if problems:  # before any hook is installed, so a refused model is left as it was
             raise ConfigError(problems[0])
-        self._linear_groups = shared_input_groups([n for n in lora_names if isinstance(self._modules[owner(n)], nn.Linear)])
+        self._linear_groups = shared_input_groups({n: self._modules[owner(n)].in_features for n in lora_names
+                                                   if isinstance(self._modules[owner(n)], nn.Linear)})
         self._other_lora = [n for n in lora_names if not isinstance(self._modules[owner(n)], nn.Linear)]
         self._full_attrs: dict[str, list[str]] = defaultdict(list)
         for name in full_names:
             module, _, attr = name.rpartition(".")
             self._full_attrs[module].append(attr)
-        self._rules = {m: row_rule(self._modules[m], attrs) for m, attrs in self._full_attrs.items()}
-        self.unbatchable = next((f"{m}.{self._full_attrs[m][0]}" for m, rule in self._rules.items() if rule is None), None)
+        # MultiheadAttention reads out_proj's bias without calling out_proj: no rule can apply it there
+        self._rules = {m: None if isinstance(self._modules.get(owner(m)), nn.MultiheadAttention) else row_rule(self._modules[m], attrs)
+                       for m, attrs in self._full_attrs.items()}
+        self.unbatchable = next((_tensor_name(m, self._full_attrs[m][0]) for m, rule in self._rules.items() if rule is None), None)
         self._bias_modules = [m for m, rule in self._rules.items() if is_bias_rule(rule)]
         # FULL biases of Linear/Conv modules go through their row rule even for one member, so that one member and K
         # members as rows compute x W^T + b in the same order (the same bits in any dtype, where GEMM rows are independent)
-        self.biases_in_forward = {f"{m}.bias" if m else "bias" for m in self._bias_modules}
+        self.biases_in_forward = {_tensor_name(m, "bias") for m in self._bias_modules}
         self._active: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}  # module -> its member step
         self._hooks = [self._modules[m].register_forward_hook(self._hook(m)) for m in dict.fromkeys(map(owner, lora_names))]
 
@@ -144,7 +149,7 @@ class ForwardHooks:
         replaced = {}
         for m in full_modules:
             module, rule = self._modules[m], self._rules[m]
-            values = {a: torch.stack([(getattr(module, a).float() + full[f"{m}.{a}" if m else a]).to(getattr(module, a).dtype)
+            values = {a: torch.stack([(getattr(module, a).float() + full[_tensor_name(m, a)]).to(getattr(module, a).dtype)
                                       for _, full in noises]) for a in self._full_attrs[m]}
             replaced[module] = lambda x, module=module, rule=rule, values=values: rule(module, x, values)
         stacked = {n: (torch.stack([lr[n][0] for lr, _ in noises]), torch.stack([lr[n][1] for lr, _ in noises])) for n in noises[0][0]}
@@ -176,6 +181,10 @@ class ForwardHooks:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+
+def _tensor_name(module: str, attr: str) -> str:
+    return f"{module}.{attr}" if module else attr
 
 
 @contextlib.contextmanager

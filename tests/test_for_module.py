@@ -104,6 +104,46 @@ def test_shared_input_products_follow_the_actual_input():
         assert alive() is None
 
 
+class CrossProjections(nn.Module):
+    """Declared siblings of different input widths (cross-attention style): they cannot share a product."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj = nn.Linear(6, 5), nn.Linear(4, 5)
+
+    def forward(self, x):
+        return torch.cat([self.q_proj(x), self.k_proj(x[..., :4])], dim=-1)
+
+
+def test_siblings_of_other_widths_inference_mode_and_autocast():
+    torch.manual_seed(0)
+    net, x = CrossProjections(), torch.randn(3, 6)
+    inplace_net = copy.deepcopy(net)
+    forward, inplace = perturber(net), perturber(inplace_net, strategy="inplace")
+    with forward.member(0, 2), inplace.member(0, 2):
+        with torch.inference_mode():  # tensors without a version counter
+            torch.testing.assert_close(net(x), inplace_net(x), rtol=1e-5, atol=1e-5)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # output bf16, factors fp32
+            torch.testing.assert_close(net(x).float(), inplace_net(x).float(), rtol=0.05, atol=0.05)
+
+
+def test_a_bias_read_without_calling_its_module_stays_in_place():
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2)
+    biases_only = lambda name, t: ParamClass.FULL if name.endswith("bias") else ParamClass.FROZEN
+    inplace_attention = copy.deepcopy(attention)
+    forward = perturber(attention, classify=biases_only, sigma_mode="absolute")
+    inplace = perturber(inplace_attention, classify=biases_only, sigma_mode="absolute", strategy="inplace")
+    x = torch.randn(5, 1, 8)
+    with forward.member(0, 1), inplace.member(0, 1), torch.no_grad():
+        perturbed = attention(x, x, x)[0]
+        torch.testing.assert_close(perturbed, inplace_attention(x, x, x)[0])
+    assert not torch.allclose(perturbed, attention(x, x, x)[0])  # the out_proj bias noise did arrive
+    with pytest.raises(ConfigError, match="FULL tensor (in_proj_bias|out_proj.bias) belongs to a module with no per-row rule"):
+        with forward.members(0, range(4)):
+            pass
+
+
 @pytest.mark.parametrize("name", NETS)
 def test_members_as_batch_rows_equal_members_one_at_a_time(name):
     make, shape = NETS[name]
