@@ -162,9 +162,11 @@ def _block_by_block(rule: RowRule) -> RowRule:
     return stacked
 
 
-def row_rule(module: nn.Module, attrs: list[str]) -> RowRule | None:
-    """The forward of `module` for K member blocks, with FULL tensors `attrs` (values stacked per member), or None
-    where no rule is declared."""
+def row_rule(module: nn.Module, attrs: list[str], parent: nn.Module | None = None) -> RowRule | None:
+    """The forward of `module` (child of `parent`) for K member blocks, with FULL tensors `attrs` (values stacked per
+    member), or None where no rule is declared or none can act."""
+    if isinstance(parent, nn.MultiheadAttention):  # it reads out_proj's tensors without calling out_proj
+        return None
     for rules, wrap in ((STACKED_ROW_RULES, lambda r: r), (ROW_RULES, _block_by_block)):
         for module_type, rule in rules.items():
             if isinstance(module, module_type):

@@ -49,10 +49,10 @@ class SavedInPlace:
             with torch.no_grad():
                 for name, eps in full.items():
                     p = self.params[name]
-                    p.copy_((p.float() + eps).to(p.dtype))
+                    p.copy_(_noised(p, eps))
                 for name, (a, b) in lora.items():
                     p = self.params[name]
-                    p.copy_((p.float() + (a.float() @ b.float().T).view(p.shape)).to(p.dtype))
+                    p.copy_(_noised(p, (a.float() @ b.float().T).view(p.shape)))
             yield
         finally:
             with torch.no_grad():
@@ -100,8 +100,7 @@ class ForwardHooks:
         for name in full_names:
             module, _, attr = name.rpartition(".")
             self._full_attrs[module].append(attr)
-        # MultiheadAttention reads out_proj's bias without calling out_proj: no rule can apply it there
-        self._rules = {m: None if isinstance(self._modules.get(owner(m)), nn.MultiheadAttention) else row_rule(self._modules[m], attrs)
+        self._rules = {m: row_rule(self._modules[m], attrs, self._modules[owner(m)] if m else None)
                        for m, attrs in self._full_attrs.items()}
         self.unbatchable = next((_tensor_name(m, self._full_attrs[m][0]) for m, rule in self._rules.items() if rule is None), None)
         self._bias_modules = [m for m, rule in self._rules.items() if is_bias_rule(rule)]
@@ -149,8 +148,8 @@ class ForwardHooks:
         replaced = {}
         for m in full_modules:
             module, rule = self._modules[m], self._rules[m]
-            values = {a: torch.stack([(getattr(module, a).float() + full[_tensor_name(m, a)]).to(getattr(module, a).dtype)
-                                      for _, full in noises]) for a in self._full_attrs[m]}
+            values = {a: torch.stack([_noised(getattr(module, a), full[_tensor_name(m, a)]) for _, full in noises])
+                      for a in self._full_attrs[m]}
             replaced[module] = lambda x, module=module, rule=rule, values=values: rule(module, x, values)
         stacked = {n: (torch.stack([lr[n][0] for lr, _ in noises]), torch.stack([lr[n][1] for lr, _ in noises])) for n in noises[0][0]}
         with _forwards_replaced(replaced):
@@ -181,6 +180,11 @@ class ForwardHooks:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+
+def _noised(base: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """A FULL tensor as a member has it: the noise added in fp32, rounded to the tensor's dtype once."""
+    return (base.float() + eps).to(base.dtype)
 
 
 def _tensor_name(module: str, attr: str) -> str:

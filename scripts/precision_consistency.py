@@ -2,7 +2,8 @@
 
 In float32, K members as batch rows and the in-place strategy give every member exactly the fitness
 of the sequential forward evaluator (tests/test_batched_members.py, tests/test_evolution_run.py). In
-bfloat16 the per-row arithmetic rounds in a different order, so some members' greedy answers change.
+bfloat16 the rows run one member's operations (bit-identical logits on a CPU), but `inplace` rounds
+W + A B^T into bf16, so some of its members' greedy answers change.
 This script counts them on the embedded tiny model: one epoch's members (the smoke config with the
 tests' small-run settings), fitness by forward K=1 (the reference), forward K=4 and K=8, and inplace
 K=1, in float32 and in bfloat16.
