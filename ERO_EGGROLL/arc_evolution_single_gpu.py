@@ -1,173 +1,17 @@
-"""Evolve Qwen2.5-VL on ARC-1 with EGGROLL on one GPU (or the CPU, for the embedded tiny model).
+"""Evolve Qwen2.5-VL on ARC-1 with EGGROLL: the training script users run by its path.
 
     python ERO_EGGROLL/arc_evolution_single_gpu.py --config configs/default.yaml
-    python ERO_EGGROLL/arc_evolution_single_gpu.py --resume checkpoints/default [--set evolution.epochs=12]
-    python ERO_EGGROLL/arc_evolution_single_gpu.py --resume checkpoints/default/epoch_0003   # go back to an earlier epoch
 
-The loop, as in the paper (evolution_loop): for each epoch, for each member in turn: perturb, evaluate,
-restore; then one fused update; then evaluate the new mean model, log, checkpoint. This script reads the
-config, checks what can be checked before the model loads, owns the run's folders and exports the result.
+The command itself lives in ERO_EGGROLL/cli/train.py.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run by path: the repository root, not this folder, is where imports start
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from ERO_EGGROLL.arc_evaluator import EvalResult, EvaluationError, results_table, write_table
-from ERO_EGGROLL.arc_task import ArcDataError, load_tasks
-from ERO_EGGROLL.checkpointing import EPOCH_DIR, CheckpointError, RunState, assign_weights, latest_dir, read_state, run_started
-from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, ConfigError, config_from_dict, load_config
-from ERO_EGGROLL.disk import WriteError, writing
-from ERO_EGGROLL.distributed import DistributedError
-from ERO_EGGROLL.evolution_loop import evolve
-from ERO_EGGROLL.export import ExportError, export_model
-from ERO_EGGROLL.loggers import check_available as check_loggers
-from ERO_EGGROLL.memory_check import preflight
-from ERO_EGGROLL.memory_measure import measured_peak_rss_bytes
-from ERO_EGGROLL.model_card import model_card
-from ERO_EGGROLL.model_loading import ModelLoadError, check_checkpoint_dir, load_model
-from ERO_EGGROLL.progress import summary
-from ERO_EGGROLL.qwen_param_mapper import classify_model
-from ERO_EGGROLL.resume import disk_bytes
-from ERO_EGGROLL.run_record import base_evolvable
-from ERO_EGGROLL.run_folder import RunFolderError, RunLock, claim_run_folders
-from ERO_EGGROLL.run_identity import IdentityError, base_weights_digest
-from ERO_EGGROLL.stop_signals import RunInterrupted, StopFlag
-from ERO_EGGROLL.tensor_classes import ParamClass
-
-
-def ensure_model(cfg: Config) -> None:
-    """Build the embedded tiny model when the config points at it and it is missing."""
-    path = cfg.resolve_path(cfg.model.path)
-    if cfg.model.path == EMBEDDED_MODEL_DIR and not (path / "config.json").is_file():
-        from ERO_EGGROLL.tiny_model import build_tiny_model
-
-        print(f"building the embedded tiny Qwen2.5-VL into {path} (once, about two minutes on a CPU)")
-        build_tiny_model(path)
-
-
-def export_best_model(model, cfg: Config, task_ids: list[str], evolved: dict, ckpt_dir: Path, run_dir: Path) -> None:
-    """ckpt_dir/best_model: the base model's folder with the best weights and a model card (export.py), published atomically."""
-    card = lambda report: model_card(cfg, task_ids, evolved["history"], evolved["best_epoch"], evolved["best_result"], ckpt_dir,
-                                     run_dir / "fitness_curve.png", report)
-    export_model(model, cfg.resolve_path(cfg.model.path), ckpt_dir / "best_model", card)
-
-
-def run(cfg: Config, resume: Path | None, overwrite: bool, stop: StopFlag) -> Path:
-    """Tasks first (data errors cost no model time), the memory preflight, then, holding the run's lock, the rest."""
-    check_loggers(cfg.run.loggers)
-    tasks = load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)
-    ensure_model(cfg)
-    check_checkpoint_dir(cfg.resolve_path(cfg.model.path))  # a run needs the weights: say where to put them before predicting memory
-    if cfg.run.memory_check:
-        preflight(cfg, tasks)  # before any weights are loaded: a run that cannot fit is refused here
-    with RunLock(cfg.checkpoint_path):
-        return run_locked(cfg, tasks, resume, overwrite, stop)
-
-
-def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: StopFlag) -> Path:
-    """The run folders (claimed, or resumed), the model, and each evolution: only one process gets here per run."""
-    run_dir, ckpt_dir = cfg.run_dir, cfg.checkpoint_path
-    if resume is None:
-        claim_run_folders(ckpt_dir, run_dir, move_earlier=overwrite or cfg.run.if_exists == "move_aside")
-    model, processor = load_model(cfg)
-    specs = classify_model(model, cfg)
-    base_weights = base_weights_digest(cfg)
-    print(f"{cfg.run.name}: {len(tasks)} task(s), population {cfg.evolution.population_size}, rank {cfg.evolution.rank}, "
-          f"{cfg.evolution.epochs} epochs, {cfg.evolution.mode} mode, {cfg.data.input_mode} input, device {next(model.parameters()).device}")
-
-    def resume_from(folder: Path) -> Path | None:  # an epoch_NNNN/ given to --resume, or the folder's newest checkpoint
-        if resume is None:
-            return None
-        return resume if resume.parent.resolve() == folder.resolve() else folder
-
-    if cfg.evolution.mode == "joint":
-        out = evolve(cfg, model, processor, tasks, run_dir, ckpt_dir, stop, resume_from(ckpt_dir), specs, base_weights)
-        best_result = out["best_result"]
-        if cfg.run.export_best == "all":
-            export_best_model(model, cfg, [t.id for t in tasks], out, ckpt_dir, run_dir)
-    else:
-        evolvable = [s.name for s in specs if s.cls is not ParamClass.FROZEN]
-        answers, per_task = [], {}
-        for i, task in enumerate(tasks):
-            if i:  # each task starts from the base weights, read again from the model's files (no copy held in RAM)
-                assign_weights(model, base_evolvable(model, cfg.resolve_path(cfg.model.path), evolvable), "base weights")
-            out = evolve(cfg, model, processor, [task], run_dir / task.id, ckpt_dir / task.id, stop, resume_from(ckpt_dir / task.id),
-                         specs, base_weights)
-            if cfg.run.export_best == "all":
-                export_best_model(model, cfg, [task.id], out, ckpt_dir / task.id, run_dir / task.id)
-            result = out["best_result"]
-            summary(f"task {task.id}: best epoch {out['best_epoch']}, test score {result.fitness:.4f}, "
-                    f"cells {result.metric('cell_accuracy')[task.id]:.4f}, exact {result.metric('exact')[task.id]:.4f}")
-            per_task.update(out["best_result"].per_task)
-            answers += out["best_result"].answers
-        best_result = EvalResult(per_task, answers)
-    with writing(run_dir / "final_table.md"):
-        csv_path, md_path = write_table(results_table([t.id for t in tasks], best_result), run_dir / "final_table")
-    print(f"\nbest model per task ({md_path}):\n{md_path.read_text()}")
-    print(f"results: {run_dir}\ncheckpoints: {ckpt_dir} ({disk_bytes(ckpt_dir)} bytes on disk, best_model/ included; "
-          f"run.checkpoint: {cfg.run.checkpoint}); host RAM peak {measured_peak_rss_bytes() / 2**20:.0f} MiB")
-    return run_dir
-
-
-def _saved_state(resume: Path) -> RunState:
-    """The state to read a resumed run's config from: that checkpoint, the run's newest, or (per_task) its first task's."""
-    if (resume / "state.json").is_file():
-        return read_state(resume)
-    if run_started(resume):
-        return read_state(latest_dir(resume)[0])  # a damaged LATEST is reported (and rebuilt) by the resume itself
-    tasks = sorted(p for p in resume.iterdir() if p.is_dir() and run_started(p)) if resume.is_dir() else []
-    if not tasks:
-        raise CheckpointError(f"{resume} holds no checkpoint (no LATEST file, no epoch_NNNN/); give the run's checkpoints/<run> folder")
-    return read_state(latest_dir(tasks[0])[0])
-
-
-def _run_folder_of(resume: Path, cfg: Config) -> Path:
-    """The run's checkpoint folder that --resume names: itself, or the run (or per_task task) folder of an epoch_NNNN/."""
-    if not EPOCH_DIR.fullmatch(resume.name):
-        return resume
-    return resume.parent if resume.parent.resolve() == cfg.checkpoint_path.resolve() else resume.parent.parent
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Evolve Qwen2.5-VL on ARC-1 with EGGROLL.")
-    parser.add_argument("--config", help="YAML config (configs/default.yaml, smoke.yaml, qwen2_5_vl_7b.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-    parser.add_argument("--resume", metavar="CHECKPOINT_DIR",
-                        help="continue the run saved in checkpoints/<run>, or go back to one of its epoch_NNNN/ directories")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="a run with this name exists: move it aside (renamed, kept) and start afresh")
-    args = parser.parse_args(argv)
-    if args.resume and args.overwrite:
-        parser.error("--overwrite starts afresh and --resume continues; give one of them")
-    stop = StopFlag()
-    stop.install()
-    resume = Path(args.resume) if args.resume else None
-    try:
-        if args.config:
-            cfg = load_config(args.config, args.set)
-        elif resume:
-            cfg = config_from_dict(_saved_state(resume).config, f"{resume} (saved config)", args.set)
-        else:
-            parser.error("give --config, or --resume with a run's checkpoint folder")
-        if resume and _run_folder_of(resume, cfg).resolve() != cfg.checkpoint_path.resolve():
-            raise CheckpointError(f"--resume {resume} is not this config's checkpoint folder {cfg.checkpoint_path}")
-        run(cfg, resume=resume, overwrite=args.overwrite, stop=stop)
-    except RunInterrupted as signal_name:
-        print(f"\nstopped by {signal_name} after the last complete checkpoint; continue with:\n"
-              f"  python ERO_EGGROLL/arc_evolution_single_gpu.py --resume {cfg.checkpoint_path}", file=sys.stderr)
-        return 130
-    except (ConfigError, ArcDataError, ModelLoadError, CheckpointError, EvaluationError, IdentityError, WriteError,
-            RunFolderError, ExportError, DistributedError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
+from ERO_EGGROLL.cli.train import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

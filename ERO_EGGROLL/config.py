@@ -21,6 +21,9 @@ from typing import Any, Literal, Sequence, Union
 
 import yaml
 
+from ERO_EGGROLL.core.errors import ConfigError
+from ERO_EGGROLL.core.settings import EvolutionSettings, literal_choices, settings_problems
+
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_MODEL_DIR = "checkpoints/tiny-qwen2.5-vl"
 MAX_NAME_PART = 128  # characters per folder of run.name
@@ -30,10 +33,6 @@ def repo_path(path: str | Path) -> Path:
     """Relative paths in a config are relative to the repository root, not the working directory."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else ROOT / p
-
-
-class ConfigError(ValueError):
-    """A config that cannot run, with the file, the key and what to do."""
 
 
 @dataclass
@@ -87,25 +86,12 @@ class EvaluationConfig:
 
 
 @dataclass
-class EvolutionConfig:
+class EvolutionConfig(EvolutionSettings):
+    """The core's settings (core/settings.py) and the run's own: how many epochs, one model or one per task."""
+
     mode: Literal["joint", "per_task"] = "joint"
     epochs: int = 12
-    population_size: int = 32
-    rank: int = 2
-    sigma: float = 0.01
-    sigma_mode: Literal["absolute", "relative"] = "absolute"  # relative: sigma x std(W) per tensor
-    noise_reuse: int = 1
-    group_size: int = 0
-    freeze_nonlora: bool = False
-    prng_impl: Literal["philox4x32", "philox2x32", "threefry2x32"] = "philox4x32"
-    strategy: Literal["forward", "inplace"] = "forward"
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = 1.0
-    lr_decay: float = 1.0  # multiplied into lr after every epoch
-    sigma_decay: float = 1.0
-    weight_decay: float = 0.0  # adamw only
-    max_update_norm: float | None = None  # global-norm clip of the update direction
-    stochastic_rounding: bool = False  # unbiased rounding of bf16 weight updates (fp16 rounds to nearest)
+    freeze_nonlora: bool = False  # norms and biases FROZEN instead of FULL (the Qwen classification)
     log_gradient_cosine: bool = False  # log the cosine between each ES update and the true gradient (one backward pass per epoch)
 
 
@@ -283,20 +269,10 @@ def _non_finite(values: dict, prefix: str = "") -> str | None:
 
 
 def _evolution_checks(evo: EvolutionConfig) -> list[tuple[bool, str]]:
-    return [
-        (evo.population_size >= 2 and evo.population_size % 2 == 0,
-         f"evolution.population_size must be even and >= 2 (members form antithetic pairs), got {evo.population_size}"),
-        (evo.rank >= 1, f"evolution.rank must be >= 1, got {evo.rank}"),
-        (evo.sigma > 0, f"evolution.sigma must be > 0, got {evo.sigma}"),
+    return settings_problems(evo) + [
         (evo.epochs >= 1, f"evolution.epochs must be >= 1, got {evo.epochs}"),
-        (evo.lr > 0, f"evolution.lr must be > 0, got {evo.lr}"),
-        (evo.noise_reuse >= 0, f"evolution.noise_reuse must be >= 0 (0: same noise every epoch), got {evo.noise_reuse}"),
-        (evo.group_size >= 0 and (evo.group_size == 0 or evo.population_size % evo.group_size == 0),
-         f"evolution.group_size {evo.group_size} must be 0 or divide evolution.population_size {evo.population_size}"),
-        (0 < evo.lr_decay <= 1 and 0 < evo.sigma_decay <= 1, "evolution.lr_decay and evolution.sigma_decay must be in (0, 1]"),
-        (evo.max_update_norm is None or evo.max_update_norm > 0, f"evolution.max_update_norm must be > 0 or null, got {evo.max_update_norm}"),
         *[(getattr(evo, key) in choices, f"evolution.{key} must be one of {list(choices)}, got {getattr(evo, key)!r}")
-          for key, choices in _choices(EvolutionConfig).items()],
+          for key, choices in literal_choices(EvolutionConfig).items()],
     ]
 
 
@@ -314,19 +290,6 @@ def _distributed_checks(dist: DistributedConfig, population_size: int) -> list[t
         (dist.gpus_per_worker > 0, f"distributed.gpus_per_worker must be > 0 (used on CUDA runs; fractions share a GPU), got {dist.gpus_per_worker}"),
         (dist.cpus_per_worker >= 1, f"distributed.cpus_per_worker must be >= 1, got {dist.cpus_per_worker}"),
     ]
-
-
-def _choices(section: type) -> dict[str, tuple]:
-    """The allowed values of a section's Literal fields (the YAML loader checks them too; code callers need this)."""
-    hints = typing.get_type_hints(section)
-    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(section) if typing.get_origin(hints[f.name]) is Literal}
-
-
-def check_evolution(evo: EvolutionConfig, where: str) -> None:
-    """The checks of the evolution settings alone (for `Perturber.for_module`, which has no run config)."""
-    for ok, message in _evolution_checks(evo):
-        if not ok:
-            raise ConfigError(f"{where}: {message}")
 
 
 def _validate(cfg: Config, where: str) -> None:

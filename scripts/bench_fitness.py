@@ -20,12 +20,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_common import median_seconds, write_results  # noqa: E402
 
-from ERO_EGGROLL.arc_evaluator import evaluate_members  # noqa: E402
-from ERO_EGGROLL.arc_task import load_tasks  # noqa: E402
+from ERO_EGGROLL.arc.tasks import load_tasks  # noqa: E402
 from ERO_EGGROLL.config import load_config  # noqa: E402
-from ERO_EGGROLL.model_loading import load_model_from_dir  # noqa: E402
-from ERO_EGGROLL.perturbation import Perturber  # noqa: E402
-from ERO_EGGROLL.prepared import prepare, questions_for  # noqa: E402
+from ERO_EGGROLL.evaluation.evaluator import evaluate_members  # noqa: E402
+from ERO_EGGROLL.evaluation.prepared import prepare, questions_for  # noqa: E402
+from ERO_EGGROLL.model.loading import load_model_from_dir  # noqa: E402
+from ERO_EGGROLL.model.qwen import run_perturber  # noqa: E402
 
 POPULATION = 16
 
@@ -44,7 +44,7 @@ def main() -> int:
                                                                   f"evaluation.max_new_tokens_cap={args.cap}"])
             model, processor = load_model_from_dir(cfg.resolve_path(cfg.model.path))
             prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "fitness"), processor, cfg)
-            perturber = Perturber(model, cfg)
+            perturber = run_perturber(model, cfg)
 
             def epoch() -> None:
                 for first in range(0, POPULATION, k):

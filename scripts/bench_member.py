@@ -23,18 +23,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import ERO_EGGROLL  # noqa: E402,F401  (before JAX: on-demand GPU allocation)
+# isort: split
+
+import hyperscalees as hs  # noqa: E402
 import torch  # noqa: E402
 from bench_common import median_seconds, write_results  # noqa: E402
 
-import hyperscalees as hs  # noqa: E402
-from ERO_EGGROLL.arc_evaluator import evaluate, prepare, questions_for  # noqa: E402
-from ERO_EGGROLL.arc_task import load_tasks  # noqa: E402
+from ERO_EGGROLL.arc.tasks import load_tasks  # noqa: E402
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, load_config  # noqa: E402
-from ERO_EGGROLL.memory_measure import measured_peak_rss_bytes  # noqa: E402
-from ERO_EGGROLL.model_loading import load_model_from_dir  # noqa: E402
-from ERO_EGGROLL.perturbation import Perturber  # noqa: E402
-from ERO_EGGROLL.pytorch_jax_bridge import jax_to_torch  # noqa: E402
-from ERO_EGGROLL.random_model import SHAPES, random_model  # noqa: E402
+from ERO_EGGROLL.core.bridge import jax_to_torch  # noqa: E402
+from ERO_EGGROLL.core.perturber import Perturber  # noqa: E402
+from ERO_EGGROLL.evaluation.evaluator import evaluate, prepare, questions_for  # noqa: E402
+from ERO_EGGROLL.memory.measure import measured_peak_rss_bytes  # noqa: E402
+from ERO_EGGROLL.model.loading import load_model_from_dir  # noqa: E402
+from ERO_EGGROLL.model.qwen import run_perturber  # noqa: E402
+from ERO_EGGROLL.model.random_model import SHAPES, random_model  # noqa: E402
 
 
 def random_30m_model(tiny_dir: Path):
@@ -60,7 +63,7 @@ def bench_model(name: str, model, processor, reps: int, extra: tuple[str, ...] =
     cfg = config_for(16, extra=extra)
     prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "fitness"), processor, cfg)
     row = {"model": name, "parameters": sum(p.numel() for p in model.parameters())}
-    perturber = Perturber(model, cfg)
+    perturber = run_perturber(model, cfg)
     fitness = hs.normalize_fitness([float(i % 5) for i in range(16)])
 
     def jax_directions():
@@ -105,7 +108,7 @@ def _memory_case(population: int) -> dict:
     cfg = config_for(population)
     model, processor = load_model_from_dir(ROOT / EMBEDDED_MODEL_DIR)
     prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "fitness"), processor, cfg)
-    perturber = Perturber(model, cfg)
+    perturber = run_perturber(model, cfg)
     with perturber.member(0, population - 1):
         evaluate(model, processor, prepared, cfg)
     perturber.update([float(i % 3) for i in range(population)], 0)

@@ -1,6 +1,6 @@
 """Benchmark: the memory model's prediction against measurement, phase by phase, at scale on the CPU.
 
-Each case is a fresh process with a random Qwen2.5-VL (`ERO_EGGROLL.random_model`), peak from VmHWM
+Each case is a fresh process with a random Qwen2.5-VL (`ERO_EGGROLL.model.random_model`), peak from VmHWM
 and reset between phases by writing 5 to /proc/self/clear_refs:
   * resident: RSS held after the model and the Perturber exist (weights, saved copies)
   * evaluation: peak growth during one perturbed generate call (member noise, KV cache, activations)
@@ -37,22 +37,21 @@ def measure(size: str, dtype: str, optimizer: str, phase: str) -> dict:
 
     One phase per process: JAX keeps freed CPU buffers for reuse, so a phase measured after another
     would be served from the first one's leftovers."""
-    import ERO_EGGROLL  # noqa: F401  (before JAX)
     import torch
 
+    import ERO_EGGROLL  # noqa: F401  (before JAX)
     from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, load_config
-    from ERO_EGGROLL.memory import Workload, estimate
-    from ERO_EGGROLL.memory_measure import current_rss_bytes, measured_peak_rss_bytes, start_rss_measurement
-    from ERO_EGGROLL.perturbation import Perturber
-    from ERO_EGGROLL.qwen_param_mapper import classify_model
-    from ERO_EGGROLL.random_model import SHAPES, TextShape, random_model
+    from ERO_EGGROLL.memory.measure import current_rss_bytes, measured_peak_rss_bytes, start_rss_measurement
+    from ERO_EGGROLL.memory.model import Workload, estimate
+    from ERO_EGGROLL.model.qwen import classify_model, run_perturber
+    from ERO_EGGROLL.model.random_model import SHAPES, TextShape, random_model
 
     torch_dtype, tiny_dir, shape = getattr(torch, dtype), ROOT / EMBEDDED_MODEL_DIR, SHAPES[size]
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"evolution.population_size={POPULATION}", f"evolution.rank={RANK}",
                                                         f"evolution.optimizer={optimizer}", "evolution.lr=0.01",
                                                         "evolution.sigma_mode=absolute", "evolution.sigma=0.02"])
     fitness = [float((7 * i) % 5) for i in range(POPULATION)]
-    twin = Perturber(random_model(tiny_dir, TextShape(**{**shape.__dict__, "layers": 1}), torch_dtype), cfg)
+    twin = run_perturber(random_model(tiny_dir, TextShape(**{**shape.__dict__, "layers": 1}), torch_dtype), cfg)
     ids = torch.randint(0, 300, (1, 16))
     with torch.no_grad(), twin.member(0, 0):  # compiles the member-noise draws of one layer's tensor shapes
         twin.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2, do_sample=False)
@@ -62,7 +61,7 @@ def measure(size: str, dtype: str, optimizer: str, phase: str) -> dict:
     del twin
     base = start_rss_measurement()
     model = random_model(tiny_dir, shape, torch_dtype)
-    perturber = Perturber(model, cfg)
+    perturber = run_perturber(model, cfg)
     start = start_rss_measurement()
     measured = {"resident": start - base}
     if phase == "update":

@@ -17,16 +17,18 @@ import sys
 from pathlib import Path
 
 import ERO_EGGROLL  # noqa: F401  (before JAX: on-demand GPU allocation)
+
+# isort: split
+import hyperscalees as hs
 import jax
 import jax.numpy as jnp
 import numpy as np
 import psutil
 import torch
-
-import hyperscalees as hs
-from ERO_EGGROLL.memory_measure import measured_peak_rss_bytes
-from ERO_EGGROLL.pytorch_jax_bridge import jax_to_torch, shares_memory, torch_to_jax
 from bench_common import median_seconds, write_results
+
+from ERO_EGGROLL.core.bridge import jax_to_torch, shares_memory, torch_to_jax
+from ERO_EGGROLL.memory.measure import measured_peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1 << 20

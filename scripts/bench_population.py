@@ -35,13 +35,13 @@ import torch  # noqa: E402
 from bench_common import write_results  # noqa: E402
 from bench_member import RANDOM_MODEL_SIGMA, config_for  # noqa: E402
 
-from ERO_EGGROLL import generation  # noqa: E402
-from ERO_EGGROLL.arc_evaluator import evaluate_members, prepare, questions_for  # noqa: E402
-from ERO_EGGROLL.arc_task import load_tasks  # noqa: E402
+from ERO_EGGROLL.arc.tasks import load_tasks  # noqa: E402
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR  # noqa: E402
-from ERO_EGGROLL.model_loading import load_model_from_dir  # noqa: E402
-from ERO_EGGROLL.perturbation import Perturber  # noqa: E402
-from ERO_EGGROLL.random_model import SHAPES, random_model  # noqa: E402
+from ERO_EGGROLL.evaluation import generation  # noqa: E402
+from ERO_EGGROLL.evaluation.evaluator import evaluate_members, prepare, questions_for  # noqa: E402
+from ERO_EGGROLL.model.loading import load_model_from_dir  # noqa: E402
+from ERO_EGGROLL.model.qwen import run_perturber
+from ERO_EGGROLL.model.random_model import SHAPES, random_model  # noqa: E402
 
 KS = (1, 2, 4, 8, 16)
 
@@ -95,7 +95,7 @@ class Bench:
         bs = self.cfg.evaluation.batch_size
         batches = [self.prepared[i : i + bs] for i in range(0, len(self.prepared), bs)]
         self.tokens_per_member = sum(len(b) * max(p.max_new_tokens for p in b) for b in batches)  # fixed length
-        self.perturbers = {s: Perturber(model, config_for(max(KS), s, extra)) for s in ("forward", "inplace")}
+        self.perturbers = {s: run_perturber(model, config_for(max(KS), s, extra)) for s in ("forward", "inplace")}
 
     def generate(self, k: int = 1) -> None:
         evaluate_members(self.model, self.processor, self.prepared, self.cfg, k)
@@ -136,7 +136,8 @@ def show(row: dict) -> None:
 
 
 def profile(bench: Bench) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     for label, fn in (("plain", bench.generate), ("forward", bench.member("forward"))):
         fn()

@@ -26,12 +26,12 @@ def measure(size: str, epochs: int, population: int, dtype_name: str) -> dict:
     import numpy as np
     import torch
 
-    from ERO_EGGROLL.checkpointing import assign_weights
     from ERO_EGGROLL.config import load_config
-    from ERO_EGGROLL.model_loading import load_model_from_dir
-    from ERO_EGGROLL.perturbation import Perturber
-    from ERO_EGGROLL.random_model import SHAPES, random_model
-    from ERO_EGGROLL.run_record import base_evolvable, combined_digest, tensor_digests
+    from ERO_EGGROLL.model.loading import load_model_from_dir
+    from ERO_EGGROLL.model.qwen import run_perturber
+    from ERO_EGGROLL.model.random_model import SHAPES, random_model
+    from ERO_EGGROLL.run.record import base_evolvable, combined_digest, tensor_digests
+    from ERO_EGGROLL.storage.checkpoints import assign_weights
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"evolution.population_size={population}", f"model.dtype={dtype_name}",
                                                             "evolution.sigma_mode=absolute", "evolution.sigma=0.01"])  # a random model's biases are 0
@@ -45,7 +45,7 @@ def measure(size: str, epochs: int, population: int, dtype_name: str) -> dict:
             model_dir = Path(tmp)
             model = random_model(tiny_dir, SHAPES[size], dtype)
             model.save_pretrained(model_dir)
-        perturber = Perturber(model, cfg)
+        perturber = run_perturber(model, cfg)
         names = list(perturber.params)
         evolvable_bytes = sum(p.numel() * p.element_size() for p in perturber.params.values())
         rng = np.random.default_rng(0)

@@ -31,10 +31,10 @@ def update_case(size: str, optimizer: str, dtype: str, population: int, reps: in
     import torch
 
     from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, load_config
-    from ERO_EGGROLL.memory_measure import measured_peak_rss_bytes, start_rss_measurement
-    from ERO_EGGROLL.model_loading import load_model_from_dir
-    from ERO_EGGROLL.perturbation import Perturber
-    from ERO_EGGROLL.random_model import SHAPES, TextShape, random_model
+    from ERO_EGGROLL.memory.measure import measured_peak_rss_bytes, start_rss_measurement
+    from ERO_EGGROLL.model.loading import load_model_from_dir
+    from ERO_EGGROLL.model.qwen import run_perturber
+    from ERO_EGGROLL.model.random_model import SHAPES, TextShape, random_model
 
     torch_dtype = getattr(torch, dtype)
     tiny_dir = ROOT / EMBEDDED_MODEL_DIR
@@ -46,12 +46,12 @@ def update_case(size: str, optimizer: str, dtype: str, population: int, reps: in
                                           tiny.config.text_config.num_attention_heads, tiny.config.text_config.num_key_value_heads)
     # random weights have all-zero biases, where relative sigma is undefined: absolute sigma for every model here
     cfg = load_config(ROOT / "configs" / "smoke.yaml", overrides + ["evolution.sigma_mode=absolute", "evolution.sigma=0.02"])
-    twin = Perturber(random_model(tiny_dir, TextShape(**{**shape.__dict__, "layers": 1}), torch_dtype), cfg)
+    twin = run_perturber(random_model(tiny_dir, TextShape(**{**shape.__dict__, "layers": 1}), torch_dtype), cfg)
     twin.update(fitness, 0)  # compiles every tensor shape
     twin.remove_hooks()
     del twin
     model = tiny if size == "tiny" else random_model(tiny_dir, shape, torch_dtype)
-    perturber = Perturber(model, cfg)
+    perturber = run_perturber(model, cfg)
     rss_before = start_rss_measurement()
     start = time.perf_counter()
     perturber.update(fitness, 1)

@@ -7,7 +7,7 @@ import argparse
 import time
 
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, ROOT
-from ERO_EGGROLL.tiny_model import build_tiny_model
+from ERO_EGGROLL.model.tiny import build_tiny_model
 
 
 def main() -> None:

@@ -26,17 +26,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
-
 from bench_common import write_results  # noqa: E402
 
-from ERO_EGGROLL.answer_likelihood import answer_logprob_objective, update_with_gradient_cosine  # noqa: E402
-from ERO_EGGROLL.arc_evaluator import evaluate, evaluate_members  # noqa: E402
-from ERO_EGGROLL.arc_task import load_tasks  # noqa: E402
+from ERO_EGGROLL.arc.tasks import load_tasks  # noqa: E402
 from ERO_EGGROLL.config import Config, load_config  # noqa: E402
-from ERO_EGGROLL.model_loading import load_model_from_dir  # noqa: E402
-from ERO_EGGROLL.perturbation import Perturber  # noqa: E402
-from ERO_EGGROLL.prepared import prepare, questions_for  # noqa: E402
-from ERO_EGGROLL.qwen_param_mapper import ParamClass, classify_model  # noqa: E402
+from ERO_EGGROLL.evaluation.evaluator import evaluate, evaluate_members  # noqa: E402
+from ERO_EGGROLL.evaluation.likelihood import answer_logprob_objective, update_with_gradient_cosine  # noqa: E402
+from ERO_EGGROLL.evaluation.prepared import prepare, questions_for  # noqa: E402
+from ERO_EGGROLL.model.loading import load_model_from_dir  # noqa: E402
+from ERO_EGGROLL.model.qwen import ParamClass, classify_model, run_perturber  # noqa: E402
 
 
 def setup(overrides: list[str]):
@@ -51,7 +49,7 @@ def setup(overrides: list[str]):
 def run_es(cfg: Config, model, processor, train, held_out, budget: int, members_per_call: int) -> dict:
     """EGGROLL for budget // N epochs through the Perturber facade; held-out log-prob and gradient cosine per epoch."""
     n = cfg.evolution.population_size
-    perturber = Perturber(model, cfg)
+    perturber = run_perturber(model, cfg)
     curve = [(0, evaluate(model, processor, held_out, cfg).fitness)]
     cosines = []
     for epoch in range(budget // n):

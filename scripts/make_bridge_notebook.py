@@ -17,7 +17,7 @@ for each conversion, the dtype, shape, device, data pointers and whether the buf
 import ERO_EGGROLL  # first: JAX then allocates GPU memory on demand instead of taking 75% of it
 import jax, jax.numpy as jnp, numpy as np, torch
 import hyperscalees as hs
-from ERO_EGGROLL.pytorch_jax_bridge import inspect_conversion, jax_to_torch, torch_to_jax, shares_memory, BridgeCopyWarning
+from ERO_EGGROLL.core.bridge import inspect_conversion, jax_to_torch, torch_to_jax, shares_memory, BridgeCopyWarning
 
 # q_proj of one Qwen2.5-VL-7B decoder layer: hidden 3584 -> 3584
 shape, rank, sigma = (3584, 3584), 2, 0.01

@@ -22,15 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import ERO_EGGROLL  # noqa: E402,F401  (before JAX)
 from conftest import SMALL  # noqa: E402  (the tests' small-run settings: one task, sigma 2.0, 48 tokens)
 
-from ERO_EGGROLL.arc_evaluator import prepare, questions_for  # noqa: E402
-from ERO_EGGROLL.arc_task import load_tasks  # noqa: E402
+import ERO_EGGROLL  # noqa: E402,F401  (before JAX)
+from ERO_EGGROLL.arc.tasks import load_tasks  # noqa: E402
 from ERO_EGGROLL.config import load_config  # noqa: E402
-from ERO_EGGROLL.model_loading import load_model_from_dir  # noqa: E402
-from ERO_EGGROLL.perturbation import Perturber  # noqa: E402
-from ERO_EGGROLL.population import evaluate_batch, member_batches  # noqa: E402
+from ERO_EGGROLL.evaluation.evaluator import prepare, questions_for  # noqa: E402
+from ERO_EGGROLL.model.loading import load_model_from_dir  # noqa: E402
+from ERO_EGGROLL.model.qwen import run_perturber  # noqa: E402
+from ERO_EGGROLL.run.population import evaluate_batch, member_batches  # noqa: E402
 
 VARIANTS = [("forward", 1), ("forward", 4), ("forward", 8), ("inplace", 1)]
 
@@ -39,7 +39,7 @@ def fitness_of(model, processor, population: int, epoch: int, strategy: str, k: 
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [*[s for s in SMALL if not s.startswith("evolution.epochs")],
                                                         f"evolution.population_size={population}", f"evolution.strategy={strategy}"])
     prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "fitness"), processor, cfg)
-    perturber = Perturber(model, cfg)
+    perturber = run_perturber(model, cfg)
     try:
         return [f for ids in member_batches(population, k) for f in evaluate_batch(perturber, model, processor, prepared, cfg, epoch, ids)]
     finally:

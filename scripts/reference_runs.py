@@ -25,11 +25,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import run_args  # noqa: E402  (the tests' own command line for a small run)
 
-from ERO_EGGROLL.checkpointing import load_checkpoint  # noqa: E402
-from ERO_EGGROLL.config import ROOT as REPO, load_config  # noqa: E402
-from ERO_EGGROLL.digest import tensor_digest  # noqa: E402
-from ERO_EGGROLL.run_identity import base_weights_digest  # noqa: E402
-from ERO_EGGROLL.run_logging import TIMING_FIELDS  # noqa: E402
+from ERO_EGGROLL.config import ROOT as REPO  # noqa: E402
+from ERO_EGGROLL.config import load_config
+from ERO_EGGROLL.core.digest import tensor_digest  # noqa: E402
+from ERO_EGGROLL.storage.checkpoints import load_checkpoint  # noqa: E402
+from ERO_EGGROLL.storage.identity import base_weights_digest  # noqa: E402
+from ERO_EGGROLL.storage.metrics import TIMING_FIELDS  # noqa: E402
 
 CASES: dict[str, list[str]] = {
     "reference": [],  # exactly the suite's shared `reference` run

@@ -14,7 +14,7 @@ from ERO_EGGROLL.config import ROOT, Config, load_config
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The embedded default model, built exactly as `make run` builds it when it is missing."""
-    from ERO_EGGROLL.arc_evolution_single_gpu import ensure_model
+    from ERO_EGGROLL.cli.train import ensure_model
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml")
     ensure_model(cfg)
@@ -24,7 +24,7 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
     """(model, processor) of the tiny model in fp32 on the CPU; tests must leave its weights as they found them."""
-    from ERO_EGGROLL.model_loading import load_model_from_dir
+    from ERO_EGGROLL.model.loading import load_model_from_dir
 
     return load_model_from_dir(tiny_model_dir)
 

@@ -9,16 +9,16 @@ import subprocess
 
 import pytest
 import torch
-
-from ERO_EGGROLL import arc_evaluator
-from ERO_EGGROLL.answer_likelihood import answer_logprob_objective, answer_logprobs, fitness_gradient
-from ERO_EGGROLL.arc_evaluator import EvaluationError, evaluate, evaluate_members
-from ERO_EGGROLL.arc_task import Pair, load_tasks
-from ERO_EGGROLL.config import ROOT, load_config
-from ERO_EGGROLL.perturbation import Perturber
-from ERO_EGGROLL.prepared import prepare, questions_for
-from ERO_EGGROLL.prompts import Question, build_messages
 from conftest import run_args
+
+from ERO_EGGROLL.arc.prompts import Question, build_messages
+from ERO_EGGROLL.arc.tasks import Pair, load_tasks
+from ERO_EGGROLL.config import ROOT, load_config
+from ERO_EGGROLL.evaluation import evaluator as arc_evaluator
+from ERO_EGGROLL.evaluation.evaluator import EvaluationError, evaluate, evaluate_members
+from ERO_EGGROLL.evaluation.likelihood import answer_logprob_objective, answer_logprobs, fitness_gradient
+from ERO_EGGROLL.evaluation.prepared import prepare, questions_for
+from ERO_EGGROLL.model.qwen import run_perturber
 
 HELD_OUT = ["data.fitness_source=train_loo", "evaluation.max_new_tokens_rule=demonstrations", "evaluation.fitness=answer_logprob"]
 
@@ -54,7 +54,7 @@ def test_batched_questions_and_k_members_equal_one_at_a_time(tiny):
     model, processor = tiny
     cfg = _cfg("evolution.population_size=4", "evolution.sigma=2.0", "evaluation.batch_size=1")
     prepared = prepare(questions_for(load_tasks(ids=["b1fc8b8e"]), cfg, "fitness")[:3] + _handcrafted(), processor, cfg)
-    perturber = Perturber(model, cfg)
+    perturber = run_perturber(model, cfg)
     try:
         single = []
         for member in range(4):
@@ -138,8 +138,8 @@ def test_a_held_out_run_raises_the_held_out_answer_logprob(tmp_path, tiny_model_
 
 def test_members_per_batch_is_part_of_an_answer_logprob_runs_identity(tiny):
     """Batched members' log-probs differ from one-at-a-time in the last fp32 bits, so resuming with another K is not exact."""
-    from ERO_EGGROLL.qwen_param_mapper import classify_model
-    from ERO_EGGROLL.run_identity import identity_of
+    from ERO_EGGROLL.model.qwen import classify_model
+    from ERO_EGGROLL.storage.identity import identity_of
 
     model, _ = tiny
     identity = lambda cfg: identity_of(cfg, classify_model(model, cfg), device_type="cpu", dtype=torch.float32, members_per_batch=4,

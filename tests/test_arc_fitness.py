@@ -6,8 +6,15 @@ import time
 
 import pytest
 
-from ERO_EGGROLL.arc_fitness import (
-    METRICS, cell_accuracy, char_similarity, exact, grid_char_similarity, parse_grid, reduce_to_grid_chars, sequence,
+from ERO_EGGROLL.arc.fitness import (
+    METRICS,
+    cell_accuracy,
+    char_similarity,
+    exact,
+    grid_char_similarity,
+    parse_grid,
+    reduce_to_grid_chars,
+    sequence,
 )
 
 TARGET = [[1, 2], [3, 4]]  # canonical text "[[1,2],[3,4]]", 13 characters

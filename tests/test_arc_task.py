@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ERO_EGGROLL.arc_task import ERO_TASK_IDS, PALETTE, ArcDataError, grid_to_text, load_tasks, render_grid
+from ERO_EGGROLL.arc.tasks import ERO_TASK_IDS, PALETTE, ArcDataError, grid_to_text, load_tasks, render_grid
 from ERO_EGGROLL.config import ROOT, load_config
 
 GOOD = {"train": [{"input": [[1, 2], [3, 4]], "output": [[4, 3], [2, 1]]}], "test": [{"input": [[0, 1], [1, 0]], "output": [[1, 0], [0, 1]]}]}

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from ERO_EGGROLL.arc_evaluator import evaluate, evaluate_members, prepare, questions_for
-from ERO_EGGROLL.arc_task import load_tasks
+from ERO_EGGROLL.arc.tasks import load_tasks
 from ERO_EGGROLL.config import ROOT, ConfigError, load_config
-from ERO_EGGROLL.perturbation import Perturber
+from ERO_EGGROLL.evaluation.evaluator import evaluate, evaluate_members, prepare, questions_for
+from ERO_EGGROLL.model.qwen import run_perturber
 
 POPULATION = 8
 # Relative sigma 2.0, not smoke.yaml's 0.5: at 0.5 every member of a rebuilt tiny model can give the same answer,
@@ -22,7 +22,7 @@ def setup(tiny):
     cfg = load_config(ROOT / "configs" / "smoke.yaml", ["data.task_ids=[b1fc8b8e]", "evaluation.max_new_tokens_cap=48",
                                                         f"evolution.population_size={POPULATION}", f"evolution.sigma={SIGMA}"])
     prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "fitness"), processor, cfg)
-    perturber = Perturber(model, cfg)
+    perturber = run_perturber(model, cfg)
     sequential = []
     for member in range(POPULATION):
         with perturber.member(0, member):
@@ -48,7 +48,7 @@ def test_batched_logits_equal_sequential_bit_for_bit(tiny, setup, dtype):
     bias), so on this CPU, whose matmul rows do not depend on the other rows, the logits are the same bits."""
     cfg = setup[2]
     model = copy.deepcopy(tiny[0]).to(dtype)
-    perturber = Perturber(model, cfg)
+    perturber = run_perturber(model, cfg)
     ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
     with torch.no_grad():
         expected = []

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ERO_EGGROLL.pytorch_jax_bridge import (
+from ERO_EGGROLL.core.bridge import (
     BridgeCopyWarning,
     inspect_conversion,
     jax_to_torch,

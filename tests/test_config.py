@@ -2,15 +2,14 @@
 
 import subprocess
 import sys
-
-import pytest
-
 import typing
 
-from ERO_EGGROLL.arc_evaluator import LIKELIHOOD_FITNESS
-from ERO_EGGROLL.arc_fitness import METRICS
-from ERO_EGGROLL.config import ROOT, ConfigError, EvaluationConfig, load_config
+import pytest
 from conftest import write_config
+
+from ERO_EGGROLL.arc.fitness import METRICS
+from ERO_EGGROLL.config import ROOT, ConfigError, EvaluationConfig, load_config
+from ERO_EGGROLL.evaluation.evaluator import LIKELIHOOD_FITNESS
 
 
 @pytest.mark.parametrize("name", ["default", "smoke", "qwen2_5_vl_7b"])

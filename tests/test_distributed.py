@@ -11,11 +11,11 @@ import os
 import subprocess
 
 import pytest
-
-from ERO_EGGROLL.config import Config, ConfigError, config_from_dict
-from ERO_EGGROLL.worker import FAULT_ENV
 from conftest import run_args
 from test_evolution_run import assert_same_weights, final_weights, metrics
+
+from ERO_EGGROLL.config import Config, ConfigError, config_from_dict
+from ERO_EGGROLL.run.worker import FAULT_ENV
 
 ray = pytest.importorskip("ray")
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ERO_EGGROLL.es_optimizer import EsOptimizer, apply_change, clip_scale, rounding_generator, stochastic_round
+from ERO_EGGROLL.core.es_optimizer import EsOptimizer, apply_change, clip_scale, rounding_generator, stochastic_round
 
 
 def test_sgd_adds_lr_times_direction():

@@ -6,11 +6,19 @@ import shutil
 import pytest
 import torch
 
-from ERO_EGGROLL.arc_evaluator import EvaluationError, evaluate, prepare, questions_for, resolved_decoding, results_table, write_table
-from ERO_EGGROLL.arc_task import load_tasks
+from ERO_EGGROLL.arc.prompts import answer_text
+from ERO_EGGROLL.arc.tasks import load_tasks
 from ERO_EGGROLL.config import ROOT, load_config
-from ERO_EGGROLL.model_loading import load_model_from_dir
-from ERO_EGGROLL.prompts import answer_text
+from ERO_EGGROLL.evaluation.evaluator import (
+    EvaluationError,
+    evaluate,
+    prepare,
+    questions_for,
+    resolved_decoding,
+    results_table,
+    write_table,
+)
+from ERO_EGGROLL.model.loading import load_model_from_dir
 
 
 @pytest.fixture

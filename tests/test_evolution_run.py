@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from ERO_EGGROLL.checkpointing import SLOW_WRITE_ENV, load_checkpoint, read_latest_name
-from ERO_EGGROLL.config import ROOT
-from ERO_EGGROLL.run_logging import TIMING_FIELDS
-from ERO_EGGROLL.run_record import combined_digest, tensor_digests
 from conftest import run_args
+
+from ERO_EGGROLL.config import ROOT
+from ERO_EGGROLL.run.record import combined_digest, tensor_digests
+from ERO_EGGROLL.storage.checkpoints import SLOW_WRITE_ENV, load_checkpoint, read_latest_name
+from ERO_EGGROLL.storage.metrics import TIMING_FIELDS
 
 SCRIPT = ROOT / "ERO_EGGROLL" / "arc_evolution_single_gpu.py"
 

@@ -16,11 +16,11 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ERO_EGGROLL.arc_evaluator import AnswerRecord, EvalResult
 from ERO_EGGROLL.config import Config
-from ERO_EGGROLL.export import CARD, INDEX, export_model, saved_tensors
-from ERO_EGGROLL.model_card import model_card
-from ERO_EGGROLL.model_loading import STANDARD_PROCESSOR_CLASS, load_model_from_dir
+from ERO_EGGROLL.evaluation.evaluator import AnswerRecord, EvalResult
+from ERO_EGGROLL.model.export import CARD, INDEX, export_model, saved_tensors
+from ERO_EGGROLL.model.loading import STANDARD_PROCESSOR_CLASS, load_model_from_dir
+from ERO_EGGROLL.storage.model_card import model_card
 
 EVOLVED = "model.language_model.layers.0.mlp.down_proj.weight"  # the model's name
 STORED = "model.layers.0.mlp.down_proj.weight"  # the same tensor's name in the checkpoint files (transformers renames at load)
@@ -131,7 +131,7 @@ def test_model_card_front_matter_metrics_curve_and_replay_command(tmp_path):
     history = [{"epoch": 0, "mean_model_fitness": 0.25, "mean_model_test_score": 0.3, "mean_model_cell_accuracy": 0.0},
                {"epoch": 1, "fitness": [0.2, 0.4], "member_mean": 0.3, "member_min": 0.2, "member_max": 0.4,
                 "mean_model_fitness": 0.5, "mean_model_test_score": 0.5, "mean_model_cell_accuracy": 0.25}]
-    from ERO_EGGROLL.export import WeightsReport
+    from ERO_EGGROLL.model.export import WeightsReport
 
     report = WeightsReport(["bfloat16"], "float32", cast=True, changed_elements=10, kept_elements=9, shards=["model.safetensors"])
     card = model_card(cfg, ["b1fc8b8e"], history, 1, EvalResult({"b1fc8b8e": 0.5}, answers), tmp_path / "ckpt",

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from ERO_EGGROLL.config import ROOT, ConfigError
-from ERO_EGGROLL.forward_rules import ROW_RULES, declare_row_rule
-from ERO_EGGROLL.perturbation import Perturber
-from ERO_EGGROLL.tensor_classes import NORM_TYPES, ParamClass
+from ERO_EGGROLL.core.forward_rules import ROW_RULES, declare_row_rule
+from ERO_EGGROLL.core.perturber import Perturber
+from ERO_EGGROLL.core.tensor_classes import NORM_TYPES, ParamClass
 
 sys.path.insert(0, str(ROOT / "scripts" / "examples"))
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ERO_EGGROLL import loggers as loggers_module
 from ERO_EGGROLL.config import ConfigError, config_from_dict
-from ERO_EGGROLL.loggers import Loggers, check_available
-from ERO_EGGROLL.run_identity import ALLOWED_TO_CHANGE
+from ERO_EGGROLL.run import loggers as loggers_module
+from ERO_EGGROLL.run.loggers import Loggers, check_available
+from ERO_EGGROLL.storage.identity import ALLOWED_TO_CHANGE
 
 HISTORY = [
     {"epoch": 0, "mean_model_fitness": 0.25, "mean_model_test_score": 0.3, "new_best": True, "peak_memory_scope": "process",
@@ -105,7 +105,7 @@ def test_a_missing_package_is_named_with_what_to_install(monkeypatch):
 
 
 def test_a_run_with_a_missing_logger_stops_before_reading_tasks_or_the_model(monkeypatch):
-    from ERO_EGGROLL import arc_evolution_single_gpu as script
+    from ERO_EGGROLL.cli import train as script
 
     monkeypatch.setattr(loggers_module.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(script, "load_tasks", lambda *args: pytest.fail("the run went on past the logger check"))

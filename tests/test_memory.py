@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from ERO_EGGROLL.config import ROOT, load_config
-from ERO_EGGROLL.memory import UPDATE_FACTOR_COPIES, Workload, estimate, plan_run
-from ERO_EGGROLL.memory_check import DoesNotFit, check_fits
-from ERO_EGGROLL.perturbation import Perturber
-from ERO_EGGROLL.qwen_param_mapper import classify_model
+from ERO_EGGROLL.memory.check import DoesNotFit, check_fits
+from ERO_EGGROLL.memory.model import UPDATE_FACTOR_COPIES, Workload, estimate, plan_run
+from ERO_EGGROLL.model.qwen import classify_model, run_perturber
 
 
 @pytest.fixture
@@ -28,7 +27,7 @@ def test_weights_and_noise_components_match_the_real_tensors(setup):
     work = Workload(prompt_tokens=100, new_tokens=10, image_patches=0, batch=1)
     est = estimate(cfg, arch, specs, work, "float32", on_gpu=False)
     assert est.resident["weights"] == sum(p.numel() * p.element_size() for p in model.parameters())
-    perturber = Perturber(model, cfg, specs)
+    perturber = run_perturber(model, cfg, specs)
     lora, full = perturber.member_noise(0, 0)
     member_bytes = sum(a.numel() + b.numel() for a, b in lora.values()) * 4 + sum(e.numel() for e in full.values()) * 4
     perturber.remove_hooks()
@@ -80,10 +79,10 @@ import psutil, torch
 sys.path.insert(0, {scripts!r})
 from bench_member import random_30m_model
 from ERO_EGGROLL.config import ROOT, load_config
-from ERO_EGGROLL.memory import UPDATE_FACTOR_COPIES, Workload, estimate, plan_run
-from ERO_EGGROLL.memory_check import DoesNotFit, check_fits
-from ERO_EGGROLL.memory_measure import measured_peak_rss_bytes
-from ERO_EGGROLL.qwen_param_mapper import classify_model
+from ERO_EGGROLL.memory.model import UPDATE_FACTOR_COPIES, Workload, estimate, plan_run
+from ERO_EGGROLL.memory.check import DoesNotFit, check_fits
+from ERO_EGGROLL.memory.measure import measured_peak_rss_bytes
+from ERO_EGGROLL.model.qwen import classify_model
 rss_before = psutil.Process().memory_info().rss
 model = random_30m_model(ROOT / "checkpoints" / "tiny-qwen2.5-vl")
 ids = torch.randint(0, 300, (2, 400))
@@ -118,7 +117,7 @@ def test_update_phase_does_not_grow_with_the_number_of_tensors(setup):
 
 def test_a_run_that_cannot_fit_is_refused_naming_what_to_change():
     """The 7B with Adam: the moments alone (~49 GiB) do not fit a 48 GB GPU; the message says to use SGD."""
-    from ERO_EGGROLL.arc_task import load_tasks
+    from ERO_EGGROLL.arc.tasks import load_tasks
 
     cfg = load_config(ROOT / "configs" / "qwen2_5_vl_7b.yaml", ["evolution.optimizer=adam", "model.device=cuda"])
     plan = plan_run(cfg, load_tasks(cfg.data.source, cfg.data.split, ["351d6448"]))
@@ -129,8 +128,8 @@ def test_a_run_that_cannot_fit_is_refused_naming_what_to_change():
 
 
 def test_the_training_script_refuses_before_loading_anything(tmp_path, monkeypatch, capsys):
-    import ERO_EGGROLL.memory_check as memory_check
-    from ERO_EGGROLL.arc_evolution_single_gpu import main
+    import ERO_EGGROLL.memory.check as memory_check
+    from ERO_EGGROLL.cli.train import main
 
     monkeypatch.setattr(memory_check, "free_memory_bytes", lambda on_gpu: (1 << 20, "a 1 MiB test device"))
     code = main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run.output_dir={tmp_path}/results",

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from ERO_EGGROLL.config import ROOT, Config, ConfigError, load_config
-from ERO_EGGROLL.qwen_param_mapper import ParamClass, classify, classify_model, meta_model_from_config_json, summarize
+from ERO_EGGROLL.model.qwen import ParamClass, classify, classify_model, meta_model_from_config_json, summarize
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,13 @@
 
 import copy
 
+import hyperscalees as hs
 import numpy as np
 import pytest
 import torch
-
-import hyperscalees as hs
-from ERO_EGGROLL.perturbation import Perturber
-from ERO_EGGROLL.qwen_param_mapper import ParamClass
 from conftest import small_config
+
+from ERO_EGGROLL.model.qwen import ParamClass, run_perturber
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11, 64, 128, 33, 2]])
 
@@ -48,7 +47,7 @@ def explicit_copy(model, perturber, epoch, member):
 
 @pytest.mark.parametrize("strategy", ["forward", "inplace"])
 def test_member_equals_explicit_w_plus_e(model, strategy):
-    perturber = Perturber(model, small_config(sigma=0.5, sigma_mode="relative", strategy=strategy))
+    perturber = run_perturber(model, small_config(sigma=0.5, sigma_mode="relative", strategy=strategy))
     with perturber.member(3, 1):
         perturbed = logits(model)
     expected = logits(explicit_copy(model, perturber, 3, 1))
@@ -57,11 +56,11 @@ def test_member_equals_explicit_w_plus_e(model, strategy):
 
 
 def test_inplace_equals_forward(model):
-    fwd = Perturber(model, small_config(sigma=0.5, sigma_mode="relative"))
+    fwd = run_perturber(model, small_config(sigma=0.5, sigma_mode="relative"))
     with fwd.member(0, 2):
         a = logits(model)
     fwd.remove_hooks()
-    inp = Perturber(model, small_config(sigma=0.5, sigma_mode="relative", strategy="inplace"))
+    inp = run_perturber(model, small_config(sigma=0.5, sigma_mode="relative", strategy="inplace"))
     with inp.member(0, 2):
         b = logits(model)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -72,7 +71,7 @@ def test_inplace_equals_forward(model):
 def test_restore_is_bit_identical(model, strategy, dtype):
     model = model.to(dtype)
     before = snapshot(model)
-    perturber = Perturber(model, small_config(sigma=0.5, sigma_mode="relative", strategy=strategy))
+    perturber = run_perturber(model, small_config(sigma=0.5, sigma_mode="relative", strategy=strategy))
     for member in range(4):
         with perturber.member(1, member):
             logits(model)
@@ -85,7 +84,7 @@ def test_restore_is_bit_identical(model, strategy, dtype):
 
 def test_frozen_tensors_never_change(model):
     before = snapshot(model)
-    perturber = Perturber(model, small_config(sigma=0.5, sigma_mode="relative", lr=0.5))
+    perturber = run_perturber(model, small_config(sigma=0.5, sigma_mode="relative", lr=0.5))
     frozen = [s.name for s in perturber.specs if s.cls is ParamClass.FROZEN]
     assert "lm_head.weight" in frozen and any(n.startswith("model.visual.") for n in frozen)
     with perturber.member(0, 0):
@@ -100,7 +99,7 @@ def test_frozen_tensors_never_change(model):
 def test_sgd_update_equals_naive_loop(model):
     before = snapshot(model)
     cfg = small_config(population_size=6, sigma=0.3, sigma_mode="relative", lr=0.7)
-    perturber = Perturber(model, cfg)
+    perturber = run_perturber(model, cfg)
     raw = [0.2, 0.5, 0.1, 0.9, 0.4, 0.4]
     perturber.update(raw, epoch=2)
     f = hs.normalize_fitness(raw)
@@ -130,7 +129,7 @@ def test_es_update_points_along_the_true_gradient(model):
     target = torch.tensor([[9, 8, 7, 6, 5, 4, 3, 2, 1, 10, 11, 12]])
     cfg = small_config(population_size=1024, sigma=0.01, sigma_mode="absolute", lr=1.0, freeze_nonlora=True)
     cfg.params.overrides = {"model.language_model.*": "FROZEN", "model.language_model.layers.1.self_attn.k_proj.weight": "LORA"}
-    perturber = Perturber(model, cfg)
+    perturber = run_perturber(model, cfg)
     names = list(perturber.params)
 
     def fitness():

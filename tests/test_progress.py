@@ -6,10 +6,10 @@ import contextlib
 import io
 from types import SimpleNamespace
 
-from ERO_EGGROLL import population
 from ERO_EGGROLL.config import Config
-from ERO_EGGROLL.progress import bar, summary
-from ERO_EGGROLL.stop_signals import StopFlag
+from ERO_EGGROLL.io.progress import bar, summary
+from ERO_EGGROLL.run import population
+from ERO_EGGROLL.run.stop_signals import StopFlag
 
 
 class Terminal(io.StringIO):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from ERO_EGGROLL.arc_task import load_tasks
-from ERO_EGGROLL.prompts import build_messages, leave_one_out_questions, held_out_test_questions
+from ERO_EGGROLL.arc.prompts import build_messages, held_out_test_questions, leave_one_out_questions
+from ERO_EGGROLL.arc.tasks import load_tasks
 
 
 @pytest.fixture(scope="module")

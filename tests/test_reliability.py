@@ -9,15 +9,16 @@ import sys
 
 import pytest
 import torch
-
-from ERO_EGGROLL import arc_evaluator, checkpointing
-from ERO_EGGROLL.arc_evaluator import EvaluationError, evaluate, prepare, questions_for
-from ERO_EGGROLL.arc_task import load_tasks
-from ERO_EGGROLL.checkpointing import CheckpointError, RunState, load_checkpoint, save_checkpoint
-from ERO_EGGROLL.config import ROOT, ConfigError, load_config
-from ERO_EGGROLL.disk import WriteError
-from ERO_EGGROLL.perturbation import Perturber
 from conftest import small_config, write_config
+
+from ERO_EGGROLL.arc.tasks import load_tasks
+from ERO_EGGROLL.config import ROOT, ConfigError, load_config
+from ERO_EGGROLL.evaluation import evaluator as arc_evaluator
+from ERO_EGGROLL.evaluation.evaluator import EvaluationError, evaluate, prepare, questions_for
+from ERO_EGGROLL.io.disk import WriteError
+from ERO_EGGROLL.model.qwen import run_perturber
+from ERO_EGGROLL.storage import checkpoints as checkpointing
+from ERO_EGGROLL.storage.checkpoints import CheckpointError, RunState, load_checkpoint, save_checkpoint
 
 SCRIPT = ROOT / "ERO_EGGROLL" / "arc_evolution_single_gpu.py"
 
@@ -59,7 +60,7 @@ def test_a_nan_fitness_is_refused_before_it_reaches_the_weights(setup, monkeypat
 def test_all_equal_fitness_gives_a_zero_update(tiny):
     model = copy.deepcopy(tiny[0])
     before = {n: p.clone() for n, p in model.named_parameters()}
-    stats = Perturber(model, small_config(sigma=0.5, sigma_mode="relative")).update([0.3] * 4, epoch=0)
+    stats = run_perturber(model, small_config(sigma=0.5, sigma_mode="relative")).update([0.3] * 4, epoch=0)
     assert stats["update_norm"] == 0.0 and stats["fraction_changed"] == 0.0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 

@@ -12,19 +12,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
-from ERO_EGGROLL.checkpointing import RunState, load_checkpoint
-from ERO_EGGROLL.config import ROOT, ConfigError, config_from_dict, load_config
-from ERO_EGGROLL.digest import tensor_digest
-from ERO_EGGROLL.perturbation import Perturber
-from ERO_EGGROLL.qwen_param_mapper import classify_model
-from ERO_EGGROLL.resume import disk_bytes
-from ERO_EGGROLL.run_logging import TIMING_FIELDS
-from ERO_EGGROLL.run_record import ReplayedBest, base_evolvable, nearest_snapshot, rebuild
-from ERO_EGGROLL.tensor_classes import ParamClass
 from conftest import run_args
+from safetensors.torch import load_file
 from test_evolution_run import SCRIPT, metrics, stopped_after_epoch_1
+
+from ERO_EGGROLL.config import ROOT, ConfigError, config_from_dict, load_config
+from ERO_EGGROLL.core.digest import tensor_digest
+from ERO_EGGROLL.core.tensor_classes import ParamClass
+from ERO_EGGROLL.model.qwen import classify_model, run_perturber
+from ERO_EGGROLL.run.record import ReplayedBest, base_evolvable, nearest_snapshot, rebuild
+from ERO_EGGROLL.run.resume import disk_bytes
+from ERO_EGGROLL.storage.checkpoints import RunState, load_checkpoint
+from ERO_EGGROLL.storage.metrics import TIMING_FIELDS
 
 GUARDED = ["evolution.population_size=2", "evaluation.max_new_tokens_cap=16", "run.degeneration_patience=1"]
 JOINT = [*GUARDED, "evolution.epochs=4"]  # SGD
@@ -156,7 +155,7 @@ def test_base_weights_read_from_disk_are_the_loaded_ones_and_a_snapshot_resumes_
     params = dict(model.named_parameters())
     assert all(t.equal(params[n]) for n, t in base_evolvable(model, base_dir, names).items())
     assert nearest_snapshot(ckpt, 3) == ckpt / "epoch_0002"  # run.snapshot_every=2
-    rebuild(Perturber(model, cfg), state, 3, ReplayedBest(base_dir, ckpt, cfg.run.degeneration_patience))  # checks the digest
+    rebuild(run_perturber(model, cfg), state, 3, ReplayedBest(base_dir, ckpt, cfg.run.degeneration_patience))  # checks the digest
 
 
 @pytest.mark.parametrize("override,message", [

@@ -19,18 +19,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from ERO_EGGROLL import arc_evolution_single_gpu as script
-from ERO_EGGROLL import checkpointing, disk, export
-from ERO_EGGROLL.checkpointing import (CheckpointError, RunState, latest_dir, load_checkpoint, read_latest_name, repair_latest,
-                                       save_checkpoint)
+from ERO_EGGROLL.cli import train as script
 from ERO_EGGROLL.config import ROOT, ConfigError, load_config
-from ERO_EGGROLL.digest import tensor_digest
-from ERO_EGGROLL.disk import WriteError, publish_dir
-from ERO_EGGROLL.run_folder import RunFolderError, RunLock, claim_run_folders
-from ERO_EGGROLL.run_identity import ALLOWED_TO_CHANGE, IdentityError, check_identity, identity_of
-from ERO_EGGROLL.run_logging import NON_FINITE_FLAG, rewrite_metrics
-from ERO_EGGROLL.perturbation import Perturber
-from ERO_EGGROLL.qwen_param_mapper import classify_model
+from ERO_EGGROLL.core.digest import tensor_digest
+from ERO_EGGROLL.io import disk
+from ERO_EGGROLL.io.disk import WriteError, publish_dir
+from ERO_EGGROLL.model import export
+from ERO_EGGROLL.model.qwen import classify_model, run_perturber
+from ERO_EGGROLL.storage import checkpoints as checkpointing
+from ERO_EGGROLL.storage.checkpoints import (
+    CheckpointError,
+    RunState,
+    latest_dir,
+    load_checkpoint,
+    read_latest_name,
+    repair_latest,
+    save_checkpoint,
+)
+from ERO_EGGROLL.storage.identity import ALLOWED_TO_CHANGE, IdentityError, check_identity, identity_of
+from ERO_EGGROLL.storage.metrics import NON_FINITE_FLAG, rewrite_metrics
+from ERO_EGGROLL.storage.run_folder import RunFolderError, RunLock, claim_run_folders
 
 
 @pytest.fixture
@@ -323,7 +331,7 @@ def test_classifications_that_cannot_evolve_are_refused(tiny, overrides, message
     cfg = load_config(ROOT / "configs" / "smoke.yaml")
     cfg.params.overrides = overrides
     with pytest.raises(ConfigError, match=message):
-        Perturber(model, cfg)
+        run_perturber(model, cfg)
     assert not any(m._forward_hooks for m in model.modules())  # a refused model is left as it was
 
 

@@ -8,17 +8,16 @@ import math
 import subprocess
 import sys
 
+import hyperscalees as hs
 import numpy as np
 import pytest
 import torch
-
-import hyperscalees as hs
-from ERO_EGGROLL.config import ROOT
-from ERO_EGGROLL.es_optimizer import rounding_generator
-from ERO_EGGROLL.perturbation import Perturber
-from ERO_EGGROLL.qwen_param_mapper import ParamClass
-
 from conftest import small_config
+
+from ERO_EGGROLL.config import ROOT
+from ERO_EGGROLL.core.es_optimizer import rounding_generator
+from ERO_EGGROLL.core.perturber import Perturber
+from ERO_EGGROLL.model.qwen import ParamClass, run_perturber
 
 FITNESS = [[0.1, 0.9, 0.4, 0.3, 0.8, 0.2], [0.5, 0.1, 0.9, 0.9, 0.0, 0.3], [0.2, 0.2, 0.7, 0.1, 0.6, 0.4]]
 
@@ -94,8 +93,8 @@ def _pair(tiny, options: dict, dtype: torch.dtype):
     cfg = small_config(population_size=6, sigma=0.5, sigma_mode="relative", lr_decay=0.9, sigma_decay=0.95, **options)
     streamed_model = copy.deepcopy(tiny[0]).to(dtype)
     reference_model = copy.deepcopy(streamed_model)
-    reference = Perturber(reference_model, cfg)
-    return Perturber(streamed_model, cfg), reference, _ReferenceAdam(cfg.evolution.optimizer, cfg.evolution.lr, cfg.evolution.weight_decay)
+    reference = run_perturber(reference_model, cfg)
+    return run_perturber(streamed_model, cfg), reference, _ReferenceAdam(cfg.evolution.optimizer, cfg.evolution.lr, cfg.evolution.weight_decay)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -129,16 +128,16 @@ _MEMORY_CHILD = """
 import json
 import torch
 from ERO_EGGROLL.config import ROOT, load_config
-from ERO_EGGROLL.memory_measure import measured_peak_rss_bytes, start_rss_measurement
-from ERO_EGGROLL.perturbation import Perturber
-from ERO_EGGROLL.random_model import TextShape, random_model
+from ERO_EGGROLL.memory.measure import measured_peak_rss_bytes, start_rss_measurement
+from ERO_EGGROLL.core.perturber import Perturber
+from ERO_EGGROLL.model.random_model import TextShape, random_model
 
 cfg = load_config(ROOT / "configs" / "smoke.yaml", ["evolution.population_size=8", "evolution.sigma_mode=absolute", "evolution.sigma=0.02"])
 fitness = [float((3 * i) % 5) for i in range(8)]
 
 def update_growth(layers):
     model = random_model(ROOT / "checkpoints" / "tiny-qwen2.5-vl", TextShape(512, 2048, layers, 8, 8))
-    perturber = Perturber(model, cfg)
+    perturber = run_perturber(model, cfg)
     start = start_rss_measurement()
     perturber.update(fitness, 1)
     growth = measured_peak_rss_bytes() - start
@@ -167,7 +166,7 @@ def test_update_peak_memory_does_not_grow_with_the_number_of_tensors(tiny_model_
 def test_contraction_in_torch_matches_the_jax_contraction(tiny):
     """CUDA weights with a CPU-only jaxlib: only the factors cross to the device and torch contracts them.
     Forced here on the CPU: the same directions up to float32 summation order."""
-    perturber = Perturber(copy.deepcopy(tiny[0]), small_config(population_size=6, sigma=0.5, sigma_mode="relative"))
+    perturber = run_perturber(copy.deepcopy(tiny[0]), small_config(population_size=6, sigma=0.5, sigma_mode="relative"))
     fitness = hs.normalize_fitness(FITNESS[0])
     jax_side = {n: perturber.plan.direction(n, fitness, 2).clone() for n in perturber.lora_names}
     perturber.plan.contract_in_torch = True

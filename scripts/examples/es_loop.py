@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 import ERO_EGGROLL  # noqa: F401  (before JAX: GPU memory on demand)
-from ERO_EGGROLL.perturbation import Perturber
+from ERO_EGGROLL.core.perturber import Perturber
 
 
 def evolve(net: torch.nn.Module, batch: Callable[[int], tuple], loss: Callable, epochs: int, **options) -> dict:

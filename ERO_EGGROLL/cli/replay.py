@@ -1,0 +1,99 @@
+"""Rebuild a run's evolved weights from the base model, its config and its fitness history.
+
+All noise is regenerated from keys, so a run's whole history is a few kilobytes:
+
+    python -m ERO_EGGROLL.replay checkpoints/<run> [--check]
+
+`--check` compares the rebuilt tensors with the checkpoint bit for bit (a run record without tensors,
+`run.checkpoint: replay`: with its digest); `--export DIR` writes the best epoch's model as the
+standard exported folder, made on demand from the base model and the run record.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ERO_EGGROLL.config import config_from_dict
+from ERO_EGGROLL.core.errors import EggrollError
+from ERO_EGGROLL.core.perturber import Perturber
+from ERO_EGGROLL.model.export import export_model
+from ERO_EGGROLL.model.loading import load_model
+from ERO_EGGROLL.model.qwen import classify_model, run_perturber
+from ERO_EGGROLL.run.record import ReplayedBest, check_sigma, rebuild
+from ERO_EGGROLL.storage.checkpoints import RunState, load_checkpoint
+from ERO_EGGROLL.storage.identity import base_weights_digest, check_identity, identity_of
+
+
+def replay_weights(perturber: Perturber, state: RunState, base_dir: Path, upto: int, patience: int) -> dict[str, torch.Tensor]:
+    """Set the weights to those after epoch `upto`, replayed from the base weights through the training's own epoch step
+    (run_record.rebuild; never from a snapshot, so that --check proves the replay); return the evolvable tensors.
+
+    The step's decisions (new best, degeneration-guard rollback) are recomputed from the recorded mean-model
+    fitness and must equal the recorded ones, and the rebuilt weights must match the record's digest."""
+    rebuild(perturber, state, upto, ReplayedBest(base_dir, None, patience))
+    return {k: v.detach().clone() for k, v in perturber.evolvable_state().items()}
+
+
+def replay_card(cfg, state: RunState, run: str) -> str:
+    """The model card of an export made by replay: what the weights are and how to make them again."""
+    row = state.history[state.best_epoch]
+    return "\n".join([f"# {cfg.run.name}: Qwen2.5-VL evolved with EGGROLL on ARC-1", "",
+                      f"Base model: `{cfg.model.path}` with the weights of epoch {state.best_epoch} of {state.epoch} (the best mean "
+                      f"model: fitness {row['mean_model_fitness']:.4f}, test score {row['mean_model_test_score']:.4f}), rebuilt from "
+                      "the run record by replay and checked against its digest.", "", "```bash",
+                      f"python -m ERO_EGGROLL.replay {run} --export <dir>", "```", ""])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Rebuild a run's evolved weights from base model + config + fitness history.")
+    parser.add_argument("checkpoint", help="a run's checkpoint folder (checkpoints/<run>) or an epoch_NNNN/ directory")
+    parser.add_argument("--check", action="store_true", help="compare with the checkpoint's tensors bit for bit")
+    parser.add_argument("--out", help="write the rebuilt tensors to this safetensors file")
+    parser.add_argument("--export", metavar="DIR", help="write the best epoch's model as the standard exported folder (export.py)")
+    args = parser.parse_args(argv)
+    try:
+        saved, _, state = load_checkpoint(Path(args.checkpoint))
+        cfg = config_from_dict(state.config, f"{args.checkpoint} (saved config)")
+        model, _ = load_model(cfg)
+        param = next(model.parameters())
+        # replay evaluates nothing, so the run's own members_per_batch stands
+        current = identity_of(cfg, classify_model(model, cfg), device_type=param.device.type, dtype=param.dtype,
+                              members_per_batch=state.identity.get("evaluation.members_per_batch", 1), base_weights=base_weights_digest(cfg))
+        check_identity(state.identity, current, args.checkpoint, "replay")
+    except EggrollError as err:
+        parser.exit(2, f"error: {err}\n")
+    base_dir = cfg.resolve_path(cfg.model.path)
+    try:
+        perturber = run_perturber(model, cfg)  # sigma from the base weights: the model is the base model here
+        check_sigma(perturber, state, args.checkpoint)
+        rebuilt = replay_weights(perturber, state, base_dir, state.epoch, cfg.run.degeneration_patience)
+        if args.export:
+            replay_weights(perturber, state, base_dir, state.best_epoch, cfg.run.degeneration_patience)
+            export_model(model, base_dir, Path(args.export), lambda report: replay_card(cfg, state, args.checkpoint))
+            print(f"exported epoch {state.best_epoch} (the best) to {args.export}")
+    except EggrollError as err:
+        parser.exit(2, f"error: {err}\n")
+    updates = sum(1 for r in state.history if r.get("fitness"))
+    print(f"replayed {updates} update(s) of {cfg.run.name} from {len(rebuilt)} evolvable tensors")
+    if args.out:
+        from safetensors.torch import save_file
+
+        save_file(rebuilt, args.out)
+        print(f"wrote {args.out}")
+    if args.check and not saved:  # a run record: the rebuilt weights matched its digest (run_record.rebuild checked it)
+        print(f"bit-identical to the run record's digest of epoch {state.epoch}")
+    elif args.check:
+        different = [n for n in saved if not torch.equal(saved[n], rebuilt[n].cpu())]
+        if different:
+            print(f"MISMATCH in {len(different)} tensor(s), e.g. {different[:3]}")
+            return 1
+        print("bit-identical to the checkpoint")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

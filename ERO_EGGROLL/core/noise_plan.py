@@ -1,0 +1,133 @@
+"""The noise plan: which tensors evolve, with which class, key and sigma; a member's noise; one tensor's update direction.
+
+Everything here is a pure function of (seed, epoch, member) and the base weights' sigmas: nothing
+is stored for the population. Noise comes from hyperscalees (JAX) through DLPack, drawn on the
+weights' own device where JAX has it, one jitted call per group of same-shape tensors. LORA noise
+is drawn for a tensor's 2-D view (`ParamSpec.matrix_shape`): a conv kernel is the matrix
+(out_channels, in_channels/groups x kernel size), and its direction is reshaped back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import hyperscalees as hs
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from ERO_EGGROLL.core.bridge import jax_device_for, jax_to_torch
+from ERO_EGGROLL.core.settings import EvolutionSettings
+from ERO_EGGROLL.core.tensor_classes import ParamClass, ParamSpec
+
+LowRank = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (A_scaled (m, r), B (n, r)), weights' dtype and device
+Dense = dict[str, torch.Tensor]  # name -> FULL noise, float32
+
+
+def tensor_sigma(weight: torch.Tensor, evo: EvolutionSettings) -> float:
+    """Absolute sigma, or relative: sigma x std(W) of the base weight (rms(W) when std is 0, e.g. fresh norms)."""
+    if evo.sigma_mode == "absolute":
+        return evo.sigma
+    w = weight.detach().double()
+    scale = float(w.std()) if w.numel() > 1 else 0.0
+    if scale == 0.0:
+        scale = float(w.pow(2).mean().sqrt())
+    if scale == 0.0:
+        raise ValueError("relative sigma needs a non-zero weight; this tensor is all zeros (use an absolute sigma or freeze it)")
+    return evo.sigma * scale
+
+
+@dataclass
+class _Group:
+    """Same-shape tensors of one class, whose noise is drawn in one jitted call."""
+
+    shape: tuple[int, ...]
+    names: list[str]
+    keys: object  # stacked JAX keys
+    base_sigmas: np.ndarray
+
+
+class NoisePlan:
+    """The evolving tensors of a model and their noise, from the base weights, the evolution settings and the seed."""
+
+    def __init__(self, specs: list[ParamSpec], weights: dict[str, torch.Tensor], evo: EvolutionSettings, seed: int):
+        self.rank, self.noise_reuse, self.sigma_decay = evo.rank, evo.noise_reuse, evo.sigma_decay
+        self.specs = {s.name: s for s in specs if s.cls is not ParamClass.FROZEN}
+        base_key = hs.make_key(seed, evo.prng_impl)
+        self.keys = {name: hs.param_key(base_key, s.key_index) for name, s in self.specs.items()}
+        self.sigma = {name: tensor_sigma(weights[name], evo) for name in self.specs}  # from the BASE weights, once
+        self.dtypes = {name: weights[name].dtype for name in self.specs}
+        self.device = next(iter(weights.values())).device if weights else torch.device("cpu")
+        grouped: dict[tuple, list[str]] = defaultdict(list)
+        for name, s in self.specs.items():
+            grouped[(s.cls, s.matrix_shape if s.cls is ParamClass.LORA else s.shape)].append(name)
+        self.groups: dict[ParamClass, list[_Group]] = {ParamClass.LORA: [], ParamClass.FULL: []}
+        for (cls, shape), names in grouped.items():
+            keys = jnp.stack([self.keys[n] for n in names])
+            self.groups[cls].append(_Group(shape, names, keys, np.array([self.sigma[n] for n in names])))
+        self._jax_device = jax_device_for(self.device)  # noise is drawn where the weights live, when JAX can reach it
+        self.contract_in_torch = self._jax_device is None
+
+    def names(self, cls: ParamClass) -> list[str]:
+        return [n for g in self.groups[cls] for n in g.names]
+
+    def sigma_scale(self, epoch: int) -> float:
+        return self.sigma_decay ** epoch
+
+    def _jax_placement(self):
+        """JAX computations go to the weights' own device where JAX has it (a no-op context elsewhere)."""
+        return jax.default_device(self._jax_device) if self._jax_device is not None else contextlib.nullcontext()
+
+    def member_noise(self, epoch: int, member: int) -> tuple[LowRank, Dense]:
+        """LORA factors (A_scaled, B) in the weights' dtype and device, and FULL noise in float32 on their
+        device (FULL noise is added in fp32 and rounded once into the weight)."""
+        scale = self.sigma_scale(epoch)
+        lora, full = {}, {}
+        with self._jax_placement():
+            for g in self.groups[ParamClass.LORA]:
+                a, b = hs.stacked_lowrank_factors(g.keys, g.shape, epoch=epoch, member=member, rank=self.rank,
+                                                  sigmas=g.base_sigmas * scale, noise_reuse=self.noise_reuse)
+                a_t, b_t = jax_to_torch(a), jax_to_torch(b)
+                for k, name in enumerate(g.names):
+                    dtype = self.dtypes[name]
+                    lora[name] = (a_t[k].to(device=self.device, dtype=dtype), b_t[k].to(device=self.device, dtype=dtype))
+            for g in self.groups[ParamClass.FULL]:
+                eps = jax_to_torch(hs.stacked_full_noise(g.keys, g.shape, epoch=epoch, member=member,
+                                                         sigmas=g.base_sigmas * scale, noise_reuse=self.noise_reuse))
+                for k, name in enumerate(g.names):
+                    full[name] = eps[k].to(self.device)
+        return lora, full
+
+    def direction(self, name: str, fitness: np.ndarray, epoch: int) -> torch.Tensor:
+        """The fp32 ascent direction of one tensor (its own shape), regenerated from keys.
+
+        Where JAX reaches the weights' device: hyperscalees' fused contraction there, handed over
+        zero-copy by DLPack. Where it does not (CUDA weights, CPU-only JAX): only the small factors
+        cross to the device and torch contracts them there, never moving an (m, n) buffer."""
+        spec, key, sigma = self.specs[name], self.keys[name], self.sigma[name] * self.sigma_scale(epoch)
+        with self._jax_placement():
+            if spec.cls is ParamClass.LORA and self.contract_in_torch:
+                a, b = hs.population_lowrank_factors(key, spec.matrix_shape, epoch=epoch, members=np.arange(len(fitness)),
+                                                     rank=self.rank, sigma=sigma, noise_reuse=self.noise_reuse)
+                f = torch.as_tensor(fitness, dtype=torch.float32, device=self.device)
+                a_t, b_t = jax_to_torch(a).to(self.device), jax_to_torch(b).to(self.device)
+                return (torch.einsum("nir,njr->ij", f[:, None, None] * a_t, b_t) / math.sqrt(len(fitness))).view(spec.shape)
+            if spec.cls is ParamClass.LORA:
+                delta = hs.lowrank_update(key, spec.matrix_shape, fitness, epoch=epoch, rank=self.rank, sigma=sigma,
+                                          noise_reuse=self.noise_reuse)
+            else:
+                delta = hs.full_update(key, spec.shape, fitness, epoch=epoch, sigma=sigma, noise_reuse=self.noise_reuse)
+            return jax_to_torch(delta).to(self.device).view(spec.shape)
+
+    def direction_sq_norm(self, name: str, fitness: np.ndarray, epoch: int) -> float:
+        """||direction||^2 without the (m, n) buffer for LORA tensors (FULL tensors are small)."""
+        spec = self.specs[name]
+        if spec.cls is ParamClass.LORA:
+            with self._jax_placement():
+                return float(hs.lowrank_update_sq_norm(self.keys[name], spec.matrix_shape, fitness, epoch=epoch, rank=self.rank,
+                                                       sigma=self.sigma[name] * self.sigma_scale(epoch), noise_reuse=self.noise_reuse))
+        return float(torch.linalg.vector_norm(self.direction(name, fitness, epoch))) ** 2

@@ -1,0 +1,65 @@
+"""The settings of EGGROLL itself, for any torch module: what `Perturber` and its parts read.
+
+A run config's `evolution` section extends this with the run's own fields (epochs, mode); the core
+never sees those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Literal
+
+from ERO_EGGROLL.core.errors import ConfigError
+
+
+@dataclass
+class EvolutionSettings:
+    population_size: int = 32
+    rank: int = 2
+    sigma: float = 0.01
+    sigma_mode: Literal["absolute", "relative"] = "absolute"  # relative: sigma x std(W) per tensor
+    noise_reuse: int = 1
+    group_size: int = 0
+    prng_impl: Literal["philox4x32", "philox2x32", "threefry2x32"] = "philox4x32"
+    strategy: Literal["forward", "inplace"] = "forward"
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 1.0
+    lr_decay: float = 1.0  # multiplied into lr after every epoch
+    sigma_decay: float = 1.0
+    weight_decay: float = 0.0  # adamw only
+    max_update_norm: float | None = None  # global-norm clip of the update direction
+    stochastic_rounding: bool = False  # unbiased rounding of bf16 weight updates (fp16 rounds to nearest)
+
+
+def literal_choices(section: type) -> dict[str, tuple]:
+    """The allowed values of a dataclass's Literal fields (a YAML loader checks them too; code callers need this)."""
+    hints = typing.get_type_hints(section)
+    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(section) if typing.get_origin(hints[f.name]) is Literal}
+
+
+def settings_problems(evo: EvolutionSettings, prefix: str = "evolution.") -> list[tuple[bool, str]]:
+    """(holds, message) for every check of the settings; `prefix` names them as the caller's users know them."""
+    return [
+        (evo.population_size >= 2 and evo.population_size % 2 == 0,
+         f"{prefix}population_size must be even and >= 2 (members form antithetic pairs), got {evo.population_size}"),
+        (evo.rank >= 1, f"{prefix}rank must be >= 1, got {evo.rank}"),
+        (evo.sigma > 0, f"{prefix}sigma must be > 0, got {evo.sigma}"),
+        (evo.lr > 0, f"{prefix}lr must be > 0, got {evo.lr}"),
+        (evo.noise_reuse >= 0, f"{prefix}noise_reuse must be >= 0 (0: same noise every epoch), got {evo.noise_reuse}"),
+        (evo.group_size >= 0 and (evo.group_size == 0 or evo.population_size % evo.group_size == 0),
+         f"{prefix}group_size {evo.group_size} must be 0 or divide {prefix}population_size {evo.population_size}"),
+        (0 < evo.lr_decay <= 1 and 0 < evo.sigma_decay <= 1, f"{prefix}lr_decay and {prefix}sigma_decay must be in (0, 1]"),
+        (evo.max_update_norm is None or evo.max_update_norm > 0,
+         f"{prefix}max_update_norm must be > 0 or null, got {evo.max_update_norm}"),
+        *[(getattr(evo, key) in choices, f"{prefix}{key} must be one of {list(choices)}, got {getattr(evo, key)!r}")
+          for key, choices in literal_choices(EvolutionSettings).items()],
+    ]
+
+
+def check_settings(evo: EvolutionSettings, where: str) -> None:
+    """Raise the first failed check as one line naming `where`."""
+    for ok, message in settings_problems(evo):
+        if not ok:
+            raise ConfigError(f"{where}: {message}")

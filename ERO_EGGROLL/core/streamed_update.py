@@ -1,0 +1,78 @@
+"""The update step: fitness in, weights moved one tensor at a time; an optimizer-like object with explicit state.
+
+For each evolving tensor in turn: regenerate its factors from keys, contract them into the ascent
+direction, let the optimizer (SGD, Adam, AdamW; lr schedule; global-norm clip) turn it into a
+change, round it into the weight (stochastically for bf16, keyed per tensor), drop it. It never
+holds every tensor's direction, so the peak extra memory is a few fp32 buffers of the largest
+tensor whatever the model size. With `max_update_norm`, a first pass computes the global norm from
+the factors alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import hyperscalees as hs
+import torch
+
+from ERO_EGGROLL.core.es_optimizer import EsOptimizer, apply_change, clip_scale, rounding_generator
+from ERO_EGGROLL.core.noise_plan import NoisePlan
+from ERO_EGGROLL.core.settings import EvolutionSettings
+
+
+class StreamedUpdate:
+    """The ES update of `params` along `plan`; its state is the optimizer's (step count, Adam moments)."""
+
+    def __init__(self, plan: NoisePlan, params: dict[str, torch.nn.Parameter], evo: EvolutionSettings, seed: int):
+        self.plan, self.params, self.evo, self.seed = plan, params, evo, seed
+        self.optimizer = EsOptimizer(evo.optimizer, evo.lr, evo.weight_decay)
+
+    def lr_at(self, epoch: int) -> float:
+        return self.evo.lr * self.evo.lr_decay ** epoch
+
+    def _rounding_generator(self, name: str, epoch: int, weight: torch.Tensor) -> torch.Generator | None:
+        if not self.evo.stochastic_rounding or weight.dtype != torch.bfloat16:
+            return None  # only bf16 is rounded stochastically
+        return rounding_generator(self.seed, epoch, self.plan.specs[name].key_index, weight.device)
+
+    def step(self, raw_fitness, epoch: int) -> dict:
+        """Normalize fitness, then move every evolving tensor; returns the update's statistics."""
+        evo, plan = self.evo, self.plan
+        fitness = hs.normalize_fitness(raw_fitness, evo.group_size)
+        if len(fitness) != evo.population_size:
+            raise ValueError(f"got {len(fitness)} fitness values for a population of {evo.population_size}")
+        norm, clip = None, 1.0  # without clipping, the norm is summed as the directions stream by
+        if evo.max_update_norm is not None:
+            norm = math.sqrt(sum(plan.direction_sq_norm(name, fitness, epoch) for name in self.params))
+            clip = clip_scale(norm, evo.max_update_norm)
+        self.optimizer.lr = self.lr_at(epoch)
+        self.optimizer.begin_step()
+        direction_sq = 0.0
+        per_class: dict[str, float] = defaultdict(float)
+        changed = total = 0
+        intended = lost = 0.0
+        # one fp32 workspace of the largest tensor's size holds each tensor's change in turn: no large
+        # buffer is allocated and freed per tensor (the allocator would keep the freed ones)
+        largest = max((p.numel() for p in self.params.values()), default=0)
+        workspace = torch.empty(largest, dtype=torch.float32, device=plan.device)
+        changed_mask = torch.empty(largest, dtype=torch.bool, device=plan.device)
+        with torch.no_grad():
+            for name, w in self.params.items():
+                direction = plan.direction(name, fitness, epoch)
+                if norm is None:
+                    direction_sq += float(torch.linalg.vector_norm(direction)) ** 2
+                if clip != 1.0:
+                    direction = direction * clip
+                change = self.optimizer.change(name, direction, w, out=workspace[: w.numel()].view(w.shape))
+                del direction  # frees the contraction's buffer before the change is applied
+                applied = apply_change(w, change, self._rounding_generator(name, epoch, w), changed_mask[: w.numel()].view(w.shape))
+                per_class[plan.specs[name].cls.value] += applied.sq_norm
+                intended, lost = intended + applied.intended, lost + applied.lost
+                changed, total = changed + applied.changed, total + w.numel()
+        stats = {"update_norm": norm if norm is not None else math.sqrt(direction_sq), "clip_scale": clip,
+                 "lr": self.optimizer.lr, "sigma_scale": plan.sigma_scale(epoch), "normalized_fitness": fitness.tolist()}
+        stats.update({f"update_norm_{k}": math.sqrt(v) for k, v in per_class.items()})
+        stats["fraction_changed"] = changed / max(total, 1)
+        stats["lost_update_fraction"] = lost / intended if intended else 0.0
+        return stats

@@ -1,0 +1,1 @@
+"""The disk and the terminal: writes that fail in one line, atomic publication, progress bars."""

@@ -1,0 +1,1 @@
+"""The memory model (one function per phase), the pre-flight check, and measured peaks."""

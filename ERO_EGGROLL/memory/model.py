@@ -1,0 +1,269 @@
+"""Predicted peak memory of a run, next to full-rank ES (ERO-style) for the same population.
+
+Works from the architecture alone (config.json), so it answers "will the 7B fit?" before any
+weights are downloaded:
+
+    python -m ERO_EGGROLL.memory --config configs/qwen2_5_vl_7b.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ERO_EGGROLL.config import Config, ConfigError, load_config
+from ERO_EGGROLL.core.tensor_classes import ParamClass, ParamSpec
+from ERO_EGGROLL.model.qwen import architecture_json, classify, meta_model_from_config_json
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+TOKENS_PER_GRID_CHAR = 0.7  # Qwen2 tokenizers split digits; "0, " is about two tokens
+PROMPT_OVERHEAD_TOKENS = 120  # system prompt, labels, chat template
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The longest generate call of a run: prompt tokens, new tokens, image patches, batch rows."""
+
+    prompt_tokens: int
+    new_tokens: int
+    image_patches: int
+    batch: int
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per component, phase by phase. The device peak is the resident part plus the larger phase."""
+
+    resident: dict[str, int]  # held on the device for the whole run
+    evaluation: dict[str, int]  # one generate call: its members' noise, KV cache, activations, image tensors
+    update: dict[str, int]  # the streamed update's two steps for the largest tensor; they do not overlap (max, not sum)
+    host: dict[str, int]  # host memory that a GPU run keeps off the GPU
+    fullrank: dict[str, int]  # the same run with full-rank ES noise
+
+    @property
+    def evaluation_total(self) -> int:
+        return sum(self.evaluation.values())
+
+    @property
+    def update_total(self) -> int:
+        return max(self.update.values(), default=0)
+
+    @property
+    def device_total(self) -> int:
+        return sum(self.resident.values()) + max(self.evaluation_total, self.update_total)
+
+    @property
+    def fullrank_total(self) -> int:
+        return sum(self.fullrank.values())
+
+    def largest_component(self) -> tuple[str, int]:
+        parts = {**self.resident, **self.evaluation, **self.update}
+        name = max(parts, key=parts.get)
+        return name, parts[name]
+
+
+def workload_from_tasks(tasks, cfg: Config) -> Workload:
+    """Estimate the longest prompt of the configured questions without a tokenizer."""
+    from ERO_EGGROLL.arc.prompts import answer_text
+    from ERO_EGGROLL.arc.tasks import grid_to_text, render_grid
+    from ERO_EGGROLL.evaluation.prepared import questions_for, token_budget
+
+    longest_prompt, new, patches = 0, 0, 0
+    for q in questions_for(tasks, cfg, "fitness") + questions_for(tasks, cfg, "test"):
+        grids = [g for p in q.examples for g in (p.input, p.output)] + [q.query]
+        text_chars = sum(len(grid_to_text(g)) for g in grids) if cfg.data.input_mode != "image" else 0
+        image_tokens = image_patches = 0
+        if cfg.data.input_mode != "text":
+            for g in grids:
+                img = render_grid(g, cfg.data.cell_size, max_pixels=cfg.data.max_pixels)
+                image_patches += (img.width // 14) * (img.height // 14)
+            image_tokens = image_patches // 4
+        longest_prompt = max(longest_prompt, PROMPT_OVERHEAD_TOKENS + int(text_chars * TOKENS_PER_GRID_CHAR) + image_tokens)
+        new = max(new, token_budget(cfg.evaluation, q, lambda grid: int(len(answer_text(grid)) * TOKENS_PER_GRID_CHAR)))
+        patches = max(patches, image_patches)
+    return Workload(longest_prompt, new, patches, cfg.evaluation.batch_size)
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    """What the memory model needs from the architecture and the parameter classes."""
+
+    lora: list[ParamSpec]
+    full: list[ParamSpec]
+    all_numel: int
+    text: dict
+    vision: dict
+
+    @property
+    def evolvable(self) -> int:
+        return sum(s.numel for s in self.lora + self.full)
+
+
+def _shapes(arch: dict, specs: list[ParamSpec]) -> _Shapes:
+    return _Shapes([s for s in specs if s.cls is ParamClass.LORA], [s for s in specs if s.cls is ParamClass.FULL],
+                   sum(s.numel for s in specs), arch.get("text_config", arch), arch.get("vision_config", {}))
+
+
+JAX_POOL = "JAX's GPU pool (kept after the update's contraction)"
+OPTIMIZER_STATE = "optimizer state (Adam moments, 2 x fp32 per evolvable parameter)"
+
+
+def resident_phase(cfg: Config, sh: _Shapes, b: int, on_gpu: bool) -> tuple[dict[str, int], dict[str, int]]:
+    """(device, host) bytes held for the whole run: weights, Adam moments, exact saved copies."""
+    evo = cfg.evolution
+    saved = sum(s.numel for s in sh.full) * b + (sum(s.numel for s in sh.lora) * b if evo.strategy == "inplace" else 0)
+    device = {"weights": sh.all_numel * b,
+              OPTIMIZER_STATE: 2 * sh.evolvable * FP32 if evo.optimizer in ("adam", "adamw") else 0,
+              "saved copies for exact restore (FULL tensors; LORA too under inplace)": 0 if on_gpu else saved}
+    return device, {"saved copies for exact restore (pinned host memory)": saved if on_gpu else 0}
+
+
+# Live activations of one decoder layer during the prefill, in units of (rows x prompt tokens x width x dtype
+# bytes): the MLP holds act(gate), up and their product (3 x intermediate); attention holds the residual, the
+# normed input, q, the attention output and its projection (about 6 x hidden). Checked by scripts/bench_memory.py.
+PREFILL_INTERMEDIATE_COPIES = 3
+PREFILL_HIDDEN_COPIES = 6
+PIXEL_VALUES_PER_PATCH = 3 * 2 * 14 * 14  # channels x temporal patch x 14 x 14, fp32
+
+
+def evaluation_phase(cfg: Config, sh: _Shapes, work: Workload, b: int, members: int = 1) -> dict[str, int]:
+    """Bytes of one generate call evaluating `members` members on `work.batch` prompts each."""
+    text, r = sh.text, cfg.evolution.rank
+    rows = work.batch * members
+    hidden, inter, vocab = text["hidden_size"], text["intermediate_size"], text["vocab_size"]
+    heads = text["num_attention_heads"]
+    kv_heads = text.get("num_key_value_heads", heads)
+    head_dim = text.get("head_dim") or hidden // heads
+    # fp32 draws (JAX) plus, for reduced-precision weights, their copies in the weights' dtype; K members are stacked
+    factor_bytes = FP32 + (b if b != FP32 else 0)
+    per_member = sum(sum(s.matrix_shape) * r for s in sh.lora) * factor_bytes + sum(s.numel for s in sh.full) * FP32
+    eager_scores = cfg.model.attn_implementation == "eager"  # sdpa never materializes the (T, T) scores
+    return {
+        "member noise (LORA factors, FULL noise)": per_member * members * (2 if members > 1 else 1),
+        "KV cache": 2 * text["num_hidden_layers"] * kv_heads * head_dim * (work.prompt_tokens + work.new_tokens - 1) * rows * b,
+        "prefill activations (one layer at a time)": rows * work.prompt_tokens * (PREFILL_INTERMEDIATE_COPIES * inter + PREFILL_HIDDEN_COPIES * hidden) * b
+        + (rows * heads * work.prompt_tokens**2 * b if eager_scores else 0),
+        "logits (last position, fp32)": rows * vocab * FP32,
+        "image tensors and vision activations": work.image_patches * members * (PIXEL_VALUES_PER_PATCH * FP32 + 8 * sh.vision.get("hidden_size", 0) * b),
+    }
+
+
+UPDATE_FACTOR_COPIES = 4
+
+
+def update_phase(cfg: Config, sh: _Shapes, b: int) -> dict[str, int]:
+    """The streamed update holds one tensor's work at a time, so the largest evolvable tensor decides.
+
+    Two steps that do not overlap: JAX's contraction (all members' factors, their fitness-weighted
+    copy and both operands laid out again for the einsum, plus the fp32 direction it returns), then
+    torch's optimizer and apply (direction + change for SGD; Adam adds the gradient and two moment
+    temporaries; reduced-precision weights add the stochastic-rounding noise), plus a 1-byte mask.
+    """
+    evo = cfg.evolution
+    if not sh.lora and not sh.full:
+        return {}
+    largest = max(sh.lora + sh.full, key=lambda s: s.numel)
+    buffers = (2 if evo.optimizer == "sgd" else 4) + (1 if b != FP32 else 0)
+    factors = 0
+    if largest in sh.lora:
+        factors = UPDATE_FACTOR_COPIES * evo.population_size * sum(largest.matrix_shape) * evo.rank * FP32
+    return {"update step 1: JAX contraction (all members' factors + direction)": factors + largest.numel * FP32,
+            "update step 2: optimizer + apply (fp32 buffers)": largest.numel * (buffers * FP32 + 1)}
+
+
+def estimate(cfg: Config, arch: dict, specs: list[ParamSpec], work: Workload, dtype: str, on_gpu: bool, members: int = 1,
+             jax_on_device: bool = False) -> MemoryEstimate:
+    """The run's memory, phase by phase, from the architecture and the parameter classes alone.
+
+    `jax_on_device`: JAX draws on the GPU itself. Its allocator grows on demand but never hands memory
+    back to CUDA, so what its largest computation (the update's contraction) once took stays held."""
+    sh = _shapes(arch, specs)
+    b = DTYPE_BYTES[dtype]
+    resident, host = resident_phase(cfg, sh, b, on_gpu)
+    if jax_on_device:
+        resident[JAX_POOL] = next(iter(update_phase(cfg, sh, b).values()), 0)
+    evaluation = evaluation_phase(cfg, sh, work, b, members)
+    kv_and_activations = sum(v for k, v in evaluation.items() if not k.startswith("member noise"))
+    lora_numel = sum(s.numel for s in sh.lora)
+    fullrank = {"weights": resident["weights"], OPTIMIZER_STATE: resident[OPTIMIZER_STATE],
+                "dense member noise (LORA tensors, in place) + saved copy": 2 * lora_numel * b + sum(s.numel for s in sh.full) * b,
+                "update accumulator (fp32)": sh.evolvable * FP32,
+                "evaluation (KV cache + activations)": kv_and_activations}
+    return MemoryEstimate(resident, evaluation, update_phase(cfg, sh, b), host, fullrank)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:8.3f} GiB"
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the memory model needs about a run before any weights are loaded."""
+
+    arch: dict
+    source: Path
+    specs: list[ParamSpec]
+    work: Workload
+    dtype: str
+    on_gpu: bool
+    members: int
+
+    def estimate(self, cfg: Config) -> MemoryEstimate:
+        import jax
+
+        jax_on_device = self.on_gpu and jax.default_backend() == "gpu"
+        return estimate(cfg, self.arch, self.specs, self.work, self.dtype, self.on_gpu, self.members, jax_on_device)
+
+
+def plan_run(cfg: Config, tasks) -> RunPlan:
+    """Architecture (config.json only), parameter classes on the meta device, and the longest generate call."""
+    import torch
+
+    source = architecture_json(cfg)
+    specs = classify(((name, p.shape) for name, p in meta_model_from_config_json(source).named_parameters()), cfg)
+    on_gpu = cfg.model.device == "cuda" or cfg.model.device == "auto" and torch.cuda.is_available()
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    k = cfg.evaluation.members_per_batch
+    return RunPlan(json.loads(source.read_text()), source, specs, workload_from_tasks(tasks, cfg), dtype, on_gpu, 1 if k == "auto" else k)
+
+
+def report(cfg: Config) -> str:
+    from ERO_EGGROLL.arc.tasks import load_tasks
+
+    plan = plan_run(cfg, load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids))
+    source, work, dtype, on_gpu = plan.source, plan.work, plan.dtype, plan.on_gpu
+    est = plan.estimate(cfg)
+    lines = [f"architecture {source}; {dtype} on {'GPU' if on_gpu else 'CPU'}; population {cfg.evolution.population_size}, rank {cfg.evolution.rank}",
+             f"longest generate call (estimated): {work.prompt_tokens} prompt + {work.new_tokens} new tokens x batch {work.batch}, "
+             f"{work.image_patches} image patches", "", "EGGROLL (this design):"]
+    lines += ["  resident:"] + [f"    {k:68s} {_gib(v)}" for k, v in est.resident.items() if v]
+    for phase, parts, total in (("phase: evaluate one generate call (sum)", est.evaluation, est.evaluation_total),
+                                ("phase: streamed update (the larger step)", est.update, est.update_total)):
+        lines += [f"  {phase}: {_gib(total).strip()}"] + [f"    {k:68s} {_gib(v)}" for k, v in parts.items() if v]
+    lines += [f"  {'peak on the device (resident + larger phase)':70s} {_gib(est.device_total)}"]
+    lines += [f"  {k:70s} {_gib(v)}" for k, v in est.host.items() if v]
+    lines += ["", "full-rank ES (ERO-style noise, same sequential evaluation):"]
+    lines += [f"  {k:70s} {_gib(v)}" for k, v in est.fullrank.items() if v]
+    lines += [f"  {'peak on the device':70s} {_gib(est.fullrank_total)}",
+              "", f"EGGROLL needs {est.device_total / est.fullrank_total:.2f}x the memory of full-rank ES; only the update phase grows with N, by a few N(m+n)r x 4 bytes of the largest tensor"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Predict a run's peak memory (no weights needed).")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        print(report(load_config(args.config, args.set)))
+    except ConfigError as err:
+        parser.exit(2, f"error: {err}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

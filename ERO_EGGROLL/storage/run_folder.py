@@ -1,0 +1,95 @@
+"""A run folder belongs to one run: ownership of checkpoints/<run> and results/<run>, and a lock.
+
+* A new run refuses folders that already hold a run, unless told to move that run aside
+  (`--overwrite`, or `run.if_exists: move_aside` as in configs/default.yaml): it is renamed, never deleted.
+* One process at a time writes a run: `RunLock` creates `.<run>.lock` beside the checkpoint folder
+  (outside it, so moving the folder aside does not move the lock) holding the owner's pid and host.
+  A lock whose process is gone on this host is reported and taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+from ERO_EGGROLL.core.errors import EggrollError
+from ERO_EGGROLL.io.disk import move_aside, writing
+
+
+class RunFolderError(EggrollError):
+    """The run's folders belong to another run or another process."""
+
+
+def _holds_something(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def claim_run_folders(ckpt_dir: Path, run_dir: Path, *, move_earlier: bool) -> list[Path]:
+    """Before a new (not resumed) run: refuse folders holding an earlier run, or move them aside; return where they went."""
+    occupied = [p for p in dict.fromkeys([ckpt_dir, run_dir]) if _holds_something(p)]
+    if occupied and not move_earlier:
+        raise RunFolderError(f"{occupied[0]} already holds a run; continue it with --resume {ckpt_dir}, pick another run.name "
+                             "(--set run.name=...), or pass --overwrite to move the earlier run aside (nothing is deleted)")
+    moved = []
+    for path in occupied:
+        moved.append(move_aside(path))
+        print(f"moved the earlier run aside: {path} -> {moved[-1]}")
+    return moved
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+class RunLock:
+    """`with RunLock(ckpt_dir):` only one process writes the run; the lock is removed on the way out."""
+
+    def __init__(self, ckpt_dir: Path):
+        self.path = ckpt_dir.with_name(f".{ckpt_dir.name}.lock")
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname()}
+
+    def __enter__(self) -> "RunLock":
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            with writing(self.path), os.fdopen(fd, "w") as f:
+                json.dump(self.owner, f)
+            return self
+        raise RunFolderError(f"{self.path}: another process took the run's lock at the same moment; try again")
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+            pid, host = int(holder["pid"]), str(holder["host"])
+        except FileNotFoundError:
+            return  # released meanwhile: try again
+        except (ValueError, KeyError, TypeError, OSError):
+            raise RunFolderError(f"{self.path} is unreadable, so whether another process writes this run is unknown; "
+                                 "delete the lock file if no run is going on") from None
+        if host != self.owner["host"] or _alive(pid):
+            raise RunFolderError(f"run {self.path.name[1:-5]!r} is being written by process {pid} on {host} (lock {self.path}); "
+                                 "wait for it to finish or pick another run.name; delete the lock only if that process is gone")
+        print(f"note: stale lock {self.path} from process {pid} on {host}, which is no longer running (a crash?); taking it over",
+              file=sys.stderr)
+        self.path.unlink(missing_ok=True)
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if json.loads(self.path.read_text()) == self.owner:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass  # not ours any more, or already gone: nothing to release
