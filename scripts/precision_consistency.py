@@ -1,7 +1,7 @@
 """How often reduced precision makes `members_per_batch` and `strategy` change a member's fitness.
 
 In float32, K members as batch rows and the in-place strategy give every member exactly the fitness
-of the sequential forward evaluator (tests/test_batched_members.py, tests/test_evolution_run.py). In
+of the sequential forward evaluator (tests/core/test_batched_members.py, tests/run/test_evolution_run.py). In
 bfloat16 the rows run one member's operations (bit-identical logits on a CPU), but `inplace` rounds
 W + A B^T into bf16, so some of its members' greedy answers change.
 This script counts them on the embedded tiny model: one epoch's members (the smoke config with the

@@ -3,7 +3,7 @@
     python scripts/smoke_test.py [--config configs/smoke.yaml]
 
 Exits non-zero, saying what is missing or wrong, when the run fails, an output is absent, or a
-number is not finite. Part of the test suite (tests/test_evolution_run.py::test_smoke_script).
+number is not finite. Part of the test suite (tests/run/test_evolution_run.py::test_smoke_script).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ ALLOWED_TO_CHANGE: dict[str, str] = {
 # Recorded as resolved rather than as written: model.device (its type: CPU and GPU arithmetic differ
 # in the last bits), model.dtype, evaluation.decoding (preset 'ero' reads the base checkpoint's
 # generation_config.json), and evaluation.members_per_batch, which is left out in float32 with a generated
-# fitness because batched members give identical answers there (tests/test_batched_members.py), but not in
+# fitness because batched members give identical answers there (tests/core/test_batched_members.py), but not in
 # bf16 (bit-identical on this CPU too, but a GPU's matmul may choose another kernel for another number of rows,
 # and one rounding more in bf16 can change a greedy answer), nor for answer_logprob, whose values move in the
 # last fp32 bits with the batch's shape.

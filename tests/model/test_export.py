@@ -1,7 +1,7 @@
 """The exported model is the base model's folder with new weights (export.py) and a model card (model_card.py).
 
 Built from the loaded tiny model against bases made here (the embedded one, and a sharded bf16 copy of it),
-so no run is needed; the exported best model of a real run is checked in tests/test_evolution_run.py."""
+so no run is needed; the exported best model of a real run is checked in tests/run/test_evolution_run.py."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The evolution run end to end: smoke test, resume after a signal, replay, determinism, crash safety.
 
 Each run is a separate process on a 1-task, population-4 configuration (about 10-20 s each);
-`reference` (conftest.py) is one finished run shared with tests/test_run_safety.py.
+`reference` (conftest.py) is one finished run shared with tests/run/test_run_safety.py.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def metrics(tmp: Path, name: str) -> list[dict]:
 
 def final_weights(tmp: Path, name: str) -> dict[str, str]:
     """Per-tensor byte digests (digest.tensor_digest) of the final weights, from the run record (run.checkpoint: replay;
-    tests/test_run_record.py checks them against tensors rebuilt by replay)."""
+    tests/run/test_run_record.py checks them against tensors rebuilt by replay)."""
     return load_checkpoint(tmp / "checkpoints" / name)[2].tensor_digests
 
 
