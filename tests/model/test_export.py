@@ -127,7 +127,8 @@ def test_a_cast_that_would_erase_the_evolution_keeps_the_run_dtype(bf16_base, tm
 def test_model_card_front_matter_metrics_curve_and_replay_command(tmp_path):
     cfg = Config()
     cfg.data.fitness_source = "train_loo"
-    answers = [AnswerRecord("b1fc8b8e", "[[0]]", 0.5, 0.5, 0.0, 0.25, 10, 5)]
+    answers = [AnswerRecord(task_id="b1fc8b8e", score=0.5, text="[[0]]", char_similarity=0.75, exact=0.0, cell_accuracy=0.25,
+                            answer_logprob=-1.5, prompt_tokens=10, new_tokens=5)]  # distinct values: a swapped column shows
     history = [{"epoch": 0, "mean_model_fitness": 0.25, "mean_model_test_score": 0.3, "mean_model_cell_accuracy": 0.0},
                {"epoch": 1, "fitness": [0.2, 0.4], "member_mean": 0.3, "member_min": 0.2, "member_max": 0.4,
                 "mean_model_fitness": 0.5, "mean_model_test_score": 0.5, "mean_model_cell_accuracy": 0.25}]
@@ -138,7 +139,7 @@ def test_model_card_front_matter_metrics_curve_and_replay_command(tmp_path):
                       tmp_path / "fitness_curve.png", report)
     _, front, body = card.split("---\n", 2)
     assert yaml.safe_load(front)["base_model"] == cfg.model.path and yaml.safe_load(front)["library_name"] == "transformers"
-    assert "## Results (held out)" in body and "| T1 | b1fc8b8e | 0.5000 | 0.2500 | 0.0000 |" in body
+    assert "## Results (held out)" in body and "| T1 | b1fc8b8e | 0.7500 | 0.2500 | 0.0000 |" in body
     assert "| 1 | 0.5000 | 0.5000 | 0.2500 | 0.3000 [0.2000, 0.4000] |" in body and "fitness_curve.png" in body
     assert "cast to the base's bfloat16" in body and "9 of the 10" in body
     assert f"python -m ERO_EGGROLL.replay {tmp_path / 'ckpt'} --check" in body
