@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 
-.PHONY: setup run test smoke bench clean-venv
+.PHONY: setup run test check smoke bench clean-venv
 
 $(STAMP): requirements.txt pyproject.toml HyperscaleES/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,15 @@ setup: $(STAMP)
 run: setup
 	$(PY) ERO_EGGROLL/arc_evolution_single_gpu.py --config $(CONFIG)
 
-test: setup
+test: setup check
 	$(PY) -m pytest -q
+
+# Static checks, seconds each: lint and format, layers that import only downward, types (strict on the core).
+check: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 smoke: setup
 	$(PY) scripts/smoke_test.py

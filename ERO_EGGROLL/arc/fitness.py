@@ -17,7 +17,7 @@ from typing import Callable
 
 from rapidfuzz.distance import Indel
 
-from ERO_EGGROLL.arc.tasks import Grid
+from ERO_EGGROLL.arc.tasks import Grid, grid_to_text
 
 _NOT_GRID_CHARS = re.compile(r"[^0-9\[\],]")
 
@@ -59,7 +59,7 @@ def parse_grid(text: str) -> Grid | None:
 
 def canonical_text(grid: Grid) -> str:
     """The grid in Python list notation reduced to [0-9[],] (ERO's target text), e.g. "[[1,2],[3,4]]"."""
-    return "[" + ",".join("[" + ",".join(str(v) for v in row) + "]" for row in grid) + "]"
+    return grid_to_text(grid).replace(" ", "")
 
 
 def ero_answer_text(prediction: str) -> str:

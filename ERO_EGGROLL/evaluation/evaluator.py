@@ -44,6 +44,14 @@ class AnswerRecord:
     new_tokens: int = 0
 
 
+def per_task_mean(records: Sequence[AnswerRecord], name: str) -> dict[str, float]:
+    """Each task's mean of one field of its questions' records: a task counts once, however many questions it has."""
+    out: dict[str, list[float]] = {}
+    for a in records:
+        out.setdefault(a.task_id, []).append(getattr(a, name))
+    return {t: sum(v) / len(v) for t, v in out.items()}
+
+
 @dataclass
 class EvalResult:
     """Scores of one model on a set of questions; a task's score is the mean over its questions."""
@@ -58,10 +66,7 @@ class EvalResult:
 
     def metric(self, name: str) -> dict[str, float]:
         """Per-task mean of another metric (exact, cell_accuracy, char_similarity, answer_logprob)."""
-        out: dict[str, list[float]] = {}
-        for a in self.answers:
-            out.setdefault(a.task_id, []).append(getattr(a, name))
-        return {t: sum(v) / len(v) for t, v in out.items()}
+        return per_task_mean(self.answers, name)
 
     def mean(self, name: str) -> float:
         """Mean over tasks of `metric(name)`, weighted like `fitness`."""
@@ -96,10 +101,7 @@ def _score(prepared: Sequence[PreparedQuestion], answers: Sequence[tuple[str, in
         record.score = _checked(cfg, record.answer_logprob if fitness == LIKELIHOOD_FITNESS else METRICS[fitness](record.text, target),
                                 p.question.task_id)
         records.append(record)
-    per_task: dict[str, list[float]] = {}
-    for a in records:
-        per_task.setdefault(a.task_id, []).append(a.score)
-    return EvalResult({t: sum(v) / len(v) for t, v in per_task.items()}, records)
+    return EvalResult(per_task_mean(records, "score"), records)
 
 
 def _needs(cfg: Config, report: bool) -> tuple[bool, bool]:

@@ -22,8 +22,7 @@ import torch
 import ERO_EGGROLL  # its folder goes to the workers' PYTHONPATH
 from ERO_EGGROLL.config import Config, DistributedConfig
 from ERO_EGGROLL.core.errors import EggrollError
-from ERO_EGGROLL.io.progress import bar
-from ERO_EGGROLL.run.population import member_batches
+from ERO_EGGROLL.run.population import MemberProgress, member_batches
 from ERO_EGGROLL.run.record import tensor_digests
 from ERO_EGGROLL.run.stop_signals import StopFlag
 from ERO_EGGROLL.run.worker import FAULT_ENV, PopulationWorker
@@ -147,7 +146,7 @@ class WorkerPool:
         """Every member's fitness of `epoch`, in member order, batches handed to whichever worker is free."""
         ray, n = self.ray, self.cfg.evolution.population_size
         queue, running, fitness = deque(member_batches(n, self.k)), {}, {}
-        members = bar(total=n, desc=f"epoch {epoch + 1} members", unit="member", leave=False)
+        progress = MemberProgress(epoch, n, stop)
         for slot in self.slots:
             slot.members, slot.seconds, slot.update_seconds = 0, 0.0, 0.0
         while queue or running:
@@ -170,10 +169,8 @@ class WorkerPool:
                 continue
             fitness.update(zip(ids, values))
             slot.members, slot.seconds = slot.members + len(ids), slot.seconds + seconds
-            members.update(len(ids))
-            members.set_postfix(fitness=f"{values[-1]:.3f}", best=f"{max(fitness.values()):.3f}")
-            stop.check()
-        members.close()
+            progress.gathered(values)
+        progress.close()
         return [fitness[i] for i in range(n)]
 
     def _settle_all(self, epoch: int) -> None:

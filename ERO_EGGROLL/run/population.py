@@ -56,15 +56,31 @@ def evaluate_batch(perturber: Perturber, model, processor, prepared, cfg: Config
         return [r.fitness for r in evaluate_members(model, processor, prepared, cfg, len(ids), (MEMBER_STREAM, epoch, ids[0]))]
 
 
+class MemberProgress:
+    """The member bar of one epoch, shared by every loop that gathers fitness: one place for what it shows."""
+
+    def __init__(self, epoch: int, population_size: int, stop: StopFlag):
+        self.bar = bar(total=population_size, desc=f"epoch {epoch + 1} members", unit="member", leave=False)
+        self.best, self.stop = float("-inf"), stop
+
+    def gathered(self, values: list[float]) -> None:
+        """A batch's fitness arrived: show it, then stop here (between batches) if a signal asked to."""
+        self.best = max(self.best, *values)
+        self.bar.update(len(values))
+        self.bar.set_postfix(fitness=f"{values[-1]:.3f}", best=f"{self.best:.3f}")
+        self.stop.check()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def evaluate_population(perturber: Perturber, model, processor, prepared, cfg: Config, epoch: int, k: int, stop: StopFlag) -> list[float]:
     """Every member's fitness: one at a time (k = 1, the reference), or k members per generate call."""
     fitness: list[float] = []
-    n = cfg.evolution.population_size
-    members = bar(total=n, desc=f"epoch {epoch + 1} members", unit="member", leave=False)
-    for ids in member_batches(n, k):
-        fitness += evaluate_batch(perturber, model, processor, prepared, cfg, epoch, ids)
-        members.update(len(ids))
-        members.set_postfix(fitness=f"{fitness[-1]:.3f}", best=f"{max(fitness):.3f}")
-        stop.check()
-    members.close()
+    progress = MemberProgress(epoch, cfg.evolution.population_size, stop)
+    for ids in member_batches(cfg.evolution.population_size, k):
+        values = evaluate_batch(perturber, model, processor, prepared, cfg, epoch, ids)
+        fitness += values
+        progress.gathered(values)
+    progress.close()
     return fitness

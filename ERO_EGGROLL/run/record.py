@@ -21,7 +21,7 @@ from ERO_EGGROLL.model.export import saved_tensors
 from ERO_EGGROLL.model.loading import load_model, load_model_from_dir, resolve_device, resolve_dtype
 from ERO_EGGROLL.model.qwen import run_perturber
 from ERO_EGGROLL.run.epoch_step import EpochStep
-from ERO_EGGROLL.storage.checkpoints import WEIGHTS_FILE, CheckpointError, RunState, assign_weights, epoch_dirs, load_checkpoint
+from ERO_EGGROLL.storage.checkpoints import WEIGHTS_FILE, CheckpointError, RunState, assign_weights, epoch_dirs, epoch_number, load_checkpoint
 
 
 def record_weights(state: RunState, perturber: Perturber) -> None:
@@ -66,7 +66,7 @@ def nearest_snapshot(ckpt_dir: Path | None, epoch: int) -> Path | None:
     """The newest epoch directory at or before `epoch` that holds weights (a snapshot, or any full checkpoint)."""
     if ckpt_dir is None:
         return None
-    with_weights = [p for p in epoch_dirs(ckpt_dir) if int(p.name[6:]) <= epoch and _holds_tensors(p / WEIGHTS_FILE)]
+    with_weights = [p for p in epoch_dirs(ckpt_dir) if epoch_number(p) <= epoch and _holds_tensors(p / WEIGHTS_FILE)]
     return with_weights[-1] if with_weights else None
 
 

@@ -37,6 +37,13 @@ STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, LATEST = "state.json", "evolvable.safe
 CHECKPOINT_FILES = (STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE)
 KEEP_MARK = ".keep"  # epoch directories with it survive pruning (save_every, the last, the first)
 EPOCH_DIR = re.compile(r"epoch_(\d{4,})")
+
+
+def epoch_number(epoch_dir: Path) -> int:
+    """NNNN of an epoch_NNNN/ directory."""
+    return int(epoch_dir.name.removeprefix("epoch_"))
+
+
 # Test-only fault injection: "NAME:SECONDS" sleeps inside the write of checkpoint directory NAME,
 # after its tensors are written and before it is complete, so a test can kill -9 the process there.
 SLOW_WRITE_ENV = "ERO_EGGROLL_FAULT_SLOW_WRITE"
@@ -159,7 +166,7 @@ def read_latest_name(run_ckpt_dir: Path) -> str | None:
 def epoch_dirs(run_ckpt_dir: Path) -> list[Path]:
     """Complete epoch_NNNN/ directories (every file present), oldest first."""
     found = [p for p in Path(run_ckpt_dir).glob("epoch_*") if EPOCH_DIR.fullmatch(p.name) and p.is_dir()]
-    return sorted((p for p in found if all((p / f).is_file() for f in CHECKPOINT_FILES)), key=lambda p: int(p.name[6:]))
+    return sorted((p for p in found if all((p / f).is_file() for f in CHECKPOINT_FILES)), key=epoch_number)
 
 
 def latest_dir(run_ckpt_dir: Path) -> tuple[Path, str | None]:
@@ -189,7 +196,7 @@ def _fallback(checkpoint: Path) -> str:
     """Where to go back to when `checkpoint` is damaged: the newest complete epoch before it."""
     match = EPOCH_DIR.fullmatch(checkpoint.name)
     limit = int(match.group(1)) if match else math.inf
-    earlier = [p for p in epoch_dirs(checkpoint.parent) if int(p.name[6:]) < limit]
+    earlier = [p for p in epoch_dirs(checkpoint.parent) if epoch_number(p) < limit]
     if earlier:
         return f"resume from the earlier checkpoint with --resume {earlier[-1]}"
     return "no earlier epoch is kept: start the run again (--overwrite moves this one aside)"
@@ -257,7 +264,7 @@ def rewind(run_ckpt_dir: Path, epoch_dir: Path) -> Path | None:
 
     Returns the folder they went to (None when there was nothing later). Nothing is deleted."""
     number = int(EPOCH_DIR.fullmatch(epoch_dir.name).group(1))
-    later = [p for p in run_ckpt_dir.glob("epoch_*") if EPOCH_DIR.fullmatch(p.name) and int(p.name[6:]) > number]
+    later = [p for p in run_ckpt_dir.glob("epoch_*") if EPOCH_DIR.fullmatch(p.name) and epoch_number(p) > number]
     aside = _aside_folder(run_ckpt_dir)
     for path in sorted(later) + [p for p in [run_ckpt_dir / "best_model"] if p.exists() and later]:
         move_aside(path, into=aside)
