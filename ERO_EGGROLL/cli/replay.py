@@ -30,7 +30,7 @@ from ERO_EGGROLL.storage.identity import base_weights_digest, check_identity, id
 
 def replay_weights(perturber: Perturber, state: RunState, base_dir: Path, upto: int, patience: int) -> dict[str, torch.Tensor]:
     """Set the weights to those after epoch `upto`, replayed from the base weights through the training's own epoch step
-    (run_record.rebuild; never from a snapshot, so that --check proves the replay); return the evolvable tensors.
+    (run/record.rebuild; never from a snapshot, so that --check proves the replay); return the evolvable tensors.
 
     The step's decisions (new best, degeneration-guard rollback) are recomputed from the recorded mean-model
     fitness and must equal the recorded ones, and the rebuilt weights must match the record's digest."""
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         save_file(rebuilt, args.out)
         print(f"wrote {args.out}")
-    if args.check and not saved:  # a run record: the rebuilt weights matched its digest (run_record.rebuild checked it)
+    if args.check and not saved:  # a run record: the rebuilt weights matched its digest (run/record.rebuild checked it)
         print(f"bit-identical to the run record's digest of epoch {state.epoch}")
     elif args.check:
         different = [n for n in saved if not torch.equal(saved[n], rebuilt[n].cpu())]

@@ -5,7 +5,7 @@ Linear, Conv1d/2d/3d and Embedding LORA (a conv kernel as the matrix (out_channe
 in_channels/groups x kernel size)), norm weights and every bias (`bias`, `*_bias`) FULL. A norm is recognised by its
 type (NORM_TYPES, which `declare_norm` extends), never by an attribute name that a look-alike
 module would share. Anything else is a clear error that names the tensor and how to classify it.
-Qwen2.5-VL's name-based rules live in qwen_param_mapper.
+Qwen2.5-VL's name-based rules live in model/qwen.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Questions made ready for a model once per run: chat template, tokens, pixels, the answer's tokens and the token budget.
 
 Both readers of a question build on this module: generation (`arc_evaluator`) and teacher-forced
-scoring (`answer_likelihood`). Prompts are left-padded into batches so that every prompt ends
+scoring (`likelihood`). Prompts are left-padded into batches so that every prompt ends
 where the answer starts.
 """
 

@@ -6,7 +6,7 @@ An epoch's weight change is `update(fitness, epoch)` (the streamed ES update) fo
 state carries on). The decisions depend only on the mean model's fitness, so a replay that feeds the
 recorded fitness values takes the same decisions, and checks them against the record.
 
-Where the best weights come from is a strategy (run_record.py): host clones (`run.checkpoint: full`)
+Where the best weights come from is a strategy (run/record.py): host clones (`run.checkpoint: full`)
 or a replay to the best epoch (`replay`), so training, replay and the guard share this one code path.
 """
 

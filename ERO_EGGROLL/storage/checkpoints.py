@@ -58,7 +58,7 @@ class RunState:
     """Everything besides tensors that a resumed run needs to continue exactly."""
 
     epoch: int = 0  # completed epochs
-    identity: dict = field(default_factory=dict)  # run_identity.identity_of: what decides the numbers
+    identity: dict = field(default_factory=dict)  # storage/identity.identity_of: what decides the numbers
     config: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)  # per epoch: fitness, new_best, rolled_back
     best_fitness: float = float("-inf")
@@ -66,7 +66,7 @@ class RunState:
     epochs_since_best: int = 0
     optimizer_step: int = 0
     finished: bool = False
-    # the run record (run_record.py): digest of the evolvable weights after each epoch (index = epoch), the
+    # the run record (run/record.py): digest of the evolvable weights after each epoch (index = epoch), the
     # newest epoch's per-tensor digests, and each tensor's sigma as computed from the BASE weights
     weight_digests: list[str] = field(default_factory=list)
     tensor_digests: dict[str, str] = field(default_factory=dict)
