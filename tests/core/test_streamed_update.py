@@ -129,7 +129,7 @@ import json
 import torch
 from ERO_EGGROLL.config import ROOT, load_config
 from ERO_EGGROLL.memory.measure import measured_peak_rss_bytes, start_rss_measurement
-from ERO_EGGROLL.core.perturber import Perturber
+from ERO_EGGROLL.model.qwen import run_perturber
 from ERO_EGGROLL.model.random_model import TextShape, random_model
 
 cfg = load_config(ROOT / "configs" / "smoke.yaml", ["evolution.population_size=8", "evolution.sigma_mode=absolute", "evolution.sigma=0.02"])
