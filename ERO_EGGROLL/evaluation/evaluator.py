@@ -142,14 +142,33 @@ def results_table(task_ids: Sequence[str], result: EvalResult) -> list[dict]:
     return rows
 
 
+MD_HEADER = "| task | id | char similarity | cell accuracy | exact | answer log-prob |"
+CSV_HEADER = "task,id,"
+
+
+def earlier_table(path: Path) -> bool:
+    """Whether `path` is a results table that write_table wrote (so a later evaluation may replace it)."""
+    header = MD_HEADER if path.suffix == ".md" else CSV_HEADER
+    try:
+        with path.open(encoding="utf-8") as f:
+            return path.is_file() and f.readline().startswith(header)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def table_paths(out_stem: Path) -> tuple[Path, Path]:
+    """The CSV and Markdown files of the table `out_stem`."""
+    return out_stem.with_suffix(".csv"), out_stem.with_suffix(".md")
+
+
 def write_table(rows: list[dict], out_stem: Path) -> tuple[Path, Path]:
     out_stem.parent.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out_stem.with_suffix(".csv"), out_stem.with_suffix(".md")
+    csv_path, md_path = table_paths(out_stem)
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| task | id | char similarity | cell accuracy | exact | answer log-prob |", "|---|---|---|---|---|---|"]
+    lines = [MD_HEADER, "|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['id']} | {r['char_similarity']:.4f} | {r['cell_accuracy']:.4f} | {r['exact']:.4f} | "
               f"{r['answer_logprob']:.4f} |" for r in rows]
     md_path.write_text("\n".join(lines) + "\n")

@@ -96,7 +96,8 @@ def base_weights_digest(cfg: Config) -> str:
     return files_digest(cfg.resolve_path(cfg.model.path).glob("*.safetensors"))
 
 
-def _hint(field: str, saved: Any) -> str:
+def hint(field: str, saved: Any) -> str:
+    """What to do when identity field `field` differs from the run's `saved` value."""
     if field == "model.device":
         return (f"CPU and GPU arithmetic differ in the last bits, so it can only continue exactly on a {saved} device "
                 f"(model.device: {saved})")
@@ -123,4 +124,4 @@ def check_identity(saved: dict[str, Any], current: dict[str, Any], where: str, a
         field = changed[0]
         more = f" (and {len(changed) - 1} more: {', '.join(changed[1:4])})" if len(changed) > 1 else ""
         raise IdentityError(f"{where}: cannot {action} exactly: {field} differs (the run has {saved.get(field)!r}, "
-                            f"now {current.get(field)!r}){more}; {_hint(field, saved.get(field))}")
+                            f"now {current.get(field)!r}){more}; {hint(field, saved.get(field))}")
