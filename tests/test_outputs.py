@@ -11,9 +11,8 @@ import torch
 
 from ERO_EGGROLL.cli import replay
 from ERO_EGGROLL.config import Config
-from ERO_EGGROLL.io.disk import OutputError, WriteError, check_output, publish_dir
+from ERO_EGGROLL.io.disk import OutputError, WriteError, check_output, mark_output, publish_dir
 from ERO_EGGROLL.model.export import EXPORT_KIND, earlier_export
-from ERO_EGGROLL.io.disk import mark_output
 from ERO_EGGROLL.storage.checkpoints import RunState, save_checkpoint
 
 torch.set_num_threads(1)
@@ -25,7 +24,8 @@ def run_folder(tmp_path, tiny_model_dir) -> Path:
     cfg = Config()
     cfg.run.name, cfg.run.checkpoint_dir, cfg.run.output_dir = "r", str(tmp_path / "checkpoints"), str(tmp_path / "results")
     cfg.model.path = str(tiny_model_dir)
-    state = RunState(config=cfg.to_dict())
+    base = {"epoch": 0, "mean_model_fitness": 0.5, "new_best": True, "rolled_back": False}  # epoch 0 only: a consistent record
+    state = RunState(config=cfg.to_dict(), history=[base], best_fitness=0.5, best_epoch=0, weight_digests=["a"])
     save_checkpoint(cfg.checkpoint_path, {}, {}, state, keep=True, best=False)
     return cfg.checkpoint_path
 

@@ -27,6 +27,7 @@ from ERO_EGGROLL.model.qwen import classify_model, run_perturber
 from ERO_EGGROLL.run.record import ReplayedBest, check_sigma, rebuild
 from ERO_EGGROLL.storage.checkpoints import EPOCH_DIR, RunState, load_checkpoint
 from ERO_EGGROLL.storage.identity import base_weights_digest, check_identity, identity_of
+from ERO_EGGROLL.storage.record_check import check_record
 
 
 def replay_weights(perturber: Perturber, state: RunState, base_dir: Path, upto: int, patience: int) -> dict[str, torch.Tensor]:
@@ -85,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         saved, _, state = load_checkpoint(Path(args.checkpoint))
+        check_record(state, args.checkpoint)  # the best epoch and the history as checked, never as written
         cfg = config_from_dict(state.config, f"{args.checkpoint} (saved config)")
         given = Path(args.checkpoint).resolve()
         protected = [given, cfg.resolve_path(cfg.model.path), cfg.checkpoint_path, cfg.run_dir]

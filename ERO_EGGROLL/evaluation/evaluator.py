@@ -69,10 +69,15 @@ class EvalResult:
         return sum(per_task.values()) / len(per_task)
 
 
+def fitness_range(name: str) -> tuple[float, float]:
+    """The values fitness `name` can take: a mean log-probability is <= 0, every metric lies in [0, 1]."""
+    return (-math.inf, 0.0) if name == LIKELIHOOD_FITNESS else (0.0, 1.0)
+
+
 def _checked(cfg: Config, score: float, task_id: str) -> float:
     """The fitness value, refused when it would poison the update: NaN or out of the fitness's range."""
     name = cfg.evaluation.fitness
-    low, high = (-math.inf, 0.0) if name == LIKELIHOOD_FITNESS else (0.0, 1.0)
+    low, high = fitness_range(name)
     if not (isinstance(score, float) and math.isfinite(score) and low <= score <= high):
         span = "a finite float <= 0 (a mean log-probability)" if name == LIKELIHOOD_FITNESS else "a finite float in [0, 1]"
         raise EvaluationError(f"fitness {name!r} returned {score!r} for task {task_id}; a fitness must be {span} "
