@@ -126,6 +126,7 @@ class DistributedConfig:
     address: str | None = None  # null: start a local Ray instance; 'auto' or 'ray://host:port' (or host:port): join a cluster
     gpus_per_worker: float = 1.0  # when the run's device is CUDA (fractions share a GPU)
     cpus_per_worker: int = 1  # CPU runs: also each worker's torch threads
+    connect_timeout_s: float = 60.0  # joining a cluster (address set) fails after this long, naming the address
 
 
 @dataclass
@@ -289,6 +290,7 @@ def _distributed_checks(dist: DistributedConfig, population_size: int) -> list[t
          f"machine) or 'ray://host:port' / 'host:port', got {dist.address!r}"),
         (dist.gpus_per_worker > 0, f"distributed.gpus_per_worker must be > 0 (used on CUDA runs; fractions share a GPU), got {dist.gpus_per_worker}"),
         (dist.cpus_per_worker >= 1, f"distributed.cpus_per_worker must be >= 1, got {dist.cpus_per_worker}"),
+        (dist.connect_timeout_s > 0, f"distributed.connect_timeout_s must be > 0, got {dist.connect_timeout_s}"),
     ]
 
 

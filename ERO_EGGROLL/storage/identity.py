@@ -45,6 +45,7 @@ ALLOWED_TO_CHANGE: dict[str, str] = {
     "distributed.address": "which Ray cluster runs the workers, not what they compute",
     "distributed.gpus_per_worker": "how devices are shared among workers; the device type itself is in the identity",
     "distributed.cpus_per_worker": "how many CPUs (and torch threads) a worker gets; its weights are verified bit-identical to the driver's every epoch",
+    "distributed.connect_timeout_s": "how long joining a Ray cluster may take before the run is refused",
     "evolution.log_gradient_cosine": "a logged diagnostic: one backward pass of the mean model, which changes no weight and draws no noise",
 }
 # Recorded as resolved rather than as written: model.device (its type: CPU and GPU arithmetic differ
