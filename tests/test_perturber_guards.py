@@ -99,6 +99,9 @@ def test_member_ids_epochs_and_updates_are_checked():
             with call():
                 pass
     assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+    with pytest.raises(EggrollError, match="update inside a member block"), p.member(0, 0):
+        p.update([1.0, 2.0, 3.0, 4.0], 0)
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
     p.update([1.0, 2.0, 3.0, 4.0], 0)
     once = weights(model)
     with pytest.raises(EggrollError, match="update for epoch 0 after epoch 0 was applied"):

@@ -24,7 +24,7 @@ from torch import nn
 
 from ERO_EGGROLL.core.errors import ConfigError, EggrollError
 from ERO_EGGROLL.core.noise_plan import Dense, LowRank, NoisePlan
-from ERO_EGGROLL.core.settings import MAX_EPOCH, MAX_SEED, EvolutionSettings, check_settings, checked_int
+from ERO_EGGROLL.core.settings import MAX_EPOCH, MAX_SEED, EvolutionSettings, check_settings, checked_int, is_int
 from ERO_EGGROLL.core.strategies import ForwardHooks, SavedInPlace
 from ERO_EGGROLL.core.streamed_update import StreamedUpdate
 from ERO_EGGROLL.core.tensor_classes import Classifier, ParamClass, ParamSpec, classify_module
@@ -98,7 +98,6 @@ class Perturber:
             raise ConfigError(f"Perturber.for_module: unknown option(s) {unknown}; known: {sorted(known)}")
         evo = EvolutionSettings(population_size=population_size, sigma=sigma, lr=lr, rank=rank, optimizer=optimizer, **options)
         check_settings(evo, "Perturber.for_module")
-        checked_int(seed, "Perturber.for_module: seed", 0, MAX_SEED)
 
         def chosen(name: str, tensor: torch.Tensor):
             choice = classify(name, tensor) if classify is not None else None
@@ -124,7 +123,7 @@ class Perturber:
 
     def _check_member(self, epoch: int, member: int) -> None:
         checked_int(epoch, "epoch", 0, MAX_EPOCH)
-        if not isinstance(member, int) or isinstance(member, bool) or not 0 <= member < self.evo.population_size:
+        if not is_int(member) or not 0 <= member < self.evo.population_size:
             raise PerturberUsageError(f"member {member!r} is not a member id: an integer in 0..{self.evo.population_size - 1}")
 
     @contextlib.contextmanager
