@@ -151,7 +151,7 @@ class Loggers:
         """`call()`, or None with one warning when it fails: a logger is a report, and the run goes on without it."""
         try:
             return call()
-        except Exception as err:  # noqa: BLE001 (TensorBoard and W&B fail in many ways; the run's own metrics are on disk)
+        except Exception as err:  # TensorBoard and W&B fail in many ways; the run's own metrics are on disk
             print(f"warning: logger {name} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                   "it is switched off for the rest of the run (metrics.jsonl has every number)", file=sys.stderr)
             return None
