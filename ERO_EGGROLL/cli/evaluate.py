@@ -13,7 +13,7 @@ from ERO_EGGROLL.arc.tasks import load_tasks
 from ERO_EGGROLL.config import load_config
 from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.evaluation.evaluator import earlier_table, evaluate, prepare, questions_for, results_table, table_paths, write_table
-from ERO_EGGROLL.io.disk import check_output, writing
+from ERO_EGGROLL.io.disk import NOTHING_ELSE_CHANGED, check_output, writing
 from ERO_EGGROLL.run.record import load_evaluated_model
 
 
@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tasks = load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)
         model, processor = load_evaluated_model(cfg, args.checkpoint)
         result = evaluate(model, processor, prepare(questions_for(tasks, cfg, "test"), processor, cfg), cfg, report=True)
-        with writing(stem, "nothing else was changed"):
+        with writing(stem, NOTHING_ELSE_CHANGED):
             csv_path, md_path = write_table(results_table([t.id for t in tasks], result), stem)
     except EggrollError as err:
         parser.exit(2, f"error: {err}\n")

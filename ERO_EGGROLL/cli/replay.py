@@ -20,7 +20,7 @@ import torch
 from ERO_EGGROLL.config import config_from_dict
 from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.core.perturber import Perturber
-from ERO_EGGROLL.io.disk import check_output, writing
+from ERO_EGGROLL.io.disk import NOTHING_ELSE_CHANGED, check_output, writing
 from ERO_EGGROLL.model.export import earlier_export, export_model
 from ERO_EGGROLL.model.loading import load_model
 from ERO_EGGROLL.model.qwen import classify_model, run_perturber
@@ -71,7 +71,7 @@ def save_out(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     staging = path.with_name(f".{path.name}.tmp")
-    with writing(path, "nothing else was changed"):
+    with writing(path, NOTHING_ELSE_CHANGED):
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, staging, metadata={"ero_eggroll_output": OUT_KIND})
         staging.replace(path)
@@ -110,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rebuilt = replay_weights(perturber, state, base_dir, state.epoch, cfg.run.degeneration_patience)
         if args.export:
             replay_weights(perturber, state, base_dir, state.best_epoch, cfg.run.degeneration_patience)
-            export_model(model, base_dir, Path(args.export), lambda report: replay_card(cfg, state, args.checkpoint))
+            export_model(model, base_dir, Path(args.export), lambda report: replay_card(cfg, state, args.checkpoint),
+                         then=NOTHING_ELSE_CHANGED)
             print(f"exported epoch {state.best_epoch} (the best) to {args.export}")
         updates = sum(1 for r in state.history if r.get("fitness"))
         print(f"replayed {updates} update(s) of {cfg.run.name} from {len(rebuilt)} evolvable tensors")

@@ -27,6 +27,7 @@ from ERO_EGGROLL.core.errors import EggrollError
 
 OUTPUT_MARK = ".ero_eggroll_output.json"  # in a folder a command wrote: {"kind": ...}; what marks it as safe to replace
 CHECKPOINT_INTACT = "the previous checkpoint is intact: free space or fix permissions, then --resume"
+NOTHING_ELSE_CHANGED = "nothing else was changed: free space or fix permissions, then run it again"
 
 
 class WriteError(EggrollError):
@@ -115,16 +116,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def publish_dir(staging: Path, target: Path, previous_to: Path | None = None) -> None:
+def publish_dir(staging: Path, target: Path, previous_to: Path | None = None, then: str = CHECKPOINT_INTACT) -> None:
     """Make the complete directory `staging` visible as `target` in one atomic step.
 
     `target` is a symlink to a hidden version directory beside it; the new symlink replaces the old
     one with os.replace (atomic), then the previous version is deleted, or moved to `previous_to`.
     A target that is still a plain directory (an older layout) is first moved aside as a version.
     Versions orphaned by a crash before an earlier swap are removed. The run lock makes this the only writer.
+    `then`: what a failure leaves intact (writing).
     """
     version = target.with_name(f".{target.name}.v{time.time_ns()}")
-    with writing(target):
+    with writing(target, then):
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp made it private; the published directory gets the usual permissions

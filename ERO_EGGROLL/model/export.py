@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ERO_EGGROLL.core.errors import EggrollError
-from ERO_EGGROLL.io.disk import mark_output, marked_output, publish_dir, writing
+from ERO_EGGROLL.io.disk import CHECKPOINT_INTACT, mark_output, marked_output, publish_dir, writing
 
 INDEX = "model.safetensors.index.json"
 CARD, BASE_CARD = "README.md", "BASE_MODEL_README.md"
@@ -161,15 +161,15 @@ def earlier_export(path: Path) -> bool:
     return marked_output(path, EXPORT_KIND)
 
 
-def export_model(model, base_dir: Path, out_dir: Path, card) -> WeightsReport:
+def export_model(model, base_dir: Path, out_dir: Path, card, then: str = CHECKPOINT_INTACT) -> WeightsReport:
     """Build the folder in a staging directory and publish it atomically as `out_dir`.
 
-    `card(report) -> str` writes the model card once the weights are known."""
-    with writing(out_dir):
+    `card(report) -> str` writes the model card once the weights are known; `then`: what a failed write leaves intact."""
+    with writing(out_dir, then):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        with writing(staging):
+        with writing(staging, then):
             report = write_weights(model, base_dir, staging)
             report.left_out = copy_base_files(base_dir, staging, base_layout(base_dir))
             if report.written_dtype:
@@ -177,7 +177,7 @@ def export_model(model, base_dir: Path, out_dir: Path, card) -> WeightsReport:
                 set_config_dtype(staging / "config.json", config.get("dtype") or config.get("torch_dtype") or "", report.written_dtype)
             (staging / CARD).write_text(card(report), encoding="utf-8")
             mark_output(staging, EXPORT_KIND)
-        publish_dir(staging, out_dir)
+        publish_dir(staging, out_dir, then=then)
     finally:
         if staging.exists():  # only when something failed before the rename
             shutil.rmtree(staging, ignore_errors=True)
