@@ -97,7 +97,7 @@ def bench_model(name: str, model, processor, reps: int, extra: tuple[str, ...] =
 
 def _update_and_restore(perturber: Perturber, fitness: list[float]) -> None:
     snapshot = {n: p.clone() for n, p in perturber.params.items()}
-    perturber.update(fitness, 0)
+    perturber.update(fitness, 0, again=True)  # the weights are set back below: each repetition is the same update
     with torch.no_grad():
         for n, p in perturber.params.items():
             p.copy_(snapshot[n])

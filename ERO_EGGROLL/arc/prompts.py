@@ -13,7 +13,7 @@ from typing import Literal
 
 from PIL import Image
 
-from ERO_EGGROLL.arc.tasks import ArcTask, Grid, Pair, grid_to_text, render_grid
+from ERO_EGGROLL.arc.tasks import ArcDataError, ArcTask, Grid, Pair, grid_to_text, render_grid
 
 InputMode = Literal["image+text", "image", "text"]
 INPUT_MODES = ("image+text", "image", "text")
@@ -41,7 +41,11 @@ def held_out_test_questions(task: ArcTask, max_examples: int | None = None) -> l
 
 
 def leave_one_out_questions(task: ArcTask, max_examples: int | None = None) -> list[Question]:
-    """Each training pair in turn is the question; the others are the demonstrations."""
+    """Each training pair in turn is the question; the others are the demonstrations (a task with one pair has none
+    to give: refused, as max_train_examples: 1 is)."""
+    if len(task.train) < 2:
+        raise ArcDataError(f"task {task.id} has {len(task.train)} training pair(s): data.fitness_source 'train_loo' holds one out "
+                           "and needs at least one other as a demonstration; leave the task out or use fitness_source: test")
     questions = []
     for i, held_out in enumerate(task.train):
         others = (task.train[:i] + task.train[i + 1 :])[:max_examples]

@@ -20,12 +20,14 @@ import torch
 from ERO_EGGROLL.config import config_from_dict
 from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.core.perturber import Perturber
-from ERO_EGGROLL.model.export import export_model
+from ERO_EGGROLL.io.disk import NOTHING_ELSE_CHANGED, check_output, writing
+from ERO_EGGROLL.model.export import earlier_export, export_model
 from ERO_EGGROLL.model.loading import load_model
 from ERO_EGGROLL.model.qwen import classify_model, run_perturber
 from ERO_EGGROLL.run.record import ReplayedBest, check_sigma, rebuild
-from ERO_EGGROLL.storage.checkpoints import RunState, load_checkpoint
+from ERO_EGGROLL.storage.checkpoints import EPOCH_DIR, RunState, load_checkpoint
 from ERO_EGGROLL.storage.identity import base_weights_digest, check_identity, identity_of
+from ERO_EGGROLL.storage.record_check import check_record
 
 
 def replay_weights(perturber: Perturber, state: RunState, base_dir: Path, upto: int, patience: int) -> dict[str, torch.Tensor]:
@@ -48,6 +50,33 @@ def replay_card(cfg, state: RunState, run: str) -> str:
                       f"python -m ERO_EGGROLL.replay {run} --export <dir>", "```", ""])
 
 
+OUT_KIND = "replay tensors"  # in the safetensors metadata of --out: a later --out may replace the file
+
+
+def earlier_out(path: Path) -> bool:
+    """Whether `path` is a tensors file that replay --out wrote."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("ero_eggroll_output") == OUT_KIND
+    except (SafetensorError, OSError):
+        return False
+
+
+def save_out(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """The rebuilt tensors, marked as replay's, written beside `path` and renamed over it (never half a file)."""
+    from safetensors.torch import save_file
+
+    staging = path.with_name(f".{path.name}.tmp")
+    with writing(path, NOTHING_ELSE_CHANGED):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, staging, metadata={"ero_eggroll_output": OUT_KIND})
+        staging.replace(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Rebuild a run's evolved weights from base model + config + fitness history.")
     parser.add_argument("checkpoint", help="a run's checkpoint folder (checkpoints/<run>) or an epoch_NNNN/ directory")
@@ -57,7 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         saved, _, state = load_checkpoint(Path(args.checkpoint))
+        check_record(state, args.checkpoint)  # the best epoch and the history as checked, never as written
         cfg = config_from_dict(state.config, f"{args.checkpoint} (saved config)")
+        given = Path(args.checkpoint).resolve()
+        protected = [given, cfg.resolve_path(cfg.model.path), cfg.checkpoint_path, cfg.run_dir]
+        protected += [given.parent] if EPOCH_DIR.fullmatch(given.name) else []
+        if args.export is not None:
+            check_output(args.export, "--export", earlier_export, protected)
+        if args.out is not None:
+            check_output(args.out, "--out", earlier_out, protected)
         model, _ = load_model(cfg)
         param = next(model.parameters())
         # replay evaluates nothing, so the run's own members_per_batch stands
@@ -73,17 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         rebuilt = replay_weights(perturber, state, base_dir, state.epoch, cfg.run.degeneration_patience)
         if args.export:
             replay_weights(perturber, state, base_dir, state.best_epoch, cfg.run.degeneration_patience)
-            export_model(model, base_dir, Path(args.export), lambda report: replay_card(cfg, state, args.checkpoint))
+            export_model(model, base_dir, Path(args.export), lambda report: replay_card(cfg, state, args.checkpoint),
+                         then=NOTHING_ELSE_CHANGED)
             print(f"exported epoch {state.best_epoch} (the best) to {args.export}")
+        updates = sum(1 for r in state.history if r.get("fitness"))
+        print(f"replayed {updates} update(s) of {cfg.run.name} from {len(rebuilt)} evolvable tensors")
+        if args.out:
+            save_out(rebuilt, Path(args.out))
+            print(f"wrote {args.out}")
     except EggrollError as err:
         parser.exit(2, f"error: {err}\n")
-    updates = sum(1 for r in state.history if r.get("fitness"))
-    print(f"replayed {updates} update(s) of {cfg.run.name} from {len(rebuilt)} evolvable tensors")
-    if args.out:
-        from safetensors.torch import save_file
-
-        save_file(rebuilt, args.out)
-        print(f"wrote {args.out}")
     if args.check and not saved:  # a run record: the rebuilt weights matched its digest (run/record.rebuild checked it)
         print(f"bit-identical to the run record's digest of epoch {state.epoch}")
     elif args.check:

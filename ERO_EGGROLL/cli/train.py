@@ -12,6 +12,7 @@ config, checks what can be checked before the model loads, owns the run's folder
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, config_from_dict, loa
 from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.core.tensor_classes import ParamClass
 from ERO_EGGROLL.evaluation.evaluator import EvalResult, results_table, write_table
+from ERO_EGGROLL.evaluation.prepared import questions_for
 from ERO_EGGROLL.io.disk import writing
 from ERO_EGGROLL.io.progress import summary
 from ERO_EGGROLL.memory.check import preflight
@@ -65,13 +67,16 @@ def export_best_model(model, cfg: Config, task_ids: list[str], evolved: dict, ck
 
 def run(cfg: Config, resume: Path | None, overwrite: bool, stop: StopFlag) -> Path:
     """Tasks first (data errors cost no model time), the memory preflight, then, holding the run's lock, the rest."""
-    check_loggers(cfg.run.loggers)
+    check_loggers(cfg.run.loggers, cfg.run_dir)
     tasks = load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)
+    questions_for(tasks, cfg, "fitness")  # a task that cannot give its questions (train_loo, one pair) is refused here
     ensure_model(cfg)
     check_checkpoint_dir(cfg.resolve_path(cfg.model.path))  # a run needs the weights: say where to put them before predicting memory
     if cfg.run.memory_check:
         preflight(cfg, tasks)  # before any weights are loaded: a run that cannot fit is refused here
-    with RunLock(cfg.checkpoint_path):
+    with contextlib.ExitStack() as locks:  # both folders: another run may share the results folder only
+        for folder in dict.fromkeys([cfg.checkpoint_path.resolve(), cfg.run_dir.resolve()]):
+            locks.enter_context(RunLock(folder))
         return run_locked(cfg, tasks, resume, overwrite, stop)
 
 

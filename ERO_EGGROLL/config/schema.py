@@ -115,6 +115,7 @@ class DistributedConfig:
     address: str | None = None  # null: start a local Ray instance; 'auto' or 'ray://host:port' (or host:port): join a cluster
     gpus_per_worker: float = 1.0  # when the run's device is CUDA (fractions share a GPU)
     cpus_per_worker: int = 1  # CPU runs: also each worker's torch threads
+    connect_timeout_s: float = 60.0  # joining a cluster (address set) fails after this long, naming the address
 
 
 @dataclass

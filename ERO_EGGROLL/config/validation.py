@@ -106,6 +106,7 @@ def distributed_checks(dist: DistributedConfig, population_size: int) -> Checks:
          f"machine) or 'ray://host:port' / 'host:port', got {dist.address!r}"),
         (dist.gpus_per_worker > 0, f"distributed.gpus_per_worker must be > 0 (used on CUDA runs; fractions share a GPU), got {dist.gpus_per_worker}"),
         (dist.cpus_per_worker >= 1, f"distributed.cpus_per_worker must be >= 1, got {dist.cpus_per_worker}"),
+        (dist.connect_timeout_s > 0, f"distributed.connect_timeout_s must be > 0, got {dist.connect_timeout_s}"),
     ]
 
 

@@ -16,17 +16,31 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import defaultdict
 from dataclasses import fields
 
 import torch
 from torch import nn
 
-from ERO_EGGROLL.core.errors import ConfigError
+from ERO_EGGROLL.core.errors import ConfigError, EggrollError
 from ERO_EGGROLL.core.noise_plan import Dense, LowRank, NoisePlan
-from ERO_EGGROLL.core.settings import EvolutionSettings, check_settings
+from ERO_EGGROLL.core.settings import MAX_EPOCH, MAX_SEED, EvolutionSettings, check_settings, checked_int, is_int
 from ERO_EGGROLL.core.strategies import ForwardHooks, SavedInPlace
 from ERO_EGGROLL.core.streamed_update import StreamedUpdate
 from ERO_EGGROLL.core.tensor_classes import Classifier, ParamClass, ParamSpec, classify_module
+
+
+class PerturberUsageError(EggrollError):
+    """A call the Perturber refuses (nested members, an epoch applied twice, a member id out of range)."""
+
+
+def _holders(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> the names of the distinct modules that hold it (two for a tied embedding and output layer)."""
+    holders: dict[int, list[str]] = defaultdict(list)
+    for module_name, module in model.named_modules():
+        for attr, tensor in module.named_parameters(recurse=False):
+            holders[id(tensor)].append(f"{module_name}.{attr}" if module_name else attr)
+    return holders
 
 
 class Perturber:
@@ -35,7 +49,9 @@ class Perturber:
     def __init__(self, model: nn.Module, specs: list[ParamSpec], settings: EvolutionSettings, seed: int):
         """`specs`: every parameter's class and key (tensor_classes); `settings` as checked by check_settings."""
         evo = self.evo = settings
-        self.model, self.specs, self.seed = model, specs, seed
+        self.model, self.specs, self.seed = model, specs, checked_int(seed, "seed", 0, MAX_SEED)
+        self._inside_member = False
+        self._last_update: int | None = None  # the epoch of the last update, so that one is not applied twice by mistake
         self.classes = {s.name: s.cls for s in specs}
         if all(c is ParamClass.FROZEN for c in self.classes.values()):
             raise ConfigError("every tensor is FROZEN, so nothing would evolve; make some tensors LORA or FULL (a run config: "
@@ -50,17 +66,31 @@ class Perturber:
         self.lora_names, self.full_names = self.plan.names(ParamClass.LORA), self.plan.names(ParamClass.FULL)
         self._update = StreamedUpdate(self.plan, self.params, evo, seed)
         self._hooks = ForwardHooks(model, self.lora_names, self.full_names) if evo.strategy == "forward" else None
+        if self._hooks is not None:
+            self._refuse_shared_in_forward()
         if self._hooks is None:
             self._in_place = SavedInPlace(self.params)
         else:  # FULL tensors in place, but the biases that the forward pass adds (ForwardHooks.biases_in_forward)
             self._in_place = SavedInPlace({n: self.params[n] for n in self.full_names if n not in self._hooks.biases_in_forward})
+
+    def _refuse_shared_in_forward(self) -> None:
+        """A tensor that the forward pass perturbs through a hook on its module, held by several modules (tied weights),
+        would get its noise in one of them only: refused by name (the hooks removed again, the model as it was)."""
+        holders = _holders(self.model)
+        hooked = [*self.lora_names, *sorted(self._hooks.biases_in_forward)]
+        shared = next((n for n in hooked if len(holders[id(self.params[n])]) > 1), None)
+        if shared is not None:
+            self._hooks.remove()
+            raise ConfigError(f"{shared} is shared by {', '.join(holders[id(self.params[shared])])} (tied weights): the forward "
+                              "strategy would add its noise in one of them only; use strategy='inplace', or make it FROZEN")
 
     @classmethod
     def for_module(cls, module: nn.Module, *, population_size: int, sigma: float, lr: float, rank: int = 1, seed: int = 0,
                    optimizer: str = "sgd", classify: Classifier | None = None, **options) -> Perturber:
         """EGGROLL for any module, without a run config. Defaults: Linear, ConvNd and Embedding weights LORA,
         norm weights and biases FULL (`classify(name, tensor)` returning a ParamClass overrides them, None
-        keeps the default). `options`: any other evolution setting (strategy, sigma_mode, group_size,
+        keeps the default); a tensor with requires_grad=False is FROZEN unless `classify` says otherwise (PyTorch's own
+        word for "do not train this"). `options`: any other evolution setting (strategy, sigma_mode, group_size,
         noise_reuse, weight_decay, lr_decay, sigma_decay, max_update_norm, stochastic_rounding, prng_impl)."""
         known = {f.name for f in fields(EvolutionSettings)}
         unknown = sorted(set(options) - known)
@@ -68,7 +98,12 @@ class Perturber:
             raise ConfigError(f"Perturber.for_module: unknown option(s) {unknown}; known: {sorted(known)}")
         evo = EvolutionSettings(population_size=population_size, sigma=sigma, lr=lr, rank=rank, optimizer=optimizer, **options)
         check_settings(evo, "Perturber.for_module")
-        return cls(module, classify_module(module, classify), evo, seed)
+
+        def chosen(name: str, tensor: torch.Tensor):
+            choice = classify(name, tensor) if classify is not None else None
+            return ParamClass.FROZEN if choice is None and not tensor.requires_grad else choice
+
+        return cls(module, classify_module(module, chosen), evo, seed)
 
     @property
     def optimizer(self):
@@ -86,9 +121,22 @@ class Perturber:
         """{name: (A_scaled, B)} for LORA, in the weights' dtype and device; {name: eps} for FULL, in float32."""
         return self.plan.member_noise(epoch, member)
 
-    def _check_member(self, member: int) -> None:
-        if not 0 <= member < self.evo.population_size:
-            raise ValueError(f"member {member} outside the population 0..{self.evo.population_size - 1}")
+    def _check_member(self, epoch: int, member: int) -> None:
+        checked_int(epoch, "epoch", 0, MAX_EPOCH)
+        if not is_int(member) or not 0 <= member < self.evo.population_size:
+            raise PerturberUsageError(f"member {member!r} is not a member id: an integer in 0..{self.evo.population_size - 1}")
+
+    @contextlib.contextmanager
+    def _one_at_a_time(self):
+        """Members never nest: the inner one would restore the outer's weights and leave the model perturbed."""
+        if self._inside_member:
+            raise PerturberUsageError("a member block inside another member block: the model is already a member; "
+                                      "evaluate members one after the other (or several at once with members())")
+        self._inside_member = True
+        try:
+            yield
+        finally:
+            self._inside_member = False
 
     @contextlib.contextmanager
     def _buffers_restored(self):
@@ -104,9 +152,9 @@ class Perturber:
     @contextlib.contextmanager
     def member(self, epoch: int, member: int):
         """The model as member `member` of `epoch`; exact restore on exit, even on error."""
-        self._check_member(member)
+        self._check_member(epoch, member)
         lora, full = self.member_noise(epoch, member)
-        with self._buffers_restored():
+        with self._one_at_a_time(), self._buffers_restored():
             if self._hooks is None:
                 with self._in_place.applied(lora, full):
                     yield self.model
@@ -131,14 +179,27 @@ class Perturber:
         """
         member_ids = list(member_ids)
         self.check_batchable()
+        if not member_ids:
+            raise PerturberUsageError("members() needs at least one member id")
         for m in member_ids:
-            self._check_member(m)
-        with self._buffers_restored(), self._hooks.rows([self.member_noise(epoch, m) for m in member_ids]):
+            self._check_member(epoch, m)
+        with self._one_at_a_time(), self._buffers_restored(), self._hooks.rows([self.member_noise(epoch, m) for m in member_ids]):
             yield self.model
 
-    def update(self, raw_fitness, epoch: int) -> dict:
-        """Normalize fitness and move the weights one tensor at a time (streamed_update); returns statistics."""
-        return self._update.step(raw_fitness, epoch)
+    def update(self, raw_fitness, epoch: int, *, again: bool = False) -> dict:
+        """Normalize fitness and move the weights one tensor at a time (streamed_update); returns statistics.
+
+        An epoch at or before the last one updated is refused (a loop that calls update twice would apply the step
+        twice) unless `again`: a caller that has set the weights back (a replay) applies earlier epochs again."""
+        checked_int(epoch, "epoch", 0, MAX_EPOCH)
+        if self._last_update is not None and epoch <= self._last_update and not again:
+            raise PerturberUsageError(f"update for epoch {epoch} after epoch {self._last_update} was applied: the step would be "
+                                      "applied twice; pass again=True if the weights were set back to before it")
+        if self._inside_member:
+            raise PerturberUsageError("update inside a member block: the weights would move while they are a member's")
+        stats = self._update.step(raw_fitness, epoch)
+        self._last_update = epoch
+        return stats
 
     def remove_hooks(self) -> None:
         if self._hooks is not None:

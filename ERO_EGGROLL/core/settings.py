@@ -7,6 +7,8 @@ never sees those.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import typing
 from dataclasses import dataclass
 from typing import Literal
@@ -39,8 +41,39 @@ def literal_choices(section: type) -> dict[str, tuple]:
     return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(section) if typing.get_origin(hints[f.name]) is Literal}
 
 
+MAX_SEED = 2**32 - 1  # keys are made from a uint32 seed
+MAX_EPOCH = 2**31 - 1  # epochs and members are folded into the keys as int32
+INT_FIELDS = ("population_size", "rank", "noise_reuse", "group_size")
+REAL_FIELDS = ("sigma", "lr", "lr_decay", "sigma_decay", "weight_decay", "max_update_norm")
+
+
+def is_int(value) -> bool:
+    """An integer, not a bool (True is 1 to Python, never a member or an epoch to a user)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def checked_int(value, name: str, low: int, high: int) -> int:
+    """`value` as an int when it is an integer in low..high, else one ConfigError line naming `name`."""
+    if not is_int(value) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    return int(value)
+
+
+def _type_problems(evo: EvolutionSettings, prefix: str) -> list[tuple[bool, str]]:
+    """Every numeric setting of the right type and finite: the value checks compare numbers."""
+    real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    return ([(is_int(getattr(evo, key)), f"{prefix}{key} must be an integer, got {getattr(evo, key)!r}") for key in INT_FIELDS]
+            + [(real(getattr(evo, key)) or (key == "max_update_norm" and getattr(evo, key) is None),
+                f"{prefix}{key} must be a finite number, got {getattr(evo, key)!r}") for key in REAL_FIELDS]
+            + [(isinstance(evo.stochastic_rounding, bool), f"{prefix}stochastic_rounding must be true or false, "
+                                                            f"got {evo.stochastic_rounding!r}")])
+
+
 def settings_problems(evo: EvolutionSettings, prefix: str = "evolution.") -> list[tuple[bool, str]]:
     """(holds, message) for every check of the settings; `prefix` names them as the caller's users know them."""
+    types = _type_problems(evo, prefix)
+    if not all(ok for ok, _ in types):
+        return types
     return [
         (evo.population_size >= 2 and evo.population_size % 2 == 0,
          f"{prefix}population_size must be even and >= 2 (members form antithetic pairs), got {evo.population_size}"),

@@ -74,10 +74,15 @@ class EvalResult:
         return sum(per_task.values()) / len(per_task)
 
 
+def fitness_range(name: str) -> tuple[float, float]:
+    """The values fitness `name` can take: a mean log-probability is <= 0, every metric lies in [0, 1]."""
+    return (-math.inf, 0.0) if name == LIKELIHOOD_FITNESS else (0.0, 1.0)
+
+
 def _checked(cfg: Config, score: float, task_id: str) -> float:
     """The fitness value, refused when it would poison the update: NaN or out of the fitness's range."""
     name = cfg.evaluation.fitness
-    low, high = (-math.inf, 0.0) if name == LIKELIHOOD_FITNESS else (0.0, 1.0)
+    low, high = fitness_range(name)
     if not (isinstance(score, float) and math.isfinite(score) and low <= score <= high):
         span = "a finite float <= 0 (a mean log-probability)" if name == LIKELIHOOD_FITNESS else "a finite float in [0, 1]"
         raise EvaluationError(f"fitness {name!r} returned {score!r} for task {task_id}; a fitness must be {span} "
@@ -144,14 +149,33 @@ def results_table(task_ids: Sequence[str], result: EvalResult) -> list[dict]:
     return rows
 
 
+MD_HEADER = "| task | id | char similarity | cell accuracy | exact | answer log-prob |"
+CSV_HEADER = "task,id,"
+
+
+def earlier_table(path: Path) -> bool:
+    """Whether `path` is a results table that write_table wrote (so a later evaluation may replace it)."""
+    header = MD_HEADER if path.suffix == ".md" else CSV_HEADER
+    try:
+        with path.open(encoding="utf-8") as f:
+            return path.is_file() and f.readline().startswith(header)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def table_paths(out_stem: Path) -> tuple[Path, Path]:
+    """The CSV and Markdown files of the table `out_stem`."""
+    return out_stem.with_suffix(".csv"), out_stem.with_suffix(".md")
+
+
 def write_table(rows: list[dict], out_stem: Path) -> tuple[Path, Path]:
     out_stem.parent.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out_stem.with_suffix(".csv"), out_stem.with_suffix(".md")
+    csv_path, md_path = table_paths(out_stem)
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| task | id | char similarity | cell accuracy | exact | answer log-prob |", "|---|---|---|---|---|---|"]
+    lines = [MD_HEADER, "|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['id']} | {r['char_similarity']:.4f} | {r['cell_accuracy']:.4f} | {r['exact']:.4f} | "
               f"{r['answer_logprob']:.4f} |" for r in rows]
     md_path.write_text("\n".join(lines) + "\n")

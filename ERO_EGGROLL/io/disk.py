@@ -4,36 +4,108 @@
   becomes one WriteError line that names the path and says the previous checkpoint is intact;
 * a directory that is replaced (best/, best_model/) is published with `publish_dir`: a symlink
   swapped atomically by rename, so a reader sees the old or the new version, never neither;
-* nothing saved is deleted to make room: `move_aside` renames it with a time stamp.
+* nothing saved is deleted to make room: `move_aside` renames it with a time stamp;
+* a command's output (an export, `--out`) goes through `check_output` first: it writes only into a new
+  path or over an earlier output of the same kind, never over anything else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 from safetensors import SafetensorError
 
 from ERO_EGGROLL.core.errors import EggrollError
 
 
+OUTPUT_MARK = ".ero_eggroll_output.json"  # in a folder a command wrote: {"kind": ...}; what marks it as safe to replace
+CHECKPOINT_INTACT = "the previous checkpoint is intact: free space or fix permissions, then --resume"
+NOTHING_ELSE_CHANGED = "nothing else was changed: free space or fix permissions, then run it again"
+
+
 class WriteError(EggrollError):
     """A write that failed; what was saved before it is untouched."""
 
 
+class OutputError(EggrollError):
+    """An output path that would replace or destroy something the command did not write."""
+
+
 @contextlib.contextmanager
-def writing(path: Path) -> Iterator[None]:
-    """Turn an OSError (or safetensors' own I/O error) inside the block into one WriteError line naming `path`."""
+def writing(path: Path, then: str = CHECKPOINT_INTACT) -> Iterator[None]:
+    """Turn an OSError (or safetensors' own I/O error) inside the block into one WriteError line naming `path`;
+    `then` says what is intact and what to do."""
     try:
         yield
     except (OSError, SafetensorError) as err:
         reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
-        raise WriteError(f"could not write {path}: {reason} (disk full, read-only folder or no permission?); "
-                         "the previous checkpoint is intact: free space or fix permissions, then --resume") from None
+        raise WriteError(f"could not write {path}: {reason} (disk full, read-only folder or no permission?); {then}") from None
+
+
+def mark_output(folder: Path, kind: str) -> None:
+    """Mark `folder` (being written by a command) as an output of `kind`, which a later command of that kind may replace."""
+    (folder / OUTPUT_MARK).write_text(json.dumps({"kind": kind}) + "\n")
+
+
+def marked_output(path: Path, kind: str) -> bool:
+    """Whether `path` is a folder marked as an output of `kind`: a plain folder, or the symlink `publish_dir` made
+    (to a hidden version folder beside it)."""
+    if path.is_symlink():
+        link = os.readlink(path)
+        if not (link.startswith(f".{path.name}.v") and "/" not in link):
+            return False
+    try:
+        return json.loads((path / OUTPUT_MARK).read_text()).get("kind") == kind
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output(path: str | Path, what: str, earlier: Callable[[Path], bool], protected: Iterable[Path] = ()) -> Path:
+    """The one rule for everything a command writes: `path` must be new, an empty plain folder, or an earlier output
+    (`earlier(path)`); never a symlink, device or special file, '', '.', an ancestor of the current folder, or inside,
+    equal to or an ancestor of a `protected` folder (the run's folder, the base model's). Raises OutputError naming
+    the problem before any work is done; returns the path to write."""
+    if str(path).strip() in ("", "."):
+        raise OutputError(f"{what} {str(path)!r}: give a new path to write to (not '' or '.')")
+    path = Path(path)
+    if not path.is_symlink() and not path.exists():
+        parent = path.parent.resolve()
+        if parent.exists() and not parent.is_dir():
+            raise OutputError(f"{what} {path}: {path.parent} is not a folder")
+        if path.name in ("", ".", ".."):
+            raise OutputError(f"{what} {path}: give a new path to write to")
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if _within(cwd, resolved):
+        raise OutputError(f"{what} {path} is the current folder or one above it; give a new path to write to")
+    for folder in protected:
+        folder = Path(folder).resolve()
+        if _within(resolved, folder) or _within(folder, resolved):
+            raise OutputError(f"{what} {path} is, holds or lies inside {folder} (a run or base model folder, never written "
+                              "by this command); give a new path elsewhere")
+    if path.is_symlink() and not earlier(path):
+        raise OutputError(f"{what} {path} is a symlink (to {os.readlink(path)}); nothing is written through it: give a new path")
+    if not path.exists():
+        return path
+    mode = path.lstat().st_mode
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise OutputError(f"{what} {path} is a device or special file; give a new path to write to")
+    if earlier(path) or (stat.S_ISDIR(mode) and not any(path.iterdir())):
+        return path
+    kind = "folder" if path.is_dir() else "file"
+    raise OutputError(f"{what} {path}: a {kind} that this command did not write is there; it is never replaced: "
+                      "give a new path, or move it away yourself")
 
 
 def fsync_dir(path: Path) -> None:
@@ -44,16 +116,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def publish_dir(staging: Path, target: Path, previous_to: Path | None = None) -> None:
+def publish_dir(staging: Path, target: Path, previous_to: Path | None = None, then: str = CHECKPOINT_INTACT) -> None:
     """Make the complete directory `staging` visible as `target` in one atomic step.
 
     `target` is a symlink to a hidden version directory beside it; the new symlink replaces the old
     one with os.replace (atomic), then the previous version is deleted, or moved to `previous_to`.
     A target that is still a plain directory (an older layout) is first moved aside as a version.
     Versions orphaned by a crash before an earlier swap are removed. The run lock makes this the only writer.
+    `then`: what a failure leaves intact (writing).
     """
     version = target.with_name(f".{target.name}.v{time.time_ns()}")
-    with writing(target):
+    with writing(target, then):
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp made it private; the published directory gets the usual permissions

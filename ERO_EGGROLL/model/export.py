@@ -26,13 +26,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ERO_EGGROLL.core.errors import EggrollError
-from ERO_EGGROLL.io.disk import publish_dir, writing
+from ERO_EGGROLL.io.disk import CHECKPOINT_INTACT, mark_output, marked_output, publish_dir, writing
 
 INDEX = "model.safetensors.index.json"
 CARD, BASE_CARD = "README.md", "BASE_MODEL_README.md"
 # weights in other formats would hold the base's numbers next to the evolved ones: not carried
 STALE_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json", "*.pt", "*.pth", "*.ckpt")
 KEEP_FRACTION = 0.5
+EXPORT_KIND = "model export"  # the mark (disk.mark_output) that lets a later export replace this one
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
@@ -155,22 +156,28 @@ def set_config_dtype(config_file: Path, base: str, new: str) -> None:
     config_file.write_text(re.sub(rf'("(?:torch_)?dtype"\s*:\s*)"{re.escape(base)}"', rf'\1"{new}"', text), encoding="utf-8")
 
 
-def export_model(model, base_dir: Path, out_dir: Path, card) -> WeightsReport:
+def earlier_export(path: Path) -> bool:
+    """Whether `path` is a model folder an export wrote (so another export may replace it)."""
+    return marked_output(path, EXPORT_KIND)
+
+
+def export_model(model, base_dir: Path, out_dir: Path, card, then: str = CHECKPOINT_INTACT) -> WeightsReport:
     """Build the folder in a staging directory and publish it atomically as `out_dir`.
 
-    `card(report) -> str` writes the model card once the weights are known."""
-    with writing(out_dir):
+    `card(report) -> str` writes the model card once the weights are known; `then`: what a failed write leaves intact."""
+    with writing(out_dir, then):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        with writing(staging):
+        with writing(staging, then):
             report = write_weights(model, base_dir, staging)
             report.left_out = copy_base_files(base_dir, staging, base_layout(base_dir))
             if report.written_dtype:
                 config = json.loads((base_dir / "config.json").read_text())
                 set_config_dtype(staging / "config.json", config.get("dtype") or config.get("torch_dtype") or "", report.written_dtype)
             (staging / CARD).write_text(card(report), encoding="utf-8")
-        publish_dir(staging, out_dir)
+            mark_output(staging, EXPORT_KIND)
+        publish_dir(staging, out_dir, then=then)
     finally:
         if staging.exists():  # only when something failed before the rename
             shutil.rmtree(staging, ignore_errors=True)

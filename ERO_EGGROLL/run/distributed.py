@@ -10,7 +10,9 @@ a replacement rebuilds its weights from the base model and the driver's fitness 
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +48,28 @@ def _ray():
     return ray
 
 
+def _wait_for(address: str, timeout_s: float) -> None:
+    """Raise DistributedError unless something answers at host:port within `timeout_s` (Ray itself retries forever)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=max(0.1, min(5.0, deadline - time.monotonic()))).close()
+            return
+        except OSError as err:
+            reason = err.strerror or str(err)
+        if time.monotonic() >= deadline:
+            raise DistributedError(f"nothing answers at the Ray cluster address {address!r} after {timeout_s:g} s ({reason}); "
+                                   "start it (`ray start --head`) or fix distributed.address (distributed.connect_timeout_s "
+                                   "sets the wait)")
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
 def connect(dist: DistributedConfig) -> None:
-    """Start a small local Ray instance (address null) or join a running cluster; once per process."""
+    """Start a small local Ray instance (address null) or join a running cluster within distributed.connect_timeout_s;
+    once per process."""
+    if dist.address not in (None, "auto"):
+        _wait_for(dist.address, dist.connect_timeout_s)
     ray = _ray()
     if ray.is_initialized():
         return

@@ -46,7 +46,7 @@ class EpochStep:
 
     def update(self, fitness, epoch: int) -> dict:
         """Move the weights by epoch `epoch`'s update (0-based); returns the update's statistics."""
-        stats = self.perturber.update(fitness, epoch)
+        stats = self.perturber.update(fitness, epoch, again=True)  # the record orders the epochs; a rebuild replays them
         self.state.optimizer_step = self.perturber.optimizer.step_count
         return stats
 

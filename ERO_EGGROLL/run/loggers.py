@@ -2,7 +2,8 @@
 
 Each logger receives the scalars metrics.jsonl holds for an epoch, the population's fitness as a
 histogram, and once the run's resolved config. Off by default (`run.loggers: []`); a logger whose
-package is missing stops the run before the model loads, naming what to install.
+package is missing or does not import, or whose folder cannot be written, stops the run before the model
+loads, naming what to do; one that fails later is switched off with one warning and the run goes on.
 
 W&B runs offline unless WANDB_MODE says otherwise, so no account or network is ever needed; the run
 lands in results/<run>/wandb/ and `wandb sync` uploads it later. A resumed run is a new W&B run of the
@@ -11,9 +12,12 @@ same group (the run's name) holding the later epochs; TensorBoard adds an event 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 import os
+import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -25,13 +29,44 @@ PACKAGES = {"tensorboard": "tensorboard==2.21.0", "wandb": "wandb==0.31.0"}
 WANDB_PROJECT = "ero_eggroll"
 
 
-def check_available(names: list[str]) -> None:
-    """Refuse, before any model time is spent, a logger whose package is not installed."""
+# the module each logger imports, and the folder it writes under the run's results folder
+MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+FOLDERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why nothing could be written in `folder` (made if missing), or None: tried with a temporary file."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        return f"{existing} is not writable ({err.strerror or err})"
+    return None
+
+
+def check_available(names: list[str], run_dir: Path | None = None) -> None:
+    """Refuse, before any model time is spent, a logger whose package is not installed or does not import, or whose
+    folder under `run_dir` cannot be written."""
     missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:
         raise ConfigError(f"run.loggers names {', '.join(missing)}, but the package is not installed here: "
                           f"pip install {' '.join(PACKAGES[m] for m in missing)} (pinned in requirements.txt), "
                           "or remove it from run.loggers")
+    for name in names:
+        try:
+            importlib.import_module(MODULES[name])
+        except Exception as err:  # a broken install fails in many ways; each is the same answer to the user
+            raise ConfigError(f"run.loggers names {name}, but it does not import here ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); reinstall {PACKAGES[name]} or remove it "
+                              "from run.loggers") from None
+        problem = _unwritable(run_dir / FOLDERS[name]) if run_dir is not None else None
+        if problem:
+            raise ConfigError(f"run.loggers names {name}, but its folder {run_dir / FOLDERS[name]} cannot be written: {problem}; "
+                              "fix it or remove the logger from run.loggers")
 
 
 def epoch_scalars(row: dict) -> dict[str, float]:
@@ -93,14 +128,31 @@ class Loggers:
     Each opens at the first row, so resuming a finished run leaves no empty W&B run or event file."""
 
     def __init__(self, names: list[str], run_dir: Path, config: dict, name: str):
-        self.names, self.args, self.loggers = names, (run_dir, config, name), []
+        self.names, self.args, self.loggers, self.opened = names, (run_dir, config, name), {}, False
 
     def log(self, row: dict) -> None:
-        if self.names and not self.loggers:
-            self.loggers = [LOGGERS[n](*self.args) for n in self.names]
-        for logger in self.loggers:
-            logger.log(row)
+        if not self.opened:
+            self.opened = True
+            for name in self.names:
+                logger = self._guarded(name, lambda name=name: LOGGERS[name](*self.args))
+                if logger is not None:
+                    self.loggers[name] = logger
+        for name, logger in list(self.loggers.items()):
+            if not self._guarded(name, lambda logger=logger: logger.log(row) or True):
+                del self.loggers[name]
 
     def close(self) -> None:
-        for logger in self.loggers:
-            logger.close()
+        for name, logger in self.loggers.items():
+            self._guarded(name, logger.close)
+        self.loggers = {}
+
+    @staticmethod
+    def _guarded(name: str, call):
+        """`call()`, or None with one warning when it fails: a logger is a report, and the run goes on without it."""
+        try:
+            return call()
+        except Exception as err:  # TensorBoard and W&B fail in many ways; the run's own metrics are on disk
+            print(f"warning: logger {name} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                  "it is switched off for the rest of the run (metrics.jsonl has every number)", file=sys.stderr)
+            return None
+

@@ -22,6 +22,9 @@ from ERO_EGGROLL.model.loading import load_model, load_model_from_dir, resolve_d
 from ERO_EGGROLL.model.qwen import run_perturber
 from ERO_EGGROLL.run.epoch_step import EpochStep
 from ERO_EGGROLL.storage.checkpoints import WEIGHTS_FILE, CheckpointError, RunState, assign_weights, epoch_dirs, epoch_number, load_checkpoint
+from ERO_EGGROLL.storage.identity import IdentityError, base_weights_digest
+from ERO_EGGROLL.storage.identity import hint as identity_hint
+from ERO_EGGROLL.storage.record_check import check_record
 
 
 def record_weights(state: RunState, perturber: Perturber) -> None:
@@ -160,6 +163,11 @@ def load_evaluated_model(cfg: Config, checkpoint: str | None):
         device = resolve_device(cfg.model.device)
         return load_model_from_dir(path, dtype=resolve_dtype(cfg.model.dtype, device), device=device)
     weights, _, state = load_checkpoint(path)
+    check_record(state, str(path))
+    saved, current = state.identity.get("base_weights"), base_weights_digest(cfg)
+    if saved != current:  # frozen tensors are not in the checkpoint: other base bytes give another model
+        raise IdentityError(f"{checkpoint}: cannot evaluate exactly: base_weights differs (the run has {saved!r}, now "
+                            f"{current!r}); {identity_hint('base_weights', saved)}")
     model, processor = load_model(cfg)
     if weights:
         assign_weights(model, weights, str(path))

@@ -23,6 +23,7 @@ from ERO_EGGROLL.storage.checkpoints import (
     rewind,
 )
 from ERO_EGGROLL.storage.identity import check_identity
+from ERO_EGGROLL.storage.record_check import check_record
 
 
 def resume(cfg: Config, perturber: Perturber, identity: dict, ckpt_dir: Path, resume_from: Path,
@@ -33,21 +34,22 @@ def resume(cfg: Config, perturber: Perturber, identity: dict, ckpt_dir: Path, re
     if resume_from == ckpt_dir:
         repair_latest(ckpt_dir)
     weights, optimizer_tensors, state = load_checkpoint(resume_from)
+    check_record(state, str(resume_from))  # every check before anything moves (a rewind, the weights)
     check_identity(state.identity, identity, str(resume_from), "resume")
-    if resume_from != ckpt_dir:
-        rewind(ckpt_dir, resume_from)
     if evo.epochs < state.epoch:
         raise ConfigError(f"evolution.epochs {evo.epochs} is less than the {state.epoch} epochs {ckpt_dir} already ran; "
                           f"to go back, resume from {ckpt_dir}/epoch_{evo.epochs:04d}")
+    check_sigma(perturber, state, str(resume_from))  # the base weights' sigmas, before any weight moves
+    if not isinstance(best, ReplayedBest) and not weights:
+        raise CheckpointError(f"{resume_from} holds a run record without weights (saved with run.checkpoint: replay); "
+                              "resume it with --set run.checkpoint=replay")
+    if resume_from != ckpt_dir:
+        rewind(ckpt_dir, resume_from)
     state.config = cfg.to_dict()  # e.g. more epochs: later resumes and replays see the config in force
     state.finished = state.epoch == evo.epochs or state.history[-1]["mean_model_fitness"] >= cfg.run.target_fitness
-    check_sigma(perturber, state, str(resume_from))  # the base weights' sigmas, before any weight moves
     if isinstance(best, ReplayedBest):
         rebuild(perturber, state, state.epoch, best)
     else:
-        if not weights:
-            raise CheckpointError(f"{resume_from} holds a run record without weights (saved with run.checkpoint: replay); "
-                                  "resume it with --set run.checkpoint=replay")
         assign_weights(perturber.model, weights, str(ckpt_dir), expected=perturber.evolvable_state())
         perturber.optimizer.load_state(state.optimizer_step, optimizer_tensors)
         best.weights = best_weights_for(ckpt_dir, state)

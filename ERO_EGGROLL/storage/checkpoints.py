@@ -73,6 +73,36 @@ class RunState:
     sigma: dict[str, float] = field(default_factory=dict)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _str_map(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) for k in v)
+
+
+# every field of state.json and what it must hold: a value of another type is refused on load, naming the field
+STATE_TYPES = {
+    "epoch": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "identity": (_str_map, "an object"),
+    "config": (_str_map, "an object"),
+    "history": (lambda v: isinstance(v, list) and all(_str_map(row) for row in v), "a list of objects"),
+    "best_fitness": (_is_number, "a number"),
+    "best_epoch": (lambda v: _is_int(v) and v >= -1, "an integer >= -1"),
+    "epochs_since_best": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "optimizer_step": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "finished": (lambda v: isinstance(v, bool), "true or false"),
+    "weight_digests": (lambda v: isinstance(v, list) and all(isinstance(d, str) for d in v), "a list of strings"),
+    "tensor_digests": (lambda v: _str_map(v) and all(isinstance(d, str) for d in v.values()), "an object of strings"),
+    "sigma": (lambda v: _str_map(v) and all(_is_number(x) and math.isfinite(x) and x > 0 for x in v.values()),
+              "an object of positive numbers"),
+}
+
+
 def _slow_write_fault(name: str) -> None:
     spec = os.environ.get(SLOW_WRITE_ENV, "")
     if spec.partition(":")[0] == name:
@@ -248,9 +278,15 @@ def read_state(path: Path) -> RunState:
         if unknown:
             raise CheckpointError(f"{path / STATE_FILE} has fields {sorted(unknown)} this version does not know "
                                   "(written by another version of ERO_EGGROLL?); start the run again")
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
         state = RunState(**data)
     except (json.JSONDecodeError, TypeError, UnicodeDecodeError, OSError) as err:
         raise CheckpointError(f"{path / STATE_FILE} is corrupt ({err}); {_fallback(path)}") from None
+    wrong = next((f"{name} must be {what}, got {getattr(state, name)!r:.60}" for name, (ok, what) in STATE_TYPES.items()
+                  if not ok(getattr(state, name))), None)
+    if wrong:
+        raise CheckpointError(f"{path / STATE_FILE}: {wrong} (edited or damaged?); {_fallback(path)}")
     return state
 
 

@@ -45,6 +45,7 @@ ALLOWED_TO_CHANGE: dict[str, str] = {
     "distributed.address": "which Ray cluster runs the workers, not what they compute",
     "distributed.gpus_per_worker": "how devices are shared among workers; the device type itself is in the identity",
     "distributed.cpus_per_worker": "how many CPUs (and torch threads) a worker gets; its weights are verified bit-identical to the driver's every epoch",
+    "distributed.connect_timeout_s": "how long joining a Ray cluster may take before the run is refused",
     "evolution.log_gradient_cosine": "a logged diagnostic: one backward pass of the mean model, which changes no weight and draws no noise",
 }
 # Recorded as resolved rather than as written: model.device (its type: CPU and GPU arithmetic differ
@@ -96,7 +97,8 @@ def base_weights_digest(cfg: Config) -> str:
     return files_digest(cfg.resolve_path(cfg.model.path).glob("*.safetensors"))
 
 
-def _hint(field: str, saved: Any) -> str:
+def hint(field: str, saved: Any) -> str:
+    """What to do when identity field `field` differs from the run's `saved` value."""
     if field == "model.device":
         return (f"CPU and GPU arithmetic differ in the last bits, so it can only continue exactly on a {saved} device "
                 f"(model.device: {saved})")
@@ -123,4 +125,4 @@ def check_identity(saved: dict[str, Any], current: dict[str, Any], where: str, a
         field = changed[0]
         more = f" (and {len(changed) - 1} more: {', '.join(changed[1:4])})" if len(changed) > 1 else ""
         raise IdentityError(f"{where}: cannot {action} exactly: {field} differs (the run has {saved.get(field)!r}, "
-                            f"now {current.get(field)!r}){more}; {_hint(field, saved.get(field))}")
+                            f"now {current.get(field)!r}){more}; {hint(field, saved.get(field))}")

@@ -2,8 +2,9 @@
 
 * A new run refuses folders that already hold a run, unless told to move that run aside
   (`--overwrite`, or `run.if_exists: move_aside` as in configs/default.yaml): it is renamed, never deleted.
-* One process at a time writes a run: `RunLock` creates `.<run>.lock` beside the checkpoint folder
-  (outside it, so moving the folder aside does not move the lock) holding the owner's pid and host.
+* One process at a time writes a run: `RunLock` creates `.<run>.lock` beside the checkpoint folder and
+  beside the results folder (outside them, so moving a folder aside does not move its lock) holding the
+  owner's pid and host; a new run takes both before it moves anything, so it never moves a live run's folders.
   A lock whose process is gone on this host is reported and taken over.
 """
 
@@ -54,6 +55,7 @@ class RunLock:
     """`with RunLock(ckpt_dir):` only one process writes the run; the lock is removed on the way out."""
 
     def __init__(self, ckpt_dir: Path):
+        ckpt_dir = Path(ckpt_dir).resolve()  # one lock however the folder is spelled (a symlink to a live run included)
         self.path = ckpt_dir.with_name(f".{ckpt_dir.name}.lock")
         self.owner = {"pid": os.getpid(), "host": socket.gethostname()}
 

@@ -18,6 +18,7 @@ import pytest
 from conftest import run_args
 
 from ERO_EGGROLL.config import ROOT
+from ERO_EGGROLL.io.disk import OUTPUT_MARK
 from ERO_EGGROLL.run.record import combined_digest, tensor_digests
 from ERO_EGGROLL.storage.checkpoints import SLOW_WRITE_ENV, load_checkpoint, read_latest_name
 from ERO_EGGROLL.storage.metrics import TIMING_FIELDS
@@ -139,7 +140,7 @@ def test_exported_best_model_loads_with_transformers(reference, tiny_model_dir):
     params = dict(model.named_parameters())  # the best epoch's weights, as the run record's digest of that epoch says
     assert combined_digest(tensor_digests({n: params[n] for n in state.tensor_digests})) == state.weight_digests[state.best_epoch]
     base = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.name != "model.safetensors"}
-    exported = {p.name: p.read_bytes() for p in export.iterdir() if p.name not in ("model.safetensors", "README.md")}
+    exported = {p.name: p.read_bytes() for p in export.iterdir() if p.name not in ("model.safetensors", "README.md", OUTPUT_MARK)}
     assert exported == base  # config, generation config, tokenizer, chat template, processor config: byte for byte
     card = (export / "README.md").read_text()
     best_epoch = state.best_epoch

@@ -1,0 +1,72 @@
+"""A run record is checked, not trusted: every fact in it that can be recomputed is recomputed and compared.
+
+state.json's fields are type-checked when read (checkpoints.read_state); here the history is checked against
+the run's own config: one row per epoch, the population's fitness values finite and in the metric's range,
+and the best epoch, best fitness, guard counter, each row's new_best/rolled_back and `finished` recomputed
+from the mean model's fitness exactly as the epoch step decides them. Resume, replay and the evaluator call
+`check_record` before they use a record, so an edited one is refused, naming the field and the epoch.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ERO_EGGROLL.config import config_from_dict
+from ERO_EGGROLL.evaluation.evaluator import fitness_range
+from ERO_EGGROLL.storage.checkpoints import CheckpointError, RunState
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_record(state: RunState, where: str) -> None:
+    """Raise CheckpointError naming the first field (and epoch) of `state` that disagrees with what its history gives."""
+    def refuse(message: str) -> None:
+        raise CheckpointError(f"{where}: the run record is inconsistent: {message} (edited or damaged?); resume from an "
+                              "earlier epoch_NNNN/ or start the run again")
+
+    cfg = config_from_dict(state.config, f"{where} (saved config)")
+    low, high = fitness_range(cfg.evaluation.fitness)
+    population, patience = cfg.evolution.population_size, cfg.run.degeneration_patience
+    if len(state.history) != state.epoch + 1:
+        refuse(f"epoch is {state.epoch} but the history holds {len(state.history)} row(s)")
+    if len(state.weight_digests) != state.epoch + 1:
+        refuse(f"epoch is {state.epoch} but weight_digests holds {len(state.weight_digests)} digest(s)")
+    best_fitness, best_epoch, since = -math.inf, -1, 0
+    for index, row in enumerate(state.history):
+        if row.get("epoch") != index:
+            refuse(f"history row {index} has epoch {row.get('epoch')!r}")
+        mean = row.get("mean_model_fitness")
+        if not (_number(mean) and low <= mean <= high):
+            refuse(f"epoch {index}: mean_model_fitness {mean!r} is not a finite {cfg.evaluation.fitness} value in [{low}, {high}]")
+        fitness = row.get("fitness")
+        if index == 0:
+            new_best, rolled_back = True, False
+            if fitness:
+                refuse("epoch 0 (the base model) records member fitness values")
+        else:
+            if not isinstance(fitness, list) or len(fitness) != population:
+                count = len(fitness) if isinstance(fitness, list) else 0
+                refuse(f"epoch {index}: fitness holds {count} value(s), the population is {population}")
+            finite = sum(_number(f) and low <= f <= high for f in fitness)
+            if finite != population:
+                refuse(f"epoch {index}: fitness holds {finite} finite {cfg.evaluation.fitness} value(s) in [{low}, {high}] "
+                       f"of {population}")
+            new_best, rolled_back = mean > best_fitness, False
+        if new_best:
+            best_fitness, best_epoch, since = mean, index, 0
+        else:
+            since += 1
+            if patience and since >= patience:
+                rolled_back, since = True, 0
+        for field, value in (("new_best", new_best), ("rolled_back", rolled_back)):
+            if row.get(field) is not value:
+                refuse(f"epoch {index}: {field} is {row.get(field)!r}, its fitness gives {value}")
+    for field, value in (("best_epoch", best_epoch), ("best_fitness", best_fitness), ("epochs_since_best", since)):
+        if getattr(state, field) != value:
+            refuse(f"{field} is {getattr(state, field)!r}, the history gives {value!r}")
+    finished = state.epoch >= 1 and (state.epoch == cfg.evolution.epochs or state.history[-1]["mean_model_fitness"] >= cfg.run.target_fitness)
+    if state.finished != finished:
+        refuse(f"finished is {state.finished}, epoch {state.epoch} of {cfg.evolution.epochs} with target fitness "
+               f"{cfg.run.target_fitness} gives {finished}")
