@@ -5,6 +5,7 @@
     with perturber.member(epoch, i):  loss_i = ...                      # the model as W + E_i, exact restore on exit
     with perturber.members(epoch, [0, 1, 2, 3]):  ...                  # 4 members as blocks of batch rows
     stats = perturber.update(fitness, epoch)                            # the streamed ES update
+    state = perturber.state_dict(); perturber.load_state_dict(state)    # checkpoint and exact resume
 
 It composes the parts, each with one job: noise_plan (which tensors, keys, sigmas, noise and
 directions), strategies (noise on the model, exact restore), streamed_update (the update step and
@@ -143,6 +144,29 @@ class Perturber:
     def remove_hooks(self) -> None:
         if self._hooks is not None:
             self._hooks.remove()
+
+    def _fingerprint(self) -> dict:
+        """What makes a saved state this Perturber's: the evolving tensors, their classes and shapes, the seed."""
+        return {"seed": self.seed, "optimizer": self.evo.optimizer,
+                "tensors": {n: [self.classes[n].value, list(p.shape)] for n, p in self.params.items()}}
+
+    def state_dict(self) -> dict:
+        """The ES state a user's loop checkpoints beside `module.state_dict()`: the optimizer's step and tensors
+        (Adam moments, ClipUp velocity, cloned), every tensor's sigma (adapted, or relative sigma from the base
+        weights), and a fingerprint of the module it was made for. torch.save writes it as it is."""
+        return {"fingerprint": self._fingerprint(), "step": self.optimizer.step_count,
+                "optimizer": {k: t.detach().clone() for k, t in self.optimizer.state_tensors().items()},
+                "sigmas": dict(self.plan.sigma)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from `state_dict()`: the next update continues exactly as the saved run would have."""
+        mine, theirs = self._fingerprint(), state.get("fingerprint")
+        if theirs != mine:
+            diff = sorted(k for k in mine if theirs is None or theirs.get(k) != mine[k])
+            raise ConfigError(f"Perturber.load_state_dict: the state was made for another module or settings (differs in {diff}); "
+                              "load it into a Perturber built the same way on the same architecture")
+        self.optimizer.load_state(int(state["step"]), state["optimizer"])
+        self.plan.set_sigmas(state["sigmas"])
 
     def evolvable_state(self) -> dict[str, torch.Tensor]:
         """The evolvable tensors (what a checkpoint must hold), detached and contiguous."""
