@@ -57,12 +57,19 @@ class Perturber:
             self._in_place = SavedInPlace({n: self.params[n] for n in self.full_names if n not in self._hooks.biases_in_forward})
 
     @classmethod
-    def for_module(cls, module: nn.Module, *, population_size: int, sigma: float, lr: float, rank: int = 1, seed: int = 0,
-                   optimizer: str = "sgd", classify: Classifier | None = None, **options) -> Perturber:
+    def for_module(cls, module: nn.Module, *, population_size: int = 64, sigma: float = 0.002, lr: float = 0.002, rank: int = 1,
+                   seed: int = 0, optimizer: str = "adam", classify: Classifier | None = None, **options) -> Perturber:
         """EGGROLL for any module, without a run config. Defaults: Linear, ConvNd and Embedding weights LORA,
         norm weights and biases FULL (`classify(name, tensor)` returning a ParamClass overrides them, None
         keeps the default). `options`: any other evolution setting (strategy, sigma_mode, group_size,
-        noise_reuse, weight_decay, lr_decay, sigma_decay, max_update_norm, stochastic_rounding, prng_impl)."""
+        noise_reuse, weight_decay, lr_decay, sigma_decay, max_update_norm, stochastic_rounding, prng_impl,
+        fitness_shaping, sigma_lr).
+
+        The defaults (Adam, lr 0.002, sigma 0.002, rank 1, z-score fitness) were chosen by
+        scripts/bench_vs_evotorch.py (docs/comparisons-generic.md); full-rank habits (sigma 0.02, Adam lr
+        0.01) diverge there. sigma is each element's standard deviation, as in full-rank ES, but rank-r
+        noise puts it into r directions, so the perturbation's operator norm is far larger than a
+        full-rank one's of the same sigma: start in 0.0005-0.005 (or sigma_mode='relative', 0.05-0.2)."""
         known = {f.name for f in fields(EvolutionSettings)}
         unknown = sorted(set(options) - known)
         if unknown:
