@@ -1,6 +1,6 @@
 """The Perturber: EGGROLL on a torch model, the one object the training script, replay and users call.
 
-    perturber = Perturber.for_module(net, population_size=32, sigma=0.02, lr=0.05)   # any nn.Module
+    perturber = Perturber.for_module(net)                               # any nn.Module: Adam, lr and sigma 0.002, 64 members
     perturber = Perturber(model, specs, settings, seed)                 # classes chosen by the caller
     with perturber.member(epoch, i):  loss_i = ...                      # the model as W + E_i, exact restore on exit
     with perturber.members(epoch, [0, 1, 2, 3]):  ...                  # 4 members as blocks of batch rows
