@@ -55,7 +55,7 @@ class StreamedUpdate:
         self.optimizer.lr = self.lr_at(epoch)
         self.optimizer.begin_step()
         direction_sq = 0.0
-        self._stats = _AppliedTotals()
+        totals = _AppliedTotals()
         # one fp32 workspace of the largest tensor's size holds each tensor's change in turn: no large
         # buffer is allocated and freed per tensor (the allocator would keep the freed ones)
         largest = max((p.numel() for p in self.params.values()), default=0)
@@ -74,11 +74,10 @@ class StreamedUpdate:
                     continue
                 change = self.optimizer.change(name, direction, w, out=workspace[: w.numel()].view(w.shape))
                 del direction  # frees the contraction's buffer before the change is applied
-                self._apply(name, epoch, w, change, changed_mask)
+                self._apply(totals, name, epoch, w, change, changed_mask)
             for name, w in self.params.items() if clipup else ():
                 change = self.optimizer.clipup_change(name, math.sqrt(speed_sq), out=workspace[: w.numel()].view(w.shape))
-                self._apply(name, epoch, w, change, changed_mask)
-        totals = self._stats
+                self._apply(totals, name, epoch, w, change, changed_mask)
         stats = {"update_norm": norm if norm is not None else math.sqrt(direction_sq), "clip_scale": clip,
                  "lr": self.optimizer.lr, "sigma_scale": plan.sigma_scale(epoch), "normalized_fitness": fitness.tolist()}
         stats.update({f"update_norm_{k}": math.sqrt(v) for k, v in totals.per_class.items()})
@@ -89,10 +88,10 @@ class StreamedUpdate:
             stats["sigma_mean"] = float(np.mean(list(plan.sigma.values())))
         return stats
 
-    def _apply(self, name: str, epoch: int, w: torch.Tensor, change: torch.Tensor, changed_mask: torch.Tensor) -> None:
-        """Round `change` into `w` (consuming it) and add what that did to the step's totals."""
+    def _apply(self, totals: _AppliedTotals, name: str, epoch: int, w: torch.Tensor, change: torch.Tensor,
+               changed_mask: torch.Tensor) -> None:
+        """Round `change` into `w` (consuming it) and add what that did to the step's `totals`."""
         applied = apply_change(w, change, self._rounding_generator(name, epoch, w), changed_mask[: w.numel()].view(w.shape))
-        totals = self._stats
         totals.per_class[self.plan.specs[name].cls.value] += applied.sq_norm
         totals.intended, totals.lost = totals.intended + applied.intended, totals.lost + applied.lost
         totals.changed, totals.total = totals.changed + applied.changed, totals.total + w.numel()
