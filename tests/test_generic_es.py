@@ -133,3 +133,11 @@ def test_sigma_grows_where_larger_noise_scores_better():
     fixed.update(q, 0)
     assert p.plan.sigma["0.weight"] == pytest.approx(0.05 * math.exp(0.5))
     assert all(math.isclose(fixed.plan.sigma[n], before[n]) for n in before)
+
+
+def test_a_run_config_refuses_an_adaptive_sigma():
+    """Run checkpoints and replay do not record adapted sigmas, so a run must keep sigma fixed."""
+    from ERO_EGGROLL.config import ROOT, load_config
+
+    with pytest.raises(ConfigError, match="sigma_lr must be 0 in a run"):
+        load_config(ROOT / "configs" / "default.yaml", ["evolution.sigma_lr=0.1"])
