@@ -1,6 +1,6 @@
 """ERO_EGGROLL: EGGROLL low-rank evolution strategies for any PyTorch model, and Qwen2.5-VL on ARC-1 with it.
 
-    from ERO_EGGROLL import Perturber            # the generic core (ERO_EGGROLL.core)
+    from ERO_EGGROLL import Perturber            # the generic core (ERO_EGGROLL.core), all of its names
 
 Layers, each importing only from those below it (checked by import-linter, see pyproject.toml):
 cli > run > storage > memory > evaluation > model > arc > config > io > core.
@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 if TYPE_CHECKING:
-    from ERO_EGGROLL.core import EggrollError, EvolutionSettings, ParamClass, Perturber
+    from ERO_EGGROLL.core import ConfigError, EggrollError, EvolutionSettings, ParamClass, Perturber, declare_norm, declare_row_rule
 
-__all__ = ["EggrollError", "EvolutionSettings", "ParamClass", "Perturber"]
+__all__ = ["ConfigError", "EggrollError", "EvolutionSettings", "ParamClass", "Perturber", "declare_norm", "declare_row_rule"]
 
 
 def __getattr__(name: str) -> Any:

@@ -42,6 +42,8 @@ def _non_finite(values: dict, prefix: str = "") -> str | None:
 def evolution_checks(evo: EvolutionConfig) -> Checks:
     return settings_problems(evo) + [
         (evo.epochs >= 1, f"evolution.epochs must be >= 1, got {evo.epochs}"),
+        (evo.sigma_lr == 0, f"evolution.sigma_lr must be 0 in a run, got {evo.sigma_lr}: run checkpoints and replay do not "
+                            "record adapted sigmas (Perturber.for_module loops keep them in state_dict())"),
         *[(getattr(evo, key) in choices, f"evolution.{key} must be one of {list(choices)}, got {getattr(evo, key)!r}")
           for key, choices in literal_choices(EvolutionConfig).items()],
     ]

@@ -1,4 +1,4 @@
-"""Turning the ES ascent direction into weight changes: SGD (the official update), Adam, AdamW.
+"""Turning the ES ascent direction into weight changes: SGD (the official update), Adam, AdamW, ClipUp.
 
 State is explicit tensors keyed by parameter name, so checkpoints hold it in safetensors.
 Weights in bf16/fp16 lose updates smaller than half a step of their format; `stochastic_round`
@@ -14,17 +14,24 @@ import torch
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+CLIPUP_MOMENTUM = 0.9
+CLIPUP_SPEED_RATIO = 2.0  # max speed = 2 x step size, ClipUp's recommended setting (Toklu et al. 2020)
 
 
 class EsOptimizer:
-    """step(name, direction) -> the fp32 change to add to that weight. Adam(W) get -direction as gradient."""
+    """step(name, direction) -> the fp32 change to add to that weight. Adam(W) get -direction as gradient.
+
+    ClipUp works on the whole parameter vector, so it takes two calls per tensor: `clipup_velocity`
+    (needs the direction's global norm) while the directions stream by, then `clipup_change` once the
+    velocity's global norm is known."""
 
     def __init__(self, kind: str, lr: float, weight_decay: float = 0.0):
-        if kind not in ("sgd", "adam", "adamw"):
-            raise ValueError(f"unknown optimizer {kind!r}; choose sgd, adam or adamw")
+        if kind not in ("sgd", "adam", "adamw", "clipup"):
+            raise ValueError(f"unknown optimizer {kind!r}; choose sgd, adam, adamw or clipup")
         self.kind, self.lr, self.weight_decay = kind, lr, weight_decay
         self.step_count = 0
         self.moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.velocity: dict[str, torch.Tensor] = {}
 
     def begin_step(self) -> None:
         self.step_count += 1
@@ -56,17 +63,39 @@ class EsOptimizer:
             change.sub_(self.lr * self.weight_decay * weight.float())
         return change
 
+    def clipup_velocity(self, name: str, direction: torch.Tensor, direction_norm: float) -> float:
+        """v <- momentum v + lr g / ||g|| for one tensor (g: the ascent direction, ||g|| over all tensors);
+        returns ||v||^2 of this tensor, for the global speed limit."""
+        v = self.velocity.get(name)
+        if v is None:
+            v = self.velocity[name] = torch.zeros_like(direction)
+        elif v.device != direction.device:  # a velocity loaded from a checkpoint lives on the CPU
+            v = self.velocity[name] = v.to(direction.device)
+        v.mul_(CLIPUP_MOMENTUM).add_(direction, alpha=self.lr / max(direction_norm, 1e-30))
+        return float(torch.linalg.vector_norm(v)) ** 2
+
+    def clipup_change(self, name: str, speed: float, out: torch.Tensor) -> torch.Tensor:
+        """Clip the velocity to max speed (2 x lr) given its global norm `speed`; the change is the velocity."""
+        max_speed = CLIPUP_SPEED_RATIO * self.lr
+        v = self.velocity[name]
+        if speed > max_speed:
+            v.mul_(max_speed / speed)
+        return out.copy_(v)
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The live moments (updated in place by the next step): save them before calling `change` again."""
+        """The live moments and velocities (updated in place by the next step): save them before calling `change` again."""
         out = {}
         for name, (m, v) in self.moments.items():
             out[f"adam_m/{name}"], out[f"adam_v/{name}"] = m.contiguous(), v.contiguous()
+        for name, v in self.velocity.items():
+            out[f"velocity/{name}"] = v.contiguous()
         return out
 
     def load_state(self, step_count: int, tensors: dict[str, torch.Tensor]) -> None:
         self.step_count = step_count
         names = {key.split("/", 1)[1] for key in tensors if key.startswith("adam_m/")}
         self.moments = {n: (tensors[f"adam_m/{n}"].clone(), tensors[f"adam_v/{n}"].clone()) for n in names}
+        self.velocity = {key.split("/", 1)[1]: t.clone() for key, t in tensors.items() if key.startswith("velocity/")}
 
 
 def clip_scale(norm: float, max_norm: float | None) -> float:

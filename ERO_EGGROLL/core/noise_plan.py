@@ -72,6 +72,16 @@ class NoisePlan:
         self._jax_device = jax_device_for(self.device)  # noise is drawn where the weights live, when JAX can reach it
         self.contract_in_torch = self._jax_device is None
 
+    def set_sigmas(self, sigmas: dict[str, float]) -> None:
+        """New base sigmas (adapted ones, or a checkpoint's), for the noise and the update alike."""
+        unknown = set(sigmas) - set(self.specs)
+        if unknown:
+            raise ValueError(f"sigmas for tensors this plan does not evolve: {sorted(unknown)}")
+        self.sigma.update({name: float(value) for name, value in sigmas.items()})
+        for groups in self.groups.values():
+            for g in groups:
+                g.base_sigmas = np.array([self.sigma[n] for n in g.names])
+
     def names(self, cls: ParamClass) -> list[str]:
         return [n for g in self.groups[cls] for n in g.names]
 

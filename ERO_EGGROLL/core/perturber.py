@@ -1,10 +1,11 @@
 """The Perturber: EGGROLL on a torch model, the one object the training script, replay and users call.
 
-    perturber = Perturber.for_module(net, population_size=32, sigma=0.02, lr=0.05)   # any nn.Module
+    perturber = Perturber.for_module(net)                               # any nn.Module: Adam, lr and sigma 0.002, 64 members
     perturber = Perturber(model, specs, settings, seed)                 # classes chosen by the caller
     with perturber.member(epoch, i):  loss_i = ...                      # the model as W + E_i, exact restore on exit
     with perturber.members(epoch, [0, 1, 2, 3]):  ...                  # 4 members as blocks of batch rows
     stats = perturber.update(fitness, epoch)                            # the streamed ES update
+    state = perturber.state_dict(); perturber.load_state_dict(state)    # checkpoint and exact resume
 
 It composes the parts, each with one job: noise_plan (which tensors, keys, sigmas, noise and
 directions), strategies (noise on the model, exact restore), streamed_update (the update step and
@@ -85,13 +86,20 @@ class Perturber:
                               "strategy would add its noise in one of them only; use strategy='inplace', or make it FROZEN")
 
     @classmethod
-    def for_module(cls, module: nn.Module, *, population_size: int, sigma: float, lr: float, rank: int = 1, seed: int = 0,
-                   optimizer: str = "sgd", classify: Classifier | None = None, **options) -> Perturber:
+    def for_module(cls, module: nn.Module, *, population_size: int = 64, sigma: float = 0.002, lr: float = 0.002, rank: int = 1,
+                   seed: int = 0, optimizer: str = "adam", classify: Classifier | None = None, **options) -> Perturber:
         """EGGROLL for any module, without a run config. Defaults: Linear, ConvNd and Embedding weights LORA,
         norm weights and biases FULL (`classify(name, tensor)` returning a ParamClass overrides them, None
         keeps the default); a tensor with requires_grad=False is FROZEN unless `classify` says otherwise (PyTorch's own
         word for "do not train this"). `options`: any other evolution setting (strategy, sigma_mode, group_size,
-        noise_reuse, weight_decay, lr_decay, sigma_decay, max_update_norm, stochastic_rounding, prng_impl)."""
+        noise_reuse, weight_decay, lr_decay, sigma_decay, max_update_norm, stochastic_rounding, prng_impl,
+        fitness_shaping, sigma_lr).
+
+        The defaults (Adam, lr 0.002, sigma 0.002, rank 1, z-score fitness) were chosen by
+        scripts/bench_vs_evotorch.py (docs/comparisons-generic.md); full-rank habits (sigma 0.02, Adam lr
+        0.01) diverge there. sigma is each element's standard deviation, as in full-rank ES, but rank-r
+        noise puts it into r directions, so the perturbation's operator norm is far larger than a
+        full-rank one's of the same sigma: start in 0.0005-0.005 (or sigma_mode='relative', 0.05-0.2)."""
         known = {f.name for f in fields(EvolutionSettings)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -204,6 +212,30 @@ class Perturber:
     def remove_hooks(self) -> None:
         if self._hooks is not None:
             self._hooks.remove()
+
+    def _fingerprint(self) -> dict:
+        """What makes a saved state this Perturber's: the evolving tensors, their classes and shapes, the seed."""
+        return {"seed": self.seed, "optimizer": self.evo.optimizer,
+                "tensors": {n: [self.classes[n].value, list(p.shape)] for n, p in self.params.items()}}
+
+    def state_dict(self) -> dict:
+        """The ES state a user's loop checkpoints beside `module.state_dict()`: the optimizer's step and tensors
+        (Adam moments, ClipUp velocity, cloned), every tensor's sigma (adapted, or relative sigma from the base
+        weights), and a fingerprint of the module it was made for. torch.save writes it as it is."""
+        return {"fingerprint": self._fingerprint(), "step": self.optimizer.step_count, "last_update": self._last_update,
+                "optimizer": {k: t.detach().clone() for k, t in self.optimizer.state_tensors().items()},
+                "sigmas": dict(self.plan.sigma)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from `state_dict()`: the next update continues exactly as the saved run would have."""
+        mine, theirs = self._fingerprint(), state.get("fingerprint")
+        if theirs != mine:
+            diff = sorted(k for k in mine if theirs is None or theirs.get(k) != mine[k])
+            raise ConfigError(f"Perturber.load_state_dict: the state was made for another module or settings (differs in {diff}); "
+                              "load it into a Perturber built the same way on the same architecture")
+        self.optimizer.load_state(int(state["step"]), state["optimizer"])
+        self.plan.set_sigmas(state["sigmas"])
+        self._last_update = state.get("last_update")  # a resumed loop may not apply a saved epoch twice either
 
     def evolvable_state(self) -> dict[str, torch.Tensor]:
         """The evolvable tensors (what a checkpoint must hold), detached and contiguous."""

@@ -26,13 +26,15 @@ class EvolutionSettings:
     group_size: int = 0
     prng_impl: Literal["philox4x32", "philox2x32", "threefry2x32"] = "philox4x32"
     strategy: Literal["forward", "inplace"] = "forward"
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw", "clipup"] = "sgd"  # clipup: momentum 0.9, max speed 2 x lr
     lr: float = 1.0
     lr_decay: float = 1.0  # multiplied into lr after every epoch
     sigma_decay: float = 1.0
     weight_decay: float = 0.0  # adamw only
     max_update_norm: float | None = None  # global-norm clip of the update direction
     stochastic_rounding: bool = False  # unbiased rounding of bf16 weight updates (fp16 rounds to nearest)
+    fitness_shaping: Literal["zscore", "centered_rank", "raw"] = "zscore"  # hyperscalees.shape_fitness
+    sigma_lr: float = 0.0  # > 0: each tensor's sigma adapts to the members' fitness (core/sigma_adapt.py)
 
 
 def literal_choices(section: type) -> dict[str, tuple]:
@@ -84,6 +86,7 @@ def settings_problems(evo: EvolutionSettings, prefix: str = "evolution.") -> lis
         (evo.group_size >= 0 and (evo.group_size == 0 or evo.population_size % evo.group_size == 0),
          f"{prefix}group_size {evo.group_size} must be 0 or divide {prefix}population_size {evo.population_size}"),
         (0 < evo.lr_decay <= 1 and 0 < evo.sigma_decay <= 1, f"{prefix}lr_decay and {prefix}sigma_decay must be in (0, 1]"),
+        (evo.sigma_lr >= 0, f"{prefix}sigma_lr must be >= 0 (0: a fixed sigma), got {evo.sigma_lr}"),
         (evo.max_update_norm is None or evo.max_update_norm > 0,
          f"{prefix}max_update_norm must be > 0 or null, got {evo.max_update_norm}"),
         *[(getattr(evo, key) in choices, f"{prefix}{key} must be one of {list(choices)}, got {getattr(evo, key)!r}")

@@ -109,7 +109,7 @@ def _shapes(arch: dict, specs: list[ParamSpec]) -> _Shapes:
 
 
 JAX_POOL = "JAX's GPU pool (kept after the update's contraction)"
-OPTIMIZER_STATE = "optimizer state (Adam moments, 2 x fp32 per evolvable parameter)"
+OPTIMIZER_STATE = "optimizer state (per evolvable parameter: Adam moments 2 x fp32, ClipUp velocity 1 x fp32)"
 
 
 def resident_phase(cfg: Config, sh: _Shapes, b: int, on_gpu: bool) -> tuple[dict[str, int], dict[str, int]]:
@@ -117,7 +117,7 @@ def resident_phase(cfg: Config, sh: _Shapes, b: int, on_gpu: bool) -> tuple[dict
     evo = cfg.evolution
     saved = sum(s.numel for s in sh.full) * b + (sum(s.numel for s in sh.lora) * b if evo.strategy == "inplace" else 0)
     device = {"weights": sh.all_numel * b,
-              OPTIMIZER_STATE: 2 * sh.evolvable * FP32 if evo.optimizer in ("adam", "adamw") else 0,
+              OPTIMIZER_STATE: {"adam": 2, "adamw": 2, "clipup": 1}.get(evo.optimizer, 0) * sh.evolvable * FP32,
               "saved copies for exact restore (FULL tensors; LORA too under inplace)": 0 if on_gpu else saved}
     return device, {"saved copies for exact restore (pinned host memory)": saved if on_gpu else 0}
 

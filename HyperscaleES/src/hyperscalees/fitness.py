@@ -1,4 +1,9 @@
-"""Fitness shaping: raw scores -> zero-mean, unit-scale weights for the update."""
+"""Fitness shaping: raw scores -> the weights of the update. Each rule is a pure function of the scores.
+
+zscore (the default, EGGROLL's): (f - mean) / std. centered_rank (OpenAI-ES, PGPE): each member's
+rank mapped linearly onto [-0.5, 0.5], so one outlier cannot dominate a step. raw: the scores as
+they are (antithetic pairs cancel any constant offset).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,11 @@ import numpy as np
 VARIANCE_EPS = 1e-5
 
 
-def normalize_fitness(raw, group_size: int = 0) -> np.ndarray:
-    """(f - mean) / sqrt(var + 1e-5) over the population, or per group of `group_size`
-    consecutive members (each group's own mean, the GLOBAL variance). Computed in float64 on
-    the host so the result is the same on every device; returned as float32.
-    """
+SHAPING_RULES = ("zscore", "centered_rank", "raw")
+
+
+def _checked(raw) -> np.ndarray:
+    """The scores as a float64 vector, refused with the members named when one is not finite."""
     f = np.asarray(raw, dtype=np.float64)
     if f.ndim != 1 or f.size == 0:
         raise ValueError(f"fitness must be a non-empty 1-D array, got shape {f.shape}")
@@ -21,12 +26,45 @@ def normalize_fitness(raw, group_size: int = 0) -> np.ndarray:
             f"fitness of member(s) {bad.tolist()} is not finite ({f[bad].tolist()}); "
             "a fitness function must return finite numbers"
         )
-    scale = np.sqrt(f.var() + VARIANCE_EPS)
+    return f
+
+
+def _groups(f: np.ndarray, group_size: int) -> np.ndarray:
+    """The scores as rows of `group_size` consecutive members (one row for group_size 0)."""
     if group_size == 0:
-        centred = f - f.mean()
-    else:
-        if group_size < 0 or f.size % group_size:
-            raise ValueError(f"group_size {group_size} must be positive and divide the population {f.size}")
-        groups = f.reshape(-1, group_size)
-        centred = (groups - groups.mean(axis=1, keepdims=True)).ravel()
+        return f.reshape(1, -1)
+    if group_size < 0 or f.size % group_size:
+        raise ValueError(f"group_size {group_size} must be positive and divide the population {f.size}")
+    return f.reshape(-1, group_size)
+
+
+def centered_ranks(raw, group_size: int = 0) -> np.ndarray:
+    """Rank r in 0..n-1 (ties by member order, so replays agree) mapped to r / (n - 1) - 0.5, within each group."""
+    rows = _groups(_checked(raw), group_size)
+    n = rows.shape[1]
+    ranks = np.empty_like(rows)
+    np.put_along_axis(ranks, np.argsort(rows, axis=1, kind="stable"), np.arange(n, dtype=np.float64)[None, :], axis=1)
+    return (ranks / max(n - 1, 1) - 0.5).ravel().astype(np.float32)
+
+
+def shape_fitness(raw, rule: str = "zscore", group_size: int = 0) -> np.ndarray:
+    """The update's weights under `rule` (one of SHAPING_RULES), float32."""
+    if rule == "zscore":
+        return normalize_fitness(raw, group_size)
+    if rule == "centered_rank":
+        return centered_ranks(raw, group_size)
+    if rule == "raw":
+        return _checked(raw).astype(np.float32)
+    raise ValueError(f"unknown fitness shaping {rule!r}; choose one of {list(SHAPING_RULES)}")
+
+
+def normalize_fitness(raw, group_size: int = 0) -> np.ndarray:
+    """(f - mean) / sqrt(var + 1e-5) over the population, or per group of `group_size`
+    consecutive members (each group's own mean, the GLOBAL variance). Computed in float64 on
+    the host so the result is the same on every device; returned as float32.
+    """
+    f = _checked(raw)
+    scale = np.sqrt(f.var() + VARIANCE_EPS)
+    groups = _groups(f, group_size)
+    centred = (groups - groups.mean(axis=1, keepdims=True)).ravel()
     return (centred / scale).astype(np.float32)

@@ -1,0 +1,148 @@
+"""The ES-library features of the generic core: fitness shaping, ClipUp, an adaptive per-tensor sigma, exact resume."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import hyperscalees as hs
+import numpy as np
+import pytest
+import torch
+
+from ERO_EGGROLL import Perturber
+from ERO_EGGROLL.core.errors import ConfigError
+from ERO_EGGROLL.core.es_optimizer import EsOptimizer
+from ERO_EGGROLL.core.perturber import PerturberUsageError
+from ERO_EGGROLL.core.sigma_adapt import log_sigma_step, noise_magnitudes
+
+
+def _net(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def _fitness(perturber: Perturber, net: torch.nn.Module, epoch: int) -> list[float]:
+    g = torch.Generator().manual_seed(epoch)
+    x = torch.randn(16, 3, generator=g)
+    y = x.sum(dim=1, keepdim=True).sin()
+    out = []
+    for i in range(perturber.evo.population_size):
+        with perturber.member(epoch, i), torch.no_grad():
+            out.append(-float(torch.nn.functional.mse_loss(net(x), y)))
+    return out
+
+
+def _run(perturber: Perturber, net: torch.nn.Module, epochs: range) -> None:
+    for epoch in epochs:
+        perturber.update(_fitness(perturber, net, epoch), epoch)
+
+
+OPTIONS = {"population_size": 8, "sigma": 0.1, "lr": 0.02, "rank": 2, "sigma_mode": "relative", "sigma_lr": 0.3}
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "clipup"])
+def test_state_dict_resume_is_bit_identical(optimizer):
+    straight = _net()
+    p = Perturber.for_module(straight, optimizer=optimizer, **OPTIONS)
+    _run(p, straight, range(4))
+
+    first = _net()
+    p1 = Perturber.for_module(first, optimizer=optimizer, **OPTIONS)
+    _run(p1, first, range(2))
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "es": p1.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = _net(seed=1)  # other initial weights: everything must come from the checkpoint
+    resumed.load_state_dict(saved["model"])
+    p2 = Perturber.for_module(resumed, optimizer=optimizer, **OPTIONS)
+    p2.load_state_dict(saved["es"])
+    _run(p2, resumed, range(2, 4))
+
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert p.plan.sigma == p2.plan.sigma
+    p3 = Perturber.for_module(_net(), optimizer=optimizer, **OPTIONS)
+    p3.load_state_dict(saved["es"])
+    with pytest.raises(PerturberUsageError, match="applied twice"):  # the resumed loop knows epoch 1 was applied
+        p3.update([0.0] * 8, 1)
+
+
+def test_load_state_dict_refuses_another_module():
+    state = Perturber.for_module(_net(), optimizer="adam", **OPTIONS).state_dict()
+    other = torch.nn.Sequential(torch.nn.Linear(3, 9), torch.nn.Tanh(), torch.nn.Linear(9, 1))
+    with pytest.raises(ConfigError, match="another module"):
+        Perturber.for_module(other, optimizer="adam", **OPTIONS).load_state_dict(state)
+
+
+def _reference_centered_ranks(f: list[float]) -> list[float]:
+    """Rank = members scoring lower, plus equal scores earlier in the list; then onto [-0.5, 0.5]."""
+    n = len(f)
+    ranks = [sum(fj < fi for fj in f) + sum(f[j] == fi for j in range(i)) for i, fi in enumerate(f)]
+    return [r / (n - 1) - 0.5 for r in ranks]
+
+
+def test_fitness_shaping_rules():
+    f = [3.0, -1.0, 2.0, 2.0, 10.0, 0.5, 0.5, 7.0]
+    np.testing.assert_allclose(hs.shape_fitness(f, "centered_rank"), _reference_centered_ranks(f), atol=1e-7)
+    np.testing.assert_allclose(hs.shape_fitness(f, "centered_rank", 4),
+                               _reference_centered_ranks(f[:4]) + _reference_centered_ranks(f[4:]), atol=1e-7)
+    np.testing.assert_array_equal(hs.shape_fitness(f, "zscore", 2), hs.normalize_fitness(f, 2))
+    np.testing.assert_array_equal(hs.shape_fitness(f, "raw"), np.float32(f))
+    with pytest.raises(ValueError, match="not finite"):
+        hs.shape_fitness([1.0, float("nan")], "centered_rank")
+
+
+def test_clipup_follows_its_formula():
+    lr, opt = 0.1, EsOptimizer("clipup", 0.1)
+    g = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([[0.0, 4.0]])}
+    v = {k: torch.zeros_like(t) for k, t in g.items()}
+    for step in range(3):
+        scale = [1.0, 10.0, 0.5][step]
+        norm = math.sqrt(sum(float((t * scale).pow(2).sum()) for t in g.values()))
+        speed = math.sqrt(sum(opt.clipup_velocity(k, t * scale, norm) for k, t in g.items()))
+        got = {k: opt.clipup_change(k, speed, torch.empty_like(t)) for k, t in g.items()}
+        v = {k: 0.9 * v[k] + lr * g[k] * scale / norm for k in g}
+        total = math.sqrt(sum(float(t.pow(2).sum()) for t in v.values()))
+        if total > 2 * lr:
+            v = {k: t * (2 * lr / total) for k, t in v.items()}
+        for k in g:
+            torch.testing.assert_close(got[k], v[k])
+    assert math.isclose(math.sqrt(sum(float(t.pow(2).sum()) for t in v.values())), 2 * lr, rel_tol=1e-6)  # clipped by now
+
+
+def test_noise_magnitudes_match_the_members_noise():
+    net = _net()
+    p = Perturber.for_module(net, population_size=8, sigma=0.05, lr=0.01, rank=2)
+    for name in ("0.weight", "0.bias"):
+        q = noise_magnitudes(p.plan, name, epoch=3, population=8)
+        expected = []
+        for member in range(8):
+            lora, full = p.member_noise(3, member)
+            e = lora[name][0] @ lora[name][1].T if name in lora else full[name]
+            expected.append(float(e.double().pow(2).sum()) / (0.05**2 * e.numel()))
+        np.testing.assert_allclose(q, expected, rtol=1e-5)
+        np.testing.assert_array_equal(q[0::2], q[1::2])  # antithetic pairs share a magnitude
+
+
+def test_sigma_grows_where_larger_noise_scores_better():
+    net = _net()
+    p = Perturber.for_module(net, population_size=16, sigma=0.05, lr=0.01, sigma_lr=0.5)
+    fixed = Perturber.for_module(_net(), population_size=16, sigma=0.05, lr=0.01)
+    q = noise_magnitudes(p.plan, "0.weight", epoch=0, population=16)
+    assert log_sigma_step(q, q) == pytest.approx(1.0)
+    assert log_sigma_step(np.ones(16), q) == 0.0
+    before = dict(p.plan.sigma)
+    p.update(q, 0)  # fitness = the noise magnitude of 0.weight
+    fixed.update(q, 0)
+    assert p.plan.sigma["0.weight"] == pytest.approx(0.05 * math.exp(0.5))
+    assert all(math.isclose(fixed.plan.sigma[n], before[n]) for n in before)
+
+
+def test_a_run_config_refuses_an_adaptive_sigma():
+    """Run checkpoints and replay do not record adapted sigmas, so a run must keep sigma fixed."""
+    from ERO_EGGROLL.config import ROOT, load_config
+
+    with pytest.raises(ConfigError, match="sigma_lr must be 0 in a run"):
+        load_config(ROOT / "configs" / "default.yaml", ["evolution.sigma_lr=0.1"])
