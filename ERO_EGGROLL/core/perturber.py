@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 from torch import nn
@@ -35,6 +35,8 @@ class Perturber:
     def __init__(self, model: nn.Module, specs: list[ParamSpec], settings: EvolutionSettings, seed: int):
         """`specs`: every parameter's class and key (tensor_classes); `settings` as checked by check_settings."""
         evo = self.evo = settings
+        if evo.noise == "full":  # ERO's sampling: dense noise for every matrix too (applied in place, restored from a copy)
+            specs = [replace(s, cls=ParamClass.FULL) if s.cls is ParamClass.LORA else s for s in specs]
         self.model, self.specs, self.seed = model, specs, seed
         self.classes = {s.name: s.cls for s in specs}
         if all(c is ParamClass.FROZEN for c in self.classes.values()):
@@ -48,7 +50,10 @@ class Perturber:
                               "EGGROLL here needs them on one device (load the model without device_map='auto', or freeze the rest)")
         self.plan = NoisePlan(specs, self.params, evo, seed)
         self.lora_names, self.full_names = self.plan.names(ParamClass.LORA), self.plan.names(ParamClass.FULL)
-        self._update = StreamedUpdate(self.plan, self.params, evo, seed)
+        # ERO's reset-to-base needs the base weights: one host copy of the evolving tensors, taken once
+        self._base = ({n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+                      if evo.search == "ero" and evo.reset_after else None)
+        self._update = StreamedUpdate(self.plan, self.params, evo, seed, self._base)
         self._hooks = ForwardHooks(model, self.lora_names, self.full_names) if evo.strategy == "forward" else None
         if self._hooks is None:
             self._in_place = SavedInPlace(self.params)
@@ -61,7 +66,8 @@ class Perturber:
         """EGGROLL for any module, without a run config. Defaults: Linear, ConvNd and Embedding weights LORA,
         norm weights and biases FULL (`classify(name, tensor)` returning a ParamClass overrides them, None
         keeps the default). `options`: any other evolution setting (strategy, sigma_mode, group_size,
-        noise_reuse, weight_decay, lr_decay, sigma_decay, max_update_norm, stochastic_rounding, prng_impl)."""
+        noise_reuse, weight_decay, lr_decay, sigma_decay, max_update_norm, stochastic_rounding, prng_impl; ERO's search:
+        search, noise, elites, elite_ties, reset_after, reseed_step, clamp)."""
         known = {f.name for f in fields(EvolutionSettings)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -79,7 +85,8 @@ class Perturber:
         """The same model, weights and noise plan with a new optimizer state: a replay to an earlier epoch (the guard's
         best weights, run.checkpoint: replay) moves the weights without touching the live Adam moments."""
         view = copy.copy(self)
-        view._update = StreamedUpdate(self.plan, self.params, self.evo, self.seed)
+        view.plan = copy.copy(self.plan)  # ERO's reseed in a replay must not move the live plan's seed
+        view._update = StreamedUpdate(view.plan, self.params, self.evo, self.seed, self._base)
         return view
 
     def member_noise(self, epoch: int, member: int) -> tuple[LowRank, Dense]:

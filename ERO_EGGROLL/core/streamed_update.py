@@ -16,6 +16,7 @@ from collections import defaultdict
 import hyperscalees as hs
 import torch
 
+from ERO_EGGROLL.core.ero_search import EroSelection
 from ERO_EGGROLL.core.es_optimizer import EsOptimizer, apply_change, clip_scale, rounding_generator
 from ERO_EGGROLL.core.noise_plan import NoisePlan
 from ERO_EGGROLL.core.settings import EvolutionSettings
@@ -24,9 +25,12 @@ from ERO_EGGROLL.core.settings import EvolutionSettings
 class StreamedUpdate:
     """The ES update of `params` along `plan`; its state is the optimizer's (step count, Adam moments)."""
 
-    def __init__(self, plan: NoisePlan, params: dict[str, torch.nn.Parameter], evo: EvolutionSettings, seed: int):
-        self.plan, self.params, self.evo, self.seed = plan, params, evo, seed
-        self.optimizer = EsOptimizer(evo.optimizer, evo.lr, evo.weight_decay)
+    def __init__(self, plan: NoisePlan, params: dict[str, torch.nn.Parameter], evo: EvolutionSettings, seed: int,
+                 base: dict[str, torch.Tensor] | None = None):
+        """`base`: host copies of the base weights, which ERO's reset-to-base needs (search: ero, reset_after > 0)."""
+        self.plan, self.params, self.evo, self.seed, self.base = plan, params, evo, seed, base
+        self.optimizer = (EroSelection(evo, lambda resets: plan.reseed(seed + resets * evo.reseed_step)) if evo.search == "ero"
+                          else EsOptimizer(evo.optimizer, evo.lr, evo.weight_decay))
 
     def lr_at(self, epoch: int) -> float:
         return self.evo.lr * self.evo.lr_decay ** epoch
@@ -39,7 +43,13 @@ class StreamedUpdate:
     def step(self, raw_fitness, epoch: int) -> dict:
         """Normalize fitness, then move every evolving tensor; returns the update's statistics."""
         evo, plan = self.evo, self.plan
-        fitness = hs.normalize_fitness(raw_fitness, evo.group_size)
+        ero: dict = {}
+        if evo.search == "ero":
+            fitness, ero = self.optimizer.select(raw_fitness)
+            if fitness is None:
+                return self._reset_to_base(epoch, ero)
+        else:
+            fitness = hs.normalize_fitness(raw_fitness, evo.group_size)
         if len(fitness) != evo.population_size:
             raise ValueError(f"got {len(fitness)} fitness values for a population of {evo.population_size}")
         norm, clip = None, 1.0  # without clipping, the norm is summed as the directions stream by
@@ -67,6 +77,8 @@ class StreamedUpdate:
                 change = self.optimizer.change(name, direction, w, out=workspace[: w.numel()].view(w.shape))
                 del direction  # frees the contraction's buffer before the change is applied
                 applied = apply_change(w, change, self._rounding_generator(name, epoch, w), changed_mask[: w.numel()].view(w.shape))
+                if evo.clamp is not None:  # ERO clamps each member; here the mean after its update (docs/comparisons.md)
+                    w.clamp_(-evo.clamp, evo.clamp)
                 per_class[plan.specs[name].cls.value] += applied.sq_norm
                 intended, lost = intended + applied.intended, lost + applied.lost
                 changed, total = changed + applied.changed, total + w.numel()
@@ -75,4 +87,13 @@ class StreamedUpdate:
         stats.update({f"update_norm_{k}": math.sqrt(v) for k, v in per_class.items()})
         stats["fraction_changed"] = changed / max(total, 1)
         stats["lost_update_fraction"] = lost / intended if intended else 0.0
-        return stats
+        return {**stats, **ero}
+
+    def _reset_to_base(self, epoch: int, ero: dict) -> dict:
+        """ERO's degeneration rule: the mean becomes the base weights again (the noise plan was already reseeded)."""
+        self.optimizer.begin_step()
+        with torch.no_grad():
+            for name, w in self.params.items():
+                w.copy_(self.base[name])
+        return {"update_norm": 0.0, "clip_scale": 1.0, "lr": self.optimizer.lr, "sigma_scale": self.plan.sigma_scale(epoch),
+                "normalized_fitness": [0.0] * self.evo.population_size, "fraction_changed": 0.0, "lost_update_fraction": 0.0, **ero}

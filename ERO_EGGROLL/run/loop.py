@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ERO_EGGROLL.config import Config
+from ERO_EGGROLL.core.ero_search import ERO_FIELDS
 from ERO_EGGROLL.core.tensor_classes import ParamSpec
 from ERO_EGGROLL.evaluation.evaluator import evaluate, prepare, questions_for, resolved_decoding
 from ERO_EGGROLL.evaluation.likelihood import update_with_gradient_cosine
@@ -92,6 +93,7 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
                    **evaluate_mean_model(model, processor, fitness_q, test_q, cfg, epoch + 1),
                    "lr": stats["lr"], "sigma_scale": stats["sigma_scale"], "update_norm": stats["update_norm"],
                    "fraction_changed": stats["fraction_changed"], "lost_update_fraction": stats["lost_update_fraction"],
+                   **({k: stats[k] for k in ERO_FIELDS} if evo.search == "ero" else {}),
                    **({"gradient_cosine": stats["gradient_cosine"]} if "gradient_cosine" in stats else {})}
             decision = step.conclude(epoch + 1, row["mean_model_fitness"])
             row.update(new_best=decision.new_best, rolled_back=decision.rolled_back, seconds=time.perf_counter() - start,
@@ -99,7 +101,9 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
             state.history.append(row)
             if workers:  # every worker applies the same step and must then hold the driver's weights bit for bit
                 row.update(workers=workers.advance(row, perturber.evolvable_state()), seconds=time.perf_counter() - start)
-            state.finished = state.epoch == evo.epochs or row["mean_model_fitness"] >= cfg.run.target_fitness
+            # ERO's search stops on its best model, the best elite so far (a member), as ERO does; EGGROLL's on the mean model
+            best_score = stats["best_elite_so_far"] if evo.search == "ero" else row["mean_model_fitness"]
+            state.finished = state.epoch == evo.epochs or best_score >= cfg.run.target_fitness
             record_weights(state, perturber)
             snapshot = not replay_mode or (cfg.run.snapshot_every and state.epoch % cfg.run.snapshot_every == 0)
             keep = state.epoch % cfg.run.save_every == 0 or state.finished or bool(snapshot)
