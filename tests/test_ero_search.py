@@ -50,10 +50,14 @@ def test_full_rank_sampling_follows_the_scale_rule(rule):
     base = {n: p.detach().clone() for n, p in m.named_parameters()}
     p = Perturber.for_module(m, population_size=4, sigma=0.15, lr=1.0, noise="full", sigma_mode=rule, strategy="inplace")
     draws = {n: [] for n in base}
-    for member in range(0, 4, 2):  # one of each antithetic pair (the partner is the negation)
+    for member in range(4):
         with p.member(0, member):
             for n, w in m.named_parameters():
                 draws[n].append(w.detach() - base[n])
+    for d in draws.values():  # antithetic pairs by default (up to the rounding of w + eps)
+        torch.testing.assert_close(d[0], -d[1], rtol=0, atol=1e-6)
+    p = Perturber.for_module(m, population_size=4, sigma=0.15, lr=1.0, noise="full", sigma_mode=rule, antithetic=False)
+    assert not torch.equal(p.member_noise(0, 0)[1]["0.weight"], -p.member_noise(0, 1)[1]["0.weight"])  # ERO: independent draws
     for n, w in base.items():
         s = 0.15 * (abs(float(w.double().mean())) if rule == "signed_mean" else float(w.double().std()))
         assert p.plan.sigma[n] == pytest.approx(s, rel=1e-12)
@@ -62,12 +66,12 @@ def test_full_rank_sampling_follows_the_scale_rule(rule):
         assert bool((eps != 0).all())
 
 
-@pytest.mark.parametrize("noise", ["lowrank", "full"])
-def test_new_mean_is_the_average_of_the_materialised_elites(noise):
+@pytest.mark.parametrize("noise, antithetic", [("lowrank", True), ("full", False)])
+def test_new_mean_is_the_average_of_the_materialised_elites(noise, antithetic):
     m = net()
     n_members, groups = 8, 4
     p = Perturber.for_module(m, population_size=n_members, sigma=0.3, lr=1.0, rank=2, noise=noise, search="ero", elites=groups,
-                             strategy="inplace", sigma_mode="relative")
+                             strategy="inplace", sigma_mode="relative", antithetic=antithetic)
     members = []
     for i in range(n_members):
         with p.member(0, i):

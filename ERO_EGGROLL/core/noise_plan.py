@@ -60,6 +60,7 @@ class NoisePlan:
 
     def __init__(self, specs: list[ParamSpec], weights: dict[str, torch.Tensor], evo: EvolutionSettings, seed: int):
         self.rank, self.noise_reuse, self.sigma_decay, self.prng_impl = evo.rank, evo.noise_reuse, evo.sigma_decay, evo.prng_impl
+        self.antithetic = evo.antithetic
         self.specs = {s.name: s for s in specs if s.cls is not ParamClass.FROZEN}
         self.keys = self._keys(seed)
         self.sigma = {name: tensor_sigma(weights[name], evo) for name in self.specs}  # from the BASE weights, once
@@ -89,6 +90,20 @@ class NoisePlan:
         self.groups = {cls: [_Group(g.shape, g.names, jnp.stack([self.keys[n] for n in g.names]), g.base_sigmas) for g in groups]
                        for cls, groups in self.groups.items()}
 
+    def _drawn(self, member: int) -> int:
+        """The keyed member whose noise member `member` gets: itself, or without antithetic pairs the even 2 x member
+        (every member its own independent draw, as ERO samples)."""
+        return member if self.antithetic else 2 * member
+
+    def _weights_for_draws(self, fitness: np.ndarray) -> np.ndarray:
+        """Fitness weights over the keyed members drawn: without antithetic pairs, w_i sqrt(2) at 2i and 0 at the odd
+        ones, so the contraction's 1/sqrt(2N) over 2N draws is the population's 1/sqrt(N) over its own N."""
+        if self.antithetic:
+            return fitness
+        out = np.zeros(2 * len(fitness), dtype=np.float32)
+        out[0::2] = np.asarray(fitness, dtype=np.float32) * np.float32(math.sqrt(2))
+        return out
+
     def names(self, cls: ParamClass) -> list[str]:
         return [n for g in self.groups[cls] for n in g.names]
 
@@ -102,7 +117,7 @@ class NoisePlan:
     def member_noise(self, epoch: int, member: int) -> tuple[LowRank, Dense]:
         """LORA factors (A_scaled, B) in the weights' dtype and device, and FULL noise in float32 on their
         device (FULL noise is added in fp32 and rounded once into the weight)."""
-        scale = self.sigma_scale(epoch)
+        scale, member = self.sigma_scale(epoch), self._drawn(member)
         lora, full = {}, {}
         with self._jax_placement():
             for g in self.groups[ParamClass.LORA]:
@@ -126,6 +141,7 @@ class NoisePlan:
         zero-copy by DLPack. Where it does not (CUDA weights, CPU-only JAX): only the small factors
         cross to the device and torch contracts them there, never moving an (m, n) buffer."""
         spec, key, sigma = self.specs[name], self.keys[name], self.sigma[name] * self.sigma_scale(epoch)
+        fitness = self._weights_for_draws(fitness)
         if sigma == 0.0:  # signed_mean of a zero-mean tensor: never perturbed, never moved
             return torch.zeros(spec.shape, dtype=torch.float32, device=self.device)
         with self._jax_placement():
@@ -147,6 +163,6 @@ class NoisePlan:
         spec = self.specs[name]
         if spec.cls is ParamClass.LORA and self.sigma[name] != 0.0:
             with self._jax_placement():
-                return float(hs.lowrank_update_sq_norm(self.keys[name], spec.matrix_shape, fitness, epoch=epoch, rank=self.rank,
+                return float(hs.lowrank_update_sq_norm(self.keys[name], spec.matrix_shape, self._weights_for_draws(fitness), epoch=epoch, rank=self.rank,
                                                        sigma=self.sigma[name] * self.sigma_scale(epoch), noise_reuse=self.noise_reuse))
         return float(torch.linalg.vector_norm(self.direction(name, fitness, epoch))) ** 2

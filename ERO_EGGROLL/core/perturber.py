@@ -67,7 +67,7 @@ class Perturber:
         norm weights and biases FULL (`classify(name, tensor)` returning a ParamClass overrides them, None
         keeps the default). `options`: any other evolution setting (strategy, sigma_mode, group_size,
         noise_reuse, weight_decay, lr_decay, sigma_decay, max_update_norm, stochastic_rounding, prng_impl; ERO's search:
-        search, noise, elites, elite_ties, reset_after, reseed_step, clamp)."""
+        search, noise, antithetic, elites, elite_ties, reset_after, reseed_step, clamp)."""
         known = {f.name for f in fields(EvolutionSettings)}
         unknown = sorted(set(options) - known)
         if unknown:

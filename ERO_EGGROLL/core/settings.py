@@ -35,6 +35,7 @@ class EvolutionSettings:
     # ERO's search beside EGGROLL's (core/ero_search.py): the update, the noise's rank, and ERO's selection options
     search: Literal["eggroll", "ero"] = "eggroll"  # eggroll: the ES update; ero: the mean moves to the average of the elites
     noise: Literal["lowrank", "full"] = "lowrank"  # full: every LORA tensor gets dense full-rank noise (ERO's sampling)
+    antithetic: bool = True  # members 2k, 2k+1 share noise of opposite signs; false: every member its own draw (ERO)
     elites: int = 4  # ero: round-robin groups, each keeping its best member (ERO: 4 GPU workers)
     elite_ties: Literal["later", "earlier"] = "later"  # ero: which of two equal scores in a group is kept (ERO: the later)
     reset_after: int = 0  # ero: after this many epochs without a new best elite, back to the BASE weights (ERO: 3; 0: never)
