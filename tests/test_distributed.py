@@ -57,6 +57,19 @@ def test_a_worker_lost_mid_epoch_changes_nothing(reference, tmp_path, ray_addres
     assert workers[-1][1]["restarts"] == 1 and workers[-1][0]["restarts"] == 0
 
 
+def test_two_workers_follow_an_ero_search_run_through_its_reset(tmp_path, tiny_model_dir, ray_address):
+    """Every worker applies the driver's rows through the epoch step and is checked against the driver's weights after
+    every epoch (a drift stops the run, test below), so a finished run means bit-identical weights throughout."""
+    from test_ero_run import ERO_RUN
+
+    args = run_args(tmp_path, "ero", *ERO_RUN, "evolution.epochs=3", "distributed.workers=2", "distributed.cpus_per_worker=1",
+                    f"distributed.address={ray_address}")
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "results" / "ero" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("reset_to_base") for r in rows) and all(len(r["workers"]) == 2 for r in rows[1:])
+
+
 def test_a_worker_whose_weights_drift_stops_the_run(tmp_path, tiny_model_dir, ray_address):
     done = distributed_run(tmp_path, "drift", ray_address, fault="drift:0:1")  # one ulp in one tensor after epoch 1's step
     assert done.returncode == 2, done.stderr[-3000:]
