@@ -116,8 +116,8 @@ def _shapes(arch: dict, specs: list[ParamSpec], noise: str = "lowrank") -> _Shap
 # elements of b bytes each:
 #   saved copy on the device     +n b device memory; two device copies of n b per member (fast; doubles the weights)
 #   host copy written back       +n b pinned host memory; n b over PCIe each way per member (what SavedInPlace does on
-#                                a GPU: 2 x 15 GB for the 7B, about 1.2 s per member at 25 GB/s, so 20 min of an epoch
-#                                of 1000 members on copies alone)
+#                                a GPU: 2 x 12 GiB of the 7B's evolving tensors, about 1 s per member at 25 GB/s, so
+#                                about 17 min of an epoch of 1000 members on copies alone)
 #   subtracting regenerated noise  no copy at all, but (w + eps) - eps is not w in bf16 (each add rounds), so the mean
 #                                drifts member by member; refused here, where every epoch must replay bit for bit
 RESTORE_METHODS = ("saved copy on the device", "host copy written back", "subtracting regenerated noise")
