@@ -18,7 +18,7 @@ from ERO_EGGROLL.io.progress import bar, summary
 from ERO_EGGROLL.memory.measure import measured_peak_rss_bytes, peak_memory_scope, reset_peak_memory
 from ERO_EGGROLL.model.qwen import run_perturber
 from ERO_EGGROLL.run.distributed import WorkerPool
-from ERO_EGGROLL.run.epoch_step import EpochStep
+from ERO_EGGROLL.run.epoch_step import EpochStep, stop_score
 from ERO_EGGROLL.run.loggers import Loggers
 from ERO_EGGROLL.run.population import BEST_MODEL_STREAM, evaluate_mean_model, evaluate_population, members_per_batch
 from ERO_EGGROLL.run.record import ClonedBest, ReplayedBest, check_sigma, record_weights
@@ -101,9 +101,8 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
             state.history.append(row)
             if workers:  # every worker applies the same step and must then hold the driver's weights bit for bit
                 row.update(workers=workers.advance(row, perturber.evolvable_state()), seconds=time.perf_counter() - start)
-            # ERO's search stops on its best model, the best elite so far (a member), as ERO does; EGGROLL's on the mean model
-            best_score = stats["best_elite_so_far"] if evo.search == "ero" else row["mean_model_fitness"]
-            state.finished = state.epoch == evo.epochs or best_score >= cfg.run.target_fitness
+            reached = stop_score(evo.search, stats, row["mean_model_fitness"]) >= cfg.run.target_fitness
+            state.finished = state.epoch == evo.epochs or reached
             record_weights(state, perturber)
             snapshot = not replay_mode or (cfg.run.snapshot_every and state.epoch % cfg.run.snapshot_every == 0)
             keep = state.epoch % cfg.run.save_every == 0 or state.finished or bool(snapshot)
