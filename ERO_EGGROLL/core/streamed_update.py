@@ -41,7 +41,7 @@ class StreamedUpdate:
         return rounding_generator(self.seed, epoch, self.plan.specs[name].key_index, weight.device)
 
     def step(self, raw_fitness, epoch: int) -> dict:
-        """Normalize fitness, then move every evolving tensor; returns the update's statistics."""
+        """Shape fitness (normalized, or ERO's elite weights), then move every evolving tensor; returns the statistics."""
         evo, plan = self.evo, self.plan
         ero: dict = {}
         if evo.search == "ero":
