@@ -29,10 +29,14 @@ Dense = dict[str, torch.Tensor]  # name -> FULL noise, float32
 
 
 def tensor_sigma(weight: torch.Tensor, evo: EvolutionSettings) -> float:
-    """Absolute sigma, or relative: sigma x std(W) of the base weight (rms(W) when std is 0, e.g. fresh norms)."""
+    """Absolute sigma; relative: sigma x std(W) of the base weight (rms(W) when std is 0, e.g. fresh norms);
+    signed_mean: sigma x |mean(W)| (ERO's std.json read as per-tensor means; the sign of a scale on symmetric
+    noise only swaps a member with its antithetic partner, so the magnitude is the whole rule)."""
     if evo.sigma_mode == "absolute":
         return evo.sigma
     w = weight.detach().double()
+    if evo.sigma_mode == "signed_mean":  # a mean of exactly 0 (fresh biases) gives 0: ERO would not move that tensor
+        return evo.sigma * abs(float(w.mean()))
     scale = float(w.std()) if w.numel() > 1 else 0.0
     if scale == 0.0:
         scale = float(w.pow(2).mean().sqrt())
@@ -55,10 +59,10 @@ class NoisePlan:
     """The evolving tensors of a model and their noise, from the base weights, the evolution settings and the seed."""
 
     def __init__(self, specs: list[ParamSpec], weights: dict[str, torch.Tensor], evo: EvolutionSettings, seed: int):
-        self.rank, self.noise_reuse, self.sigma_decay = evo.rank, evo.noise_reuse, evo.sigma_decay
+        self.rank, self.noise_reuse, self.sigma_decay, self.prng_impl = evo.rank, evo.noise_reuse, evo.sigma_decay, evo.prng_impl
+        self.antithetic = evo.antithetic
         self.specs = {s.name: s for s in specs if s.cls is not ParamClass.FROZEN}
-        base_key = hs.make_key(seed, evo.prng_impl)
-        self.keys = {name: hs.param_key(base_key, s.key_index) for name, s in self.specs.items()}
+        self.keys = self._keys(seed)
         self.sigma = {name: tensor_sigma(weights[name], evo) for name in self.specs}  # from the BASE weights, once
         self.dtypes = {name: weights[name].dtype for name in self.specs}
         self.device = next(iter(weights.values())).device if weights else torch.device("cpu")
@@ -69,6 +73,7 @@ class NoisePlan:
         for (cls, shape), names in grouped.items():
             keys = jnp.stack([self.keys[n] for n in names])
             self.groups[cls].append(_Group(shape, names, keys, np.array([self.sigma[n] for n in names])))
+        self.seed = seed
         self._jax_device = jax_device_for(self.device)  # noise is drawn where the weights live, when JAX can reach it
         self.contract_in_torch = self._jax_device is None
 
@@ -81,6 +86,33 @@ class NoisePlan:
         for groups in self.groups.values():
             for g in groups:
                 g.base_sigmas = np.array([self.sigma[n] for n in g.names])
+
+    def _keys(self, seed: int) -> dict:
+        base_key = hs.make_key(seed, self.prng_impl)
+        return {name: hs.param_key(base_key, s.key_index) for name, s in self.specs.items()}
+
+    def reseed(self, seed: int) -> None:
+        """Draw all later noise from `seed` (ERO's seed move at a reset); sigmas stay the base weights'. Rebinds, never
+        mutates, the key containers, so a shallow copy of the plan (Perturber.with_fresh_optimizer) keeps its own seed."""
+        if seed == self.seed:
+            return
+        self.seed, self.keys = seed, self._keys(seed)
+        self.groups = {cls: [_Group(g.shape, g.names, jnp.stack([self.keys[n] for n in g.names]), g.base_sigmas) for g in groups]
+                       for cls, groups in self.groups.items()}
+
+    def _drawn(self, member: int) -> int:
+        """The keyed member whose noise member `member` gets: itself, or without antithetic pairs the even 2 x member
+        (every member its own independent draw, as ERO samples)."""
+        return member if self.antithetic else 2 * member
+
+    def _weights_for_draws(self, fitness: np.ndarray) -> np.ndarray:
+        """Fitness weights over the keyed members drawn: without antithetic pairs, w_i sqrt(2) at 2i and 0 at the odd
+        ones, so the contraction's 1/sqrt(2N) over 2N draws is the population's 1/sqrt(N) over its own N."""
+        if self.antithetic:
+            return fitness
+        out = np.zeros(2 * len(fitness), dtype=np.float32)
+        out[0::2] = np.asarray(fitness, dtype=np.float32) * np.float32(math.sqrt(2))
+        return out
 
     def names(self, cls: ParamClass) -> list[str]:
         return [n for g in self.groups[cls] for n in g.names]
@@ -95,7 +127,7 @@ class NoisePlan:
     def member_noise(self, epoch: int, member: int) -> tuple[LowRank, Dense]:
         """LORA factors (A_scaled, B) in the weights' dtype and device, and FULL noise in float32 on their
         device (FULL noise is added in fp32 and rounded once into the weight)."""
-        scale = self.sigma_scale(epoch)
+        scale, member = self.sigma_scale(epoch), self._drawn(member)
         lora, full = {}, {}
         with self._jax_placement():
             for g in self.groups[ParamClass.LORA]:
@@ -119,6 +151,9 @@ class NoisePlan:
         zero-copy by DLPack. Where it does not (CUDA weights, CPU-only JAX): only the small factors
         cross to the device and torch contracts them there, never moving an (m, n) buffer."""
         spec, key, sigma = self.specs[name], self.keys[name], self.sigma[name] * self.sigma_scale(epoch)
+        fitness = self._weights_for_draws(fitness)
+        if sigma == 0.0:  # signed_mean of a zero-mean tensor: never perturbed, never moved
+            return torch.zeros(spec.shape, dtype=torch.float32, device=self.device)
         with self._jax_placement():
             if spec.cls is ParamClass.LORA and self.contract_in_torch:
                 a, b = hs.population_lowrank_factors(key, spec.matrix_shape, epoch=epoch, members=np.arange(len(fitness)),
@@ -136,8 +171,8 @@ class NoisePlan:
     def direction_sq_norm(self, name: str, fitness: np.ndarray, epoch: int) -> float:
         """||direction||^2 without the (m, n) buffer for LORA tensors (FULL tensors are small)."""
         spec = self.specs[name]
-        if spec.cls is ParamClass.LORA:
+        if spec.cls is ParamClass.LORA and self.sigma[name] != 0.0:
             with self._jax_placement():
-                return float(hs.lowrank_update_sq_norm(self.keys[name], spec.matrix_shape, fitness, epoch=epoch, rank=self.rank,
+                return float(hs.lowrank_update_sq_norm(self.keys[name], spec.matrix_shape, self._weights_for_draws(fitness), epoch=epoch, rank=self.rank,
                                                        sigma=self.sigma[name] * self.sigma_scale(epoch), noise_reuse=self.noise_reuse))
         return float(torch.linalg.vector_norm(self.direction(name, fitness, epoch))) ** 2

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import defaultdict
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 from torch import nn
@@ -50,6 +50,8 @@ class Perturber:
     def __init__(self, model: nn.Module, specs: list[ParamSpec], settings: EvolutionSettings, seed: int):
         """`specs`: every parameter's class and key (tensor_classes); `settings` as checked by check_settings."""
         evo = self.evo = settings
+        if evo.noise == "full":  # ERO's sampling: dense noise for every matrix too (applied in place, restored from a copy)
+            specs = [replace(s, cls=ParamClass.FULL) if s.cls is ParamClass.LORA else s for s in specs]
         self.model, self.specs, self.seed = model, specs, checked_int(seed, "seed", 0, MAX_SEED)
         self._inside_member = False
         self._last_update: int | None = None  # the epoch of the last update, so that one is not applied twice by mistake
@@ -65,7 +67,10 @@ class Perturber:
                               "EGGROLL here needs them on one device (load the model without device_map='auto', or freeze the rest)")
         self.plan = NoisePlan(specs, self.params, evo, seed)
         self.lora_names, self.full_names = self.plan.names(ParamClass.LORA), self.plan.names(ParamClass.FULL)
-        self._update = StreamedUpdate(self.plan, self.params, evo, seed)
+        # ERO's reset-to-base needs the base weights: one host copy of the evolving tensors, taken once
+        self._base = ({n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+                      if evo.search == "ero" and evo.reset_after else None)
+        self._update = StreamedUpdate(self.plan, self.params, evo, seed, self._base)
         self._hooks = ForwardHooks(model, self.lora_names, self.full_names) if evo.strategy == "forward" else None
         if self._hooks is not None:
             self._refuse_shared_in_forward()
@@ -86,24 +91,30 @@ class Perturber:
                               "strategy would add its noise in one of them only; use strategy='inplace', or make it FROZEN")
 
     @classmethod
-    def for_module(cls, module: nn.Module, *, population_size: int = 64, sigma: float = 0.002, lr: float = 0.002, rank: int = 1,
-                   seed: int = 0, optimizer: str = "adam", classify: Classifier | None = None, **options) -> Perturber:
+    def for_module(cls, module: nn.Module, *, population_size: int = 64, sigma: float = 0.002, lr: float | None = None,
+                   rank: int = 1, seed: int = 0, optimizer: str | None = None, classify: Classifier | None = None,
+                   **options) -> Perturber:
         """EGGROLL for any module, without a run config. Defaults: Linear, ConvNd and Embedding weights LORA,
         norm weights and biases FULL (`classify(name, tensor)` returning a ParamClass overrides them, None
         keeps the default); a tensor with requires_grad=False is FROZEN unless `classify` says otherwise (PyTorch's own
         word for "do not train this"). `options`: any other evolution setting (strategy, sigma_mode, group_size,
         noise_reuse, weight_decay, lr_decay, sigma_decay, max_update_norm, stochastic_rounding, prng_impl,
-        fitness_shaping, sigma_lr).
+        fitness_shaping, sigma_lr; ERO's search: search, noise, antithetic, elites, elite_ties, reset_after,
+        reseed_step, clamp).
 
         The defaults (Adam, lr 0.002, sigma 0.002, rank 1, z-score fitness) were chosen by
         scripts/bench_vs_evotorch.py (docs/comparisons-generic.md); full-rank habits (sigma 0.02, Adam lr
         0.01) diverge there. sigma is each element's standard deviation, as in full-rank ES, but rank-r
         noise puts it into r directions, so the perturbation's operator norm is far larger than a
-        full-rank one's of the same sigma: start in 0.0005-0.005 (or sigma_mode='relative', 0.05-0.2)."""
+        full-rank one's of the same sigma: start in 0.0005-0.005 (or sigma_mode='relative', 0.05-0.2).
+        With search='ero' the step is the move to the elites' average, so lr and optimizer default to 1.0 and SGD."""
         known = {f.name for f in fields(EvolutionSettings)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(f"Perturber.for_module: unknown option(s) {unknown}; known: {sorted(known)}")
+        ero = options.get("search") == "ero"
+        lr = lr if lr is not None else (1.0 if ero else 0.002)
+        optimizer = optimizer if optimizer is not None else ("sgd" if ero else "adam")
         evo = EvolutionSettings(population_size=population_size, sigma=sigma, lr=lr, rank=rank, optimizer=optimizer, **options)
         check_settings(evo, "Perturber.for_module")
 
@@ -122,7 +133,8 @@ class Perturber:
         """The same model, weights and noise plan with a new optimizer state: a replay to an earlier epoch (the guard's
         best weights, run.checkpoint: replay) moves the weights without touching the live Adam moments."""
         view = copy.copy(self)
-        view._update = StreamedUpdate(self.plan, self.params, self.evo, self.seed)
+        view.plan = copy.copy(self.plan)  # ERO's reseed in a replay must not move the live plan's seed
+        view._update = StreamedUpdate(view.plan, self.params, self.evo, self.seed, self._base)
         return view
 
     def member_noise(self, epoch: int, member: int) -> tuple[LowRank, Dense]:

@@ -21,7 +21,8 @@ class EvolutionSettings:
     population_size: int = 32
     rank: int = 2
     sigma: float = 0.01
-    sigma_mode: Literal["absolute", "relative"] = "absolute"  # relative: sigma x std(W) per tensor
+    # relative: sigma x std(W) per tensor; signed_mean: sigma x |mean(W)| per tensor (ERO's std.json read as means)
+    sigma_mode: Literal["absolute", "relative", "signed_mean"] = "absolute"
     noise_reuse: int = 1
     group_size: int = 0
     prng_impl: Literal["philox4x32", "philox2x32", "threefry2x32"] = "philox4x32"
@@ -35,6 +36,15 @@ class EvolutionSettings:
     stochastic_rounding: bool = False  # unbiased rounding of bf16 weight updates (fp16 rounds to nearest)
     fitness_shaping: Literal["zscore", "centered_rank", "raw"] = "zscore"  # hyperscalees.shape_fitness
     sigma_lr: float = 0.0  # > 0: each tensor's sigma adapts to the members' fitness (core/sigma_adapt.py)
+    # ERO's search beside EGGROLL's (core/ero_search.py): the update, the noise's rank, and ERO's selection options
+    search: Literal["eggroll", "ero"] = "eggroll"  # eggroll: the ES update; ero: the mean moves to the average of the elites
+    noise: Literal["lowrank", "full"] = "lowrank"  # full: every LORA tensor gets dense full-rank noise (ERO's sampling)
+    antithetic: bool = True  # members 2k, 2k+1 share noise of opposite signs; false: every member its own draw (ERO)
+    elites: int = 4  # ero: round-robin groups, each keeping its best member (ERO: 4 GPU workers)
+    elite_ties: Literal["later", "earlier"] = "later"  # ero: which of two equal scores in a group is kept (ERO: the later)
+    reset_after: int = 0  # ero: after this many epochs without a new best elite, back to the BASE weights (ERO: 3; 0: never)
+    reseed_step: int = 1919810  # ero: the noise seed moves by this much at every reset (ERO's constant)
+    clamp: float | None = None  # clamp the mean to [-clamp, clamp] after each update (ERO: 10; null: never)
 
 
 def literal_choices(section: type) -> dict[str, tuple]:
@@ -89,6 +99,12 @@ def settings_problems(evo: EvolutionSettings, prefix: str = "evolution.") -> lis
         (evo.sigma_lr >= 0, f"{prefix}sigma_lr must be >= 0 (0: a fixed sigma), got {evo.sigma_lr}"),
         (evo.max_update_norm is None or evo.max_update_norm > 0,
          f"{prefix}max_update_norm must be > 0 or null, got {evo.max_update_norm}"),
+        (evo.elites >= 1 and (evo.search != "ero" or evo.elites <= evo.population_size),
+         f"{prefix}elites must be >= 1 and at most {prefix}population_size, got {evo.elites}"),
+        (evo.reset_after >= 0, f"{prefix}reset_after must be >= 0 (0: never), got {evo.reset_after}"),
+        (evo.clamp is None or evo.clamp > 0, f"{prefix}clamp must be > 0 or null, got {evo.clamp}"),
+        (evo.search == "eggroll" or evo.optimizer == "sgd",
+         f"{prefix}search: ero moves the mean to the elites' average (lr x the step); it needs optimizer: sgd, got {evo.optimizer}"),
         *[(getattr(evo, key) in choices, f"{prefix}{key} must be one of {list(choices)}, got {getattr(evo, key)!r}")
           for key, choices in literal_choices(EvolutionSettings).items()],
     ]

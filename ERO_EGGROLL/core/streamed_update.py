@@ -20,6 +20,7 @@ import hyperscalees as hs
 import numpy as np
 import torch
 
+from ERO_EGGROLL.core.ero_search import EroSelection
 from ERO_EGGROLL.core.es_optimizer import EsOptimizer, apply_change, clip_scale, rounding_generator
 from ERO_EGGROLL.core.noise_plan import NoisePlan
 from ERO_EGGROLL.core.settings import EvolutionSettings
@@ -29,9 +30,12 @@ from ERO_EGGROLL.core.sigma_adapt import adapted_sigmas
 class StreamedUpdate:
     """The ES update of `params` along `plan`; its state is the optimizer's (step count, Adam moments)."""
 
-    def __init__(self, plan: NoisePlan, params: dict[str, torch.nn.Parameter], evo: EvolutionSettings, seed: int):
-        self.plan, self.params, self.evo, self.seed = plan, params, evo, seed
-        self.optimizer = EsOptimizer(evo.optimizer, evo.lr, evo.weight_decay)
+    def __init__(self, plan: NoisePlan, params: dict[str, torch.nn.Parameter], evo: EvolutionSettings, seed: int,
+                 base: dict[str, torch.Tensor] | None = None):
+        """`base`: host copies of the base weights, which ERO's reset-to-base needs (search: ero, reset_after > 0)."""
+        self.plan, self.params, self.evo, self.seed, self.base = plan, params, evo, seed, base
+        self.optimizer = (EroSelection(evo, lambda resets: plan.reseed(seed + resets * evo.reseed_step)) if evo.search == "ero"
+                          else EsOptimizer(evo.optimizer, evo.lr, evo.weight_decay))
 
     def lr_at(self, epoch: int) -> float:
         return self.evo.lr * self.evo.lr_decay ** epoch
@@ -42,12 +46,19 @@ class StreamedUpdate:
         return rounding_generator(self.seed, epoch, self.plan.specs[name].key_index, weight.device)
 
     def step(self, raw_fitness, epoch: int) -> dict:
-        """Shape fitness, move every evolving tensor, then adapt the sigmas (sigma_lr > 0); returns the update's statistics."""
+        """Shape fitness (normalized, or ERO's elite weights), move every evolving tensor, then adapt the sigmas
+        (sigma_lr > 0); returns the update's statistics."""
         evo, plan = self.evo, self.plan
-        fitness = hs.shape_fitness(raw_fitness, evo.fitness_shaping, evo.group_size)
+        ero: dict = {}
+        if evo.search == "ero":
+            fitness, ero = self.optimizer.select(raw_fitness)
+            if fitness is None:
+                return self._reset_to_base(epoch, ero)
+        else:
+            fitness = hs.shape_fitness(raw_fitness, evo.fitness_shaping, evo.group_size)
         if len(fitness) != evo.population_size:
             raise ValueError(f"got {len(fitness)} fitness values for a population of {evo.population_size}")
-        clipup = self.optimizer.kind == "clipup"
+        clipup = evo.optimizer == "clipup"  # ERO's search needs sgd (settings)
         norm, clip = None, 1.0  # without a global norm to know first, the norm is summed as the directions stream by
         if evo.max_update_norm is not None or clipup:
             norm = math.sqrt(sum(plan.direction_sq_norm(name, fitness, epoch) for name in self.params))
@@ -86,15 +97,27 @@ class StreamedUpdate:
         if evo.sigma_lr > 0:
             plan.set_sigmas(adapted_sigmas(plan, fitness, epoch, evo.sigma_lr))
             stats["sigma_mean"] = float(np.mean(list(plan.sigma.values())))
-        return stats
+        return {**stats, **ero}
 
     def _apply(self, totals: _AppliedTotals, name: str, epoch: int, w: torch.Tensor, change: torch.Tensor,
                changed_mask: torch.Tensor) -> None:
         """Round `change` into `w` (consuming it) and add what that did to the step's `totals`."""
         applied = apply_change(w, change, self._rounding_generator(name, epoch, w), changed_mask[: w.numel()].view(w.shape))
+        if self.evo.clamp is not None:  # ERO clamps each member; here the mean after its update (docs/comparisons.md)
+            w.clamp_(-self.evo.clamp, self.evo.clamp)
         totals.per_class[self.plan.specs[name].cls.value] += applied.sq_norm
         totals.intended, totals.lost = totals.intended + applied.intended, totals.lost + applied.lost
         totals.changed, totals.total = totals.changed + applied.changed, totals.total + w.numel()
+
+
+    def _reset_to_base(self, epoch: int, ero: dict) -> dict:
+        """ERO's degeneration rule: the mean becomes the base weights again (the noise plan was already reseeded)."""
+        self.optimizer.begin_step()
+        with torch.no_grad():
+            for name, w in self.params.items():
+                w.copy_(self.base[name])
+        return {"update_norm": 0.0, "clip_scale": 1.0, "lr": self.optimizer.lr, "sigma_scale": self.plan.sigma_scale(epoch),
+                "normalized_fitness": [0.0] * self.evo.population_size, "fraction_changed": 0.0, "lost_update_fraction": 0.0, **ero}
 
 
 @dataclass

@@ -9,6 +9,7 @@ weights are downloaded:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,9 +104,23 @@ class _Shapes:
         return sum(s.numel for s in self.lora + self.full)
 
 
-def _shapes(arch: dict, specs: list[ParamSpec]) -> _Shapes:
-    return _Shapes([s for s in specs if s.cls is ParamClass.LORA], [s for s in specs if s.cls is ParamClass.FULL],
+def _shapes(arch: dict, specs: list[ParamSpec], noise: str = "lowrank") -> _Shapes:
+    """evolution.noise: full makes every LORA tensor FULL, as the Perturber does (dense noise, applied in place)."""
+    lora = [s for s in specs if s.cls is ParamClass.LORA] if noise == "lowrank" else []
+    return _Shapes(lora, [s for s in specs if s.cls is ParamClass.FULL or s.cls is ParamClass.LORA and noise == "full"],
                    sum(s.numel for s in specs), arch.get("text_config", arch), arch.get("vision_config", {}))
+
+
+# How a full-rank member is applied and restored (ERO's sampling on a big model): the member's dense noise is added
+# in place into every evolving tensor, and the exact mean must come back afterwards. Per member, n evolving
+# elements of b bytes each:
+#   saved copy on the device     +n b device memory; two device copies of n b per member (fast; doubles the weights)
+#   host copy written back       +n b pinned host memory; n b over PCIe each way per member (what SavedInPlace does on
+#                                a GPU: 2 x 12 GiB of the 7B's evolving tensors, about 1 s per member at 25 GB/s, so
+#                                about 17 min of an epoch of 1000 members on copies alone)
+#   subtracting regenerated noise  no copy at all, but (w + eps) - eps is not w in bf16 (each add rounds), so the mean
+#                                drifts member by member; refused here, where every epoch must replay bit for bit
+RESTORE_METHODS = ("saved copy on the device", "host copy written back", "subtracting regenerated noise")
 
 
 JAX_POOL = "JAX's GPU pool (kept after the update's contraction)"
@@ -119,7 +134,9 @@ def resident_phase(cfg: Config, sh: _Shapes, b: int, on_gpu: bool) -> tuple[dict
     device = {"weights": sh.all_numel * b,
               OPTIMIZER_STATE: {"adam": 2, "adamw": 2, "clipup": 1}.get(evo.optimizer, 0) * sh.evolvable * FP32,
               "saved copies for exact restore (FULL tensors; LORA too under inplace)": 0 if on_gpu else saved}
-    return device, {"saved copies for exact restore (pinned host memory)": saved if on_gpu else 0}
+    base = sh.evolvable * b if evo.search == "ero" and evo.reset_after else 0  # ERO's reset-to-base: a host copy
+    return device, {"saved copies for exact restore (pinned host memory)": saved if on_gpu else 0,
+                    "base weights for ERO's reset-to-base (host copy)": base}
 
 
 # Live activations of one decoder layer during the prefill, in units of (rows x prompt tokens x width x dtype
@@ -181,7 +198,7 @@ def estimate(cfg: Config, arch: dict, specs: list[ParamSpec], work: Workload, dt
 
     `jax_on_device`: JAX draws on the GPU itself. Its allocator grows on demand but never hands memory
     back to CUDA, so what its largest computation (the update's contraction) once took stays held."""
-    sh = _shapes(arch, specs)
+    sh = _shapes(arch, specs, cfg.evolution.noise)
     b = DTYPE_BYTES[dtype]
     resident, host = resident_phase(cfg, sh, b, on_gpu)
     if jax_on_device:
@@ -194,6 +211,24 @@ def estimate(cfg: Config, arch: dict, specs: list[ParamSpec], work: Workload, dt
                 "update accumulator (fp32)": sh.evolvable * FP32,
                 "evaluation (KV cache + activations)": kv_and_activations}
     return MemoryEstimate(resident, evaluation, update_phase(cfg, sh, b), host, fullrank)
+
+
+def ero_search_config(cfg: Config) -> Config:
+    """The same run with ERO's search (configs/ero.yaml's evolution settings): full-rank members, in place, one at a time."""
+    ero = copy.deepcopy(cfg)
+    for key, value in {"search": "ero", "noise": "full", "antithetic": False, "reset_after": 3, "strategy": "inplace",
+                       "optimizer": "sgd"}.items():
+        setattr(ero.evolution, key, value)
+    return ero
+
+
+def _phases(est: MemoryEstimate) -> list[str]:
+    lines = ["  resident:"] + [f"    {k:68s} {_gib(v)}" for k, v in est.resident.items() if v]
+    for phase, parts, total in (("phase: evaluate one generate call (sum)", est.evaluation, est.evaluation_total),
+                                ("phase: streamed update (the larger step)", est.update, est.update_total)):
+        lines += [f"  {phase}: {_gib(total).strip()}"] + [f"    {k:68s} {_gib(v)}" for k, v in parts.items() if v]
+    lines += [f"  {'peak on the device (resident + larger phase)':70s} {_gib(est.device_total)}"]
+    return lines + [f"  {k:70s} {_gib(v)}" for k, v in est.host.items() if v]
 
 
 def _gib(n: int) -> str:
@@ -240,12 +275,12 @@ def report(cfg: Config) -> str:
     lines = [f"architecture {source}; {dtype} on {'GPU' if on_gpu else 'CPU'}; population {cfg.evolution.population_size}, rank {cfg.evolution.rank}",
              f"longest generate call (estimated): {work.prompt_tokens} prompt + {work.new_tokens} new tokens x batch {work.batch}, "
              f"{work.image_patches} image patches", "", "EGGROLL (this design):"]
-    lines += ["  resident:"] + [f"    {k:68s} {_gib(v)}" for k, v in est.resident.items() if v]
-    for phase, parts, total in (("phase: evaluate one generate call (sum)", est.evaluation, est.evaluation_total),
-                                ("phase: streamed update (the larger step)", est.update, est.update_total)):
-        lines += [f"  {phase}: {_gib(total).strip()}"] + [f"    {k:68s} {_gib(v)}" for k, v in parts.items() if v]
-    lines += [f"  {'peak on the device (resident + larger phase)':70s} {_gib(est.device_total)}"]
-    lines += [f"  {k:70s} {_gib(v)}" for k, v in est.host.items() if v]
+    lines += _phases(est)
+    ero_cfg = ero_search_config(cfg)
+    ero = RunPlan(plan.arch, source, plan.specs, work, dtype, on_gpu, 1).estimate(ero_cfg)
+    lines += ["", "ERO's search on one GPU (predicted: full-rank members applied in place, one at a time, restored from a "
+              f"{'pinned host' if on_gpu else 'saved'} copy; the elites' average through the same streamed update):"]
+    lines += _phases(ero)
     lines += ["", "full-rank ES (ERO-style noise, same sequential evaluation):"]
     lines += [f"  {k:70s} {_gib(v)}" for k, v in est.fullrank.items() if v]
     lines += [f"  {'peak on the device':70s} {_gib(est.fullrank_total)}",

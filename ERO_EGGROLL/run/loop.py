@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ERO_EGGROLL.config import Config
+from ERO_EGGROLL.core.ero_search import ERO_FIELDS
 from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.core.tensor_classes import ParamSpec
 from ERO_EGGROLL.evaluation.evaluator import evaluate, prepare, questions_for, resolved_decoding
@@ -20,7 +21,7 @@ from ERO_EGGROLL.io.progress import bar, summary
 from ERO_EGGROLL.memory.measure import measured_peak_rss_bytes, peak_memory_scope, reset_peak_memory
 from ERO_EGGROLL.model.qwen import run_perturber
 from ERO_EGGROLL.run.distributed import WorkerPool
-from ERO_EGGROLL.run.epoch_step import EpochStep
+from ERO_EGGROLL.run.epoch_step import EpochStep, stop_score
 from ERO_EGGROLL.run.loggers import Loggers
 from ERO_EGGROLL.run.population import BEST_MODEL_STREAM, evaluate_mean_model, evaluate_population, members_per_batch
 from ERO_EGGROLL.run.record import ClonedBest, ReplayedBest, check_sigma, record_weights
@@ -96,6 +97,7 @@ class Evolution:
                "member_max": max(fitness), "member_min": min(fitness),
                **evaluate_mean_model(self.model, self.processor, self.fitness_q, self.test_q, cfg, epoch + 1),
                **{key: stats[key] for key in UPDATE_FIELDS},
+               **({key: stats[key] for key in ERO_FIELDS} if evo.search == "ero" else {}),
                **({"gradient_cosine": stats["gradient_cosine"]} if "gradient_cosine" in stats else {})}
         decision = self.step.conclude(epoch + 1, row["mean_model_fitness"])
         row.update(new_best=decision.new_best, rolled_back=decision.rolled_back, seconds=time.perf_counter() - start,
@@ -103,7 +105,8 @@ class Evolution:
         self.state.history.append(row)
         if self.workers:  # every worker applies the same step and must then hold the driver's weights bit for bit
             row.update(workers=self.workers.advance(row, self.perturber.evolvable_state()), seconds=time.perf_counter() - start)
-        self.state.finished = self.state.epoch == evo.epochs or row["mean_model_fitness"] >= cfg.run.target_fitness
+        reached = stop_score(evo.search, stats, row["mean_model_fitness"]) >= cfg.run.target_fitness
+        self.state.finished = self.state.epoch == evo.epochs or reached
         return row
 
     def save(self, row: dict) -> Path:

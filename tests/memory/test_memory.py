@@ -149,3 +149,19 @@ def test_jax_on_the_gpu_keeps_its_largest_computation_resident(setup):
     pool = shared.resident["JAX's GPU pool (kept after the update's contraction)"]
     assert pool == next(iter(apart.update.values())) > 0
     assert shared.device_total == apart.device_total + pool
+
+
+def test_ero_search_member_noise_and_restore_copies_match_the_real_tensors(setup):
+    """ERO's search (ero_search_config: full-rank members in place) predicted per phase against what its Perturber holds."""
+    from ERO_EGGROLL.memory.model import ero_search_config
+
+    model, _, cfg, arch, specs = setup
+    ero = ero_search_config(cfg)
+    est = estimate(ero, arch, specs, Workload(prompt_tokens=100, new_tokens=10, image_patches=0, batch=1), "float32", on_gpu=True)
+    perturber = run_perturber(model, ero, specs)
+    _, full = perturber.member_noise(0, 0)
+    perturber.remove_hooks()
+    evolving = sum(p.numel() for p in perturber.params.values()) * 4
+    assert est.evaluation["member noise (LORA factors, FULL noise)"] == sum(e.numel() for e in full.values()) * 4 == evolving
+    assert est.host["saved copies for exact restore (pinned host memory)"] == evolving  # every tensor is noised in place
+    assert est.host["base weights for ERO's reset-to-base (host copy)"] == evolving

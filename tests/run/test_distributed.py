@@ -13,6 +13,7 @@ import subprocess
 import pytest
 from conftest import run_args
 from test_evolution_run import assert_same_weights, final_weights, metrics
+from test_run_record import record, resume, without_timings
 
 from ERO_EGGROLL.config import Config, ConfigError, config_from_dict
 from ERO_EGGROLL.run.worker import FAULT_ENV
@@ -55,6 +56,30 @@ def test_a_worker_lost_mid_epoch_changes_nothing(reference, tmp_path, ray_addres
     assert "worker 1 lost in epoch" in done.stderr
     workers = assert_same_run(tmp_path, "lost", reference)
     assert workers[-1][1]["restarts"] == 1 and workers[-1][0]["restarts"] == 0
+
+
+ERO_RUN = ["evolution.search=ero", "evolution.antithetic=false", "evolution.elites=2", "evolution.reset_after=1",
+           "evolution.clamp=10.0", "evolution.epochs=4", "evaluation.max_new_tokens_cap=16"]
+
+
+def test_ero_search_on_two_workers_through_a_reset_then_resumed_by_replay_is_the_same_run(tmp_path, tiny_model_dir, ray_address):
+    """ERO's search (evolution.search: ero) is exact as EGGROLL's is. On 2 Ray workers: each applies the driver's rows
+    through the epoch step and is checked against the driver's weights after every epoch (a drift stops the run, test
+    below), so a finished run means bit-identical weights. Then, in one process, gone back to epoch 3: replay rebuilds
+    epochs 1-3 (a reset to base among them; rebuild checks the recorded digest) and epoch 4 must draw the moved seed's
+    noise again, as the first line did."""
+    args = run_args(tmp_path, "ero", *ERO_RUN, "distributed.workers=2", "distributed.cpus_per_worker=1", f"distributed.address={ray_address}")
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = record(tmp_path / "checkpoints" / "ero")
+    assert all(len(row["workers"]) == 2 for row in first.history[1:])
+    resets = [row["epoch"] for row in first.history[1:] if row["reset_to_base"]]
+    assert resets and resets[0] <= 3, f"no reset before epoch 4 ({resets}): the seed move is not exercised"
+    assert first.weight_digests[resets[0]] == first.weight_digests[0]  # a reset is exactly the base weights
+    resume(tmp_path / "checkpoints" / "ero" / "epoch_0003", "distributed.workers=1")
+    again = record(tmp_path / "checkpoints" / "ero")
+    assert without_timings(again) == without_timings(first)
+    assert again.weight_digests == first.weight_digests and again.tensor_digests == first.tensor_digests
 
 
 def test_a_worker_whose_weights_drift_stops_the_run(tmp_path, tiny_model_dir, ray_address):

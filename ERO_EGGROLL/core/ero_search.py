@@ -1,0 +1,98 @@
+"""ERO's search as one more update rule: round-robin elites, their average, the best so far and reset-to-base.
+
+ERO (MetaEvo/ERO) deals member i to worker i mod E, keeps each worker's best member (a later equal
+score replaces it), and moves the mean to the plain average of the E elites. Elites are never stored
+here: member i's weights are mean + noise_i, so the average of the elites is
+mean + (1/E) sum_e noise_e, i.e. the ES update with weight sqrt(N)/E on each elite and 0 elsewhere
+(the update contracts sum_i w_i noise_i / sqrt(N)), through the same streamed update as EGGROLL's.
+ERO's degeneration rule is kept beside it: when the top elite's score is below the best so far for
+`reset_after` epochs in a row, the mean goes back to the ORIGINAL base weights (a host copy taken
+once) and the noise seed moves by `reseed_step`. This object takes the optimizer's place in the
+streamed update, so its state (best, counter, resets) is saved, resumed and replayed like Adam's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ERO_EGGROLL.core.settings import EvolutionSettings
+
+ERO_FIELDS = ("elites", "elite_best", "best_elite_so_far", "degeneration_counter", "reset_to_base")  # what `select` reports
+
+
+def round_robin_elites(fitness, elites: int, ties: str = "later") -> list[int]:
+    """The best member of each group {i : i mod elites == g}, ranked by score (best first; equal scores by group).
+
+    `ties`: 'later' keeps the later of two equal scores in a group (ERO), 'earlier' the first."""
+    f = np.asarray(fitness, dtype=np.float64)
+    kept = []
+    for g in range(min(elites, f.size)):
+        best = g
+        for i in range(g + elites, f.size, elites):
+            if f[i] > f[best] or (ties == "later" and f[i] == f[best]):
+                best = i
+        kept.append(best)
+    return sorted(kept, key=lambda i: (-f[i], i % elites))
+
+
+def elite_weights(elite_ids: list[int], population: int) -> np.ndarray:
+    """Fitness-shaping weights whose ES update is the elites' average noise: sqrt(N)/E on each elite, 0 elsewhere."""
+    w = np.zeros(population, dtype=np.float32)
+    w[elite_ids] = np.float32(math.sqrt(population) / len(elite_ids))
+    return w
+
+
+class EroSelection:
+    """ERO's selection in the optimizer's place: `select` turns raw fitness into elite weights (None: reset to base).
+
+    `change` is lr x direction (lr 1: the mean becomes the elites' average, as ERO); state_tensors/load_state
+    carry the best elite score, the degeneration counter and the number of resets through checkpoints."""
+
+    kind = "ero"
+
+    def __init__(self, evo: EvolutionSettings, reseed):
+        """`reseed(resets)`: moves the noise plan to seed + resets x reseed_step (the plan belongs to the Perturber)."""
+        self.evo, self.lr, self._reseed = evo, evo.lr, reseed
+        self.step_count = 0
+        self.best, self.counter, self.resets = -math.inf, 0, 0
+
+    def begin_step(self) -> None:
+        self.step_count += 1
+
+    def select(self, raw_fitness) -> tuple[np.ndarray | None, dict]:
+        """The update weights of this epoch (None when ERO's rule resets the mean to the base) and what was decided."""
+        evo = self.evo
+        f = np.asarray(raw_fitness, dtype=np.float64)
+        if f.size != evo.population_size:
+            raise ValueError(f"got {f.size} fitness values for a population of {evo.population_size}")
+        ids = round_robin_elites(f, evo.elites, evo.elite_ties)
+        top = float(f[ids[0]])
+        if top >= self.best:
+            self.best, self.counter = top, 0
+        else:
+            self.counter += 1
+        reset = bool(evo.reset_after) and self.counter >= evo.reset_after
+        if reset:
+            self.counter, self.resets = 0, self.resets + 1
+            self._reseed(self.resets)
+        info = {"elites": ids, "elite_best": top, "best_elite_so_far": self.best, "degeneration_counter": self.counter,
+                "reset_to_base": reset}
+        return (None if reset else elite_weights(ids, f.size)), info
+
+    def change(self, name: str, direction: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lr * direction if out is None else torch.mul(direction, self.lr, out=out)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"ero/best": torch.tensor([self.best], dtype=torch.float64),
+                "ero/counter_resets": torch.tensor([self.counter, self.resets], dtype=torch.int64)}
+
+    def load_state(self, step_count: int, tensors: dict[str, torch.Tensor]) -> None:
+        """`tensors` as saved by state_tensors, or {} for a fresh start (epoch 0)."""
+        self.step_count = step_count
+        self.best = float(tensors["ero/best"][0]) if "ero/best" in tensors else -math.inf
+        counter_resets = tensors.get("ero/counter_resets")
+        self.counter, self.resets = (int(counter_resets[0]), int(counter_resets[1])) if counter_resets is not None else (0, 0)
+        self._reseed(self.resets)
