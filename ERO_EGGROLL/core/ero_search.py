@@ -23,6 +23,12 @@ from ERO_EGGROLL.core.settings import EvolutionSettings
 ERO_FIELDS = ("elites", "elite_best", "best_elite_so_far", "degeneration_counter", "reset_to_base")  # what `select` reports
 
 
+def stop_score(search: str, row: dict) -> float:
+    """What run.target_fitness is compared with in an epoch's metrics row: ERO stops on its best model, the best elite so
+    far (a member; none yet in the base model's row); EGGROLL on the mean model."""
+    return row.get("best_elite_so_far", -math.inf) if search == "ero" else row["mean_model_fitness"]
+
+
 def round_robin_elites(fitness, elites: int, ties: str = "later") -> list[int]:
     """The best member of each group {i : i mod elites == g}, ranked by score (best first; equal scores by group).
 

@@ -25,12 +25,6 @@ class Decision:
     rolled_back: bool
 
 
-def stop_score(search: str, stats: dict, mean_model_fitness: float) -> float:
-    """What run.target_fitness is compared with: ERO stops on its best model, the best elite so far (a member);
-    EGGROLL on the mean model."""
-    return stats["best_elite_so_far"] if search == "ero" else mean_model_fitness
-
-
 class BestWeights(Protocol):
     """Keeps (or knows how to rebuild) the best epoch's weights."""
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ERO_EGGROLL.config import Config
-from ERO_EGGROLL.core.ero_search import ERO_FIELDS
+from ERO_EGGROLL.core.ero_search import ERO_FIELDS, stop_score
 from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.core.tensor_classes import ParamSpec
 from ERO_EGGROLL.evaluation.evaluator import evaluate, prepare, questions_for, resolved_decoding
@@ -21,7 +21,7 @@ from ERO_EGGROLL.io.progress import bar, summary
 from ERO_EGGROLL.memory.measure import measured_peak_rss_bytes, peak_memory_scope, reset_peak_memory
 from ERO_EGGROLL.model.qwen import run_perturber
 from ERO_EGGROLL.run.distributed import WorkerPool
-from ERO_EGGROLL.run.epoch_step import EpochStep, stop_score
+from ERO_EGGROLL.run.epoch_step import EpochStep
 from ERO_EGGROLL.run.loggers import Loggers
 from ERO_EGGROLL.run.population import BEST_MODEL_STREAM, evaluate_mean_model, evaluate_population, members_per_batch
 from ERO_EGGROLL.run.record import ClonedBest, ReplayedBest, check_sigma, record_weights
@@ -105,7 +105,7 @@ class Evolution:
         self.state.history.append(row)
         if self.workers:  # every worker applies the same step and must then hold the driver's weights bit for bit
             row.update(workers=self.workers.advance(row, self.perturber.evolvable_state()), seconds=time.perf_counter() - start)
-        reached = stop_score(evo.search, stats, row["mean_model_fitness"]) >= cfg.run.target_fitness
+        reached = stop_score(evo.search, row) >= cfg.run.target_fitness
         self.state.finished = self.state.epoch == evo.epochs or reached
         return row
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ERO_EGGROLL.core.ero_search import stop_score
 from ERO_EGGROLL.config import Config, ConfigError
 from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.run.record import ClonedBest, ReplayedBest, check_sigma, rebuild
@@ -46,7 +47,7 @@ def resume(cfg: Config, perturber: Perturber, identity: dict, ckpt_dir: Path, re
     if resume_from != ckpt_dir:
         rewind(ckpt_dir, resume_from)
     state.config = cfg.to_dict()  # e.g. more epochs: later resumes and replays see the config in force
-    state.finished = state.epoch == evo.epochs or state.history[-1]["mean_model_fitness"] >= cfg.run.target_fitness
+    state.finished = state.epoch == evo.epochs or stop_score(evo.search, state.history[-1]) >= cfg.run.target_fitness
     if isinstance(best, ReplayedBest):
         rebuild(perturber, state, state.epoch, best)
     else:

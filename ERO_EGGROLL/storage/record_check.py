@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from ERO_EGGROLL.config import config_from_dict
+from ERO_EGGROLL.core.ero_search import stop_score
 from ERO_EGGROLL.evaluation.evaluator import fitness_range
 from ERO_EGGROLL.storage.checkpoints import CheckpointError, RunState
 
@@ -66,7 +67,8 @@ def check_record(state: RunState, where: str) -> None:
     for field, value in (("best_epoch", best_epoch), ("best_fitness", best_fitness), ("epochs_since_best", since)):
         if getattr(state, field) != value:
             refuse(f"{field} is {getattr(state, field)!r}, the history gives {value!r}")
-    finished = state.epoch >= 1 and (state.epoch == cfg.evolution.epochs or state.history[-1]["mean_model_fitness"] >= cfg.run.target_fitness)
+    reached = stop_score(cfg.evolution.search, state.history[-1]) >= cfg.run.target_fitness
+    finished = state.epoch >= 1 and (state.epoch == cfg.evolution.epochs or reached)
     if state.finished != finished:
         refuse(f"finished is {state.finished}, epoch {state.epoch} of {cfg.evolution.epochs} with target fitness "
                f"{cfg.run.target_fitness} gives {finished}")

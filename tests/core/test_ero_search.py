@@ -121,10 +121,10 @@ def test_ero_search_refuses_a_non_sgd_optimizer():
 
 
 def test_early_stop_reads_the_best_elite_so_far_under_ero_and_the_mean_model_under_eggroll():
-    from ERO_EGGROLL.run.epoch_step import stop_score
+    from ERO_EGGROLL.core.ero_search import stop_score
 
     p = Perturber.for_module(net(), population_size=4, sigma=0.1, lr=1.0, search="ero", elites=2)
     stats = p.update([0.2, 1.0, 0.3, 0.1], 0)
-    assert stop_score("ero", stats, mean_model_fitness=0.4) == 1.0  # ERO's best model reached 1.0: the run stops
-    assert stop_score("ero", p.update([0.2, 0.1, 0.3, 0.1], 1), mean_model_fitness=0.4) == 1.0  # the best so far, not this epoch's
-    assert stop_score("eggroll", stats, mean_model_fitness=0.4) == 0.4
+    assert stop_score("ero", {**stats, "mean_model_fitness": 0.4}) == 1.0  # ERO's best model reached 1.0: the run stops
+    assert stop_score("ero", {**p.update([0.2, 0.1, 0.3, 0.1], 1), "mean_model_fitness": 0.4}) == 1.0  # the best so far, not this epoch's
+    assert stop_score("eggroll", {**stats, "mean_model_fitness": 0.4}) == 0.4

@@ -26,6 +26,17 @@ def record(fitness: str = "char_similarity", epochs: int = 2) -> RunState:
                     epochs_since_best=1, optimizer_step=2, finished=True, weight_digests=["a", "b", "c"])
 
 
+def test_an_ero_run_that_stopped_on_its_best_elite_is_finished():
+    """ERO's search stops when its best elite so far reaches the target, whatever the mean model scores."""
+    state = record(epochs=5)
+    state.config["evolution"]["search"], state.config["evolution"]["optimizer"] = "ero", "sgd"
+    state.history[2]["best_elite_so_far"] = 1.0
+    check_record(state, "run")  # finished at epoch 2 of 5: the best elite reached run.target_fitness 1.0
+    state.history[2]["best_elite_so_far"] = 0.9
+    with pytest.raises(CheckpointError, match="finished is True"):
+        check_record(state, "run")
+
+
 def edited(change) -> RunState:
     state = record()
     change(state)
