@@ -101,10 +101,14 @@ class Rehearsal:
         s, pr = self.seconds, self.projection
         lines += [f"seconds per member {s['member']:.2f} (first batch {s['first_batch']:.1f} s with compilation); "
                   f"per update {s['update']:.2f} (first {s['first_update']:.1f} s); mean-model evaluation {s['mean_model']:.1f}",
-                  f"projected: {pr['epoch_seconds'] / 60:.1f} min per epoch (all tasks), {pr['run_seconds'] / 3600:.2f} h per run "
+                  f"projected: {_duration(pr['epoch_seconds'])} per epoch (all tasks), {_duration(pr['run_seconds'])} per run "
                   f"({pr['epochs']:.0f} epochs; one process; checkpoints not counted)",
                   f"VERDICT: {self.verdict()[1]}"]
         return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _model(cfg: Config, random_layers: int | None):

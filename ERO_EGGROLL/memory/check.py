@@ -22,7 +22,8 @@ def advice_for(component: str) -> str:
               "prefill": "lower evaluation.batch_size or evaluation.members_per_batch, or use data.input_mode: text",
               "update": "evolve fewer or smaller tensors (params.overrides) or lower evolution.population_size",
               "saved": "use evolution.strategy: forward",
-              "image": "use data.input_mode: text or lower data.max_pixels"}
+              "image": "use data.input_mode: text or lower data.max_pixels",
+              "fp32 copies": "a CPU's bf16 matmul upcasts its weight (a GPU does not): use a GPU, or model.dtype: float32 where the weights fit twice"}
     return next((v for k, v in advice.items() if component.startswith(k)), "lower evaluation.batch_size or evaluation.members_per_batch")
 
 

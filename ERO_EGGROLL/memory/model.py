@@ -98,6 +98,8 @@ class _Shapes:
     text: dict
     vision: dict
 
+    largest_linear: int  # elements of the largest 2-D weight that is not an embedding (the output head of a large vocabulary)
+
     @property
     def evolvable(self) -> int:
         return sum(s.numel for s in self.lora + self.full)
@@ -105,7 +107,8 @@ class _Shapes:
 
 def _shapes(arch: dict, specs: list[ParamSpec]) -> _Shapes:
     return _Shapes([s for s in specs if s.cls is ParamClass.LORA], [s for s in specs if s.cls is ParamClass.FULL],
-                   sum(s.numel for s in specs), arch.get("text_config", arch), arch.get("vision_config", {}))
+                   sum(s.numel for s in specs), arch.get("text_config", arch), arch.get("vision_config", {}),
+                   max((s.numel for s in specs if len(s.shape) == 2 and "embed" not in s.name), default=0))
 
 
 JAX_POOL = "JAX's GPU pool (kept after the update's contraction)"
@@ -130,7 +133,14 @@ PREFILL_HIDDEN_COPIES = 6
 PIXEL_VALUES_PER_PATCH = 3 * 2 * 14 * 14  # channels x temporal patch x 14 x 14, fp32
 
 
-def evaluation_phase(cfg: Config, sh: _Shapes, work: Workload, b: int, members: int = 1) -> dict[str, int]:
+# On the CPU a reduced-precision matmul converts its weight to fp32 (measured: two fp32 copies live at once), so the
+# largest matrix a Linear multiplies by, the output head in a large-vocabulary model, costs 2 x its size x 4 bytes for
+# a moment: 4.1 GiB for the 7B's head (scripts/bench_memory.py, case 7b@2:bfloat16:sgd). GPU GEMMs run in bf16 natively.
+CPU_UPCAST_COPIES = 2
+CPU_UPCAST = "fp32 copies of the largest Linear weight (CPU reduced-precision matmul)"
+
+
+def evaluation_phase(cfg: Config, sh: _Shapes, work: Workload, b: int, members: int = 1, on_gpu: bool = True) -> dict[str, int]:
     """Bytes of one generate call evaluating `members` members on `work.batch` prompts each."""
     text, r = sh.text, cfg.evolution.rank
     rows = work.batch * members
@@ -149,6 +159,7 @@ def evaluation_phase(cfg: Config, sh: _Shapes, work: Workload, b: int, members: 
         + (rows * heads * work.prompt_tokens**2 * b if eager_scores else 0),
         "logits (last position, fp32)": rows * vocab * FP32,
         "image tensors and vision activations": work.image_patches * members * (PIXEL_VALUES_PER_PATCH * FP32 + 8 * sh.vision.get("hidden_size", 0) * b),
+        CPU_UPCAST: CPU_UPCAST_COPIES * sh.largest_linear * FP32 if not on_gpu and b != FP32 else 0,
     }
 
 
@@ -186,7 +197,7 @@ def estimate(cfg: Config, arch: dict, specs: list[ParamSpec], work: Workload, dt
     resident, host = resident_phase(cfg, sh, b, on_gpu)
     if jax_on_device:
         resident[JAX_POOL] = next(iter(update_phase(cfg, sh, b).values()), 0)
-    evaluation = evaluation_phase(cfg, sh, work, b, members)
+    evaluation = evaluation_phase(cfg, sh, work, b, members, on_gpu)
     kv_and_activations = sum(v for k, v in evaluation.items() if not k.startswith("member noise"))
     lora_numel = sum(s.numel for s in sh.lora)
     fullrank = {"weights": resident["weights"], OPTIMIZER_STATE: resident[OPTIMIZER_STATE],
