@@ -171,7 +171,8 @@ def rehearse(cfg: Config, random_layers: int | None = None) -> Rehearsal:
         k = members_per_batch(cfg, model, perturber, fitness_q)
         param = next(iter(perturber.params.values()))
         dtype = str(param.dtype).removeprefix("torch.")
-        est = estimate(cfg, model.config.to_dict(), perturber.specs, workload_of(fitness_q, cfg.evaluation.batch_size), dtype,
+        rows = min(cfg.evaluation.batch_size, len(fitness_q))  # fewer questions than a batch: the calls have fewer rows
+        est = estimate(cfg, model.config.to_dict(), perturber.specs, workload_of(fitness_q, rows), dtype,
                        device.type == "cuda", members=k, jax_on_device=device.type == "cuda" and jax_gpu_pool_bytes() is not None)
         batches = member_batches(cfg.evolution.population_size, k)
         evaluate = lambda ids: evaluate_batch(perturber, model, processor, fitness_q, cfg, 0, ids)
