@@ -23,7 +23,8 @@ def advice_for(component: str) -> str:
               "update": "evolve fewer or smaller tensors (params.overrides) or lower evolution.population_size",
               "saved": "use evolution.strategy: forward",
               "image": "use data.input_mode: text or lower data.max_pixels",
-              "fp32 copies": "a CPU's bf16 matmul upcasts its weight (a GPU does not): use a GPU, or model.dtype: float32 where the weights fit twice"}
+              "copies of the output head": "a CPU's bf16 matmul copies the head per row (a GPU does not): lower evaluation.batch_size "
+                                           "or evaluation.members_per_batch, or use a GPU"}
     return next((v for k, v in advice.items() if component.startswith(k)), "lower evaluation.batch_size or evaluation.members_per_batch")
 
 

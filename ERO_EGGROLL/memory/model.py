@@ -133,11 +133,11 @@ PREFILL_HIDDEN_COPIES = 6
 PIXEL_VALUES_PER_PATCH = 3 * 2 * 14 * 14  # channels x temporal patch x 14 x 14, fp32
 
 
-# On the CPU a reduced-precision matmul converts its weight to fp32 (measured: two fp32 copies live at once), so the
-# largest matrix a Linear multiplies by, the output head in a large-vocabulary model, costs 2 x its size x 4 bytes for
-# a moment: 4.1 GiB for the 7B's head (scripts/bench_memory.py, case 7b@2:bfloat16:sgd). GPU GEMMs run in bf16 natively.
-CPU_UPCAST_COPIES = 2
-CPU_UPCAST = "fp32 copies of the largest Linear weight (CPU reduced-precision matmul)"
+# On the CPU, a reduced-precision Linear whose input is a slice (the prefill's last position, `hidden[:, -1:]`) makes a
+# copy of its weight per batch row: the output head's 152,064 x 3584 x 2 bytes per row at the 7B's shapes (measured:
+# 4 rows 4.06 GiB, scripts/bench_memory.py 7b@2:bfloat16:sgd; 1, 2, 4 rows 1, 2, 4 copies on a narrower model; none in
+# fp32, none for a contiguous input). GPU GEMMs run in bf16 natively.
+CPU_UPCAST = "copies of the output head, one per row (CPU reduced-precision matmul on a sliced input)"
 
 
 def evaluation_phase(cfg: Config, sh: _Shapes, work: Workload, b: int, members: int = 1, on_gpu: bool = True) -> dict[str, int]:
@@ -159,7 +159,7 @@ def evaluation_phase(cfg: Config, sh: _Shapes, work: Workload, b: int, members: 
         + (rows * heads * work.prompt_tokens**2 * b if eager_scores else 0),
         "logits (last position, fp32)": rows * vocab * FP32,
         "image tensors and vision activations": work.image_patches * members * (PIXEL_VALUES_PER_PATCH * FP32 + 8 * sh.vision.get("hidden_size", 0) * b),
-        CPU_UPCAST: CPU_UPCAST_COPIES * sh.largest_linear * FP32 if not on_gpu and b != FP32 else 0,
+        CPU_UPCAST: rows * sh.largest_linear * b if not on_gpu and b != FP32 else 0,
     }
 
 
