@@ -11,7 +11,11 @@ glibc's mmap threshold is fixed (MALLOC_MMAP_THRESHOLD_) in the measured process
 buffers go back to the OS and RSS counts live bytes, as the model does; `--no-fixed-threshold`
 shows the allocator's own slack instead.
 
-    python scripts/bench_memory.py [--quick] [--cases 360m:float32:sgd ...]   -> results/bench/memory.json
+The 7B's own shapes (hidden 3584, MLP 18944, vocabulary 152,064 for the embedding and the untied output head,
+the 32-block vision tower; all FROZEN but the decoder layers, as classified by default) with L decoder layers:
+case `7b@L:bfloat16:sgd` (L = 2 takes about 6 GB of RAM).
+
+    python scripts/bench_memory.py [--quick] [--cases 360m:float32:sgd 7b@2:bfloat16:sgd ...]   -> results/bench/memory.json
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from bench_common import write_results  # noqa: E402
 
 PROMPT_TOKENS, NEW_TOKENS, ROWS, RANK, POPULATION = 384, 8, 4, 64, 16
+SEVEN_B = "7b@"  # a case "7b@L:bfloat16:sgd" is Qwen2.5-VL-7B's tensor shapes with L decoder layers
 TOLERANCE = 0.20
 
 
@@ -44,13 +49,22 @@ def measure(size: str, dtype: str, optimizer: str, phase: str) -> dict:
     from ERO_EGGROLL.memory.measure import current_rss_bytes, measured_peak_rss_bytes, start_rss_measurement
     from ERO_EGGROLL.memory.model import Workload, estimate
     from ERO_EGGROLL.model.qwen import classify_model, run_perturber
-    from ERO_EGGROLL.model.random_model import SHAPES, TextShape, random_model
+    from ERO_EGGROLL.model.random_model import SHAPES, TextShape, random_model, random_model_like
 
-    torch_dtype, tiny_dir, shape = getattr(torch, dtype), ROOT / EMBEDDED_MODEL_DIR, SHAPES[size]
+    torch_dtype, tiny_dir = getattr(torch, dtype), ROOT / EMBEDDED_MODEL_DIR
+    if size.startswith(SEVEN_B):  # the 7B's own tensors (widths, vocabulary, vision tower), fewer decoder layers
+        arch = json.loads((ROOT / "configs" / "qwen2_5_vl_7b_config.json").read_text())
+        shape = TextShape(arch["hidden_size"], arch["intermediate_size"], int(size.removeprefix(SEVEN_B)), arch["num_attention_heads"],
+                          arch["num_key_value_heads"])
+        build = lambda: random_model_like(tiny_dir, arch, shape.layers, torch_dtype)
+    else:
+        shape = SHAPES[size]
+        build = lambda: random_model(tiny_dir, shape, torch_dtype)
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"evolution.population_size={POPULATION}", f"evolution.rank={RANK}",
                                                         f"evolution.optimizer={optimizer}", "evolution.lr=0.01",
                                                         "evolution.sigma_mode=absolute", "evolution.sigma=0.02"])
     fitness = [float((7 * i) % 5) for i in range(POPULATION)]
+    # the twin has the evolvable tensors' shapes (one layer); the embedded model's vocabulary and vision tower (FROZEN) suffice
     twin = run_perturber(random_model(tiny_dir, TextShape(**{**shape.__dict__, "layers": 1}), torch_dtype), cfg)
     ids = torch.randint(0, 300, (1, 16))
     with torch.no_grad(), twin.member(0, 0):  # compiles the member-noise draws of one layer's tensor shapes
@@ -60,7 +74,7 @@ def measure(size: str, dtype: str, optimizer: str, phase: str) -> dict:
     twin.remove_hooks()
     del twin
     base = start_rss_measurement()
-    model = random_model(tiny_dir, shape, torch_dtype)
+    model = build()
     perturber = run_perturber(model, cfg)
     start = start_rss_measurement()
     measured = {"resident": start - base}
@@ -87,7 +101,8 @@ def measure(size: str, dtype: str, optimizer: str, phase: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the 100m model in fp32 only")
-    parser.add_argument("--cases", nargs="+", help="size:dtype:optimizer, e.g. 360m:bfloat16:adam")
+    parser.add_argument("--cases", nargs="+", help="size:dtype:optimizer, e.g. 360m:bfloat16:adam or 7b@2:bfloat16:sgd")
+    parser.add_argument("--out", default="memory", help="results/bench/<OUT>.json")
     parser.add_argument("--no-fixed-threshold", action="store_true", help="measure with glibc's dynamic mmap threshold")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -114,7 +129,7 @@ def main() -> None:
                 worst = max(worst, abs(ratio - 1))
                 print(f"| {case} | {part} | {predicted / 2**20:.0f} | {row['measured'][part] / 2**20:.0f} | {ratio:.2f} |", flush=True)
     print(f"\nlargest deviation from the prediction: {worst:.0%} (target: within {TOLERANCE:.0%})")
-    write_results("memory", rows, args.quick)
+    write_results(args.out, rows, args.quick)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ tiny one, a ~26M and a ~100M random Qwen2.5-VL), in one run, timings interleaved
     ceiling: the same call, same rows and prompts, with no noise installed.
 The last line is `ratio_to_ceiling=<~26M model at K=8>` (tiny model with --quick).
 
-    python scripts/bench_population.py [--quick] [--reps 3] [--profile] [--compile]
+    python scripts/bench_population.py [--quick] [--reps 3] [--profile] [--compile] [--device cuda]
         -> results/bench/population.json
 
 --profile prints torch.profiler's operator table for one member (plain, then `forward`) on the ~26M
@@ -168,12 +168,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="repetitions per measurement (median)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's table for one member (~26M)")
     parser.add_argument("--compile", action="store_true", help="only: one member of the ~26M model, eager and under torch.compile")
+    parser.add_argument("--device", default="cpu", help="where the models run (cuda: scripts/gpu_check.py)")
     args = parser.parse_args()
     keep_freed_memory()
     reps = 1 if args.quick else args.reps
     ks = (1, 8) if args.quick else KS
     tiny_dir = ROOT / EMBEDDED_MODEL_DIR
-    tiny, processor = load_model_from_dir(tiny_dir)
+    tiny, processor = load_model_from_dir(tiny_dir, device=args.device)
     if args.compile:
         with fixed_length():
             bench = Bench("random ~26M", random_model(tiny_dir, SHAPES["26m"]), processor, RANDOM_MODEL_SIGMA)
@@ -184,7 +185,7 @@ def main() -> None:
         return
     models = [("tiny (embedded)", lambda: tiny, ())]
     if not args.quick:
-        models += [(f"random ~{size.upper()}", lambda size=size: random_model(tiny_dir, SHAPES[size]), RANDOM_MODEL_SIGMA)
+        models += [(f"random ~{size.upper()}", lambda size=size: random_model(tiny_dir, SHAPES[size]).to(args.device), RANDOM_MODEL_SIGMA)
                    for size in ("26m", "100m")]
     print(f"## Fixed length: 3 ARC questions per member, every call generates its max_new_tokens (<= 64); median of {reps}")
     rows = []

@@ -1,6 +1,9 @@
 """Check the environment before a long run, and say what is wrong in plain words.
 
-    python -m ERO_EGGROLL.doctor [--config configs/default.yaml] [--set section.key=value ...]
+    python -m ERO_EGGROLL.doctor [--config configs/default.yaml] [--set section.key=value ...] [--rehearse]
+
+`--rehearse` then runs the config's work once on this device (cli/rehearse.py): measured peaks beside the
+memory model's, seconds per member and update, the projected run time and a verdict.
 """
 
 from __future__ import annotations
@@ -8,9 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import platform
+import sys
 from typing import Callable, Sequence
 
 from ERO_EGGROLL.config import ROOT, Config, load_config
+from ERO_EGGROLL.core.errors import EggrollError
 
 
 def _versions() -> str:
@@ -109,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check the environment and a config before a run.")
     parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="after the checks, evaluate one batch of members and one update on this device, measured and projected")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
@@ -118,7 +125,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run_checks(cfg)
     for name, ok, message in results:
         print(f"[{'ok' if ok else 'FAIL'}] {name}: {message}")
-    return 0 if all(ok for _, ok, _ in results) and cfg is not None else 1
+    healthy = all(ok for _, ok, _ in results) and cfg is not None
+    if not args.rehearse:
+        return 0 if healthy else 1
+    if not healthy:
+        print("rehearsal skipped: fix the failed checks first")
+        return 1
+    from ERO_EGGROLL.cli.rehearse import rehearse
+
+    try:
+        result = rehearse(cfg)
+    except EggrollError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result.report())
+    return 0 if result.verdict()[0] else 1
 
 
 if __name__ == "__main__":

@@ -99,6 +99,8 @@ class _Shapes:
     text: dict
     vision: dict
 
+    largest_linear: int  # elements of the largest 2-D weight that is not an embedding (the output head of a large vocabulary)
+
     @property
     def evolvable(self) -> int:
         return sum(s.numel for s in self.lora + self.full)
@@ -108,7 +110,8 @@ def _shapes(arch: dict, specs: list[ParamSpec], noise: str = "lowrank") -> _Shap
     """evolution.noise: full makes every LORA tensor FULL, as the Perturber does (dense noise, applied in place)."""
     lora = [s for s in specs if s.cls is ParamClass.LORA] if noise == "lowrank" else []
     return _Shapes(lora, [s for s in specs if s.cls is ParamClass.FULL or s.cls is ParamClass.LORA and noise == "full"],
-                   sum(s.numel for s in specs), arch.get("text_config", arch), arch.get("vision_config", {}))
+                   sum(s.numel for s in specs), arch.get("text_config", arch), arch.get("vision_config", {}),
+                   max((s.numel for s in specs if len(s.shape) == 2 and "embed" not in s.name), default=0))
 
 
 # How a full-rank member is applied and restored (ERO's sampling on a big model): the member's dense noise is added
@@ -147,7 +150,14 @@ PREFILL_HIDDEN_COPIES = 6
 PIXEL_VALUES_PER_PATCH = 3 * 2 * 14 * 14  # channels x temporal patch x 14 x 14, fp32
 
 
-def evaluation_phase(cfg: Config, sh: _Shapes, work: Workload, b: int, members: int = 1) -> dict[str, int]:
+# On the CPU, a reduced-precision Linear whose input is a slice (the prefill's last position, `hidden[:, -1:]`) makes a
+# copy of its weight per batch row: the output head's 152,064 x 3584 x 2 bytes per row at the 7B's shapes (measured:
+# 4 rows 4.06 GiB, scripts/bench_memory.py 7b@2:bfloat16:sgd; 1, 2, 4 rows 1, 2, 4 copies on a narrower model; none in
+# fp32, none for a contiguous input). GPU GEMMs run in bf16 natively.
+CPU_UPCAST = "copies of the output head, one per row (CPU reduced-precision matmul on a sliced input)"
+
+
+def evaluation_phase(cfg: Config, sh: _Shapes, work: Workload, b: int, members: int = 1, on_gpu: bool = True) -> dict[str, int]:
     """Bytes of one generate call evaluating `members` members on `work.batch` prompts each."""
     text, r = sh.text, cfg.evolution.rank
     rows = work.batch * members
@@ -166,6 +176,7 @@ def evaluation_phase(cfg: Config, sh: _Shapes, work: Workload, b: int, members: 
         + (rows * heads * work.prompt_tokens**2 * b if eager_scores else 0),
         "logits (last position, fp32)": rows * vocab * FP32,
         "image tensors and vision activations": work.image_patches * members * (PIXEL_VALUES_PER_PATCH * FP32 + 8 * sh.vision.get("hidden_size", 0) * b),
+        CPU_UPCAST: rows * sh.largest_linear * b if not on_gpu and b != FP32 else 0,
     }
 
 
@@ -203,7 +214,7 @@ def estimate(cfg: Config, arch: dict, specs: list[ParamSpec], work: Workload, dt
     resident, host = resident_phase(cfg, sh, b, on_gpu)
     if jax_on_device:
         resident[JAX_POOL] = next(iter(update_phase(cfg, sh, b).values()), 0)
-    evaluation = evaluation_phase(cfg, sh, work, b, members)
+    evaluation = evaluation_phase(cfg, sh, work, b, members, on_gpu)
     kv_and_activations = sum(v for k, v in evaluation.items() if not k.startswith("member noise"))
     lora_numel = sum(s.numel for s in sh.lora)
     fullrank = {"weights": resident["weights"], OPTIMIZER_STATE: resident[OPTIMIZER_STATE],

@@ -165,3 +165,20 @@ def test_ero_search_member_noise_and_restore_copies_match_the_real_tensors(setup
     assert est.evaluation["member noise (LORA factors, FULL noise)"] == sum(e.numel() for e in full.values()) * 4 == evolving
     assert est.host["saved copies for exact restore (pinned host memory)"] == evolving  # every tensor is noised in place
     assert est.host["base weights for ERO's reset-to-base (host copy)"] == evolving
+
+
+def test_a_cpu_bf16_run_pays_a_copy_of_the_output_head_per_row_and_a_gpu_or_fp32_run_none():
+    """Measured at the 7B's shapes (scripts/bench_memory.py 7b@2:bfloat16:sgd): with 4 rows the CPU's bf16 matmul copied
+    the 152,064 x 3584 head 4 times, 4.06 GiB of the 4.19 GiB the evaluation phase took; the model missed it by 14x before."""
+    from ERO_EGGROLL.memory.model import CPU_UPCAST
+    from ERO_EGGROLL.model.qwen import classify, meta_model_from_config_json
+
+    cfg = load_config(ROOT / "configs" / "qwen2_5_vl_7b.yaml")
+    source = ROOT / "configs" / "qwen2_5_vl_7b_config.json"
+    specs = classify(((n, p.shape) for n, p in meta_model_from_config_json(source).named_parameters()), cfg)
+    arch, work = json.loads(source.read_text()), Workload(prompt_tokens=384, new_tokens=8, image_patches=0, batch=4)
+    assert estimate(cfg, arch, specs, work, "bfloat16", on_gpu=False).evaluation[CPU_UPCAST] == 4 * 152064 * 3584 * 2
+    one_row = Workload(prompt_tokens=384, new_tokens=8, image_patches=0, batch=1)
+    assert estimate(cfg, arch, specs, one_row, "bfloat16", on_gpu=False, members=2).evaluation[CPU_UPCAST] == 2 * 152064 * 3584 * 2
+    assert estimate(cfg, arch, specs, work, "bfloat16", on_gpu=True).evaluation[CPU_UPCAST] == 0
+    assert estimate(cfg, arch, specs, work, "float32", on_gpu=False).evaluation[CPU_UPCAST] == 0
