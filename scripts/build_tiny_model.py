@@ -1,6 +1,6 @@
 """Build the embedded tiny Qwen2.5-VL (random weights + short pretraining) into checkpoints/.
 
-    python scripts/build_tiny_model.py [--out checkpoints/tiny-qwen2.5-vl] [--seed 0] [--steps 150]
+python scripts/build_tiny_model.py [--out checkpoints/tiny-qwen2.5-vl] [--seed 0] [--steps 150]
 """
 
 import argparse

@@ -48,15 +48,44 @@ def part_commands(cpu: bool, layers: int, rehearsal_json: Path) -> dict[str, tup
     """Each part's command line and time limit in seconds (the limits add up to 8 minutes)."""
     py = sys.executable
     if cpu:
-        rehearsal = ["--config", str(ROOT / "configs" / "smoke.yaml"), "--set", "evolution.population_size=2",
-                     "--set", "evaluation.max_new_tokens_cap=8"]
+        rehearsal = [
+            "--config",
+            str(ROOT / "configs" / "smoke.yaml"),
+            "--set",
+            "evolution.population_size=2",
+            "--set",
+            "evaluation.max_new_tokens_cap=8",
+        ]
     else:
-        rehearsal = ["--config", str(ROOT / "configs" / "qwen2_5_vl_7b.yaml"), "--random-layers", str(layers), "--set", SEVEN_B_TASKS]
+        rehearsal = [
+            "--config",
+            str(ROOT / "configs" / "qwen2_5_vl_7b.yaml"),
+            "--random-layers",
+            str(layers),
+            "--set",
+            SEVEN_B_TASKS,
+        ]
     bench = [py, str(ROOT / "scripts" / "bench_population.py"), "--quick", "--device", "cpu" if cpu else "cuda"]
-    return {"jax_beside_torch": ([py, "-c", JAX_BESIDE_TORCH], 60),
-            "rehearsal": ([py, "-m", "ERO_EGGROLL.cli.rehearse", *rehearsal, "--json", str(rehearsal_json)], 210),
-            "cuda_tests": ([py, "-m", "pytest", "-q", "-rs", "-m", "cuda", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_cuda.py")], 120),
-            "population_benchmark": (bench, 90)}
+    return {
+        "jax_beside_torch": ([py, "-c", JAX_BESIDE_TORCH], 60),
+        "rehearsal": ([py, "-m", "ERO_EGGROLL.cli.rehearse", *rehearsal, "--json", str(rehearsal_json)], 210),
+        "cuda_tests": (
+            [
+                py,
+                "-m",
+                "pytest",
+                "-q",
+                "-rs",
+                "-m",
+                "cuda",
+                "-p",
+                "no:cacheprovider",
+                str(ROOT / "tests" / "test_cuda.py"),
+            ],
+            120,
+        ),
+        "population_benchmark": (bench, 90),
+    }
 
 
 def run_part(command: list[str], limit: int) -> dict:
@@ -69,12 +98,19 @@ def run_part(command: list[str], limit: int) -> dict:
     except subprocess.TimeoutExpired as err:
         rc, out = None, f"ran past its {limit} s limit\n" + (err.stdout or b"").decode(errors="replace")
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{") and line.endswith("}")]
-    return {"rc": rc, "seconds": round(time.perf_counter() - start, 1), "output_tail": out[-4000:], **({"data": rows} if rows else {})}
+    return {
+        "rc": rc,
+        "seconds": round(time.perf_counter() - start, 1),
+        "output_tail": out[-4000:],
+        **({"data": rows} if rows else {}),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cpu", action="store_true", help="only what a CPU can run: the tiny model; CUDA tests skip with their reason")
+    parser.add_argument(
+        "--cpu", action="store_true", help="only what a CPU can run: the tiny model; CUDA tests skip with their reason"
+    )
     parser.add_argument("--layers", type=int, default=28, help="decoder layers of the 7B-shaped random model (28: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "gpu_check.json")
     args = parser.parse_args(argv)
@@ -93,10 +129,18 @@ def main(argv: list[str] | None = None) -> int:
         row = report["parts"][name] = run_part(command, limit)
         if name == "rehearsal" and rehearsal_json.is_file():
             row["data"] = json.loads(rehearsal_json.read_text())
-        print(f"   rc {row['rc']} in {row['seconds']} s\n" + "\n".join("   " + line for line in row["output_tail"].splitlines()[-12:]), flush=True)
+        print(
+            f"   rc {row['rc']} in {row['seconds']} s\n"
+            + "\n".join("   " + line for line in row["output_tail"].splitlines()[-12:]),
+            flush=True,
+        )
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
-    return 0 if all(row["rc"] in (0, 1) if name == "rehearsal" else row["rc"] == 0 for name, row in report["parts"].items()) else 1
+    return (
+        0
+        if all(row["rc"] in (0, 1) if name == "rehearsal" else row["rc"] == 0 for name, row in report["parts"].items())
+        else 1
+    )
 
 
 if __name__ == "__main__":

@@ -50,9 +50,17 @@ SMALL = ["data.task_ids=[b1fc8b8e]", "evaluation.max_new_tokens_cap=48", "evolut
 
 def run_args(tmp: Path, name: str, *overrides: str) -> list[str]:
     """The training script's command line for a small run named `name` under `tmp`."""
-    sets = [*SMALL, f"run.name={name}", f"run.output_dir={tmp / 'results'}", f"run.checkpoint_dir={tmp / 'checkpoints'}", *overrides]
+    sets = [
+        *SMALL,
+        f"run.name={name}",
+        f"run.output_dir={tmp / 'results'}",
+        f"run.checkpoint_dir={tmp / 'checkpoints'}",
+        *overrides,
+    ]
     script = ROOT / "ERO_EGGROLL" / "arc_evolution_single_gpu.py"
-    return [sys.executable, str(script), "--config", str(ROOT / "configs" / "smoke.yaml")] + [a for s in sets for a in ("--set", s)]
+    return [sys.executable, str(script), "--config", str(ROOT / "configs" / "smoke.yaml")] + [
+        a for s in sets for a in ("--set", s)
+    ]
 
 
 @pytest.fixture(scope="session")

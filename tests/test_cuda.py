@@ -17,16 +17,28 @@ from ERO_EGGROLL.config import ROOT, load_config
 from ERO_EGGROLL.evaluation.evaluator import evaluate, evaluate_members, prepare, questions_for
 from ERO_EGGROLL.model.qwen import run_perturber
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here); scripts/gpu_check.py runs these on one")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU (none here); scripts/gpu_check.py runs these on one"
+    ),
+]
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11, 64, 128, 33, 2]])
 POPULATION = 4
 
 
 def _config(*overrides: str):
-    return load_config(ROOT / "configs" / "smoke.yaml", ["data.task_ids=[b1fc8b8e]", "evaluation.max_new_tokens_cap=48",
-                                                        f"evolution.population_size={POPULATION}", "evolution.sigma=2.0", *overrides])
+    return load_config(
+        ROOT / "configs" / "smoke.yaml",
+        [
+            "data.task_ids=[b1fc8b8e]",
+            "evaluation.max_new_tokens_cap=48",
+            f"evolution.population_size={POPULATION}",
+            "evolution.sigma=2.0",
+            *overrides,
+        ],
+    )
 
 
 @pytest.mark.parametrize("strategy", ["forward", "inplace"])
@@ -67,10 +79,21 @@ def test_k_members_as_rows_equal_one_member_on_cuda(tiny, k):
 
 
 def test_replay_rebuilds_a_cuda_run_bit_for_bit(tmp_path, tiny_model_dir):
-    args = run_args(tmp_path, "cuda_run", "model.device=cuda", "model.dtype=bfloat16", "evolution.population_size=2",
-                    "evaluation.max_new_tokens_cap=16")
+    args = run_args(
+        tmp_path,
+        "cuda_run",
+        "model.device=cuda",
+        "model.dtype=bfloat16",
+        "evolution.population_size=2",
+        "evaluation.max_new_tokens_cap=16",
+    )
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    check = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.replay", str(tmp_path / "checkpoints" / "cuda_run"), "--check"],
-                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+    check = subprocess.run(
+        [sys.executable, "-m", "ERO_EGGROLL.replay", str(tmp_path / "checkpoints" / "cuda_run"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert check.returncode == 0 and "bit-identical to the run record" in check.stdout, check.stdout + check.stderr

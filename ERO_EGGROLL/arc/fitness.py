@@ -13,7 +13,7 @@ from __future__ import annotations
 import ast
 import json
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from rapidfuzz.distance import Indel
 

@@ -44,8 +44,10 @@ def leave_one_out_questions(task: ArcTask, max_examples: int | None = None) -> l
     """Each training pair in turn is the question; the others are the demonstrations (a task with one pair has none
     to give: refused, as max_train_examples: 1 is)."""
     if len(task.train) < 2:
-        raise ArcDataError(f"task {task.id} has {len(task.train)} training pair(s): data.fitness_source 'train_loo' holds one out "
-                           "and needs at least one other as a demonstration; leave the task out or use fitness_source: test")
+        raise ArcDataError(
+            f"task {task.id} has {len(task.train)} training pair(s): data.fitness_source 'train_loo' holds one out "
+            "and needs at least one other as a demonstration; leave the task out or use fitness_source: test"
+        )
     questions = []
     for i, held_out in enumerate(task.train):
         others = (task.train[:i] + task.train[i + 1 :])[:max_examples]
@@ -53,7 +55,9 @@ def leave_one_out_questions(task: ArcTask, max_examples: int | None = None) -> l
     return questions
 
 
-def _grid_content(grid: Grid, mode: InputMode, images: list[Image.Image], cell_size: int, max_pixels: int) -> list[dict]:
+def _grid_content(
+    grid: Grid, mode: InputMode, images: list[Image.Image], cell_size: int, max_pixels: int
+) -> list[dict]:
     content = []
     if mode in ("image+text", "image"):
         image = render_grid(grid, cell_size, max_pixels=max_pixels)
@@ -64,7 +68,9 @@ def _grid_content(grid: Grid, mode: InputMode, images: list[Image.Image], cell_s
     return content
 
 
-def build_messages(question: Question, mode: InputMode = "image+text", cell_size: int = 28, max_pixels: int = 512 * 28 * 28):
+def build_messages(
+    question: Question, mode: InputMode = "image+text", cell_size: int = 28, max_pixels: int = 512 * 28 * 28
+):
     """(messages, images): chat messages for the processor's chat template, and the PIL images in order."""
     if mode not in INPUT_MODES:
         raise ValueError(f"input mode must be one of {INPUT_MODES}, got {mode!r}")

@@ -12,7 +12,7 @@ import argparse
 import importlib.metadata
 import platform
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ERO_EGGROLL.config import ROOT, Config, load_config
 from ERO_EGGROLL.core.errors import EggrollError
@@ -33,7 +33,11 @@ def _devices() -> str:
     import jax
     import torch
 
-    cuda = f"cuda x{torch.cuda.device_count()} ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "no CUDA"
+    cuda = (
+        f"cuda x{torch.cuda.device_count()} ({torch.cuda.get_device_name(0)})"
+        if torch.cuda.is_available()
+        else "no CUDA"
+    )
     return f"torch: cpu, {cuda}; jax: {', '.join(str(d) for d in jax.devices())}"
 
 
@@ -98,7 +102,12 @@ def _memory(cfg: Config) -> str:
 
 
 def run_checks(cfg: Config | None) -> list[tuple[str, bool, str]]:
-    checks: list[tuple[str, Callable[[], str]]] = [("versions", _versions), ("devices", _devices), ("JAX", _jax), ("DLPack", _dlpack)]
+    checks: list[tuple[str, Callable[[], str]]] = [
+        ("versions", _versions),
+        ("devices", _devices),
+        ("JAX", _jax),
+        ("DLPack", _dlpack),
+    ]
     if cfg is not None:
         checks += [("model", lambda: _model(cfg)), ("ARC data", lambda: _data(cfg)), ("memory", lambda: _memory(cfg))]
     results = []
@@ -113,9 +122,14 @@ def run_checks(cfg: Config | None) -> list[tuple[str, bool, str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check the environment and a config before a run.")
     parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-    parser.add_argument("--rehearse", action="store_true",
-                        help="after the checks, evaluate one batch of members and one update on this device, measured and projected")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value"
+    )
+    parser.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="after the checks, evaluate one batch of members and one update on this device, measured and projected",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)

@@ -62,7 +62,9 @@ def jax_to_torch(x: jax.Array) -> torch.Tensor:
 def _is_compact(t: torch.Tensor) -> bool:
     """True when the strides are a permutation of a dense row-major layout (what DLPack import accepts)."""
     expected = 1
-    for size, stride in sorted(((size, stride) for size, stride in zip(t.shape, t.stride()) if size > 1), key=lambda d: d[1]):
+    for size, stride in sorted(
+        ((size, stride) for size, stride in zip(t.shape, t.stride()) if size > 1), key=lambda d: d[1]
+    ):
         if stride != expected:
             return False
         expected *= size
@@ -81,7 +83,9 @@ def torch_to_jax(t: torch.Tensor, *, strict: bool = False) -> jax.Array:
         raise TypeError(f"torch_to_jax expects a torch.Tensor, got {type(t).__name__}")
     t = t.detach()
     if t.device.type == "cuda" and not any(d.platform == "gpu" for d in jax.devices()):
-        raise ValueError(f"tensor is on {t.device} but JAX sees no GPU ({jax.devices()}); install jax[cuda] or move the tensor to the CPU")
+        raise ValueError(
+            f"tensor is on {t.device} but JAX sees no GPU ({jax.devices()}); install jax[cuda] or move the tensor to the CPU"
+        )
     copied_reason = None
     if not _is_compact(t):
         copied_reason, t = f"strides {t.stride()} are not a dense layout", t.contiguous()
@@ -147,8 +151,15 @@ def inspect_conversion(x) -> ConversionReport:
     if isinstance(x, jax.Array):
         out = jax_to_torch(x)
         return ConversionReport(
-            "jax->torch", str(x.dtype), str(out.dtype).removeprefix("torch."), tuple(x.shape),
-            str(next(iter(x.devices()))), str(out.device), _jax_pointer(x), out.data_ptr(), x.nbytes,
+            "jax->torch",
+            str(x.dtype),
+            str(out.dtype).removeprefix("torch."),
+            tuple(x.shape),
+            str(next(iter(x.devices()))),
+            str(out.device),
+            _jax_pointer(x),
+            out.data_ptr(),
+            x.nbytes,
             _jax_pointer(x) == out.data_ptr(),
         )
     if isinstance(x, torch.Tensor):
@@ -156,8 +167,15 @@ def inspect_conversion(x) -> ConversionReport:
             warnings.simplefilter("ignore", BridgeCopyWarning)
             out = torch_to_jax(x)
         return ConversionReport(
-            "torch->jax", str(x.dtype).removeprefix("torch."), str(out.dtype), tuple(x.shape),
-            str(x.device), str(next(iter(out.devices()))), x.data_ptr(), _jax_pointer(out),
-            x.numel() * x.element_size(), x.data_ptr() == _jax_pointer(out),
+            "torch->jax",
+            str(x.dtype).removeprefix("torch."),
+            str(out.dtype),
+            tuple(x.shape),
+            str(x.device),
+            str(next(iter(out.devices()))),
+            x.data_ptr(),
+            _jax_pointer(out),
+            x.numel() * x.element_size(),
+            x.data_ptr() == _jax_pointer(out),
         )
     raise TypeError(f"inspect_conversion expects a torch.Tensor or jax.Array, got {type(x).__name__}")

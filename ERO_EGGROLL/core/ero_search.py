@@ -20,7 +20,13 @@ import torch
 
 from ERO_EGGROLL.core.settings import EvolutionSettings
 
-ERO_FIELDS = ("elites", "elite_best", "best_elite_so_far", "degeneration_counter", "reset_to_base")  # what `select` reports
+ERO_FIELDS = (
+    "elites",
+    "elite_best",
+    "best_elite_so_far",
+    "degeneration_counter",
+    "reset_to_base",
+)  # what `select` reports
 
 
 def stop_score(search: str, row: dict) -> float:
@@ -84,21 +90,32 @@ class EroSelection:
         if reset:
             self.counter, self.resets = 0, self.resets + 1
             self._reseed(self.resets)
-        info = {"elites": ids, "elite_best": top, "best_elite_so_far": self.best, "degeneration_counter": self.counter,
-                "reset_to_base": reset}
+        info = {
+            "elites": ids,
+            "elite_best": top,
+            "best_elite_so_far": self.best,
+            "degeneration_counter": self.counter,
+            "reset_to_base": reset,
+        }
         return (None if reset else elite_weights(ids, f.size)), info
 
-    def change(self, name: str, direction: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def change(
+        self, name: str, direction: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.lr * direction if out is None else torch.mul(direction, self.lr, out=out)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"ero/best": torch.tensor([self.best], dtype=torch.float64),
-                "ero/counter_resets": torch.tensor([self.counter, self.resets], dtype=torch.int64)}
+        return {
+            "ero/best": torch.tensor([self.best], dtype=torch.float64),
+            "ero/counter_resets": torch.tensor([self.counter, self.resets], dtype=torch.int64),
+        }
 
     def load_state(self, step_count: int, tensors: dict[str, torch.Tensor]) -> None:
         """`tensors` as saved by state_tensors, or {} for a fresh start (epoch 0)."""
         self.step_count = step_count
         self.best = float(tensors["ero/best"][0]) if "ero/best" in tensors else -math.inf
         counter_resets = tensors.get("ero/counter_resets")
-        self.counter, self.resets = (int(counter_resets[0]), int(counter_resets[1])) if counter_resets is not None else (0, 0)
+        self.counter, self.resets = (
+            (int(counter_resets[0]), int(counter_resets[1])) if counter_resets is not None else (0, 0)
+        )
         self._reseed(self.resets)

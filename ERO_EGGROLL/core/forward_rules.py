@@ -15,7 +15,7 @@ guessed from attribute names.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,12 +71,16 @@ def lowrank_delta(module: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.
 def check_lowrank_module(module: nn.Module, name: str, parent: nn.Module | None) -> str | None:
     """Why the forward strategy cannot add low-rank noise to `name` of `module` (None: it can)."""
     if isinstance(parent, nn.MultiheadAttention):
-        return (f"{name}: MultiheadAttention uses its out_proj weight without calling out_proj, so a forward hook would "
-                "never add the noise; use strategy 'inplace', or make it FULL or FROZEN")
+        return (
+            f"{name}: MultiheadAttention uses its out_proj weight without calling out_proj, so a forward hook would "
+            "never add the noise; use strategy 'inplace', or make it FULL or FROZEN"
+        )
     if not isinstance(module, LOW_RANK_TYPES) or name.rpartition(".")[2] != "weight":
-        return (f"{name} is LORA, but the forward strategy adds low-rank noise only to the weights of "
-                f"{', '.join(t.__name__ for t in LOW_RANK_TYPES)} (it belongs to a {type(module).__name__}); use strategy "
-                "'inplace', or make it FULL or FROZEN")
+        return (
+            f"{name} is LORA, but the forward strategy adds low-rank noise only to the weights of "
+            f"{', '.join(t.__name__ for t in LOW_RANK_TYPES)} (it belongs to a {type(module).__name__}); use strategy "
+            "'inplace', or make it FULL or FROZEN"
+        )
     if isinstance(module, nn.Embedding) and module.max_norm is not None:
         return f"{name}: an Embedding with max_norm renormalises its weight in place; use strategy 'inplace'"
     return None
@@ -85,8 +89,10 @@ def check_lowrank_module(module: nn.Module, name: str, parent: nn.Module | None)
 def per_member_blocks(t: torch.Tensor, k: int) -> torch.Tensor:
     """(K*P, ...) rows, member-major, as (K, P, ...). Dimension 0 must be the batch."""
     if t.dim() == 0 or t.shape[0] % k:
-        raise ValueError(f"{k} members share this batch, but a module's input has shape {tuple(t.shape)}: its first dimension "
-                         "must be the batch, K equal blocks of rows (member-major)")
+        raise ValueError(
+            f"{k} members share this batch, but a module's input has shape {tuple(t.shape)}: its first dimension "
+            "must be the batch, K equal blocks of rows (member-major)"
+        )
     return t.reshape(k, -1, *t.shape[1:])
 
 
@@ -107,24 +113,42 @@ def _rms_norm(module, x, values):
 
 
 def _layer_norm(module, x, values):
-    return F.layer_norm(x, module.normalized_shape, values.get("weight", module.weight), values.get("bias", module.bias), module.eps)
+    return F.layer_norm(
+        x, module.normalized_shape, values.get("weight", module.weight), values.get("bias", module.bias), module.eps
+    )
 
 
 def _group_norm(module, x, values):
-    return F.group_norm(x, module.num_groups, values.get("weight", module.weight), values.get("bias", module.bias), module.eps)
+    return F.group_norm(
+        x, module.num_groups, values.get("weight", module.weight), values.get("bias", module.bias), module.eps
+    )
 
 
 def _batch_norm(module, x, values):
     if module.training or module.running_mean is None:
-        raise ValueError("several members per batch need BatchNorm in eval mode (batch statistics would mix the members)")
-    return F.batch_norm(x, module.running_mean, module.running_var, values.get("weight", module.weight),
-                        values.get("bias", module.bias), False, 0.0, module.eps)
+        raise ValueError(
+            "several members per batch need BatchNorm in eval mode (batch statistics would mix the members)"
+        )
+    return F.batch_norm(
+        x,
+        module.running_mean,
+        module.running_var,
+        values.get("weight", module.weight),
+        values.get("bias", module.bias),
+        False,
+        0.0,
+        module.eps,
+    )
 
 
 RowRule = Callable[[nn.Module, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 # module type -> its output for one block of rows (its input x), given the member's values of its FULL tensors
-ROW_RULES: dict[type, RowRule] = {nn.RMSNorm: _rms_norm, nn.LayerNorm: _layer_norm, nn.GroupNorm: _group_norm,
-                                  nn.modules.batchnorm._BatchNorm: _batch_norm}
+ROW_RULES: dict[type, RowRule] = {
+    nn.RMSNorm: _rms_norm,
+    nn.LayerNorm: _layer_norm,
+    nn.GroupNorm: _group_norm,
+    nn.modules.batchnorm._BatchNorm: _batch_norm,
+}
 # module type -> its output for all K blocks in one call, given the K members' values stacked on a first dimension
 STACKED_ROW_RULES: dict[type, RowRule] = {}
 BIAS_TYPES = (nn.Linear, *CONV_TYPES)

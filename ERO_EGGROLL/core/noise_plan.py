@@ -14,12 +14,12 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-import hyperscalees as hs
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
+import hyperscalees as hs
 from ERO_EGGROLL.core.bridge import jax_device_for, jax_to_torch
 from ERO_EGGROLL.core.settings import EvolutionSettings
 from ERO_EGGROLL.core.tensor_classes import ParamClass, ParamSpec
@@ -41,7 +41,9 @@ def tensor_sigma(weight: torch.Tensor, evo: EvolutionSettings) -> float:
     if scale == 0.0:
         scale = float(w.pow(2).mean().sqrt())
     if scale == 0.0:
-        raise ValueError("relative sigma needs a non-zero weight; this tensor is all zeros (use an absolute sigma or freeze it)")
+        raise ValueError(
+            "relative sigma needs a non-zero weight; this tensor is all zeros (use an absolute sigma or freeze it)"
+        )
     return evo.sigma * scale
 
 
@@ -59,7 +61,12 @@ class NoisePlan:
     """The evolving tensors of a model and their noise, from the base weights, the evolution settings and the seed."""
 
     def __init__(self, specs: list[ParamSpec], weights: dict[str, torch.Tensor], evo: EvolutionSettings, seed: int):
-        self.rank, self.noise_reuse, self.sigma_decay, self.prng_impl = evo.rank, evo.noise_reuse, evo.sigma_decay, evo.prng_impl
+        self.rank, self.noise_reuse, self.sigma_decay, self.prng_impl = (
+            evo.rank,
+            evo.noise_reuse,
+            evo.sigma_decay,
+            evo.prng_impl,
+        )
         self.antithetic = evo.antithetic
         self.specs = {s.name: s for s in specs if s.cls is not ParamClass.FROZEN}
         self.keys = self._keys(seed)
@@ -97,8 +104,10 @@ class NoisePlan:
         if seed == self.seed:
             return
         self.seed, self.keys = seed, self._keys(seed)
-        self.groups = {cls: [_Group(g.shape, g.names, jnp.stack([self.keys[n] for n in g.names]), g.base_sigmas) for g in groups]
-                       for cls, groups in self.groups.items()}
+        self.groups = {
+            cls: [_Group(g.shape, g.names, jnp.stack([self.keys[n] for n in g.names]), g.base_sigmas) for g in groups]
+            for cls, groups in self.groups.items()
+        }
 
     def _drawn(self, member: int) -> int:
         """The keyed member whose noise member `member` gets: itself, or without antithetic pairs the even 2 x member
@@ -118,7 +127,7 @@ class NoisePlan:
         return [n for g in self.groups[cls] for n in g.names]
 
     def sigma_scale(self, epoch: int) -> float:
-        return self.sigma_decay ** epoch
+        return self.sigma_decay**epoch
 
     def _jax_placement(self):
         """JAX computations go to the weights' own device where JAX has it (a no-op context elsewhere)."""
@@ -131,15 +140,33 @@ class NoisePlan:
         lora, full = {}, {}
         with self._jax_placement():
             for g in self.groups[ParamClass.LORA]:
-                a, b = hs.stacked_lowrank_factors(g.keys, g.shape, epoch=epoch, member=member, rank=self.rank,
-                                                  sigmas=g.base_sigmas * scale, noise_reuse=self.noise_reuse)
+                a, b = hs.stacked_lowrank_factors(
+                    g.keys,
+                    g.shape,
+                    epoch=epoch,
+                    member=member,
+                    rank=self.rank,
+                    sigmas=g.base_sigmas * scale,
+                    noise_reuse=self.noise_reuse,
+                )
                 a_t, b_t = jax_to_torch(a), jax_to_torch(b)
                 for k, name in enumerate(g.names):
                     dtype = self.dtypes[name]
-                    lora[name] = (a_t[k].to(device=self.device, dtype=dtype), b_t[k].to(device=self.device, dtype=dtype))
+                    lora[name] = (
+                        a_t[k].to(device=self.device, dtype=dtype),
+                        b_t[k].to(device=self.device, dtype=dtype),
+                    )
             for g in self.groups[ParamClass.FULL]:
-                eps = jax_to_torch(hs.stacked_full_noise(g.keys, g.shape, epoch=epoch, member=member,
-                                                         sigmas=g.base_sigmas * scale, noise_reuse=self.noise_reuse))
+                eps = jax_to_torch(
+                    hs.stacked_full_noise(
+                        g.keys,
+                        g.shape,
+                        epoch=epoch,
+                        member=member,
+                        sigmas=g.base_sigmas * scale,
+                        noise_reuse=self.noise_reuse,
+                    )
+                )
                 for k, name in enumerate(g.names):
                     full[name] = eps[k].to(self.device)
         return lora, full
@@ -156,14 +183,30 @@ class NoisePlan:
             return torch.zeros(spec.shape, dtype=torch.float32, device=self.device)
         with self._jax_placement():
             if spec.cls is ParamClass.LORA and self.contract_in_torch:
-                a, b = hs.population_lowrank_factors(key, spec.matrix_shape, epoch=epoch, members=np.arange(len(fitness)),
-                                                     rank=self.rank, sigma=sigma, noise_reuse=self.noise_reuse)
+                a, b = hs.population_lowrank_factors(
+                    key,
+                    spec.matrix_shape,
+                    epoch=epoch,
+                    members=np.arange(len(fitness)),
+                    rank=self.rank,
+                    sigma=sigma,
+                    noise_reuse=self.noise_reuse,
+                )
                 f = torch.as_tensor(fitness, dtype=torch.float32, device=self.device)
                 a_t, b_t = jax_to_torch(a).to(self.device), jax_to_torch(b).to(self.device)
-                return (torch.einsum("nir,njr->ij", f[:, None, None] * a_t, b_t) / math.sqrt(len(fitness))).view(spec.shape)
+                return (torch.einsum("nir,njr->ij", f[:, None, None] * a_t, b_t) / math.sqrt(len(fitness))).view(
+                    spec.shape
+                )
             if spec.cls is ParamClass.LORA:
-                delta = hs.lowrank_update(key, spec.matrix_shape, fitness, epoch=epoch, rank=self.rank, sigma=sigma,
-                                          noise_reuse=self.noise_reuse)
+                delta = hs.lowrank_update(
+                    key,
+                    spec.matrix_shape,
+                    fitness,
+                    epoch=epoch,
+                    rank=self.rank,
+                    sigma=sigma,
+                    noise_reuse=self.noise_reuse,
+                )
             else:
                 delta = hs.full_update(key, spec.shape, fitness, epoch=epoch, sigma=sigma, noise_reuse=self.noise_reuse)
             return jax_to_torch(delta).to(self.device).view(spec.shape)
@@ -173,6 +216,15 @@ class NoisePlan:
         spec = self.specs[name]
         if spec.cls is ParamClass.LORA and self.sigma[name] != 0.0:
             with self._jax_placement():
-                return float(hs.lowrank_update_sq_norm(self.keys[name], spec.matrix_shape, self._weights_for_draws(fitness), epoch=epoch, rank=self.rank,
-                                                       sigma=self.sigma[name] * self.sigma_scale(epoch), noise_reuse=self.noise_reuse))
+                return float(
+                    hs.lowrank_update_sq_norm(
+                        self.keys[name],
+                        spec.matrix_shape,
+                        self._weights_for_draws(fitness),
+                        epoch=epoch,
+                        rank=self.rank,
+                        sigma=self.sigma[name] * self.sigma_scale(epoch),
+                        noise_reuse=self.noise_reuse,
+                    )
+                )
         return float(torch.linalg.vector_norm(self.direction(name, fitness, epoch))) ** 2

@@ -50,26 +50,37 @@ class Perturber:
     def __init__(self, model: nn.Module, specs: list[ParamSpec], settings: EvolutionSettings, seed: int):
         """`specs`: every parameter's class and key (tensor_classes); `settings` as checked by check_settings."""
         evo = self.evo = settings
-        if evo.noise == "full":  # ERO's sampling: dense noise for every matrix too (applied in place, restored from a copy)
+        if (
+            evo.noise == "full"
+        ):  # ERO's sampling: dense noise for every matrix too (applied in place, restored from a copy)
             specs = [replace(s, cls=ParamClass.FULL) if s.cls is ParamClass.LORA else s for s in specs]
         self.model, self.specs, self.seed = model, specs, checked_int(seed, "seed", 0, MAX_SEED)
         self._inside_member = False
-        self._last_update: int | None = None  # the epoch of the last update, so that one is not applied twice by mistake
+        self._last_update: int | None = (
+            None  # the epoch of the last update, so that one is not applied twice by mistake
+        )
         self.classes = {s.name: s.cls for s in specs}
         if all(c is ParamClass.FROZEN for c in self.classes.values()):
-            raise ConfigError("every tensor is FROZEN, so nothing would evolve; make some tensors LORA or FULL (a run config: "
-                              "params.overrides, freeze_vision, freeze_nonlora; for_module: classify=)")
+            raise ConfigError(
+                "every tensor is FROZEN, so nothing would evolve; make some tensors LORA or FULL (a run config: "
+                "params.overrides, freeze_vision, freeze_nonlora; for_module: classify=)"
+            )
         params = dict(model.named_parameters())
         self.params = {s.name: params[s.name] for s in specs if s.cls is not ParamClass.FROZEN}
         devices = {p.device for p in self.params.values()}
         if len(devices) > 1:
-            raise ConfigError(f"the evolving tensors are on {len(devices)} devices ({', '.join(sorted(map(str, devices)))}); "
-                              "EGGROLL here needs them on one device (load the model without device_map='auto', or freeze the rest)")
+            raise ConfigError(
+                f"the evolving tensors are on {len(devices)} devices ({', '.join(sorted(map(str, devices)))}); "
+                "EGGROLL here needs them on one device (load the model without device_map='auto', or freeze the rest)"
+            )
         self.plan = NoisePlan(specs, self.params, evo, seed)
         self.lora_names, self.full_names = self.plan.names(ParamClass.LORA), self.plan.names(ParamClass.FULL)
         # ERO's reset-to-base needs the base weights: one host copy of the evolving tensors, taken once
-        self._base = ({n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
-                      if evo.search == "ero" and evo.reset_after else None)
+        self._base = (
+            {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+            if evo.search == "ero" and evo.reset_after
+            else None
+        )
         self._update = StreamedUpdate(self.plan, self.params, evo, seed, self._base)
         self._hooks = ForwardHooks(model, self.lora_names, self.full_names) if evo.strategy == "forward" else None
         if self._hooks is not None:
@@ -77,7 +88,9 @@ class Perturber:
         if self._hooks is None:
             self._in_place = SavedInPlace(self.params)
         else:  # FULL tensors in place, but the biases that the forward pass adds (ForwardHooks.biases_in_forward)
-            self._in_place = SavedInPlace({n: self.params[n] for n in self.full_names if n not in self._hooks.biases_in_forward})
+            self._in_place = SavedInPlace(
+                {n: self.params[n] for n in self.full_names if n not in self._hooks.biases_in_forward}
+            )
 
     def _refuse_shared_in_forward(self) -> None:
         """A tensor that the forward pass perturbs through a hook on its module, held by several modules (tied weights),
@@ -87,13 +100,25 @@ class Perturber:
         shared = next((n for n in hooked if len(holders[id(self.params[n])]) > 1), None)
         if shared is not None:
             self._hooks.remove()
-            raise ConfigError(f"{shared} is shared by {', '.join(holders[id(self.params[shared])])} (tied weights): the forward "
-                              "strategy would add its noise in one of them only; use strategy='inplace', or make it FROZEN")
+            raise ConfigError(
+                f"{shared} is shared by {', '.join(holders[id(self.params[shared])])} (tied weights): the forward "
+                "strategy would add its noise in one of them only; use strategy='inplace', or make it FROZEN"
+            )
 
     @classmethod
-    def for_module(cls, module: nn.Module, *, population_size: int = 64, sigma: float = 0.002, lr: float | None = None,
-                   rank: int = 1, seed: int = 0, optimizer: str | None = None, classify: Classifier | None = None,
-                   **options) -> Perturber:
+    def for_module(
+        cls,
+        module: nn.Module,
+        *,
+        population_size: int = 64,
+        sigma: float = 0.002,
+        lr: float | None = None,
+        rank: int = 1,
+        seed: int = 0,
+        optimizer: str | None = None,
+        classify: Classifier | None = None,
+        **options,
+    ) -> Perturber:
         """EGGROLL for any module, without a run config. Defaults: Linear, ConvNd and Embedding weights LORA,
         norm weights and biases FULL (`classify(name, tensor)` returning a ParamClass overrides them, None
         keeps the default); a tensor with requires_grad=False is FROZEN unless `classify` says otherwise (PyTorch's own
@@ -115,7 +140,9 @@ class Perturber:
         ero = options.get("search") == "ero"
         lr = lr if lr is not None else (1.0 if ero else 0.002)
         optimizer = optimizer if optimizer is not None else ("sgd" if ero else "adam")
-        evo = EvolutionSettings(population_size=population_size, sigma=sigma, lr=lr, rank=rank, optimizer=optimizer, **options)
+        evo = EvolutionSettings(
+            population_size=population_size, sigma=sigma, lr=lr, rank=rank, optimizer=optimizer, **options
+        )
         check_settings(evo, "Perturber.for_module")
 
         def chosen(name: str, tensor: torch.Tensor):
@@ -144,14 +171,18 @@ class Perturber:
     def _check_member(self, epoch: int, member: int) -> None:
         checked_int(epoch, "epoch", 0, MAX_EPOCH)
         if not is_int(member) or not 0 <= member < self.evo.population_size:
-            raise PerturberUsageError(f"member {member!r} is not a member id: an integer in 0..{self.evo.population_size - 1}")
+            raise PerturberUsageError(
+                f"member {member!r} is not a member id: an integer in 0..{self.evo.population_size - 1}"
+            )
 
     @contextlib.contextmanager
     def _one_at_a_time(self):
         """Members never nest: the inner one would restore the outer's weights and leave the model perturbed."""
         if self._inside_member:
-            raise PerturberUsageError("a member block inside another member block: the model is already a member; "
-                                      "evaluate members one after the other (or several at once with members())")
+            raise PerturberUsageError(
+                "a member block inside another member block: the model is already a member; "
+                "evaluate members one after the other (or several at once with members())"
+            )
         self._inside_member = True
         try:
             yield
@@ -203,7 +234,11 @@ class Perturber:
             raise PerturberUsageError("members() needs at least one member id")
         for m in member_ids:
             self._check_member(epoch, m)
-        with self._one_at_a_time(), self._buffers_restored(), self._hooks.rows([self.member_noise(epoch, m) for m in member_ids]):
+        with (
+            self._one_at_a_time(),
+            self._buffers_restored(),
+            self._hooks.rows([self.member_noise(epoch, m) for m in member_ids]),
+        ):
             yield self.model
 
     def update(self, raw_fitness, epoch: int, *, again: bool = False) -> dict:
@@ -213,8 +248,10 @@ class Perturber:
         twice) unless `again`: a caller that has set the weights back (a replay) applies earlier epochs again."""
         checked_int(epoch, "epoch", 0, MAX_EPOCH)
         if self._last_update is not None and epoch <= self._last_update and not again:
-            raise PerturberUsageError(f"update for epoch {epoch} after epoch {self._last_update} was applied: the step would be "
-                                      "applied twice; pass again=True if the weights were set back to before it")
+            raise PerturberUsageError(
+                f"update for epoch {epoch} after epoch {self._last_update} was applied: the step would be "
+                "applied twice; pass again=True if the weights were set back to before it"
+            )
         if self._inside_member:
             raise PerturberUsageError("update inside a member block: the weights would move while they are a member's")
         stats = self._update.step(raw_fitness, epoch)
@@ -227,24 +264,33 @@ class Perturber:
 
     def _fingerprint(self) -> dict:
         """What makes a saved state this Perturber's: the evolving tensors, their classes and shapes, the seed."""
-        return {"seed": self.seed, "optimizer": self.evo.optimizer,
-                "tensors": {n: [self.classes[n].value, list(p.shape)] for n, p in self.params.items()}}
+        return {
+            "seed": self.seed,
+            "optimizer": self.evo.optimizer,
+            "tensors": {n: [self.classes[n].value, list(p.shape)] for n, p in self.params.items()},
+        }
 
     def state_dict(self) -> dict:
         """The ES state a user's loop checkpoints beside `module.state_dict()`: the optimizer's step and tensors
         (Adam moments, ClipUp velocity, cloned), every tensor's sigma (adapted, or relative sigma from the base
         weights), and a fingerprint of the module it was made for. torch.save writes it as it is."""
-        return {"fingerprint": self._fingerprint(), "step": self.optimizer.step_count, "last_update": self._last_update,
-                "optimizer": {k: t.detach().clone() for k, t in self.optimizer.state_tensors().items()},
-                "sigmas": dict(self.plan.sigma)}
+        return {
+            "fingerprint": self._fingerprint(),
+            "step": self.optimizer.step_count,
+            "last_update": self._last_update,
+            "optimizer": {k: t.detach().clone() for k, t in self.optimizer.state_tensors().items()},
+            "sigmas": dict(self.plan.sigma),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from `state_dict()`: the next update continues exactly as the saved run would have."""
         mine, theirs = self._fingerprint(), state.get("fingerprint")
         if theirs != mine:
             diff = sorted(k for k in mine if theirs is None or theirs.get(k) != mine[k])
-            raise ConfigError(f"Perturber.load_state_dict: the state was made for another module or settings (differs in {diff}); "
-                              "load it into a Perturber built the same way on the same architecture")
+            raise ConfigError(
+                f"Perturber.load_state_dict: the state was made for another module or settings (differs in {diff}); "
+                "load it into a Perturber built the same way on the same architecture"
+            )
         self.optimizer.load_state(int(state["step"]), state["optimizer"])
         self.plan.set_sigmas(state["sigmas"])
         self._last_update = state.get("last_update")  # a resumed loop may not apply a saved epoch twice either

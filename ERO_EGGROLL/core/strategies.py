@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -74,7 +74,12 @@ class _SharedProduct:
     The input is held by a weak reference: the product must not keep a layer's activations alive."""
 
     def __init__(self, b: torch.Tensor):
-        self.b, self.x, self.version, self.xb = b, lambda: None, -1, None  # b: (K, n, R), the group's B factors side by side
+        self.b, self.x, self.version, self.xb = (
+            b,
+            lambda: None,
+            -1,
+            None,
+        )  # b: (K, n, R), the group's B factors side by side
 
     def of(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_inference():  # no version counter to check: no reuse
@@ -96,27 +101,46 @@ class ForwardHooks:
 
     def __init__(self, model: nn.Module, lora_names: list[str], full_names: list[str]):
         self._modules = dict(model.named_modules())
-        owner = lambda name: name.rpartition(".")[0]
-        problems = [p for p in (check_lowrank_module(self._modules[owner(n)], n, self._modules.get(owner(owner(n))))
-                                for n in lora_names) if p]
+
+        def owner(name):
+            return name.rpartition(".")[0]
+
+        problems = [
+            p
+            for p in (
+                check_lowrank_module(self._modules[owner(n)], n, self._modules.get(owner(owner(n)))) for n in lora_names
+            )
+            if p
+        ]
         if problems:  # before any hook is installed, so a refused model is left as it was
             raise ConfigError(problems[0])
-        self._linear_groups = shared_input_groups({n: self._modules[owner(n)].in_features for n in lora_names
-                                                   if isinstance(self._modules[owner(n)], nn.Linear)})
+        self._linear_groups = shared_input_groups(
+            {
+                n: self._modules[owner(n)].in_features
+                for n in lora_names
+                if isinstance(self._modules[owner(n)], nn.Linear)
+            }
+        )
         self._other_lora = [n for n in lora_names if not isinstance(self._modules[owner(n)], nn.Linear)]
         self._full_attrs: dict[str, list[str]] = defaultdict(list)
         for name in full_names:
             module, _, attr = name.rpartition(".")
             self._full_attrs[module].append(attr)
-        self._rules = {m: row_rule(self._modules[m], attrs, self._modules[owner(m)] if m else None)
-                       for m, attrs in self._full_attrs.items()}
-        self.unbatchable = next((_tensor_name(m, self._full_attrs[m][0]) for m, rule in self._rules.items() if rule is None), None)
+        self._rules = {
+            m: row_rule(self._modules[m], attrs, self._modules[owner(m)] if m else None)
+            for m, attrs in self._full_attrs.items()
+        }
+        self.unbatchable = next(
+            (_tensor_name(m, self._full_attrs[m][0]) for m, rule in self._rules.items() if rule is None), None
+        )
         self._bias_modules = [m for m, rule in self._rules.items() if is_bias_rule(rule)]
         # FULL biases of Linear/Conv modules go through their row rule even for one member, so that one member and K
         # members as rows compute x W^T + b in the same order (the same bits in any dtype, where GEMM rows are independent)
         self.biases_in_forward = {_tensor_name(m, "bias") for m in self._bias_modules}
         self._active: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}  # module -> its member step
-        self._hooks = [self._modules[m].register_forward_hook(self._hook(m)) for m in dict.fromkeys(map(owner, lora_names))]
+        self._hooks = [
+            self._modules[m].register_forward_hook(self._hook(m)) for m in dict.fromkeys(map(owner, lora_names))
+        ]
 
     def _hook(self, module_name: str):
         def member_output(module, inputs, output):
@@ -134,15 +158,18 @@ class ForwardHooks:
             for name in group:
                 a_t, rank = lora[name][0].transpose(1, 2), lora[name][0].shape[-1]
                 cols = slice(first, first + rank)
-                steps[name.rpartition(".")[0]] = \
-                    lambda x, out, shared=shared, cols=cols, a_t=a_t: add_lowrank_rows(out, shared.of(x)[..., cols], a_t)
+                steps[name.rpartition(".")[0]] = lambda x, out, shared=shared, cols=cols, a_t=a_t: add_lowrank_rows(
+                    out, shared.of(x)[..., cols], a_t
+                )
                 first += rank
         for name in self._other_lora:
             module = self._modules[name.rpartition(".")[0]]
             a, b = lora[name]
 
             def other(x, out, module=module, a=a, b=b):
-                delta = [lowrank_delta(module, xk, ak, bk) for xk, ak, bk in zip(per_member_blocks(x, a.shape[0]), a, b)]
+                delta = [
+                    lowrank_delta(module, xk, ak, bk) for xk, ak, bk in zip(per_member_blocks(x, a.shape[0]), a, b)
+                ]
                 return out + torch.cat(delta).reshape(out.shape)
 
             steps[name.rpartition(".")[0]] = other
@@ -156,10 +183,15 @@ class ForwardHooks:
         replaced = {}
         for m in full_modules:
             module, rule = self._modules[m], self._rules[m]
-            values = {a: torch.stack([_noised(getattr(module, a), full[_tensor_name(m, a)]) for _, full in noises])
-                      for a in self._full_attrs[m]}
+            values = {
+                a: torch.stack([_noised(getattr(module, a), full[_tensor_name(m, a)]) for _, full in noises])
+                for a in self._full_attrs[m]
+            }
             replaced[module] = lambda x, module=module, rule=rule, values=values: rule(module, x, values)
-        stacked = {n: (torch.stack([lr[n][0] for lr, _ in noises]), torch.stack([lr[n][1] for lr, _ in noises])) for n in noises[0][0]}
+        stacked = {
+            n: (torch.stack([lr[n][0] for lr, _ in noises]), torch.stack([lr[n][1] for lr, _ in noises]))
+            for n in noises[0][0]
+        }
         with _forwards_replaced(replaced):
             try:
                 self._active = self._lowrank_steps(stacked)
@@ -175,9 +207,11 @@ class ForwardHooks:
     def check_batchable(self) -> None:
         """Refuse several members per batch where a FULL tensor's module has no per-row rule."""
         if self.unbatchable:
-            raise ConfigError(f"FULL tensor {self.unbatchable} belongs to a module with no per-row rule (forward_rules.ROW_RULES), "
-                              "so several members cannot share a batch through it; freeze it (params.overrides), declare a "
-                              "rule with forward_rules.declare_row_rule, or use evaluation.members_per_batch: 1")
+            raise ConfigError(
+                f"FULL tensor {self.unbatchable} belongs to a module with no per-row rule (forward_rules.ROW_RULES), "
+                "so several members cannot share a batch through it; freeze it (params.overrides), declare a "
+                "rule with forward_rules.declare_row_rule, or use evaluation.members_per_batch: 1"
+            )
 
     def rows(self, noises: list[tuple[LowRank, Dense]]):
         """K members at once, for a batch whose rows are K equal member-major blocks; no tensor's values change."""
@@ -202,7 +236,9 @@ def _tensor_name(module: str, attr: str) -> str:
 @contextlib.contextmanager
 def _forwards_replaced(forwards: dict[nn.Module, Callable[[torch.Tensor], torch.Tensor]]):
     """Each module's forward replaced by the given function (its forward hooks still run), restored on exit."""
-    own = {module: module.__dict__.get("forward") for module in forwards}  # a forward set on the instance (e.g. by a wrapper)
+    own = {
+        module: module.__dict__.get("forward") for module in forwards
+    }  # a forward set on the instance (e.g. by a wrapper)
     try:
         for module, forward in forwards.items():
             module.forward = forward
@@ -213,4 +249,3 @@ def _forwards_replaced(forwards: dict[nn.Module, Callable[[torch.Tensor], torch.
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = previous
-

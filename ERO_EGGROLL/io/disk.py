@@ -17,13 +17,12 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from safetensors import SafetensorError
 
 from ERO_EGGROLL.core.errors import EggrollError
-
 
 OUTPUT_MARK = ".ero_eggroll_output.json"  # in a folder a command wrote: {"kind": ...}; what marks it as safe to replace
 CHECKPOINT_INTACT = "the previous checkpoint is intact: free space or fix permissions, then --resume"
@@ -46,7 +45,9 @@ def writing(path: Path, then: str = CHECKPOINT_INTACT) -> Iterator[None]:
         yield
     except (OSError, SafetensorError) as err:
         reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
-        raise WriteError(f"could not write {path}: {reason} (disk full, read-only folder or no permission?); {then}") from None
+        raise WriteError(
+            f"could not write {path}: {reason} (disk full, read-only folder or no permission?); {then}"
+        ) from None
 
 
 def mark_output(folder: Path, kind: str) -> None:
@@ -92,10 +93,14 @@ def check_output(path: str | Path, what: str, earlier: Callable[[Path], bool], p
     for folder in protected:
         folder = Path(folder).resolve()
         if _within(resolved, folder) or _within(folder, resolved):
-            raise OutputError(f"{what} {path} is, holds or lies inside {folder} (a run or base model folder, never written "
-                              "by this command); give a new path elsewhere")
+            raise OutputError(
+                f"{what} {path} is, holds or lies inside {folder} (a run or base model folder, never written "
+                "by this command); give a new path elsewhere"
+            )
     if path.is_symlink() and not earlier(path):
-        raise OutputError(f"{what} {path} is a symlink (to {os.readlink(path)}); nothing is written through it: give a new path")
+        raise OutputError(
+            f"{what} {path} is a symlink (to {os.readlink(path)}); nothing is written through it: give a new path"
+        )
     if not path.exists():
         return path
     mode = path.lstat().st_mode
@@ -104,8 +109,10 @@ def check_output(path: str | Path, what: str, earlier: Callable[[Path], bool], p
     if earlier(path) or (stat.S_ISDIR(mode) and not any(path.iterdir())):
         return path
     kind = "folder" if path.is_dir() else "file"
-    raise OutputError(f"{what} {path}: a {kind} that this command did not write is there; it is never replaced: "
-                      "give a new path, or move it away yourself")
+    raise OutputError(
+        f"{what} {path}: a {kind} that this command did not write is there; it is never replaced: "
+        "give a new path, or move it away yourself"
+    )
 
 
 def fsync_dir(path: Path) -> None:
@@ -145,7 +152,9 @@ def publish_dir(staging: Path, target: Path, previous_to: Path | None = None, th
                 previous.rename(previous_to)
             else:
                 shutil.rmtree(previous, ignore_errors=True)
-        for orphan in target.parent.glob(f".{target.name}.v*"):  # left by a crash before a swap: never visible, never needed
+        for orphan in target.parent.glob(
+            f".{target.name}.v*"
+        ):  # left by a crash before a swap: never visible, never needed
             if orphan != version:
                 shutil.rmtree(orphan, ignore_errors=True)
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
@@ -106,10 +106,21 @@ def summarize(specs: list[ParamSpec], rank: int, bytes_per_value: int = 4) -> li
     rows = []
     for cls in ParamClass:
         group = [s for s in specs if s.cls is cls]
-        lowrank = sum(sum(s.matrix_shape) * rank if cls is ParamClass.LORA else s.numel for s in group) if cls is not ParamClass.FROZEN else 0
+        lowrank = (
+            sum(sum(s.matrix_shape) * rank if cls is ParamClass.LORA else s.numel for s in group)
+            if cls is not ParamClass.FROZEN
+            else 0
+        )
         fullrank = sum(s.numel for s in group) if cls is not ParamClass.FROZEN else 0
-        rows.append({"class": cls.value, "tensors": len(group), "parameters": sum(s.numel for s in group),
-                     "noise bytes/member (EGGROLL)": lowrank * bytes_per_value, "noise bytes/member (full-rank)": fullrank * bytes_per_value})
+        rows.append(
+            {
+                "class": cls.value,
+                "tensors": len(group),
+                "parameters": sum(s.numel for s in group),
+                "noise bytes/member (EGGROLL)": lowrank * bytes_per_value,
+                "noise bytes/member (full-rank)": fullrank * bytes_per_value,
+            }
+        )
     return rows
 
 
@@ -125,13 +136,24 @@ def format_summary(rows: list[dict]) -> str:
     header = ["class", "tensors", "parameters", "noise B/member EGGROLL", "noise B/member full-rank"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for r in rows:
-        lines.append(" | ".join([r["class"], str(r["tensors"]), _human(r["parameters"]),
-                                 _human(r["noise bytes/member (EGGROLL)"]), _human(r["noise bytes/member (full-rank)"])]))
+        lines.append(
+            " | ".join(
+                [
+                    r["class"],
+                    str(r["tensors"]),
+                    _human(r["parameters"]),
+                    _human(r["noise bytes/member (EGGROLL)"]),
+                    _human(r["noise bytes/member (full-rank)"]),
+                ]
+            )
+        )
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Summarize the FROZEN/LORA/FULL classes of a config's model (no weights needed).")
+    parser = argparse.ArgumentParser(
+        description="Summarize the FROZEN/LORA/FULL classes of a config's model (no weights needed)."
+    )
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--list", action="store_true", help="also list every tensor with its class")

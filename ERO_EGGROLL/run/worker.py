@@ -54,8 +54,14 @@ class PopulationWorker:
     def identity(self) -> dict:
         """This worker's run identity (storage/identity.identity_of): device type, versions, base weights, tensor keys."""
         param = next(self.model.parameters())
-        return identity_of(self.cfg, self.specs, device_type=param.device.type, dtype=param.dtype, members_per_batch=self.k,
-                           base_weights=base_weights_digest(self.cfg))
+        return identity_of(
+            self.cfg,
+            self.specs,
+            device_type=param.device.type,
+            dtype=param.dtype,
+            members_per_batch=self.k,
+            base_weights=base_weights_digest(self.cfg),
+        )
 
     def advance(self, rows: list[dict]) -> tuple[dict[str, str], float]:
         """Apply recorded epochs (the driver's rows, in order) through EpochStep; the digests after them and the seconds."""

@@ -23,9 +23,12 @@ def _number(value) -> bool:
 
 def check_record(state: RunState, where: str) -> None:
     """Raise CheckpointError naming the first field (and epoch) of `state` that disagrees with what its history gives."""
+
     def refuse(message: str) -> None:
-        raise CheckpointError(f"{where}: the run record is inconsistent: {message} (edited or damaged?); resume from an "
-                              "earlier epoch_NNNN/ or start the run again")
+        raise CheckpointError(
+            f"{where}: the run record is inconsistent: {message} (edited or damaged?); resume from an "
+            "earlier epoch_NNNN/ or start the run again"
+        )
 
     cfg = config_from_dict(state.config, f"{where} (saved config)")
     low, high = fitness_range(cfg.evaluation.fitness)
@@ -40,7 +43,9 @@ def check_record(state: RunState, where: str) -> None:
             refuse(f"history row {index} has epoch {row.get('epoch')!r}")
         mean = row.get("mean_model_fitness")
         if not (_number(mean) and low <= mean <= high):
-            refuse(f"epoch {index}: mean_model_fitness {mean!r} is not a finite {cfg.evaluation.fitness} value in [{low}, {high}]")
+            refuse(
+                f"epoch {index}: mean_model_fitness {mean!r} is not a finite {cfg.evaluation.fitness} value in [{low}, {high}]"
+            )
         fitness = row.get("fitness")
         if index == 0:
             new_best, rolled_back = True, False
@@ -52,8 +57,10 @@ def check_record(state: RunState, where: str) -> None:
                 refuse(f"epoch {index}: fitness holds {count} value(s), the population is {population}")
             finite = sum(_number(f) and low <= f <= high for f in fitness)
             if finite != population:
-                refuse(f"epoch {index}: fitness holds {finite} finite {cfg.evaluation.fitness} value(s) in [{low}, {high}] "
-                       f"of {population}")
+                refuse(
+                    f"epoch {index}: fitness holds {finite} finite {cfg.evaluation.fitness} value(s) in [{low}, {high}] "
+                    f"of {population}"
+                )
             new_best, rolled_back = mean > best_fitness, False
         if new_best:
             best_fitness, best_epoch, since = mean, index, 0
@@ -70,5 +77,7 @@ def check_record(state: RunState, where: str) -> None:
     reached = stop_score(cfg.evolution.search, state.history[-1]) >= cfg.run.target_fitness
     finished = state.epoch >= 1 and (state.epoch == cfg.evolution.epochs or reached)
     if state.finished != finished:
-        refuse(f"finished is {state.finished}, epoch {state.epoch} of {cfg.evolution.epochs} with target fitness "
-               f"{cfg.run.target_fitness} gives {finished}")
+        refuse(
+            f"finished is {state.finished}, epoch {state.epoch} of {cfg.evolution.epochs} with target fitness "
+            f"{cfg.run.target_fitness} gives {finished}"
+        )
