@@ -75,13 +75,15 @@ def main() -> int:
         for r in multi
     ) / len(multi)
     print(
-        f"\nepoch seconds, epochs 2..{args.epochs} averaged: 1 process {epoch_1:.2f}, {args.workers} workers {epoch_w:.2f}: "
+        f"\nepoch seconds, epochs 2..{args.epochs} averaged: 1 process {epoch_1:.2f}, {args.workers} workers "
+        f"{epoch_w:.2f}: "
         f"speed-up {epoch_1 / epoch_w:.2f}x (load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
     )
     batches = args.population  # members_per_batch 1
     t_alone = (epoch_1 - t_driver) / batches  # one process's member, the driver's own share taken out
     print(
-        f"t_batch {t_alone:.3f} s per member alone (1 process), {t_member:.3f} s in a worker beside the others on these "
+        f"t_batch {t_alone:.3f} s per member alone (1 process), {t_member:.3f} s in a worker beside the others on "
+        "these "
         f"{os.cpu_count()} shared CPUs; t_update {t_update:.3f} s, t_driver {t_driver:.3f} s"
     )
     print("on paper, W workers each on its own device (e.g. W GPUs), so each member costs t_batch alone:")

@@ -75,11 +75,13 @@ def main() -> int:
             json.dumps({key: (round(v, 4) if isinstance(v, float) else v) for key, v in rows[-1].items()}), flush=True
         )
     print(
-        "\n| K (members per call) | questions | generated: s/member | answer_logprob: s/member | speed-up |\n|---|---|---|---|---|"
+        "\n| K (members per call) | questions | generated: s/member | answer_logprob: s/member | speed-up "
+        "|\n|---|---|---|---|---|"
     )
     for r in rows:
         print(
-            f"| {r['K']} | {r['questions']} | {r['generated (char_similarity) s/member']:.3f} | {r['answer_logprob s/member']:.3f} | "
+            f"| {r['K']} | {r['questions']} | {r['generated (char_similarity) s/member']:.3f} | "
+            f"{r['answer_logprob s/member']:.3f} | "
             f"{r['speed-up']:.1f}x |"
         )
     write_results("fitness", rows, quick=False)

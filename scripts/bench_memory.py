@@ -154,7 +154,8 @@ def main() -> None:
     )
     env = dict(os.environ) if args.no_fixed_threshold else {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     print(
-        f"workload: {ROWS} rows x {PROMPT_TOKENS} prompt + {NEW_TOKENS} new tokens, rank {RANK}, population {POPULATION}; CPU; MB = 2**20 bytes"
+        f"workload: {ROWS} rows x {PROMPT_TOKENS} prompt + {NEW_TOKENS} new tokens, rank {RANK}, population "
+        f"{POPULATION}; CPU; MB = 2**20 bytes"
     )
     print("| case | phase | predicted MB | measured MB | measured / predicted |")
     print("|---|---|---|---|---|")
@@ -174,7 +175,8 @@ def main() -> None:
                 ratio = row["measured"][part] / predicted
                 worst = max(worst, abs(ratio - 1))
                 print(
-                    f"| {case} | {part} | {predicted / 2**20:.0f} | {row['measured'][part] / 2**20:.0f} | {ratio:.2f} |",
+                    f"| {case} | {part} | {predicted / 2**20:.0f} | {row['measured'][part] / 2**20:.0f} | "
+                    f"{ratio:.2f} |",
                     flush=True,
                 )
     print(f"\nlargest deviation from the prediction: {worst:.0%} (target: within {TOLERANCE:.0%})")

@@ -213,7 +213,8 @@ def main() -> None:
             for size in ("26m", "100m")
         ]
     print(
-        f"## Fixed length: 3 ARC questions per member, every call generates its max_new_tokens (<= 64); median of {reps}"
+        "## Fixed length: 3 ARC questions per member, every call generates its max_new_tokens (<= 64); median of "
+        f"{reps}"
     )
     rows = []
     with fixed_length():

@@ -104,7 +104,8 @@ def main() -> None:
     sizes = args.sizes or (["tiny", "100m"] if args.quick else ["tiny", "100m", "360m"])
     rows = []
     print(
-        "| model | dtype | optimizer | N | evolvable params | update s (median) | peak growth MB | largest tensor fp32 MB | all directions fp32 MB |"
+        "| model | dtype | optimizer | N | evolvable params | update s (median) | peak growth MB | largest tensor "
+        "fp32 MB | all directions fp32 MB |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
@@ -131,7 +132,8 @@ def main() -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)
         print(
-            f"| {r['size']} | {r['dtype']} | {r['optimizer']} | {r['population']} | {r['evolvable_params'] / 1e6:.1f}M | "
+            f"| {r['size']} | {r['dtype']} | {r['optimizer']} | {r['population']} | "
+            f"{r['evolvable_params'] / 1e6:.1f}M | "
             f"{r['update_s_median']:.3f} | {r['update_peak_growth_mb']:.1f} | {r['largest_tensor_fp32_mb']:.1f} | "
             f"{r['all_directions_fp32_mb']:.0f} |",
             flush=True,

@@ -205,7 +205,8 @@ def summarize(size: str, results: dict, gens: int) -> tuple[list[str], dict]:
         f"mean over seeds; PGPE's best {best_pgpe:.4f}"
     )
     rows.append(
-        f"{'method':6} {'setting':34} {'loss':>8} {'± sd':>7} {'s/gen':>7} {'vs PGPE best':>12} {'time to PGPE best':>18}"
+        f"{'method':6} {'setting':34} {'loss':>8} {'± sd':>7} {'s/gen':>7} {'vs PGPE best':>12} "
+        f"{'time to PGPE best':>18}"
     )
     for (method, label), values in finals.items():
         curves = results[method][label]
@@ -280,7 +281,8 @@ def main() -> None:
             sys.exit(f"unknown size {size!r}; choose from {', '.join(WIDTHS)}")
     print(f"torch threads 1, population {POPULATION}, batch {BATCH}, pid {os.getpid()}")
     print(
-        f"\n{'params':>7} {'ours, one member':>18} {'ours, batch rows':>18} {'EvoTorch PGPE':>18} {'speedup':>8} {'memory':>7}"
+        f"\n{'params':>7} {'ours, one member':>18} {'ours, batch rows':>18} {'EvoTorch PGPE':>18} {'speedup':>8} "
+        f"{'memory':>7}"
     )
     for size in timed:
         width = WIDTHS[size]

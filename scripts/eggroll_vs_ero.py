@@ -212,21 +212,26 @@ def main() -> int:
                 mlp.append(run_mlp(name, options, seed, mlp_epochs))
     print(
         f"\ntiny Qwen2.5-VL, tasks {cfg.data.task_ids}: {seeds} seed(s) x {epochs} epochs x population {population} "
-        f"= {epochs * population} member evaluations per run; fitness answer log-prob on the train pairs (leave-one-out)\n"
+        f"= {epochs * population} member evaluations per run; fitness answer log-prob on the train pairs "
+        "(leave-one-out)\n"
     )
     print(
-        "| search | held-out answer log-prob gain | char similarity gain (test output) | best member so far (train) | s / epoch | memory per member |"
+        "| search | held-out answer log-prob gain | char similarity gain (test output) | best member so far (train) "
+        "| s / epoch | memory per member |"
     )
     print("|---|---|---|---|---|---|")
     for name in COMBOS:
         mine = [r for r in rows if r["combo"] == name]
         print(
-            f"| {name} | {mean_sd([r['held_out_gain'] for r in mine], '+.4f')} | {mean_sd([r['char_similarity_gain'] for r in mine], '+.4f')} | "
-            f"{mean_sd([r['best_member'] for r in mine], '.4f')} | {statistics.mean(r['seconds_per_epoch'] for r in mine):.1f} | "
+            f"| {name} | {mean_sd([r['held_out_gain'] for r in mine], '+.4f')} | "
+            f"{mean_sd([r['char_similarity_gain'] for r in mine], '+.4f')} | "
+            f"{mean_sd([r['best_member'] for r in mine], '.4f')} | "
+            f"{statistics.mean(r['seconds_per_epoch'] for r in mine):.1f} | "
             f"{mine[0]['member_bytes'] / 2**20:.2f} MiB |"
         )
     print(
-        f"\nMLP 4-64-64-1 regression (scripts/examples/mlp_regression.py), population 32, {mlp_epochs} epochs, held-out MSE:\n"
+        f"\nMLP 4-64-64-1 regression (scripts/examples/mlp_regression.py), population 32, {mlp_epochs} epochs, "
+        "held-out MSE:\n"
     )
     print("| search | MSE before | MSE after | s / epoch |")
     print("|---|---|---|---|")
@@ -234,7 +239,8 @@ def main() -> int:
         mine = [r for r in mlp if r["combo"] == name]
         if mine:
             print(
-                f"| {name} | {mean_sd([r['mse_before'] for r in mine], '.4f')} | {mean_sd([r['mse_after'] for r in mine], '.4f')} | "
+                f"| {name} | {mean_sd([r['mse_before'] for r in mine], '.4f')} | "
+                f"{mean_sd([r['mse_after'] for r in mine], '.4f')} | "
                 f"{statistics.mean(r['seconds_per_epoch'] for r in mine):.2f} |"
             )
     plot(rows, Path(args.out))

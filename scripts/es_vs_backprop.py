@@ -171,7 +171,8 @@ def main() -> int:
     base = results[0]["curve"][0][1]
     print(f"\nbudget {args.budget} forward passes; held-out answer log-prob of the base model {base:.4f}\n")
     print(
-        "| method | updates | held-out log-prob (final) | change | train objective (final) | mean gradient cosine | seconds |"
+        "| method | updates | held-out log-prob (final) | change | train objective (final) | mean gradient cosine | "
+        "seconds |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in results:

@@ -86,7 +86,8 @@ def main() -> None:
     for dtype in ("float32", "bfloat16"):
         mine = [r for r in rows if r["dtype"] == dtype]
         print(
-            f"{dtype}: {sum(r['fitness differs'] for r in mine)} of {sum(r['members'] for r in mine)} member evaluations differ "
+            f"{dtype}: {sum(r['fitness differs'] for r in mine)} of {sum(r['members'] for r in mine)} member "
+            "evaluations differ "
             "from forward K=1"
         )
 

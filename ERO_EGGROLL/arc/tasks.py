@@ -141,7 +141,8 @@ def _json_directory_split(root: Path, split: str) -> dict[str, tuple[Path, objec
             raise ArcDataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
         except UnicodeDecodeError as err:
             raise ArcDataError(
-                f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x}); save the task file as UTF-8 JSON"
+                f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x}); save the task file as "
+                "UTF-8 JSON"
             ) from None
         except OSError as err:
             raise ArcDataError(f"{path}: cannot be read ({err.strerror})") from None

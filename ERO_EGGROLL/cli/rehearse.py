@@ -89,7 +89,8 @@ class Rehearsal:
         if peak <= cap * (1 - MARGIN):
             return (
                 True,
-                f"FITS with a margin of {margin / GIB:.2f} GiB ({margin / cap:.0%} of the {cap / GIB:.2f} GiB free on {self.where})",
+                f"FITS with a margin of {margin / GIB:.2f} GiB ({margin / cap:.0%} of the {cap / GIB:.2f} GiB free "
+                f"on {self.where})",
             )
         resident = next(p for p in self.phases if p.name == "resident")
         larger = max((p for p in self.phases if p.name in ("evaluation", "update")), key=lambda p: p.measured)
@@ -100,16 +101,19 @@ class Rehearsal:
         if peak <= cap:
             return (
                 True,
-                f"TIGHT: {margin / GIB:.2f} GiB ({margin / cap:.0%}) left of the {cap / GIB:.2f} GiB free on {self.where}; {change}",
+                f"TIGHT: {margin / GIB:.2f} GiB ({margin / cap:.0%}) left of the {cap / GIB:.2f} GiB free on "
+                f"{self.where}; {change}",
             )
         return (
             False,
-            f"DOES NOT FIT: the measured peak {peak / GIB:.2f} GiB exceeds the {cap / GIB:.2f} GiB free on {self.where}; {change}",
+            f"DOES NOT FIT: the measured peak {peak / GIB:.2f} GiB exceeds the {cap / GIB:.2f} GiB free on "
+            f"{self.where}; {change}",
         )
 
     def report(self) -> str:
         lines = [
-            f"rehearsal on {self.device} ({self.dtype}), {self.model}, {self.members_per_batch} member(s) per generate call",
+            f"rehearsal on {self.device} ({self.dtype}), {self.model}, {self.members_per_batch} member(s) per "
+            "generate call",
             f"peaks: {'torch CUDA allocator, JAX GPU pool' if self.device.startswith('cuda') else 'VmHWM growth of this process'}; "
             "MiB = 2**20 bytes",
             "| phase | predicted MiB | measured MiB | measured / predicted |",
@@ -121,14 +125,17 @@ class Rehearsal:
         off = [p.name for p in self.phases if abs(p.measured - p.predicted) > max(TOLERANCE * p.predicted, OVERHEAD)]
         if off:
             lines.append(
-                f"the memory model is off by more than {TOLERANCE:.0%} (and {OVERHEAD / 2**20:.0f} MiB) for: {', '.join(off)} "
+                f"the memory model is off by more than {TOLERANCE:.0%} (and {OVERHEAD / 2**20:.0f} MiB) for: "
+                f"{', '.join(off)} "
                 "(trust the measured figure)"
             )
         s, pr = self.seconds, self.projection
         lines += [
             f"seconds per member {s['member']:.2f} (first batch {s['first_batch']:.1f} s with compilation); "
-            f"per update {s['update']:.2f} (first {s['first_update']:.1f} s); mean-model evaluation {s['mean_model']:.1f}",
-            f"projected: {_duration(pr['epoch_seconds'])} per epoch (all tasks), {_duration(pr['run_seconds'])} per run "
+            f"per update {s['update']:.2f} (first {s['first_update']:.1f} s); mean-model evaluation "
+            f"{s['mean_model']:.1f}",
+            f"projected: {_duration(pr['epoch_seconds'])} per epoch (all tasks), {_duration(pr['run_seconds'])} per "
+            "run "
             f"({pr['epochs']:.0f} epochs; one process; checkpoints not counted)",
             f"VERDICT: {self.verdict()[1]}",
         ]

@@ -49,8 +49,10 @@ def replay_card(cfg, state: RunState, run: str) -> str:
         [
             f"# {cfg.run.name}: Qwen2.5-VL evolved with EGGROLL on ARC-1",
             "",
-            f"Base model: `{cfg.model.path}` with the weights of epoch {state.best_epoch} of {state.epoch} (the best mean "
-            f"model: fitness {row['mean_model_fitness']:.4f}, test score {row['mean_model_test_score']:.4f}), rebuilt from "
+            f"Base model: `{cfg.model.path}` with the weights of epoch {state.best_epoch} of {state.epoch} (the best "
+            "mean "
+            f"model: fitness {row['mean_model_fitness']:.4f}, test score {row['mean_model_test_score']:.4f}), "
+            "rebuilt from "
             "the run record by replay and checked against its digest.",
             "",
             "```bash",

@@ -103,7 +103,8 @@ def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: S
     base_weights = base_weights_digest(cfg)
     print(
         f"{cfg.run.name}: {len(tasks)} task(s), population {cfg.evolution.population_size}, rank {cfg.evolution.rank}, "
-        f"{cfg.evolution.epochs} epochs, {cfg.evolution.mode} mode, {cfg.data.input_mode} input, device {next(model.parameters()).device}"
+        f"{cfg.evolution.epochs} epochs, {cfg.evolution.mode} mode, {cfg.data.input_mode} input, device "
+        f"{next(model.parameters()).device}"
     )
 
     def resume_from(folder: Path) -> Path | None:  # an epoch_NNNN/ given to --resume, or the folder's newest checkpoint

@@ -59,7 +59,8 @@ def evaluation_checks(ev: EvaluationConfig) -> Checks:
     return [
         (
             ev.max_new_tokens_cap >= 1,
-            f"evaluation.max_new_tokens_cap must be >= 1 (a model must be allowed to answer), got {ev.max_new_tokens_cap}",
+            "evaluation.max_new_tokens_cap must be >= 1 (a model must be allowed to answer), got "
+            f"{ev.max_new_tokens_cap}",
         ),
         (ev.max_new_tokens_factor > 0, f"evaluation.max_new_tokens_factor must be > 0, got {ev.max_new_tokens_factor}"),
         (ev.batch_size >= 1, f"evaluation.batch_size must be >= 1, got {ev.batch_size}"),
@@ -69,7 +70,8 @@ def evaluation_checks(ev: EvaluationConfig) -> Checks:
         ),
         (
             ev.max_new_tokens_rule != "ero" or ev.max_new_tokens_factor == EvaluationConfig.max_new_tokens_factor,
-            "evaluation.max_new_tokens_factor applies to max_new_tokens_rule 'target_tokens' and 'demonstrations' only; the 'ero' "
+            "evaluation.max_new_tokens_factor applies to max_new_tokens_rule 'target_tokens' and 'demonstrations' "
+            "only; the 'ero' "
             "rule is twice the reduced target text's characters: remove max_new_tokens_factor",
         ),
         (
@@ -83,7 +85,8 @@ def evaluation_checks(ev: EvaluationConfig) -> Checks:
         ),
         (
             dec.preset == "explicit" or dataclasses.replace(dec, preset="explicit") == DecodingConfig(),
-            "evaluation.decoding.preset 'ero' reads do_sample, temperature, top_p, top_k and repetition_penalty from the base "
+            "evaluation.decoding.preset 'ero' reads do_sample, temperature, top_p, top_k and repetition_penalty from "
+            "the base "
             "checkpoint's generation_config.json; remove the values set beside it",
         ),
     ]
@@ -98,7 +101,8 @@ def data_checks(data: DataConfig) -> Checks:
         (data.cell_size >= 2, f"data.cell_size must be >= 2 pixels, got {data.cell_size}"),
         (
             not (data.fitness_source == "train_loo" and data.max_train_examples == 1),
-            "data.fitness_source 'train_loo' needs at least 2 training pairs as examples; raise data.max_train_examples",
+            "data.fitness_source 'train_loo' needs at least 2 training pairs as examples; raise "
+            "data.max_train_examples",
         ),
         (
             not (isinstance(data.task_ids, list) and not data.task_ids),
@@ -118,7 +122,8 @@ def run_checks(run: RunConfig) -> Checks:
         ),
         (
             run.checkpoint == "replay" or run.snapshot_every == 0,
-            "run.snapshot_every applies to run.checkpoint 'replay' only ('full' saves the weights every epoch): remove it",
+            "run.snapshot_every applies to run.checkpoint 'replay' only ('full' saves the weights every epoch): "
+            "remove it",
         ),
         (len(set(run.loggers)) == len(run.loggers), f"run.loggers names a logger twice: {run.loggers}"),
         (
@@ -138,17 +143,20 @@ def distributed_checks(dist: DistributedConfig, population_size: int) -> Checks:
     return [
         (
             1 <= dist.workers <= population_size,
-            f"distributed.workers must be between 1 (this process alone) and evolution.population_size {population_size} "
+            "distributed.workers must be between 1 (this process alone) and evolution.population_size "
+            f"{population_size} "
             f"(a worker evaluates at least one member), got {dist.workers}",
         ),
         (
             dist.address is None or bool(ADDRESS.match(dist.address)),
-            f"distributed.address must be null (start a local Ray instance), 'auto' (the cluster `ray start` made on this "
+            "distributed.address must be null (start a local Ray instance), 'auto' (the cluster `ray start` made on "
+            "this "
             f"machine) or 'ray://host:port' / 'host:port', got {dist.address!r}",
         ),
         (
             dist.gpus_per_worker > 0,
-            f"distributed.gpus_per_worker must be > 0 (used on CUDA runs; fractions share a GPU), got {dist.gpus_per_worker}",
+            "distributed.gpus_per_worker must be > 0 (used on CUDA runs; fractions share a GPU), got "
+            f"{dist.gpus_per_worker}",
         ),
         (dist.cpus_per_worker >= 1, f"distributed.cpus_per_worker must be >= 1, got {dist.cpus_per_worker}"),
         (dist.connect_timeout_s > 0, f"distributed.connect_timeout_s must be > 0, got {dist.connect_timeout_s}"),
@@ -161,7 +169,8 @@ def cross_section_checks(cfg: Config) -> Checks:
     return [
         (
             ev.members_per_batch == 1 or evo.strategy == "forward",
-            "evaluation.members_per_batch > 1 needs evolution.strategy: forward (in-place weights cannot differ per row)",
+            "evaluation.members_per_batch > 1 needs evolution.strategy: forward (in-place weights cannot differ per "
+            "row)",
         ),
         (
             data.fitness_source == "test" or ev.max_new_tokens_rule == "demonstrations",
@@ -171,7 +180,8 @@ def cross_section_checks(cfg: Config) -> Checks:
         ),
         (
             not evo.log_gradient_cosine or ev.fitness == "answer_logprob",
-            f"evolution.log_gradient_cosine needs evaluation.fitness: answer_logprob (the only fitness with a true gradient), "
+            "evolution.log_gradient_cosine needs evaluation.fitness: answer_logprob (the only fitness with a true "
+            "gradient), "
             f"got {ev.fitness!r}",
         ),
         (

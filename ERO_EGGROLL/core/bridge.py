@@ -84,7 +84,8 @@ def torch_to_jax(t: torch.Tensor, *, strict: bool = False) -> jax.Array:
     t = t.detach()
     if t.device.type == "cuda" and not any(d.platform == "gpu" for d in jax.devices()):
         raise ValueError(
-            f"tensor is on {t.device} but JAX sees no GPU ({jax.devices()}); install jax[cuda] or move the tensor to the CPU"
+            f"tensor is on {t.device} but JAX sees no GPU ({jax.devices()}); install jax[cuda] or move the tensor to "
+            "the CPU"
         )
     copied_reason = None
     if not _is_compact(t):
@@ -140,7 +141,8 @@ class ConversionReport:
 
     def __str__(self) -> str:
         return (
-            f"{self.direction}: {self.dtype_in} -> {self.dtype_out} {self.shape} on {self.device_in} -> {self.device_out}, "
+            f"{self.direction}: {self.dtype_in} -> {self.dtype_out} {self.shape} on {self.device_in} -> "
+            f"{self.device_out}, "
             f"{self.nbytes:,} bytes, ptr {self.pointer_in:#x} -> {self.pointer_out:#x}, "
             f"{'zero-copy' if self.zero_copy else 'COPIED'}"
         )

@@ -143,7 +143,8 @@ def settings_problems(evo: EvolutionSettings, prefix: str = "evolution.") -> lis
         (evo.clamp is None or evo.clamp > 0, f"{prefix}clamp must be > 0 or null, got {evo.clamp}"),
         (
             evo.search == "eggroll" or evo.optimizer == "sgd",
-            f"{prefix}search: ero moves the mean to the elites' average (lr x the step); it needs optimizer: sgd, got {evo.optimizer}",
+            f"{prefix}search: ero moves the mean to the elites' average (lr x the step); it needs optimizer: sgd, "
+            f"got {evo.optimizer}",
         ),
         *[
             (getattr(evo, key) in choices, f"{prefix}{key} must be one of {list(choices)}, got {getattr(evo, key)!r}")

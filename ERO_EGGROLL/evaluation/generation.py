@@ -27,7 +27,8 @@ OOM_ADVICE = (
     "out of GPU memory during generation. With evaluation.members_per_batch K > 1 (or auto), K members share "
     "each generate call, so the batch is K times larger: lower members_per_batch first (at 1 members are evaluated "
     "one at a time and the population size does not matter); then lower evaluation.batch_size, "
-    "evaluation.max_new_tokens_cap or data.max_train_examples, or use data.input_mode: text. `python -m ERO_EGGROLL.memory --config <yaml>` predicts the peak."
+    "evaluation.max_new_tokens_cap or data.max_train_examples, or use data.input_mode: text. `python -m "
+    "ERO_EGGROLL.memory --config <yaml>` predicts the peak."
 )
 DECODING_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
 

@@ -40,7 +40,8 @@ def check_fits(est: MemoryEstimate, free_bytes: int, where: str) -> None:
     name, size = est.largest_component()
     what = advice_for(name)
     raise DoesNotFit(
-        f"predicted peak {est.device_total / 2**30:.2f} GiB does not fit the {free_bytes / 2**30:.2f} GiB free on {where}; "
+        f"predicted peak {est.device_total / 2**30:.2f} GiB does not fit the {free_bytes / 2**30:.2f} GiB free on "
+        f"{where}; "
         f"the largest part is {name} ({size / 2**30:.2f} GiB): {what} "
         "(`python -m ERO_EGGROLL.memory --config <yaml>` shows every part; run.memory_check: false skips this check)"
     )

@@ -340,8 +340,10 @@ def report(cfg: Config) -> str:
     source, work, dtype, on_gpu = plan.source, plan.work, plan.dtype, plan.on_gpu
     est = plan.estimate(cfg)
     lines = [
-        f"architecture {source}; {dtype} on {'GPU' if on_gpu else 'CPU'}; population {cfg.evolution.population_size}, rank {cfg.evolution.rank}",
-        f"longest generate call (estimated): {work.prompt_tokens} prompt + {work.new_tokens} new tokens x batch {work.batch}, "
+        f"architecture {source}; {dtype} on {'GPU' if on_gpu else 'CPU'}; population "
+        f"{cfg.evolution.population_size}, rank {cfg.evolution.rank}",
+        f"longest generate call (estimated): {work.prompt_tokens} prompt + {work.new_tokens} new tokens x batch "
+        f"{work.batch}, "
         f"{work.image_patches} image patches",
         "",
         "EGGROLL (this design):",
@@ -360,7 +362,8 @@ def report(cfg: Config) -> str:
     lines += [
         f"  {'peak on the device':70s} {_gib(est.fullrank_total)}",
         "",
-        f"EGGROLL needs {est.device_total / est.fullrank_total:.2f}x the memory of full-rank ES; only the update phase grows with N, by a few N(m+n)r x 4 bytes of the largest tensor",
+        f"EGGROLL needs {est.device_total / est.fullrank_total:.2f}x the memory of full-rank ES; only the update "
+        "phase grows with N, by a few N(m+n)r x 4 bytes of the largest tensor",
     ]
     return "\n".join(lines)
 

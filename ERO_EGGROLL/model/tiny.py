@@ -224,8 +224,10 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, pretrain_steps: int = 1
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         (staging / "PRETRAINING.txt").write_text(
-            f"seed {seed}, {pretrain_steps} steps x {batch_size} ARC-1 training-split questions (grids <= {PRETRAIN_MAX_SIDE}x{PRETRAIN_MAX_SIDE})\n"
-            f"answer-token loss: first {losses[0] if losses else float('nan'):.4f}, last {losses[-1] if losses else float('nan'):.4f}\n"
+            f"seed {seed}, {pretrain_steps} steps x {batch_size} ARC-1 training-split questions (grids <= "
+            f"{PRETRAIN_MAX_SIDE}x{PRETRAIN_MAX_SIDE})\n"
+            f"answer-token loss: first {losses[0] if losses else float('nan'):.4f}, last "
+            f"{losses[-1] if losses else float('nan'):.4f}\n"
         )
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -169,7 +169,8 @@ class Loggers:
             return call()
         except Exception as err:  # TensorBoard and W&B fail in many ways; the run's own metrics are on disk
             print(
-                f"warning: logger {name} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                f"warning: logger {name} failed ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); "
                 "it is switched off for the rest of the run (metrics.jsonl has every number)",
                 file=sys.stderr,
             )

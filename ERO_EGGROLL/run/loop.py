@@ -180,7 +180,8 @@ UPDATE_FIELDS = ("lr", "sigma_scale", "update_norm", "fraction_changed", "lost_u
 def epoch_line(row: dict, epochs: int, saved: Path) -> str:
     """The one line a finished epoch prints."""
     return (
-        f"epoch {row['epoch']}/{epochs}: members {row['member_mean']:.4f} [{row['member_min']:.4f}, {row['member_max']:.4f}]  "
+        f"epoch {row['epoch']}/{epochs}: members {row['member_mean']:.4f} [{row['member_min']:.4f}, "
+        f"{row['member_max']:.4f}]  "
         f"mean model {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
         f"cells {row['mean_model_cell_accuracy']:.4f}  answer log-prob {row['mean_model_answer_logprob']:.4f}  "
         f"|direction| {row['update_norm']:.3g}  {row['seconds']:.1f}s  "

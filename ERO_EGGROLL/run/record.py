@@ -72,7 +72,8 @@ def base_evolvable(model: torch.nn.Module, base_dir: Path, names: list[str]) -> 
     missing = sorted(set(names) - out.keys())
     if missing:
         raise CheckpointError(
-            f"{base_dir}: the base weights of {missing[0]} (and {len(missing) - 1} more) are not in its safetensors files"
+            f"{base_dir}: the base weights of {missing[0]} (and {len(missing) - 1} more) are not in its safetensors "
+            "files"
         )
     return out
 

@@ -226,7 +226,8 @@ def latest_dir(run_ckpt_dir: Path) -> tuple[Path, str | None]:
     if not complete:
         if name is None and not any(Path(run_ckpt_dir).glob("epoch_*")):
             raise CheckpointError(
-                f"{run_ckpt_dir} holds no checkpoint (no LATEST file, no epoch_NNNN/); give the run's checkpoints/<run> folder"
+                f"{run_ckpt_dir} holds no checkpoint (no LATEST file, no epoch_NNNN/); give the run's "
+                "checkpoints/<run> folder"
             )
         raise CheckpointError(
             f"{run_ckpt_dir}: LATEST is {problem} and no complete epoch_NNNN/ directory is left to resume from; "
@@ -289,7 +290,8 @@ def checkpoint_dir(path: Path) -> Path:
         return path
     if not (path / LATEST).exists() and not any(path.glob("epoch_*")):
         raise CheckpointError(
-            f"{path} is not a checkpoint (no {STATE_FILE}; expected a run's checkpoint folder or an epoch_NNNN/ directory)"
+            f"{path} is not a checkpoint (no {STATE_FILE}; expected a run's checkpoint folder or an epoch_NNNN/ "
+            "directory)"
         )
     path, problem = latest_dir(path)
     if problem:

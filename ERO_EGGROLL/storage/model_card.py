@@ -57,7 +57,8 @@ def _weights_section(report: WeightsReport) -> list[str]:
     if report.written_dtype:
         lines.append(
             f"**dtype: the run computed in {report.run_dtype}, the base stores {base}.** Casting to {base} would keep "
-            f"only {kept}, so the weights stay in {report.run_dtype}; config.json's dtype field says so (its only change)."
+            f"only {kept}, so the weights stay in {report.run_dtype}; config.json's dtype field says so (its only "
+            "change)."
         )
     elif report.cast:
         lines.append(
@@ -98,7 +99,8 @@ def model_card(
         "",
         f"# {cfg.run.name}: Qwen2.5-VL evolved with EGGROLL on ARC-1",
         "",
-        f"Base model: `{cfg.model.path}` with new weights (the best mean model, epoch {best_epoch} of {history[-1]['epoch']})."
+        f"Base model: `{cfg.model.path}` with new weights (the best mean model, epoch {best_epoch} of "
+        f"{history[-1]['epoch']})."
         + (f" The base model's own card is kept as {BASE_CARD}." if (base_dir / "README.md").is_file() else ""),
         "",
         *[part for line in _weights_section(report) for part in (line, "")],
@@ -106,7 +108,8 @@ def model_card(
         "",
         f"EGGROLL low-rank evolution strategies (ERO_EGGROLL): population {evo.population_size}, rank {evo.rank}, "
         f"sigma {evo.sigma} ({evo.sigma_mode}), optimizer {evo.optimizer}, lr {evo.lr}, {evo.mode} mode, "
-        f"fitness `{cfg.evaluation.fitness}`, seed {cfg.seed}, {cfg.data.input_mode} input, decoding as in the config below.",
+        f"fitness `{cfg.evaluation.fitness}`, seed {cfg.seed}, {cfg.data.input_mode} input, decoding as in the "
+        "config below.",
         "",
         "<details><summary>full config</summary>",
         "",

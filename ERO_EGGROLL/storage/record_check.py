@@ -44,7 +44,8 @@ def check_record(state: RunState, where: str) -> None:
         mean = row.get("mean_model_fitness")
         if not (_number(mean) and low <= mean <= high):
             refuse(
-                f"epoch {index}: mean_model_fitness {mean!r} is not a finite {cfg.evaluation.fitness} value in [{low}, {high}]"
+                f"epoch {index}: mean_model_fitness {mean!r} is not a finite {cfg.evaluation.fitness} value in "
+                f"[{low}, {high}]"
             )
         fitness = row.get("fitness")
         if index == 0:
@@ -58,7 +59,8 @@ def check_record(state: RunState, where: str) -> None:
             finite = sum(_number(f) and low <= f <= high for f in fitness)
             if finite != population:
                 refuse(
-                    f"epoch {index}: fitness holds {finite} finite {cfg.evaluation.fitness} value(s) in [{low}, {high}] "
+                    f"epoch {index}: fitness holds {finite} finite {cfg.evaluation.fitness} value(s) in [{low}, "
+                    f"{high}] "
                     f"of {population}"
                 )
             new_best, rolled_back = mean > best_fitness, False

@@ -92,7 +92,8 @@ class RunLock:
                 "wait for it to finish or pick another run.name; delete the lock only if that process is gone"
             )
         print(
-            f"note: stale lock {self.path} from process {pid} on {host}, which is no longer running (a crash?); taking it over",
+            f"note: stale lock {self.path} from process {pid} on {host}, which is no longer running (a crash?); "
+            "taking it over",
             file=sys.stderr,
         )
         self.path.unlink(missing_ok=True)

@@ -93,7 +93,8 @@ def main() -> None:
         ray.get([w.update.remote(fitness, epoch) for w in workers])
     results = ray.get([w.held_out.remote() for w in workers])
     print(
-        f"held-out MSE after {args.epochs} epochs: {results[0][0]:.4f}; replicas identical: {len({d for _, d in results}) == 1}"
+        f"held-out MSE after {args.epochs} epochs: {results[0][0]:.4f}; replicas identical: "
+        f"{len({d for _, d in results}) == 1}"
     )
     ray.shutdown()
 
