@@ -46,7 +46,8 @@ def random_30m_model(tiny_dir: Path):
     return random_model(tiny_dir, SHAPES["26m"])
 
 
-# These benchmarks measure generation: pin a generated fitness on the test questions, whatever default.yaml's fitness is.
+# These benchmarks measure generation: pin a generated fitness on the test questions,
+# whatever default.yaml's fitness is.
 GENERATION = (
     "evaluation.fitness=char_similarity",
     "data.fitness_source=test",

@@ -15,7 +15,8 @@ The 7B's own shapes (hidden 3584, MLP 18944, vocabulary 152,064 for the embeddin
 the 32-block vision tower; all FROZEN but the decoder layers, as classified by default) with L decoder layers:
 case `7b@L:bfloat16:sgd` (L = 2 takes about 6 GB of RAM).
 
-    python scripts/bench_memory.py [--quick] [--cases 360m:float32:sgd 7b@2:bfloat16:sgd ...]   -> results/bench/memory.json
+    python scripts/bench_memory.py [--quick] [--cases 360m:float32:sgd 7b@2:bfloat16:sgd ...]
+        -> results/bench/memory.json
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def measure(size: str, dtype: str, optimizer: str, phase: str) -> dict:
         ],
     )
     fitness = [float((7 * i) % 5) for i in range(POPULATION)]
-    # the twin has the evolvable tensors' shapes (one layer); the embedded model's vocabulary and vision tower (FROZEN) suffice
+    # the twin has the evolvable tensors' shapes (one layer);
+    # the embedded model's vocabulary and vision tower (FROZEN) suffice
     twin = run_perturber(random_model(tiny_dir, TextShape(**{**shape.__dict__, "layers": 1}), torch_dtype), cfg)
     ids = torch.randint(0, 300, (1, 16))
     with torch.no_grad(), twin.member(0, 0):  # compiles the member-noise draws of one layer's tensor shapes

@@ -40,7 +40,7 @@ from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR  # noqa: E402
 from ERO_EGGROLL.evaluation import generation  # noqa: E402
 from ERO_EGGROLL.evaluation.evaluator import evaluate_members, prepare, questions_for  # noqa: E402
 from ERO_EGGROLL.model.loading import load_model_from_dir  # noqa: E402
-from ERO_EGGROLL.model.qwen import run_perturber
+from ERO_EGGROLL.model.qwen import run_perturber  # noqa: E402
 from ERO_EGGROLL.model.random_model import SHAPES, random_model  # noqa: E402
 
 KS = (1, 2, 4, 8, 16)

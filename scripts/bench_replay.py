@@ -2,8 +2,8 @@
 
 Replaying an epoch is its update (regenerate the factors, contract, optimizer, round) plus, once at the end,
 the digest of the evolvable weights; starting from the base model costs one read of the evolvable tensors
-from the model's safetensors files (here just written, so from the page cache). Each is timed here; the evaluation of an epoch (population x questions x
-generate) is what it is compared with.
+from the model's safetensors files (here just written, so from the page cache). Each is timed here; the
+evaluation of an epoch (population x questions x generate) is what it is compared with.
 
     python scripts/bench_replay.py [--sizes tiny 100m] [--epochs 3] [--population 16]   -> results/bench/replay.json
 """

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# the ERO task with the longest prompt (about 7400 tokens with its images, 66 new): the largest KV cache and prefill of the 15
+# the ERO task with the longest prompt (about 7400 tokens with its images, 66 new):
+# the largest KV cache and prefill of the 15
 SEVEN_B_TASKS = "data.task_ids=[0a1d4ef5]"
 JAX_BESIDE_TORCH = """
 import json, jax, jax.numpy as jnp, torch
@@ -37,8 +38,10 @@ row = {"jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax
 if device == "cuda":
     free, total = torch.cuda.mem_get_info()
     stats = jax.devices()[0].memory_stats() or {}
-    row.update(gpu_total_gib=total / 2**30, gpu_free_gib=free / 2**30, torch_allocated_mib=torch.cuda.memory_allocated() / 2**20,
-               jax_bytes_in_use_mib=stats.get("bytes_in_use", 0) / 2**20, jax_bytes_reserved_mib=stats.get("bytes_reserved", 0) / 2**20,
+    row.update(gpu_total_gib=total / 2**30, gpu_free_gib=free / 2**30,
+               torch_allocated_mib=torch.cuda.memory_allocated() / 2**20,
+               jax_bytes_in_use_mib=stats.get("bytes_in_use", 0) / 2**20,
+               jax_bytes_reserved_mib=stats.get("bytes_reserved", 0) / 2**20,
                jax_took_under_half=free > total / 2)
 print(json.dumps(row))
 """
@@ -89,7 +92,8 @@ def part_commands(cpu: bool, layers: int, rehearsal_json: Path) -> dict[str, tup
 
 
 def run_part(command: list[str], limit: int) -> dict:
-    """Run one part: its exit code (None: out of time), seconds, the tail of its output and the JSON lines it printed."""
+    """Run one part: its exit code (None: out of time), seconds, the tail of its output
+    and the JSON lines it printed."""
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     try:

@@ -6,8 +6,9 @@
 Each case is the tests' small run (tests/conftest.py SMALL) plus a few settings that walk a different
 path of the code (optimizer, strategy, clip, bf16 rounding, batched members, per-task mode with the
 degeneration guard). What is recorded: every metrics row without its timings, and the per-tensor
-digest of the final checkpoint's weights (from its tensors, or from the run record of a replay-mode run). The numbers hold for one build of the embedded tiny model
-(its base-weight digest is recorded too): a rebuild on another machine rounds differently.
+digest of the final checkpoint's weights (from its tensors, or from the run record of a replay-mode run).
+The numbers hold for one build of the embedded tiny model (its base-weight digest is recorded too):
+a rebuild on another machine rounds differently.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import run_args  # noqa: E402  (the tests' own command line for a small run)
 
 from ERO_EGGROLL.config import ROOT as REPO  # noqa: E402
-from ERO_EGGROLL.config import load_config
+from ERO_EGGROLL.config import load_config  # noqa: E402
 from ERO_EGGROLL.core.digest import tensor_digest  # noqa: E402
 from ERO_EGGROLL.storage.checkpoints import load_checkpoint  # noqa: E402
 from ERO_EGGROLL.storage.identity import base_weights_digest  # noqa: E402

@@ -65,9 +65,11 @@ def run_args(tmp: Path, name: str, *overrides: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, tiny_model_dir) -> Path:
-    """One finished 2-epoch run (results/reference, checkpoints/reference under the returned folder), shared by the suite.
+    """One finished 2-epoch run (results/reference, checkpoints/reference under the returned folder),
+    shared by the suite.
 
-    Tests that change a run work on a copy of it. What the run printed is kept in `reference.stdout` / `.stderr` there."""
+    Tests that change a run work on a copy of it. What the run printed is kept in `reference.stdout` /
+    `.stderr` there."""
     tmp = tmp_path_factory.mktemp("runs")
     done = subprocess.run(run_args(tmp, "reference"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -66,7 +66,8 @@ def _data(cfg: Config) -> str:
     from ERO_EGGROLL.arc.tasks import load_tasks
 
     tasks = load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)
-    return f"{len(tasks)} task(s) from {cfg.data.source} ({cfg.data.split}): {', '.join(t.id for t in tasks[:5])}{' ...' if len(tasks) > 5 else ''}"
+    shown = ", ".join(t.id for t in tasks[:5]) + (" ..." if len(tasks) > 5 else "")
+    return f"{len(tasks)} task(s) from {cfg.data.source} ({cfg.data.split}): {shown}"
 
 
 def _jax() -> str:
@@ -80,7 +81,8 @@ def _jax() -> str:
     for device in jax.devices():
         stats = device.memory_stats() if device.platform == "gpu" else None
         if stats:
-            line += f"; {device} holds {stats.get('bytes_in_use', 0) / 2**20:.0f} MiB (reserved {stats.get('bytes_reserved', 0) / 2**20:.0f} MiB)"
+            in_use, reserved = stats.get("bytes_in_use", 0) / 2**20, stats.get("bytes_reserved", 0) / 2**20
+            line += f"; {device} holds {in_use:.0f} MiB (reserved {reserved:.0f} MiB)"
     if setting.lower() not in ("false", "0") and jax.default_backend() == "gpu":
         raise RuntimeError(line + ": JAX will pre-allocate 75% of the GPU; unset the variable or set it to false")
     return line

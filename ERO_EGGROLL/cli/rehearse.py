@@ -111,11 +111,13 @@ class Rehearsal:
         )
 
     def report(self) -> str:
+        peaks = (
+            "torch CUDA allocator, JAX GPU pool" if self.device.startswith("cuda") else "VmHWM growth of this process"
+        )
         lines = [
             f"rehearsal on {self.device} ({self.dtype}), {self.model}, {self.members_per_batch} member(s) per "
             "generate call",
-            f"peaks: {'torch CUDA allocator, JAX GPU pool' if self.device.startswith('cuda') else 'VmHWM growth of this process'}; "
-            "MiB = 2**20 bytes",
+            f"peaks: {peaks}; MiB = 2**20 bytes",
             "| phase | predicted MiB | measured MiB | measured / predicted |",
             "|---|---|---|---|",
         ]
@@ -153,7 +155,8 @@ def _duration(seconds: float) -> str:
 
 
 def _model(cfg: Config, random_layers: int | None):
-    """(model, processor, what it is): the config's checkpoint, or a random model of its architecture with fewer layers."""
+    """(model, processor, what it is): the config's checkpoint, or a random model of its architecture with fewer
+    layers."""
     if random_layers is None:
         path = cfg.resolve_path(cfg.model.path)
         check_checkpoint_dir(path)

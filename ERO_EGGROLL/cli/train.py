@@ -2,7 +2,7 @@
 
     python ERO_EGGROLL/arc_evolution_single_gpu.py --config configs/default.yaml
     python ERO_EGGROLL/arc_evolution_single_gpu.py --resume checkpoints/default [--set evolution.epochs=12]
-    python ERO_EGGROLL/arc_evolution_single_gpu.py --resume checkpoints/default/epoch_0003   # go back to an earlier epoch
+    python ERO_EGGROLL/arc_evolution_single_gpu.py --resume checkpoints/default/epoch_0003   # back to an earlier epoch
 
 The loop, as in the paper (run/loop.py): for each epoch, for each member in turn: perturb, evaluate,
 restore; then one fused update; then evaluate the new mean model, log, checkpoint. This script reads the
@@ -59,7 +59,8 @@ def ensure_model(cfg: Config) -> None:
 
 
 def export_best_model(model, cfg: Config, task_ids: list[str], evolved: dict, ckpt_dir: Path, run_dir: Path) -> None:
-    """ckpt_dir/best_model: the base model's folder with the best weights and a model card (export.py), published atomically."""
+    """ckpt_dir/best_model: the base model's folder with the best weights and a model card (export.py), published
+    atomically."""
 
     def card(report):
         return model_card(
@@ -158,7 +159,8 @@ def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: S
 
 
 def _saved_state(resume: Path) -> RunState:
-    """The state to read a resumed run's config from: that checkpoint, the run's newest, or (per_task) its first task's."""
+    """The state to read a resumed run's config from: that checkpoint, the run's newest, or (per_task) its first
+    task's."""
     if (resume / "state.json").is_file():
         return read_state(resume)
     if run_started(resume):
@@ -172,7 +174,8 @@ def _saved_state(resume: Path) -> RunState:
 
 
 def _run_folder_of(resume: Path, cfg: Config) -> Path:
-    """The run's checkpoint folder that --resume names: itself, or the run (or per_task task) folder of an epoch_NNNN/."""
+    """The run's checkpoint folder that --resume names: itself, or the run (or per_task task) folder of an
+    epoch_NNNN/."""
     if not EPOCH_DIR.fullmatch(resume.name):
         return resume
     return resume.parent if resume.parent.resolve() == cfg.checkpoint_path.resolve() else resume.parent.parent

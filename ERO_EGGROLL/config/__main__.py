@@ -1,4 +1,5 @@
-"""python -m ERO_EGGROLL.config --config configs/default.yaml [--set evolution.population_size=8]: the resolved config."""
+"""python -m ERO_EGGROLL.config --config configs/default.yaml [--set evolution.population_size=8]: the resolved
+config."""
 
 from __future__ import annotations
 

@@ -34,7 +34,8 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-_StrictLoader.add_implicit_resolver(  # YAML 1.2 floats: 1e-3, 1E+5, -2.5e3 (the 1.1 resolver needs a dot and a signed exponent)
+# YAML 1.2 floats: 1e-3, 1E+5, -2.5e3 (the 1.1 resolver needs a dot and a signed exponent)
+_StrictLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),

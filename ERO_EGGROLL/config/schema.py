@@ -62,15 +62,20 @@ class DecodingConfig:
 
 @dataclass
 class EvaluationConfig:
-    # char_similarity: ERO's published metric; grid_char_similarity: the same on the lenient grid reading (arc/fitness.py);
-    # answer_logprob: the mean log-probability of the right answer's tokens, teacher-forced, no generation (evaluation/likelihood.py)
+    # char_similarity: ERO's published metric; grid_char_similarity: the same on the lenient grid reading
+    # (arc/fitness.py);
+    # answer_logprob: the mean log-probability of the right answer's tokens, teacher-forced, no generation
+    # (evaluation/likelihood.py)
     fitness: Literal[
         "char_similarity", "grid_char_similarity", "exact", "cell_accuracy", "sequence", "answer_logprob"
     ] = "char_similarity"
     batch_size: int = 4  # prompts per generate call within one member
-    # target_tokens: max_new_tokens_factor x the target answer's token count; ero: 2 x the reduced target text's characters (ERO's
-    # budget); both read the target, so fitness_source 'test' only. demonstrations: factor x the answer size the demonstrations and
-    # the query suggest (prepared.demonstrated_size), never the target: what held-out questions (fitness_source 'train_loo') need
+    # target_tokens: max_new_tokens_factor x the target answer's token count; ero: 2 x the reduced target text's
+    # characters (ERO's
+    # budget); both read the target, so fitness_source 'test' only. demonstrations: factor x the answer size the
+    # demonstrations and
+    # the query suggest (prepared.demonstrated_size), never the target: what held-out questions (fitness_source
+    # 'train_loo') need
     max_new_tokens_rule: Literal["target_tokens", "ero", "demonstrations"] = "target_tokens"
     max_new_tokens_factor: float = 2.0  # the target_tokens and demonstrations rules
     max_new_tokens_cap: int = 1024  # caps either rule
@@ -113,7 +118,8 @@ class RunConfig:
     loggers: list[Literal["tensorboard", "wandb"]] = field(
         default_factory=list
     )  # also report each epoch there (loggers.py)
-    # replay: each epoch saves a run record of kilobytes (weights are rebuilt from keys + fitness); full: every epoch's tensors
+    # replay: each epoch saves a run record of kilobytes (weights are rebuilt from keys + fitness); full: every epoch's
+    # tensors
     checkpoint: Literal["replay", "full"] = "replay"
     snapshot_every: int = 0  # replay mode: also save the weights (and optimizer state) every K epochs; 0: never
     export_best: Literal["all", "none"] = "all"  # best_model/ per run (per task in per_task mode), or no export at all

@@ -30,7 +30,8 @@ ERO_FIELDS = (
 
 
 def stop_score(search: str, row: dict) -> float:
-    """What run.target_fitness is compared with in an epoch's metrics row: ERO stops on its best model, the best elite so
+    """What run.target_fitness is compared with in an epoch's metrics row: ERO stops on its best model, the best elite
+    so
     far (a member; none yet in the base model's row); EGGROLL on the mean model."""
     return row.get("best_elite_so_far", -math.inf) if search == "ero" else row["mean_model_fitness"]
 

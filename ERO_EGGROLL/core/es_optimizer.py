@@ -85,7 +85,8 @@ class EsOptimizer:
         return out.copy_(v)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The live moments and velocities (updated in place by the next step): save them before calling `change` again."""
+        """The live moments and velocities (updated in place by the next step): save them before calling `change`
+        again."""
         out = {}
         for name, (m, v) in self.moments.items():
             out[f"adam_m/{name}"], out[f"adam_v/{name}"] = m.contiguous(), v.contiguous()

@@ -1,4 +1,5 @@
-"""The noise plan: which tensors evolve, with which class, key and sigma; a member's noise; one tensor's update direction.
+"""The noise plan: which tensors evolve, with which class, key and sigma; a member's noise; one tensor's update
+direction.
 
 Everything here is a pure function of (seed, epoch, member) and the base weights' sigmas: nothing
 is stored for the population. Noise comes from hyperscalees (JAX) through DLPack, drawn on the
@@ -100,7 +101,7 @@ class NoisePlan:
 
     def reseed(self, seed: int) -> None:
         """Draw all later noise from `seed` (ERO's seed move at a reset); sigmas stay the base weights'. Rebinds, never
-        mutates, the key containers, so a shallow copy of the plan (Perturber.with_fresh_optimizer) keeps its own seed."""
+        mutates, the key containers, so a shallow copy of the plan (Perturber.with_fresh_optimizer) keeps its seed."""
         if seed == self.seed:
             return
         self.seed, self.keys = seed, self._keys(seed)

@@ -1,6 +1,6 @@
 """The Perturber: EGGROLL on a torch model, the one object the training script, replay and users call.
 
-    perturber = Perturber.for_module(net)                               # any nn.Module: Adam, lr and sigma 0.002, 64 members
+    perturber = Perturber.for_module(net)                               # any nn.Module (Adam, 64 members)
     perturber = Perturber(model, specs, settings, seed)                 # classes chosen by the caller
     with perturber.member(epoch, i):  loss_i = ...                      # the model as W + E_i, exact restore on exit
     with perturber.members(epoch, [0, 1, 2, 3]):  ...                  # 4 members as blocks of batch rows
@@ -216,7 +216,8 @@ class Perturber:
                     yield self.model
 
     def check_batchable(self) -> None:
-        """Whether several members can share a batch (the forward strategy, a per-row rule for every FULL tensor's module):
+        """Whether several members can share a batch (the forward strategy, a per-row rule for every FULL tensor's
+        module):
         raises the clear error before any evaluation runs."""
         if self._hooks is None:
             raise ConfigError("evaluating several members per batch needs evolution.strategy: forward")

@@ -49,7 +49,8 @@ class SavedInPlace:
 
     @contextlib.contextmanager
     def applied(self, lora: LowRank, full: Dense):
-        """The tensors as W + noise: FULL noise added in fp32, LORA as A_s B^T (reshaped to the kernel), rounded once."""
+        """The tensors as W + noise: FULL noise added in fp32, LORA as A_s B^T (reshaped to the kernel), rounded
+        once."""
         with torch.no_grad():  # every backup is complete before any tensor changes
             for name, p in self.params.items():
                 self._saved[name].copy_(p)
@@ -135,7 +136,8 @@ class ForwardHooks:
         )
         self._bias_modules = [m for m, rule in self._rules.items() if is_bias_rule(rule)]
         # FULL biases of Linear/Conv modules go through their row rule even for one member, so that one member and K
-        # members as rows compute x W^T + b in the same order (the same bits in any dtype, where GEMM rows are independent)
+        # members as rows compute x W^T + b in the same order (the same bits in any dtype, where GEMM rows are
+        # independent)
         self.biases_in_forward = {_tensor_name(m, "bias") for m in self._bias_modules}
         self._active: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}  # module -> its member step
         self._hooks = [
@@ -150,7 +152,8 @@ class ForwardHooks:
         return member_output
 
     def _lowrank_steps(self, lora: LowRank) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-        """Per module, the step adding its low-rank delta; `lora` holds K members' factors stacked: (K, m, r), (K, n, r)."""
+        """Per module, the step adding its low-rank delta; `lora` holds K members' factors stacked: (K, m, r), (K, n,
+        r)."""
         steps = {}
         for group in self._linear_groups:
             shared = _SharedProduct(torch.cat([lora[n][1] for n in group], dim=-1))

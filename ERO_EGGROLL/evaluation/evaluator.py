@@ -40,7 +40,8 @@ LIKELIHOOD_FITNESS = "answer_logprob"
 
 @dataclass
 class AnswerRecord:
-    """One question's scores; the text metrics are None when nothing was generated, answer_logprob when it was not scored."""
+    """One question's scores; the text metrics are None when nothing was generated, answer_logprob when it was not
+    scored."""
 
     task_id: str
     score: float  # the configured fitness
@@ -176,7 +177,8 @@ def evaluate_members(
 
 
 def results_table(task_ids: Sequence[str], result: EvalResult) -> list[dict]:
-    """Rows T1..Tn with char similarity, cell accuracy, exact match and answer log-prob (of a report), then the mean row."""
+    """Rows T1..Tn with char similarity, cell accuracy, exact match and answer log-prob (of a report), then the mean
+    row."""
     names = ("char_similarity", "cell_accuracy", "exact", "answer_logprob")
     per_task = {name: result.metric(name) for name in names}
     rows = [

@@ -108,7 +108,8 @@ def fitness_gradient(
 def update_with_gradient_cosine(
     update: Callable[[], dict], perturber, model, processor, prepared: Sequence[PreparedQuestion], cfg: Config
 ) -> dict:
-    """`update()`'s statistics (the epoch step's update) plus `gradient_cosine`: the cosine between the change the update
+    """`update()`'s statistics (the epoch step's update) plus `gradient_cosine`: the cosine between the change the
+    update
     made to the evolvable tensors and the true gradient of the answer_logprob fitness on `prepared` at the weights
     before it (one backward pass; nothing else changes, so a run's numbers are the same with or without it)."""
     before = {n: t.clone() for n, t in perturber.evolvable_state().items()}

@@ -1,4 +1,5 @@
-"""Questions made ready for a model once per run: chat template, tokens, pixels, the answer's tokens and the token budget.
+"""Questions made ready for a model once per run: chat template, tokens, pixels, the answer's tokens and the token
+budget.
 
 Both readers of a question build on this module: generation (`arc_evaluator`) and teacher-forced
 scoring (`likelihood`). Prompts are left-padded into batches so that every prompt ends
@@ -117,7 +118,8 @@ def collate(batch: Sequence[PreparedQuestion], pad_id: int, device, answers: boo
 
 
 def replicate(inputs: dict, replicas: int, dtype: torch.dtype) -> dict:
-    """The batch repeated `replicas` times, member-major (as Perturber.members lays out its rows); pixels in the model's dtype."""
+    """The batch repeated `replicas` times, member-major (as Perturber.members lays out its rows); pixels in the model's
+    dtype."""
     if replicas > 1:
         inputs = {k: torch.cat([v] * replicas) for k, v in inputs.items()}
     if "pixel_values" in inputs:

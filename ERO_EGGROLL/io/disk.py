@@ -51,7 +51,8 @@ def writing(path: Path, then: str = CHECKPOINT_INTACT) -> Iterator[None]:
 
 
 def mark_output(folder: Path, kind: str) -> None:
-    """Mark `folder` (being written by a command) as an output of `kind`, which a later command of that kind may replace."""
+    """Mark `folder` (being written by a command) as an output of `kind`, which a later command of that kind may
+    replace."""
     (folder / OUTPUT_MARK).write_text(json.dumps({"kind": kind}) + "\n")
 
 
@@ -160,7 +161,8 @@ def publish_dir(staging: Path, target: Path, previous_to: Path | None = None, th
 
 
 def move_aside(path: Path, into: Path | None = None) -> Path:
-    """Rename `path` to `<path>.old-<UTC time>` (or into the folder `into`), never deleting anything; return the new path."""
+    """Rename `path` to `<path>.old-<UTC time>` (or into the folder `into`), never deleting anything; return the new
+    path."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     dest = (into / path.name) if into is not None else path.with_name(f"{path.name}.old-{stamp}")
     n = 1

@@ -43,7 +43,8 @@ def bar(
     leave: bool = True,
     stream: TextIO | None = None,
 ) -> tqdm | SilentBar:
-    """A tqdm bar (over `iterable`, if given) on `stream` (default stderr) when it is a terminal, else a silent stand-in."""
+    """A tqdm bar (over `iterable`, if given) on `stream` (default stderr) when it is a terminal, else a silent
+    stand-in."""
     stream = stream or sys.stderr
     if not stream.isatty():
         return SilentBar(iterable)

@@ -17,14 +17,17 @@ class DoesNotFit(ConfigError):
 def advice_for(component: str) -> str:
     """What to change in the config when `component` (a memory model part's name) is what does not fit."""
     advice = {
-        "optimizer": "use evolution.optimizer: sgd (no per-parameter state), or evolve fewer tensors (params.overrides)",
+        "optimizer": "use evolution.optimizer: sgd (no per-parameter state), or evolve fewer tensors "
+        "(params.overrides)",
         "weights": "use a smaller model or model.dtype: bfloat16",
-        "KV cache": "lower evaluation.batch_size, evaluation.members_per_batch or evaluation.max_new_tokens_cap, or data.max_train_examples",
+        "KV cache": "lower evaluation.batch_size, evaluation.members_per_batch or evaluation.max_new_tokens_cap, "
+        "or data.max_train_examples",
         "prefill": "lower evaluation.batch_size or evaluation.members_per_batch, or use data.input_mode: text",
         "update": "evolve fewer or smaller tensors (params.overrides) or lower evolution.population_size",
         "saved": "use evolution.strategy: forward",
         "image": "use data.input_mode: text or lower data.max_pixels",
-        "copies of the output head": "a CPU's bf16 matmul copies the head per row (a GPU does not): lower evaluation.batch_size "
+        "copies of the output head": "a CPU's bf16 matmul copies the head per row (a GPU does not): lower "
+        "evaluation.batch_size "
         "or evaluation.members_per_batch, or use a GPU",
     }
     return next(
@@ -48,7 +51,8 @@ def check_fits(est: MemoryEstimate, free_bytes: int, where: str) -> None:
 
 
 def workload_of(prepared, batch: int) -> Workload:
-    """The longest generate call of these prepared questions, from their real tokens (not the estimate from text length)."""
+    """The longest generate call of these prepared questions, from their real tokens (not the estimate from text
+    length)."""
     return Workload(
         prompt_tokens=max(int(p.inputs["input_ids"].shape[0]) for p in prepared),
         new_tokens=max(p.max_new_tokens for p in prepared),
@@ -88,7 +92,8 @@ def free_memory_bytes(on_gpu: bool) -> tuple[int, str]:
 
 
 def preflight(cfg: Config, tasks) -> MemoryEstimate:
-    """Before a run loads anything: refuse it (DoesNotFit naming the part to change) when the predicted peak does not fit."""
+    """Before a run loads anything: refuse it (DoesNotFit naming the part to change) when the predicted peak does not
+    fit."""
     plan = plan_run(cfg, tasks)
     est = plan.estimate(cfg)
     check_fits(est, *free_memory_bytes(plan.on_gpu))

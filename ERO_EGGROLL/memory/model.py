@@ -265,7 +265,8 @@ def estimate(
 
 
 def ero_search_config(cfg: Config) -> Config:
-    """The same run with ERO's search (configs/ero.yaml's evolution settings): full-rank members, in place, one at a time."""
+    """The same run with ERO's search (configs/ero.yaml's evolution settings): full-rank members, in place, one at a
+    time."""
     ero = copy.deepcopy(cfg)
     for key, value in {
         "search": "ero",

@@ -178,7 +178,8 @@ def earlier_export(path: Path) -> bool:
 def export_model(model, base_dir: Path, out_dir: Path, card, then: str = CHECKPOINT_INTACT) -> WeightsReport:
     """Build the folder in a staging directory and publish it atomically as `out_dir`.
 
-    `card(report) -> str` writes the model card once the weights are known; `then`: what a failed write leaves intact."""
+    `card(report) -> str` writes the model card once the weights are known; `then`: what a failed write leaves
+    intact."""
     with writing(out_dir, then):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

@@ -40,7 +40,8 @@ class ModelLoadError(EggrollError):
     """A model directory that cannot be loaded, with what was found and how to fix it."""
 
 
-# The class that processor_config.json and tokenizer_config.json name, so that AutoProcessor elsewhere builds the real one.
+# The class that processor_config.json and tokenizer_config.json name, so that AutoProcessor elsewhere builds the real
+# one.
 STANDARD_PROCESSOR_CLASS = "Qwen2_5_VLProcessor"
 
 
@@ -179,7 +180,8 @@ def load_model_from_dir(
 
 
 def load_model(cfg: Config):
-    """(model, processor) as the config says: dtype `auto` = bf16 on GPU, fp32 on CPU; device `auto` = cuda if available."""
+    """(model, processor) as the config says: dtype `auto` = bf16 on GPU, fp32 on CPU; device `auto` = cuda if
+    available."""
     device = resolve_device(cfg.model.device)
     return load_model_from_dir(
         cfg.resolve_path(cfg.model.path),

@@ -72,7 +72,8 @@ def random_model_like(
     seed: int = 0,
     device: str | torch.device = "cpu",
 ):
-    """A random Qwen2.5-VL with another checkpoint's shapes (widths, vocabulary, vision tower; `arch` is its config.json)
+    """A random Qwen2.5-VL with another checkpoint's shapes (widths, vocabulary, vision tower; `arch` is its
+    config.json)
     but `layers` decoder layers: a real model's tensor sizes measured on a machine that cannot hold all its layers.
 
     The token ids stay the embedded tiny model's, so its tokenizer and processor drive the model. The weights are

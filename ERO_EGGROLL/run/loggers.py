@@ -76,7 +76,8 @@ def check_available(names: list[str], run_dir: Path | None = None) -> None:
 
 
 def epoch_scalars(row: dict) -> dict[str, float]:
-    """The numbers of one metrics.jsonl row (flags as 0/1); non-finite values are left out, as metrics.jsonl nulls them."""
+    """The numbers of one metrics.jsonl row (flags as 0/1); non-finite values are left out, as metrics.jsonl nulls
+    them."""
     out = {}
     for key, value in row.items():
         if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):

@@ -103,7 +103,8 @@ class Evolution:
         )
 
     def epoch(self, epoch: int, stop: StopFlag) -> dict:
-        """Epoch `epoch` + 1: every member's fitness, the epoch step (update, best, guard), the mean model's evaluation."""
+        """Epoch `epoch` + 1: every member's fitness, the epoch step (update, best, guard), the mean model's
+        evaluation."""
         cfg, evo, start = self.cfg, self.cfg.evolution, time.perf_counter()
         reset_peak_memory(self.device)
         fitness = (

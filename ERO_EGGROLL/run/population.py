@@ -19,7 +19,8 @@ MEMBER_STREAM, MEAN_MODEL_STREAM, MEAN_MODEL_TEST_STREAM, BEST_MODEL_STREAM = 0,
 
 def evaluate_mean_model(model, processor, fitness_questions, test_questions, cfg: Config, epoch: int) -> dict:
     """The mean model after `epoch` updates (0: the base model): its fitness, and on the test questions (held out
-    under fitness_source 'train_loo') every metric whatever the fitness: answer log-prob and the greedy answer's scores."""
+    under fitness_source 'train_loo') every metric whatever the fitness: answer log-prob and the greedy answer's
+    scores."""
     same = test_questions is fitness_questions
     result = evaluate(model, processor, fitness_questions, cfg, (MEAN_MODEL_STREAM, epoch), report=same)
     test = (

@@ -56,7 +56,8 @@ def check_sigma(perturber: Perturber, state: RunState, where: str) -> None:
 
 
 def base_evolvable(model: torch.nn.Module, base_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """The base values of the evolvable tensors `names`, read from the base model's safetensors files (only those tensors).
+    """The base values of the evolvable tensors `names`, read from the base model's safetensors files (only those
+    tensors).
 
     Exact: the same bytes and dtype conversion as loading the model. The file names are the model's names as its
     checkpoint stores them (export.saved_tensors reverts transformers' renaming; matched by storage)."""
@@ -92,7 +93,8 @@ def _holds_tensors(path: Path) -> bool:
 
 
 class ClonedBest:
-    """run.checkpoint: full: the best epoch's evolvable tensors as host clones (today's behaviour, one copy of them in RAM)."""
+    """run.checkpoint: full: the best epoch's evolvable tensors as host clones (today's behaviour, one copy of them in
+    RAM)."""
 
     def __init__(self, weights: dict[str, torch.Tensor] | None = None):
         self.weights = weights
@@ -171,7 +173,8 @@ def rebuild(perturber: Perturber, state: RunState, upto: int, best: ReplayedBest
 
 
 def replay_into(model: torch.nn.Module, state: RunState, base_dir: Path) -> None:
-    """Give `model` (the base model) the weights at the end of the run record `state`, replayed with the run's own config."""
+    """Give `model` (the base model) the weights at the end of the run record `state`, replayed with the run's own
+    config."""
     cfg = config_from_dict(state.config, "the run record's config")
     perturber = run_perturber(model, cfg)
     try:

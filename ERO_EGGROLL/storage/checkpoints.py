@@ -333,7 +333,8 @@ def _aside_folder(run_ckpt_dir: Path) -> Path:
 
 
 def rewind(run_ckpt_dir: Path, epoch_dir: Path) -> Path | None:
-    """Resume from an earlier epoch: move later epochs and best_model/ into moved_aside-<time>/, point LATEST at `epoch_dir`.
+    """Resume from an earlier epoch: move later epochs and best_model/ into moved_aside-<time>/, point LATEST at
+    `epoch_dir`.
 
     Returns the folder they went to (None when there was nothing later). Nothing is deleted."""
     number = int(EPOCH_DIR.fullmatch(epoch_dir.name).group(1))

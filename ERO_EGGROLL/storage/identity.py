@@ -36,17 +36,21 @@ ALLOWED_TO_CHANGE: dict[str, str] = {
     "run.memory_check": "whether a run that may not fit is refused before it starts, not what it computes",
     "model.path": "where the base weights are; their bytes are in the identity as base_weights",
     "model.config_json": "read only by the weight-free tools (parameter mapper, memory model)",
-    "run.checkpoint": "what is kept on disk (a run record or full tensors); replay rebuilds the same bits, checked by digest",
+    "run.checkpoint": "what is kept on disk (a run record or full tensors); replay rebuilds the same bits, checked by "
+    "digest",
     "run.snapshot_every": "which epochs also keep their tensors on disk: resume starts from the nearest, same bits",
     "run.export_best": "whether best_model/ is written, not what any epoch computes",
     "run.loggers": "where the same numbers are also reported (TensorBoard, W&B), not what an epoch computes",
-    "distributed.workers": "how many processes evaluate the members: each member's fitness is the same anywhere (member "
+    "distributed.workers": "how many processes evaluate the members: each member's fitness is the same anywhere "
+    "(member "
     "batches are fixed by the config), and the workers' weights are verified bit-identical every epoch",
     "distributed.address": "which Ray cluster runs the workers, not what they compute",
     "distributed.gpus_per_worker": "how devices are shared among workers; the device type itself is in the identity",
-    "distributed.cpus_per_worker": "how many CPUs (and torch threads) a worker gets; its weights are verified bit-identical to the driver's every epoch",
+    "distributed.cpus_per_worker": "how many CPUs (and torch threads) a worker gets; its weights are verified "
+    "bit-identical to the driver's every epoch",
     "distributed.connect_timeout_s": "how long joining a Ray cluster may take before the run is refused",
-    "evolution.log_gradient_cosine": "a logged diagnostic: one backward pass of the mean model, which changes no weight and draws no noise",
+    "evolution.log_gradient_cosine": "a logged diagnostic: one backward pass of the mean model, which changes no "
+    "weight and draws no noise",
 }
 # Recorded as resolved rather than as written: model.device (its type: CPU and GPU arithmetic differ
 # in the last bits), model.dtype, evaluation.decoding (preset 'ero' reads the base checkpoint's

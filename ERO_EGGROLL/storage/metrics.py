@@ -51,7 +51,8 @@ def strict_json_row(row: dict) -> dict:
 
 
 def rewrite_metrics(run_dir: Path, history: list[dict]) -> None:
-    """metrics.jsonl and member_fitness.csv from the run's history (so a resumed run's files equal an uninterrupted run's)."""
+    """metrics.jsonl and member_fitness.csv from the run's history (so a resumed run's files equal an uninterrupted
+    run's)."""
     with writing(run_dir / "metrics.jsonl"):
         run_dir.mkdir(parents=True, exist_ok=True)
         with (run_dir / "metrics.jsonl").open("w") as f:

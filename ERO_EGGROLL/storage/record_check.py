@@ -22,7 +22,8 @@ def _number(value) -> bool:
 
 
 def check_record(state: RunState, where: str) -> None:
-    """Raise CheckpointError naming the first field (and epoch) of `state` that disagrees with what its history gives."""
+    """Raise CheckpointError naming the first field (and epoch) of `state` that disagrees with what its history
+    gives."""
 
     def refuse(message: str) -> None:
         raise CheckpointError(

@@ -29,7 +29,8 @@ def _holds_something(path: Path) -> bool:
 
 
 def claim_run_folders(ckpt_dir: Path, run_dir: Path, *, move_earlier: bool) -> list[Path]:
-    """Before a new (not resumed) run: refuse folders holding an earlier run, or move them aside; return where they went."""
+    """Before a new (not resumed) run: refuse folders holding an earlier run, or move them aside; return where they
+    went."""
     occupied = [p for p in dict.fromkeys([ckpt_dir, run_dir]) if _holds_something(p)]
     if occupied and not move_earlier:
         raise RunFolderError(

@@ -1,4 +1,5 @@
-"""EGGROLL on plain torch modules (`Perturber.for_module`): defaults, conv and embedding noise, norms, errors, learning."""
+"""EGGROLL on plain torch modules (`Perturber.for_module`): defaults, conv and embedding noise, norms, errors,
+learning."""
 
 from __future__ import annotations
 
@@ -285,7 +286,8 @@ def test_examples_mlp_and_cnn_learn_from_scratch():
 
 
 def test_member_noise_keeps_its_dtype_promise():
-    """LORA factors in the weights' dtype (they enter the forward pass); FULL noise in float32 (added in fp32, rounded once)."""
+    """LORA factors in the weights' dtype (they enter the forward pass);
+    FULL noise in float32 (added in fp32, rounded once)."""
     lora, full = perturber(nn.Linear(6, 4).to(torch.bfloat16)).member_noise(0, 1)
     assert {t.dtype for pair in lora.values() for t in pair} == {torch.bfloat16}
     assert {t.dtype for t in full.values()} == {torch.float32}

@@ -1,4 +1,5 @@
-"""The streamed update: same weights as the one-shot update it replaced, and memory that does not grow with the model."""
+"""The streamed update: same weights as the one-shot update it replaced, and memory that does not grow with the
+model."""
 
 from __future__ import annotations
 
@@ -148,7 +149,10 @@ from ERO_EGGROLL.memory.measure import measured_peak_rss_bytes, start_rss_measur
 from ERO_EGGROLL.model.qwen import run_perturber
 from ERO_EGGROLL.model.random_model import TextShape, random_model
 
-cfg = load_config(ROOT / "configs" / "smoke.yaml", ["evolution.population_size=8", "evolution.sigma_mode=absolute", "evolution.sigma=0.02"])
+cfg = load_config(
+    ROOT / "configs" / "smoke.yaml",
+    ["evolution.population_size=8", "evolution.sigma_mode=absolute", "evolution.sigma=0.02"],
+)
 fitness = [float((3 * i) % 5) for i in range(8)]
 
 def update_growth(layers):

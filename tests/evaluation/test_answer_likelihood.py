@@ -136,7 +136,8 @@ def test_the_range_check_takes_log_probabilities_and_refuses_nan(tiny, monkeypat
 
 
 def test_a_held_out_run_raises_the_held_out_answer_logprob(tmp_path, tiny_model_dir):
-    """Two epochs, population 8 (all in one batch), relative sigma 0.5 (smoke.yaml), on b1fc8b8e's leave-one-out pairs; the test answer is never seen.
+    """Two epochs, population 8 (all in one batch), relative sigma 0.5 (smoke.yaml), on b1fc8b8e's leave-one-out
+    pairs; the test answer is never seen.
 
     Calibrated on this project's 2-core CPU with today's tiny build: over seeds 0-3 the held-out answer log-prob
     rose by 0.114, 0.048, 0.083 and 0.066 (from -1.3742); the margin 0.02 is under half the smallest rise. The
@@ -167,7 +168,8 @@ def test_a_held_out_run_raises_the_held_out_answer_logprob(tmp_path, tiny_model_
 
 
 def test_members_per_batch_is_part_of_an_answer_logprob_runs_identity(tiny):
-    """Batched members' log-probs differ from one-at-a-time in the last fp32 bits, so resuming with another K is not exact."""
+    """Batched members' log-probs differ from one-at-a-time in the last fp32 bits,
+    so resuming with another K is not exact."""
     from ERO_EGGROLL.model.qwen import classify_model
     from ERO_EGGROLL.storage.identity import identity_of
 

@@ -1,5 +1,6 @@
 """Outputs never destroy: replay --export/--out and the evaluator's --out write only into a new path or over an
-earlier output of their own kind; everything else is refused in one line (exit 2) before any work, and left as it was."""
+earlier output of their own kind; everything else is refused in one line (exit 2) before any work,
+and left as it was."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture
 def run_folder(tmp_path, tiny_model_dir) -> Path:
-    """A run's checkpoint folder (a run record without tensors) whose config points at the tiny model, under tmp_path."""
+    """A run's checkpoint folder (a run record without tensors) whose config points at the tiny model,
+    under tmp_path."""
     cfg = Config()
     cfg.run.name, cfg.run.checkpoint_dir, cfg.run.output_dir = (
         "r",

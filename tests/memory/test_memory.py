@@ -104,10 +104,14 @@ rss_before = psutil.Process().memory_info().rss
 model = random_30m_model(ROOT / "checkpoints" / "tiny-qwen2.5-vl")
 ids = torch.randint(0, 300, (2, 400))
 with torch.no_grad():
-    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32, do_sample=False
+    )
 measured = measured_peak_rss_bytes() - rss_before
 cfg = load_config(ROOT / "configs" / "smoke.yaml", ["evolution.sigma_mode=absolute", "evolution.sigma=0.02"])
-est = estimate(cfg, model.config.to_dict(), classify_model(model, cfg), Workload(400, 32, 0, 2), "float32", on_gpu=False)
+est = estimate(
+    cfg, model.config.to_dict(), classify_model(model, cfg), Workload(400, 32, 0, 2), "float32", on_gpu=False
+)
 print(json.dumps({{"measured": measured, "predicted": sum(est.resident.values()) + est.evaluation_total}}))
 """
 
@@ -180,7 +184,8 @@ def test_jax_on_the_gpu_keeps_its_largest_computation_resident(setup):
 
 
 def test_ero_search_member_noise_and_restore_copies_match_the_real_tensors(setup):
-    """ERO's search (ero_search_config: full-rank members in place) predicted per phase against what its Perturber holds."""
+    """ERO's search (ero_search_config: full-rank members in place) predicted per phase
+    against what its Perturber holds."""
     from ERO_EGGROLL.memory.model import ero_search_config
 
     model, _, cfg, arch, specs = setup
@@ -205,7 +210,8 @@ def test_ero_search_member_noise_and_restore_copies_match_the_real_tensors(setup
 
 def test_a_cpu_bf16_run_pays_a_copy_of_the_output_head_per_row_and_a_gpu_or_fp32_run_none():
     """Measured at the 7B's shapes (scripts/bench_memory.py 7b@2:bfloat16:sgd): with 4 rows the CPU's bf16 matmul copied
-    the 152,064 x 3584 head 4 times, 4.06 GiB of the 4.19 GiB the evaluation phase took; the model missed it by 14x before."""
+    the 152,064 x 3584 head 4 times, 4.06 GiB of the 4.19 GiB the evaluation phase took;
+    the model missed it by 14x before."""
     from ERO_EGGROLL.memory.model import CPU_UPCAST
     from ERO_EGGROLL.model.qwen import classify, meta_model_from_config_json
 

@@ -24,7 +24,8 @@ from ERO_EGGROLL.model.loading import STANDARD_PROCESSOR_CLASS, load_model_from_
 from ERO_EGGROLL.storage.model_card import model_card
 
 EVOLVED = "model.language_model.layers.0.mlp.down_proj.weight"  # the model's name
-STORED = "model.layers.0.mlp.down_proj.weight"  # the same tensor's name in the checkpoint files (transformers renames at load)
+# the same tensor's name in the checkpoint files (transformers renames at load)
+STORED = "model.layers.0.mlp.down_proj.weight"
 
 
 @contextlib.contextmanager
@@ -44,7 +45,8 @@ def files(folder: Path) -> dict[str, bytes]:
 
 
 def sharded_bf16_base(src: Path, out: Path, processor) -> Path:
-    """The tiny model as a downloaded 7B looks: bf16, two shards and an index, processor files saved by the project's processor."""
+    """The tiny model as a downloaded 7B looks: bf16, two shards and an index,
+    processor files saved by the project's processor."""
     out.mkdir()
     for f in src.iterdir():
         if not f.name.endswith(".safetensors") and f.name not in ("processor_config.json", "tokenizer_config.json"):

@@ -111,7 +111,8 @@ def test_replay_rebuilds_the_checkpoint_bit_for_bit(reference):
 
 
 def stopped_after_epoch_1(args: list[str], checkpoint: Path) -> str:
-    """Run the training command `args` and send SIGTERM once `checkpoint` holds epoch 1; its stderr (exit code 130 checked)."""
+    """Run the training command `args` and send SIGTERM once `checkpoint` holds epoch 1;
+    its stderr (exit code 130 checked)."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while read_latest_name(checkpoint) != "epoch_0001" and time.time() < deadline:

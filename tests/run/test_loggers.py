@@ -74,7 +74,8 @@ def test_tensorboard_event_files_read_back(tmp_path):
 
 
 def wandb_records(path: Path):
-    """The protobuf records of an offline .wandb file (a LevelDB-style log: 32 KiB blocks of CRC, length, type, data)."""
+    """The protobuf records of an offline .wandb file
+    (a LevelDB-style log: 32 KiB blocks of CRC, length, type, data)."""
     from wandb.proto.wandb_internal_pb2 import Record
 
     data = path.read_bytes()
@@ -100,7 +101,8 @@ def test_wandb_writes_an_offline_run_without_an_account(tmp_path, monkeypatch):
     import wandb
 
     log_history(["wandb"], tmp_path)
-    wandb.teardown()  # finish() may return before wandb-core has written the last records (seen 2 times in 6); exit does this
+    # finish() may return before wandb-core has written the last records (seen 2 times in 6); exit does this
+    wandb.teardown()
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     history, config = {}, {}
     for record in wandb_records(run_file):

@@ -66,7 +66,8 @@ def record(folder: Path) -> RunState:
 
 
 def guard_firings(state: RunState) -> int:
-    """How often the guard fired; a rolled-back epoch must end with exactly the best epoch's weights (the record's digests)."""
+    """How often the guard fired; a rolled-back epoch must end with exactly the best epoch's weights
+    (the record's digests)."""
     best, fired = 0, 0
     for row in state.history[1:]:
         if row["new_best"]:
@@ -120,7 +121,8 @@ def test_per_task_resumed_by_replay_equals_uninterrupted_with_the_guard_firing(r
 
 
 def test_the_record_is_the_weights_replay_rebuilds_and_the_export_matches(runs, tmp_path):
-    """The record's per-tensor digests are those of the tensors replay writes, and replay --export is the run's own export."""
+    """The record's per-tensor digests are those of the tensors replay writes,
+    and replay --export is the run's own export."""
     ckpt = runs / "checkpoints" / "per_task" / "e6de6e8f"
     done = subprocess.run(
         [
@@ -187,7 +189,8 @@ def test_a_tampered_fitness_is_caught_by_the_checksum_at_resume(reference, tmp_p
 
 
 def test_base_weights_read_from_disk_are_the_loaded_ones_and_a_snapshot_resumes_the_same(tiny, runs):
-    """per_task's base weights come from the model files exactly; a replay from a snapshot reaches the record's digest."""
+    """per_task's base weights come from the model files exactly;
+    a replay from a snapshot reaches the record's digest."""
     model = copy.deepcopy(tiny[0])
     ckpt = runs / "checkpoints" / "joint"
     state = record(ckpt)

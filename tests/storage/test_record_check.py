@@ -117,7 +117,8 @@ def test_a_wrong_typed_field_is_refused_on_load(tmp_path, field, value, message)
 
 
 def test_a_refused_rewind_moves_nothing(tmp_path):
-    """--resume <run>/epoch_0001 with evolution.epochs below it: refused before later epochs, best_model/ or LATEST move."""
+    """--resume <run>/epoch_0001 with evolution.epochs below it:
+    refused before later epochs, best_model/ or LATEST move."""
     run = tmp_path / "run"
     full = record()
     for epoch in range(3):

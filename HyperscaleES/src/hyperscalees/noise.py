@@ -55,7 +55,8 @@ def _normal(key, epoch, member, shape, noise_reuse):
 
 
 def lowrank_factors_pure(key, epoch, member, scale, *, shape, rank, noise_reuse):
-    """Traceable core of `lowrank_factors` (for use inside other jitted code); `scale` is `lowrank_scale(sigma, rank)`."""
+    """Traceable core of `lowrank_factors` (for use inside other jitted code);
+    `scale` is `lowrank_scale(sigma, rank)`."""
     m, n = shape
     z = _normal(key, epoch, member, (m + n, rank), noise_reuse)
     return z[n:] * _signed(member, scale), z[:n]
