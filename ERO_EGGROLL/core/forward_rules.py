@@ -16,6 +16,7 @@ guessed from attribute names.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +29,13 @@ from ERO_EGGROLL.core.tensor_classes import CONV_TYPES, LOW_RANK_TYPES, declare_
 # of its group's last product computes the product for that input.
 SHARED_INPUT_SIBLINGS: list[tuple[str, ...]] = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
 
+ConvModule = nn.Conv1d | nn.Conv2d | nn.Conv3d  # the modules of CONV_TYPES
+
 
 def shared_input_groups(in_features: dict[str, int]) -> list[list[str]]:
     """LORA Linear weight names (with their modules' in_features) grouped by SHARED_INPUT_SIBLINGS (same parent
     module, same input width); all others alone."""
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[tuple[str] | tuple[str, tuple[str, ...], int], list[str]] = {}
     for name, width in in_features.items():
         parent, _, child = name.removesuffix(".weight").rpartition(".")
         siblings = next((s for s in SHARED_INPUT_SIBLINGS if child in s), None)
@@ -59,13 +62,15 @@ def lowrank_delta(module: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.
         return (x @ b) @ a.T
     if isinstance(module, nn.Embedding):
         return F.embedding(x, a) @ b.T
-    groups, rank, nd = module.groups, a.shape[1], len(module.kernel_size)
+    conv = cast(ConvModule, module)  # the LOW_RANK_TYPES left (check_lowrank_module)
+    groups, rank, nd = conv.groups, a.shape[1], len(conv.kernel_size)
     if x.dim() == nd + 1:  # an unbatched input, which torch's convolutions accept
-        return lowrank_delta(module, x.unsqueeze(0), a, b).squeeze(0)
-    kernel_b = b.T.reshape(rank, module.in_channels // groups, *module.kernel_size).repeat(groups, *[1] * (nd + 1))
-    inner = module._conv_forward(x, kernel_b, None)  # the module's own stride, padding (mode), dilation and groups
+        return lowrank_delta(conv, x.unsqueeze(0), a, b).squeeze(0)
+    kernel_b = b.T.reshape(rank, conv.in_channels // groups, *conv.kernel_size).repeat(groups, *[1] * (nd + 1))
+    inner = conv._conv_forward(x, kernel_b, None)  # the module's own stride, padding (mode), dilation and groups
     kernel_a = a.reshape(*a.shape, *[1] * nd)
-    return getattr(F, f"conv{nd}d")(inner, kernel_a, groups=groups)
+    conv_nd: Callable[..., torch.Tensor] = getattr(F, f"conv{nd}d")
+    return conv_nd(inner, kernel_a, groups=groups)
 
 
 def check_lowrank_module(module: nn.Module, name: str, parent: nn.Module | None) -> str | None:
@@ -96,8 +101,9 @@ def per_member_blocks(t: torch.Tensor, k: int) -> torch.Tensor:
     return t.reshape(k, -1, *t.shape[1:])
 
 
-def _member_bias(module, x, values):
+def _member_bias(module: nn.Module, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
     """x W^T (or the convolution) without the bias, then each block's member bias: the order of a member alone."""
+    module = cast(nn.Linear | ConvModule, module)  # row_rule gives it to BIAS_TYPES only
     bias = values["bias"]
     per_member_blocks(x, bias.shape[0])  # the input's first dimension must be the batch (its clear error)
     out = F.linear(x, module.weight) if isinstance(module, nn.Linear) else module._conv_forward(x, module.weight, None)
@@ -108,23 +114,27 @@ def _member_bias(module, x, values):
     return blocks.add_(bias.view(shape)).reshape(out.shape)
 
 
-def _rms_norm(module, x, values):
+def _rms_norm(module: nn.Module, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    module = cast(nn.RMSNorm, module)  # its ROW_RULES type
     return F.rms_norm(x, module.normalized_shape, values.get("weight", module.weight), module.eps)
 
 
-def _layer_norm(module, x, values):
+def _layer_norm(module: nn.Module, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    module = cast(nn.LayerNorm, module)  # its ROW_RULES type
     return F.layer_norm(
         x, module.normalized_shape, values.get("weight", module.weight), values.get("bias", module.bias), module.eps
     )
 
 
-def _group_norm(module, x, values):
+def _group_norm(module: nn.Module, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    module = cast(nn.GroupNorm, module)  # its ROW_RULES type
     return F.group_norm(
         x, module.num_groups, values.get("weight", module.weight), values.get("bias", module.bias), module.eps
     )
 
 
-def _batch_norm(module, x, values):
+def _batch_norm(module: nn.Module, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    module = cast(nn.modules.batchnorm._BatchNorm, module)  # its ROW_RULES type
     if module.training or module.running_mean is None:
         raise ValueError(
             "several members per batch need BatchNorm in eval mode (batch statistics would mix the members)"
@@ -166,7 +176,7 @@ def declare_row_rule(module_type: type, rule: RowRule, *, stacked: bool = False)
 
 
 def _block_by_block(rule: RowRule) -> RowRule:
-    def stacked(module, x, values):
+    def stacked(module: nn.Module, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
         k = next(iter(values.values())).shape[0]
         blocks = per_member_blocks(x, k)
         return torch.cat([rule(module, xb, {a: v[i] for a, v in values.items()}) for i, xb in enumerate(blocks)])
@@ -188,5 +198,5 @@ def row_rule(module: nn.Module, attrs: list[str], parent: nn.Module | None = Non
     return None
 
 
-def is_bias_rule(rule: RowRule) -> bool:
+def is_bias_rule(rule: RowRule | None) -> bool:
     return rule is _member_bias

@@ -18,14 +18,27 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import fields, replace
+from typing import Any, cast
 
 import torch
+from numpy.typing import ArrayLike
 from torch import nn
 
+from ERO_EGGROLL.core.ero_search import EroSelection
 from ERO_EGGROLL.core.errors import ConfigError, EggrollError
+from ERO_EGGROLL.core.es_optimizer import EsOptimizer
 from ERO_EGGROLL.core.noise_plan import Dense, LowRank, NoisePlan
-from ERO_EGGROLL.core.settings import MAX_EPOCH, MAX_SEED, EvolutionSettings, check_settings, checked_int, is_int
+from ERO_EGGROLL.core.settings import (
+    MAX_EPOCH,
+    MAX_SEED,
+    EvolutionSettings,
+    OptimizerName,
+    check_settings,
+    checked_int,
+    is_int,
+)
 from ERO_EGGROLL.core.strategies import ForwardHooks, SavedInPlace
 from ERO_EGGROLL.core.streamed_update import StreamedUpdate
 from ERO_EGGROLL.core.tensor_classes import Classifier, ParamClass, ParamSpec, classify_module
@@ -47,7 +60,7 @@ def _holders(model: nn.Module) -> dict[int, list[str]]:
 class Perturber:
     """Applies member noise to `model` and moves its weights with the ES update."""
 
-    def __init__(self, model: nn.Module, specs: list[ParamSpec], settings: EvolutionSettings, seed: int):
+    def __init__(self, model: nn.Module, specs: list[ParamSpec], settings: EvolutionSettings, seed: int) -> None:
         """`specs`: every parameter's class and key (tensor_classes); `settings` as checked by check_settings."""
         evo = self.evo = settings
         if (
@@ -95,6 +108,7 @@ class Perturber:
     def _refuse_shared_in_forward(self) -> None:
         """A tensor that the forward pass perturbs through a hook on its module, held by several modules (tied weights),
         would get its noise in one of them only: refused by name (the hooks removed again, the model as it was)."""
+        assert self._hooks is not None  # called for the forward strategy only
         holders = _holders(self.model)
         hooked = [*self.lora_names, *sorted(self._hooks.biases_in_forward)]
         shared = next((n for n in hooked if len(holders[id(self.params[n])]) > 1), None)
@@ -117,7 +131,7 @@ class Perturber:
         seed: int = 0,
         optimizer: str | None = None,
         classify: Classifier | None = None,
-        **options,
+        **options: Any,
     ) -> Perturber:
         """EGGROLL for any module, without a run config. Defaults: Linear, ConvNd and Embedding weights LORA,
         norm weights and biases FULL (`classify(name, tensor)` returning a ParamClass overrides them, None
@@ -141,18 +155,23 @@ class Perturber:
         lr = lr if lr is not None else (1.0 if ero else 0.002)
         optimizer = optimizer if optimizer is not None else ("sgd" if ero else "adam")
         evo = EvolutionSettings(
-            population_size=population_size, sigma=sigma, lr=lr, rank=rank, optimizer=optimizer, **options
+            population_size=population_size,
+            sigma=sigma,
+            lr=lr,
+            rank=rank,
+            optimizer=cast(OptimizerName, optimizer),  # any string here: check_settings refuses unknown ones
+            **options,
         )
         check_settings(evo, "Perturber.for_module")
 
-        def chosen(name: str, tensor: torch.Tensor):
+        def chosen(name: str, tensor: torch.Tensor) -> ParamClass | str | None:
             choice = classify(name, tensor) if classify is not None else None
             return ParamClass.FROZEN if choice is None and not tensor.requires_grad else choice
 
         return cls(module, classify_module(module, chosen), evo, seed)
 
     @property
-    def optimizer(self):
+    def optimizer(self) -> EroSelection | EsOptimizer:
         """The update's optimizer state (step count, Adam moments): what a checkpoint saves."""
         return self._update.optimizer
 
@@ -176,7 +195,7 @@ class Perturber:
             )
 
     @contextlib.contextmanager
-    def _one_at_a_time(self):
+    def _one_at_a_time(self) -> Iterator[None]:
         """Members never nest: the inner one would restore the outer's weights and leave the model perturbed."""
         if self._inside_member:
             raise PerturberUsageError(
@@ -190,7 +209,7 @@ class Perturber:
             self._inside_member = False
 
     @contextlib.contextmanager
-    def _buffers_restored(self):
+    def _buffers_restored(self) -> Iterator[None]:
         """Buffers (BatchNorm running statistics) as they were before the member ran."""
         saved = {name: b.clone() for name, b in self.model.named_buffers()}
         try:
@@ -201,7 +220,7 @@ class Perturber:
                     b.copy_(saved[name])
 
     @contextlib.contextmanager
-    def member(self, epoch: int, member: int):
+    def member(self, epoch: int, member: int) -> Iterator[nn.Module]:
         """The model as member `member` of `epoch`; exact restore on exit, even on error."""
         self._check_member(epoch, member)
         lora, full = self.member_noise(epoch, member)
@@ -224,13 +243,14 @@ class Perturber:
         self._hooks.check_batchable()
 
     @contextlib.contextmanager
-    def members(self, epoch: int, member_ids):
+    def members(self, epoch: int, member_ids: Iterable[int]) -> Iterator[nn.Module]:
         """K members at once, for a batch whose rows are K equal blocks, member-major (row b is member b // (rows/K)).
 
         LORA deltas and FULL noise are applied per row in the forward pass; no weight is modified.
         """
         member_ids = list(member_ids)
         self.check_batchable()
+        assert self._hooks is not None  # check_batchable refuses the inplace strategy
         if not member_ids:
             raise PerturberUsageError("members() needs at least one member id")
         for m in member_ids:
@@ -242,7 +262,7 @@ class Perturber:
         ):
             yield self.model
 
-    def update(self, raw_fitness, epoch: int, *, again: bool = False) -> dict:
+    def update(self, raw_fitness: ArrayLike, epoch: int, *, again: bool = False) -> dict[str, Any]:
         """Normalize fitness and move the weights one tensor at a time (streamed_update); returns statistics.
 
         An epoch at or before the last one updated is refused (a loop that calls update twice would apply the step
@@ -263,7 +283,7 @@ class Perturber:
         if self._hooks is not None:
             self._hooks.remove()
 
-    def _fingerprint(self) -> dict:
+    def _fingerprint(self) -> dict[str, Any]:
         """What makes a saved state this Perturber's: the evolving tensors, their classes and shapes, the seed."""
         return {
             "seed": self.seed,
@@ -271,7 +291,7 @@ class Perturber:
             "tensors": {n: [self.classes[n].value, list(p.shape)] for n, p in self.params.items()},
         }
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """The ES state a user's loop checkpoints beside `module.state_dict()`: the optimizer's step and tensors
         (Adam moments, ClipUp velocity, cloned), every tensor's sigma (adapted, or relative sigma from the base
         weights), and a fingerprint of the module it was made for. torch.save writes it as it is."""
@@ -283,7 +303,7 @@ class Perturber:
             "sigmas": dict(self.plan.sigma),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from `state_dict()`: the next update continues exactly as the saved run would have."""
         mine, theirs = self._fingerprint(), state.get("fingerprint")
         if theirs != mine:

@@ -11,9 +11,11 @@ import math
 import numbers
 import typing
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ERO_EGGROLL.core.errors import ConfigError
+
+OptimizerName = Literal["sgd", "adam", "adamw", "clipup"]
 
 
 @dataclass
@@ -27,7 +29,7 @@ class EvolutionSettings:
     group_size: int = 0
     prng_impl: Literal["philox4x32", "philox2x32", "threefry2x32"] = "philox4x32"
     strategy: Literal["forward", "inplace"] = "forward"
-    optimizer: Literal["sgd", "adam", "adamw", "clipup"] = "sgd"  # clipup: momentum 0.9, max speed 2 x lr
+    optimizer: OptimizerName = "sgd"  # clipup: momentum 0.9, max speed 2 x lr
     lr: float = 1.0
     lr_decay: float = 1.0  # multiplied into lr after every epoch
     sigma_decay: float = 1.0
@@ -53,7 +55,7 @@ class EvolutionSettings:
     clamp: float | None = None  # clamp the mean to [-clamp, clamp] after each update (ERO: 10; null: never)
 
 
-def literal_choices(section: type) -> dict[str, tuple]:
+def literal_choices(section: type) -> dict[str, tuple[Any, ...]]:
     """The allowed values of a dataclass's Literal fields (a YAML loader checks them too; code callers need this)."""
     hints = typing.get_type_hints(section)
     return {
@@ -69,12 +71,12 @@ INT_FIELDS = ("population_size", "rank", "noise_reuse", "group_size")
 REAL_FIELDS = ("sigma", "lr", "lr_decay", "sigma_decay", "weight_decay", "max_update_norm")
 
 
-def is_int(value) -> bool:
+def is_int(value: object) -> bool:
     """An integer, not a bool (True is 1 to Python, never a member or an epoch to a user)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def checked_int(value, name: str, low: int, high: int) -> int:
+def checked_int(value: Any, name: str, low: int, high: int) -> int:
     """`value` as an int when it is an integer in low..high, else one ConfigError line naming `name`."""
     if not is_int(value) or not low <= value <= high:
         raise ConfigError(f"{name} must be an integer in {low}..{high}, got {value!r}")
@@ -84,7 +86,7 @@ def checked_int(value, name: str, low: int, high: int) -> int:
 def _type_problems(evo: EvolutionSettings, prefix: str) -> list[tuple[bool, str]]:
     """Every numeric setting of the right type and finite: the value checks compare numbers."""
 
-    def real(v):
+    def real(v: object) -> bool:
         return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
     return (

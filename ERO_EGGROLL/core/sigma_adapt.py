@@ -24,9 +24,14 @@ from ERO_EGGROLL.core.tensor_classes import ParamClass
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "noise_reuse"))
-def _full_magnitudes(key, epoch, members, *, shape, noise_reuse):
-    def one(member):
-        z = hs.noise.full_noise_pure(key, epoch, member, jnp.float32(1.0), shape=shape, noise_reuse=noise_reuse)
+def _full_magnitudes(
+    key: jax.Array, epoch: int, members: jax.Array, *, shape: tuple[int, ...], noise_reuse: int
+) -> jax.Array:
+    def one(member: jax.Array) -> jax.Array:
+        # hyperscalees.noise.full_noise_pure has no annotations (it is outside the core's typed scope)
+        z: jax.Array = hs.noise.full_noise_pure(  # type: ignore[no-untyped-call]
+            key, epoch, member, jnp.float32(1.0), shape=shape, noise_reuse=noise_reuse
+        )
         return jnp.mean(z * z)
 
     return jax.vmap(one)(members)

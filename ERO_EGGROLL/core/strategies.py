@@ -15,13 +15,15 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from ERO_EGGROLL.core.errors import ConfigError
 from ERO_EGGROLL.core.forward_rules import (
+    RowRule,
     add_lowrank_rows,
     check_lowrank_module,
     is_bias_rule,
@@ -37,7 +39,7 @@ from ERO_EGGROLL.core.noise_plan import Dense, LowRank
 class SavedInPlace:
     """Adds noise into tensors and restores their exact bits on exit, even on error."""
 
-    def __init__(self, params: dict[str, nn.Parameter]):
+    def __init__(self, params: dict[str, nn.Parameter]) -> None:
         self.params = params
         self._saved = {name: self._backup_buffer(p) for name, p in params.items()}
 
@@ -48,7 +50,7 @@ class SavedInPlace:
         return torch.empty_like(p)
 
     @contextlib.contextmanager
-    def applied(self, lora: LowRank, full: Dense):
+    def applied(self, lora: LowRank, full: Dense) -> Iterator[None]:
         """The tensors as W + noise: FULL noise added in fp32, LORA as A_s B^T (reshaped to the kernel), rounded
         once."""
         with torch.no_grad():  # every backup is complete before any tensor changes
@@ -74,7 +76,10 @@ class _SharedProduct:
 
     The input is held by a weak reference: the product must not keep a layer's activations alive."""
 
-    def __init__(self, b: torch.Tensor):
+    x: Callable[[], torch.Tensor | None]
+    xb: torch.Tensor | None
+
+    def __init__(self, b: torch.Tensor) -> None:
         self.b, self.x, self.version, self.xb = (
             b,
             lambda: None,
@@ -88,6 +93,7 @@ class _SharedProduct:
         # identity and version, not equality: a sibling receives the very tensor the first one did, unmodified
         if self.x() is not x or x._version != self.version:
             self.x, self.version, self.xb = weakref.ref(x), x._version, project_rows(x, self.b)
+        assert self.xb is not None  # set with self.x, which returned x
         return self.xb
 
 
@@ -100,10 +106,10 @@ class ForwardHooks:
     forward pass runs no more Python per module than one dictionary lookup and the tensor operations.
     """
 
-    def __init__(self, model: nn.Module, lora_names: list[str], full_names: list[str]):
+    def __init__(self, model: nn.Module, lora_names: list[str], full_names: list[str]) -> None:
         self._modules = dict(model.named_modules())
 
-        def owner(name):
+        def owner(name: str) -> str:
             return name.rpartition(".")[0]
 
         problems = [
@@ -116,11 +122,7 @@ class ForwardHooks:
         if problems:  # before any hook is installed, so a refused model is left as it was
             raise ConfigError(problems[0])
         self._linear_groups = shared_input_groups(
-            {
-                n: self._modules[owner(n)].in_features
-                for n in lora_names
-                if isinstance(self._modules[owner(n)], nn.Linear)
-            }
+            {n: linear.in_features for n in lora_names if isinstance(linear := self._modules[owner(n)], nn.Linear)}
         )
         self._other_lora = [n for n in lora_names if not isinstance(self._modules[owner(n)], nn.Linear)]
         self._full_attrs: dict[str, list[str]] = defaultdict(list)
@@ -144,8 +146,8 @@ class ForwardHooks:
             self._modules[m].register_forward_hook(self._hook(m)) for m in dict.fromkeys(map(owner, lora_names))
         ]
 
-    def _hook(self, module_name: str):
-        def member_output(module, inputs, output):
+    def _hook(self, module_name: str) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]:
+        def member_output(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
             step = self._active.get(module_name)
             return output if step is None else step(inputs[0], output)
 
@@ -154,22 +156,32 @@ class ForwardHooks:
     def _lowrank_steps(self, lora: LowRank) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
         """Per module, the step adding its low-rank delta; `lora` holds K members' factors stacked: (K, m, r), (K, n,
         r)."""
-        steps = {}
+        steps: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
         for group in self._linear_groups:
             shared = _SharedProduct(torch.cat([lora[n][1] for n in group], dim=-1))
             first = 0
             for name in group:
                 a_t, rank = lora[name][0].transpose(1, 2), lora[name][0].shape[-1]
                 cols = slice(first, first + rank)
-                steps[name.rpartition(".")[0]] = lambda x, out, shared=shared, cols=cols, a_t=a_t: add_lowrank_rows(
-                    out, shared.of(x)[..., cols], a_t
-                )
+
+                def linear(
+                    x: torch.Tensor,
+                    out: torch.Tensor,
+                    shared: _SharedProduct = shared,
+                    cols: slice = cols,
+                    a_t: torch.Tensor = a_t,
+                ) -> torch.Tensor:
+                    return add_lowrank_rows(out, shared.of(x)[..., cols], a_t)
+
+                steps[name.rpartition(".")[0]] = linear
                 first += rank
         for name in self._other_lora:
             module = self._modules[name.rpartition(".")[0]]
             a, b = lora[name]
 
-            def other(x, out, module=module, a=a, b=b):
+            def other(
+                x: torch.Tensor, out: torch.Tensor, module: nn.Module = module, a: torch.Tensor = a, b: torch.Tensor = b
+            ) -> torch.Tensor:
                 delta = [
                     lowrank_delta(module, xk, ak, bk) for xk, ak, bk in zip(per_member_blocks(x, a.shape[0]), a, b)
                 ]
@@ -179,18 +191,28 @@ class ForwardHooks:
         return steps
 
     @contextlib.contextmanager
-    def _installed(self, noises: list[tuple[LowRank, Dense]], full_modules: list[str]):
+    def _installed(self, noises: list[tuple[LowRank, Dense]], full_modules: list[str]) -> Iterator[None]:
         """The K members of `noises` (one block of rows each) in the forward pass: their low-rank deltas (hooks), and
         for each of `full_modules` its row rule in place of its forward, with the members' values (base + noise,
         rounded to the tensor's dtype once, here, not per forward pass)."""
-        replaced = {}
+        replaced: dict[nn.Module, Callable[[torch.Tensor], torch.Tensor]] = {}
         for m in full_modules:
             module, rule = self._modules[m], self._rules[m]
+            assert rule is not None  # full_modules have rules: the bias modules, or all once check_batchable passed
             values = {
                 a: torch.stack([_noised(getattr(module, a), full[_tensor_name(m, a)]) for _, full in noises])
                 for a in self._full_attrs[m]
             }
-            replaced[module] = lambda x, module=module, rule=rule, values=values: rule(module, x, values)
+
+            def forward(
+                x: torch.Tensor,
+                module: nn.Module = module,
+                rule: RowRule = rule,
+                values: dict[str, torch.Tensor] = values,
+            ) -> torch.Tensor:
+                return rule(module, x, values)
+
+            replaced[module] = forward
         stacked = {
             n: (torch.stack([lr[n][0] for lr, _ in noises]), torch.stack([lr[n][1] for lr, _ in noises]))
             for n in noises[0][0]
@@ -202,7 +224,7 @@ class ForwardHooks:
             finally:
                 self._active = {}
 
-    def member(self, lora: LowRank, biases: Dense):
+    def member(self, lora: LowRank, biases: Dense) -> contextlib.AbstractContextManager[None]:
         """One member: LORA deltas and its FULL `biases` (those of biases_in_forward) in the forward pass; its other
         FULL tensors are in place (SavedInPlace)."""
         return self._installed([(lora, biases)], self._bias_modules)
@@ -216,7 +238,7 @@ class ForwardHooks:
                 "rule with forward_rules.declare_row_rule, or use evaluation.members_per_batch: 1"
             )
 
-    def rows(self, noises: list[tuple[LowRank, Dense]]):
+    def rows(self, noises: list[tuple[LowRank, Dense]]) -> contextlib.AbstractContextManager[None]:
         """K members at once, for a batch whose rows are K equal member-major blocks; no tensor's values change."""
         self.check_batchable()
         return self._installed(noises, list(self._full_attrs))
@@ -237,7 +259,7 @@ def _tensor_name(module: str, attr: str) -> str:
 
 
 @contextlib.contextmanager
-def _forwards_replaced(forwards: dict[nn.Module, Callable[[torch.Tensor], torch.Tensor]]):
+def _forwards_replaced(forwards: dict[nn.Module, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
     """Each module's forward replaced by the given function (its forward hooks still run), restored on exit."""
     own = {
         module: module.__dict__.get("forward") for module in forwards

@@ -15,9 +15,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 import hyperscalees as hs
 from ERO_EGGROLL.core.ero_search import EroSelection
@@ -37,7 +39,7 @@ class StreamedUpdate:
         evo: EvolutionSettings,
         seed: int,
         base: dict[str, torch.Tensor] | None = None,
-    ):
+    ) -> None:
         """`base`: host copies of the base weights, which ERO's reset-to-base needs (search: ero, reset_after > 0)."""
         self.plan, self.params, self.evo, self.seed, self.base = plan, params, evo, seed, base
         self.optimizer = (
@@ -54,12 +56,13 @@ class StreamedUpdate:
             return None  # only bf16 is rounded stochastically
         return rounding_generator(self.seed, epoch, self.plan.specs[name].key_index, weight.device)
 
-    def step(self, raw_fitness, epoch: int) -> dict:
+    def step(self, raw_fitness: ArrayLike, epoch: int) -> dict[str, Any]:
         """Shape fitness (normalized, or ERO's elite weights), move every evolving tensor, then adapt the sigmas
         (sigma_lr > 0); returns the update's statistics."""
         evo, plan = self.evo, self.plan
-        ero: dict = {}
+        ero: dict[str, Any] = {}
         if evo.search == "ero":
+            assert isinstance(self.optimizer, EroSelection)  # made for search: ero in __init__
             fitness, ero = self.optimizer.select(raw_fitness)
             if fitness is None:
                 return self._reset_to_base(epoch, ero)
@@ -90,12 +93,14 @@ class StreamedUpdate:
                 if clip != 1.0:
                     direction = direction * clip
                 if clipup:  # the velocity moves now; the weights once its global norm is known
+                    assert isinstance(self.optimizer, EsOptimizer) and norm is not None  # clipup: eggroll, norm known
                     speed_sq += self.optimizer.clipup_velocity(name, direction, norm * clip)
                     continue
                 change = self.optimizer.change(name, direction, w, out=workspace[: w.numel()].view(w.shape))
                 del direction  # frees the contraction's buffer before the change is applied
                 self._apply(totals, name, epoch, w, change, changed_mask)
             for name, w in self.params.items() if clipup else ():
+                assert isinstance(self.optimizer, EsOptimizer)  # clipup: search eggroll (settings)
                 change = self.optimizer.clipup_change(
                     name, math.sqrt(speed_sq), out=workspace[: w.numel()].view(w.shape)
                 )
@@ -134,8 +139,10 @@ class StreamedUpdate:
         totals.intended, totals.lost = totals.intended + applied.intended, totals.lost + applied.lost
         totals.changed, totals.total = totals.changed + applied.changed, totals.total + w.numel()
 
-    def _reset_to_base(self, epoch: int, ero: dict) -> dict:
+    def _reset_to_base(self, epoch: int, ero: dict[str, Any]) -> dict[str, Any]:
         """ERO's degeneration rule: the mean becomes the base weights again (the noise plan was already reseeded)."""
+        if self.base is None:
+            raise ValueError("ERO's reset to the base weights needs them: pass `base` (search: ero, reset_after > 0)")
         self.optimizer.begin_step()
         with torch.no_grad():
             for name, w in self.params.items():

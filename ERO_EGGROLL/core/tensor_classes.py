@@ -52,7 +52,8 @@ def key_index(name: str) -> int:
 
 def make_specs(named: list[tuple[str, tuple[int, ...], ParamClass]]) -> list[ParamSpec]:
     """ParamSpecs with their key indices, refusing LORA below 2-D and two names on one noise key."""
-    specs, seen = [], {}
+    specs: list[ParamSpec] = []
+    seen: dict[int, str] = {}
     for name, shape, cls in named:
         if cls is ParamClass.LORA and len(shape) < 2:
             raise ConfigError(
