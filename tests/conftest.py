@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ERO_EGGROLL.config import ROOT, Config, load_config
 
@@ -27,6 +28,15 @@ def tiny(tiny_model_dir):
     from ERO_EGGROLL.model.loading import load_model_from_dir
 
     return load_model_from_dir(tiny_model_dir)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small nets run fastest on one thread; the suite's own thread count comes back after the test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_config(tmp_path: Path, text: str) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import jax
@@ -35,12 +36,14 @@ def tensor_sigma(weight: torch.Tensor, evo: EvolutionSettings) -> float:
     noise only swaps a member with its antithetic partner, so the magnitude is the whole rule)."""
     if evo.sigma_mode == "absolute":
         return evo.sigma
-    w = weight.detach().double()
+    # float64 on the host in NumPy's fixed summation order: torch's reductions split the work by thread count, so the
+    # last bits (and a resumed run's identity) would depend on how many threads computed them
+    w = weight.detach().to("cpu", torch.float64).numpy()
     if evo.sigma_mode == "signed_mean":  # a mean of exactly 0 (fresh biases) gives 0: ERO would not move that tensor
         return evo.sigma * abs(float(w.mean()))
-    scale = float(w.std()) if w.numel() > 1 else 0.0
+    scale = float(w.std(ddof=1)) if w.size > 1 else 0.0
     if scale == 0.0:
-        scale = float(w.pow(2).mean().sqrt())
+        scale = float(np.sqrt(np.mean(np.square(w))))
     if scale == 0.0:
         raise ValueError(
             "relative sigma needs a non-zero weight; this tensor is all zeros (use an absolute sigma or freeze it)"
@@ -54,14 +57,16 @@ class _Group:
 
     shape: tuple[int, ...]
     names: list[str]
-    keys: object  # stacked JAX keys
+    keys: jax.Array  # stacked JAX keys
     base_sigmas: np.ndarray
 
 
 class NoisePlan:
     """The evolving tensors of a model and their noise, from the base weights, the evolution settings and the seed."""
 
-    def __init__(self, specs: list[ParamSpec], weights: dict[str, torch.Tensor], evo: EvolutionSettings, seed: int):
+    def __init__(
+        self, specs: list[ParamSpec], weights: Mapping[str, torch.Tensor], evo: EvolutionSettings, seed: int
+    ) -> None:
         self.rank, self.noise_reuse, self.sigma_decay, self.prng_impl = (
             evo.rank,
             evo.noise_reuse,
@@ -74,7 +79,7 @@ class NoisePlan:
         self.sigma = {name: tensor_sigma(weights[name], evo) for name in self.specs}  # from the BASE weights, once
         self.dtypes = {name: weights[name].dtype for name in self.specs}
         self.device = next(iter(weights.values())).device if weights else torch.device("cpu")
-        grouped: dict[tuple, list[str]] = defaultdict(list)
+        grouped: dict[tuple[ParamClass, tuple[int, ...]], list[str]] = defaultdict(list)
         for name, s in self.specs.items():
             grouped[(s.cls, s.matrix_shape if s.cls is ParamClass.LORA else s.shape)].append(name)
         self.groups: dict[ParamClass, list[_Group]] = {ParamClass.LORA: [], ParamClass.FULL: []}
@@ -95,7 +100,7 @@ class NoisePlan:
             for g in groups:
                 g.base_sigmas = np.array([self.sigma[n] for n in g.names])
 
-    def _keys(self, seed: int) -> dict:
+    def _keys(self, seed: int) -> dict[str, jax.Array]:
         base_key = hs.make_key(seed, self.prng_impl)
         return {name: hs.param_key(base_key, s.key_index) for name, s in self.specs.items()}
 
@@ -130,7 +135,7 @@ class NoisePlan:
     def sigma_scale(self, epoch: int) -> float:
         return self.sigma_decay**epoch
 
-    def _jax_placement(self):
+    def _jax_placement(self) -> contextlib.AbstractContextManager[object]:
         """JAX computations go to the weights' own device where JAX has it (a no-op context elsewhere)."""
         return jax.default_device(self._jax_device) if self._jax_device is not None else contextlib.nullcontext()
 
@@ -138,7 +143,8 @@ class NoisePlan:
         """LORA factors (A_scaled, B) in the weights' dtype and device, and FULL noise in float32 on their
         device (FULL noise is added in fp32 and rounded once into the weight)."""
         scale, member = self.sigma_scale(epoch), self._drawn(member)
-        lora, full = {}, {}
+        lora: LowRank = {}
+        full: Dense = {}
         with self._jax_placement():
             for g in self.groups[ParamClass.LORA]:
                 a, b = hs.stacked_lowrank_factors(

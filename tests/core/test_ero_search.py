@@ -11,7 +11,7 @@ from torch import nn
 from ERO_EGGROLL import Perturber
 from ERO_EGGROLL.core.ero_search import round_robin_elites
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small nets; the thread count is restored after
 
 
 def net() -> nn.Module:

@@ -166,3 +166,21 @@ def test_es_update_points_along_the_true_gradient(model):
     true_ascent = torch.cat([-params[n].grad.flatten() for n in names])
     cosine = torch.nn.functional.cosine_similarity(es.double(), true_ascent.double(), dim=0).item()
     assert cosine > 0.2, cosine
+
+
+@pytest.mark.parametrize("mode", ["relative", "signed_mean"])
+def test_relative_sigma_does_not_depend_on_the_thread_count(mode):
+    """A tensor's sigma is part of a run's record: torch's std of this tensor differs in its last bits between 1 and
+    2 threads, so a resume (or a Ray worker) with another thread count would be refused as "other base weights"."""
+    from ERO_EGGROLL.core.noise_plan import tensor_sigma
+    from ERO_EGGROLL.core.settings import EvolutionSettings
+
+    weight = torch.randn(512, 2048, generator=torch.Generator().manual_seed(0)) * 0.02 + 0.001
+    evo, threads = EvolutionSettings(sigma=0.5, sigma_mode=mode), torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = tensor_sigma(weight, evo)
+        torch.set_num_threads(1)
+        assert tensor_sigma(weight, evo) == two
+    finally:
+        torch.set_num_threads(threads)

@@ -11,7 +11,7 @@ from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.core.tensor_classes import ParamClass
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small nets; the thread count is restored after
 
 
 def make(net: nn.Module, **options) -> Perturber:

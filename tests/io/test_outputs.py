@@ -16,7 +16,7 @@ from ERO_EGGROLL.io.disk import OutputError, WriteError, check_output, mark_outp
 from ERO_EGGROLL.model.export import EXPORT_KIND, earlier_export
 from ERO_EGGROLL.storage.checkpoints import RunState, save_checkpoint
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small nets; the thread count is restored after
 
 
 @pytest.fixture
