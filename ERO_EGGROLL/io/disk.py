@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -48,6 +49,20 @@ def writing(path: Path, then: str = CHECKPOINT_INTACT) -> Iterator[None]:
         raise WriteError(
             f"could not write {path}: {reason} (disk full, read-only folder or no permission?); {then}"
         ) from None
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path, then: str = CHECKPOINT_INTACT) -> Iterator[Path]:
+    """A new hidden folder beside `target` to build it in, so that nobody ever sees it half written. The block
+    publishes it (a rename); whatever is left of it afterwards, after a failure too, is removed: it was ours."""
+    with writing(target, then):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def mark_output(folder: Path, kind: str) -> None:

@@ -17,7 +17,6 @@ import fnmatch
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ERO_EGGROLL.core.errors import EggrollError
-from ERO_EGGROLL.io.disk import CHECKPOINT_INTACT, mark_output, marked_output, publish_dir, writing
+from ERO_EGGROLL.io.disk import CHECKPOINT_INTACT, mark_output, marked_output, publish_dir, staged_dir, writing
 
 INDEX = "model.safetensors.index.json"
 CARD, BASE_CARD = "README.md", "BASE_MODEL_README.md"
@@ -180,10 +179,7 @@ def export_model(model, base_dir: Path, out_dir: Path, card, then: str = CHECKPO
 
     `card(report) -> str` writes the model card once the weights are known; `then`: what a failed write leaves
     intact."""
-    with writing(out_dir, then):
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir, then) as staging:
         with writing(staging, then):
             report = write_weights(model, base_dir, staging)
             report.left_out = copy_base_files(base_dir, staging, base_layout(base_dir))
@@ -197,7 +193,4 @@ def export_model(model, base_dir: Path, out_dir: Path, card, then: str = CHECKPO
             (staging / CARD).write_text(card(report), encoding="utf-8")
             mark_output(staging, EXPORT_KIND)
         publish_dir(staging, out_dir, then=then)
-    finally:
-        if staging.exists():  # only when something failed before the rename
-            shutil.rmtree(staging, ignore_errors=True)
     return report

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ERO_EGGROLL.arc.prompts import SYSTEM_PROMPT, Question, answer_text, build_messages
 from ERO_EGGROLL.arc.tasks import ArcTask, Pair, load_tasks
+from ERO_EGGROLL.io.disk import check_output, move_aside, staged_dir
 from ERO_EGGROLL.io.progress import bar
 
 SPECIAL_TOKENS = [
@@ -41,6 +41,7 @@ CHAT_TEMPLATE = (
 )
 VOCAB_SIZE = 640
 PRETRAIN_MAX_SIDE = 10
+BUILD_RECORD = "PRETRAINING.txt"  # how the build went; marks a folder as an earlier build, which a rebuild replaces
 
 
 def _augment(task: ArcTask, rng: random.Random) -> ArcTask:
@@ -78,7 +79,7 @@ def _train_tokenizer(tasks: list[ArcTask]):
     corpus = [SYSTEM_PROMPT, "Example 1 input:\nExample 1 output:\nTest input:\nTest output:"]
     for task in tasks:
         for pair in task.train + task.test:
-            corpus += [answer_text(pair.input), answer_text(pair.output)]
+            corpus += [answer_text(pair.input), answer_text(pair.answer)]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -164,10 +165,10 @@ def _pretraining_examples(
         pairs = list(task.train + task.test)
         rng.shuffle(pairs)
         demos, query = pairs[: min(2, len(pairs) - 1)], pairs[min(2, len(pairs) - 1)]
-        messages, _ = build_messages(Question(task.id, tuple(demos), query.input, query.output), mode="text")
+        messages, _ = build_messages(Question(task.id, tuple(demos), query.input, query.answer), mode="text")
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(answer_text(query.output), add_special_tokens=False)["input_ids"] + [end]
+        answer_ids = tokenizer(answer_text(query.answer), add_special_tokens=False)["input_ids"] + [end]
         examples.append((prompt_ids + answer_ids, len(prompt_ids)))
     return examples
 
@@ -202,13 +203,18 @@ def _pretrain(model, tokenizer, tasks: list[ArcTask], steps: int, batch_size: in
     return losses
 
 
+def _an_earlier_build(path: Path) -> bool:
+    return not path.is_symlink() and (path / BUILD_RECORD).is_file()
+
+
 def build_tiny_model(out_dir: str | Path, seed: int = 0, pretrain_steps: int = 150, batch_size: int = 8) -> Path:
-    """Build, pretrain and save the tiny model into `out_dir` (written to a temporary folder, then renamed)."""
+    """Build, pretrain and save the tiny model into `out_dir` (written to a temporary folder, then renamed). `out_dir`
+    must be new, empty or an earlier build: anything else is refused before the build starts."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from ERO_EGGROLL.model.loading import ImageOnlyQwen2_5_VLProcessor
 
-    out_dir = Path(out_dir)
+    out_dir = check_output(out_dir, "the tiny model's folder", earlier=_an_earlier_build)
     torch.manual_seed(seed)
     tasks = _small_training_tasks()
     tokenizer = _train_tokenizer(tasks)
@@ -218,20 +224,17 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, pretrain_steps: int = 1
         model.apply(model._init_weights)
     losses = _pretrain(model, tokenizer, tasks, pretrain_steps, batch_size, seed)
     processor = ImageOnlyQwen2_5_VLProcessor(_image_processor(), tokenizer, chat_template=CHAT_TEMPLATE)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        (staging / "PRETRAINING.txt").write_text(
+        (staging / BUILD_RECORD).write_text(
             f"seed {seed}, {pretrain_steps} steps x {batch_size} ARC-1 training-split questions (grids <= "
             f"{PRETRAIN_MAX_SIDE}x{PRETRAIN_MAX_SIDE})\n"
             f"answer-token loss: first {losses[0] if losses else float('nan'):.4f}, last "
             f"{losses[-1] if losses else float('nan'):.4f}\n"
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        earlier = move_aside(out_dir) if out_dir.exists() else None  # a rebuild: the earlier build is never half gone
         staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if earlier is not None:
+        shutil.rmtree(earlier, ignore_errors=True)
     return out_dir

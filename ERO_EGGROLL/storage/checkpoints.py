@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -31,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ERO_EGGROLL.core.digest import tensor_digest
 from ERO_EGGROLL.core.errors import EggrollError
-from ERO_EGGROLL.io.disk import fsync_dir, move_aside, publish_dir, writing
+from ERO_EGGROLL.io.disk import fsync_dir, move_aside, publish_dir, staged_dir, writing
 
 STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, LATEST = (
     "state.json",
@@ -123,32 +122,25 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, path, metadata={name: tensor_digest(t) for name, t in tensors.items()} or None)
 
 
-def _stage_dir(
+def _write_checkpoint_files(
+    folder: Path,
     target: Path,
     weights: dict[str, torch.Tensor],
     optimizer: dict[str, torch.Tensor],
     state: RunState,
     keep: bool = False,
-) -> Path:
-    """A complete, fsynced checkpoint directory under a hidden temporary name beside `target`."""
+) -> None:
+    """A complete, fsynced checkpoint in `folder`, the staging folder that becomes `target` once complete."""
     with writing(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        with writing(target):
-            _save_tensors(weights, staging / WEIGHTS_FILE)
-            _save_tensors(optimizer, staging / OPTIMIZER_FILE)
-            _slow_write_fault(target.name)
-            (staging / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
-            if keep:
-                (staging / KEEP_MARK).touch()  # exempt from pruning, decided before the directory becomes visible
-            for f in staging.iterdir():
-                with open(f, "rb") as handle:
-                    os.fsync(handle.fileno())
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return staging
+        _save_tensors(weights, folder / WEIGHTS_FILE)
+        _save_tensors(optimizer, folder / OPTIMIZER_FILE)
+        _slow_write_fault(target.name)
+        (folder / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
+        if keep:
+            (folder / KEEP_MARK).touch()  # exempt from pruning, decided before the directory becomes visible
+        for f in folder.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
@@ -175,14 +167,17 @@ def save_checkpoint(
     target = run_ckpt_dir / name
     if not store_tensors:
         weights, optimizer = {}, {}
-    staging = _stage_dir(target, weights, optimizer, state, keep)
-    with writing(target):
-        if target.exists():  # never overwrite a saved epoch: keep the earlier one beside it
-            print(f"note: {target} already existed; moved it to {move_aside(target)}", file=sys.stderr)
-        staging.rename(target)
-        fsync_dir(run_ckpt_dir)
+    with staged_dir(target) as staging:
+        _write_checkpoint_files(staging, target, weights, optimizer, state, keep)
+        with writing(target):
+            if target.exists():  # never overwrite a saved epoch: keep the earlier one beside it
+                print(f"note: {target} already existed; moved it to {move_aside(target)}", file=sys.stderr)
+            staging.rename(target)
+            fsync_dir(run_ckpt_dir)
     if best:
-        publish_dir(_stage_dir(run_ckpt_dir / "best", weights, optimizer, state), run_ckpt_dir / "best")
+        with staged_dir(run_ckpt_dir / "best") as staging:
+            _write_checkpoint_files(staging, run_ckpt_dir / "best", weights, optimizer, state)
+            publish_dir(staging, run_ckpt_dir / "best")
     previous = read_latest_name(run_ckpt_dir)
     write_latest(run_ckpt_dir, name)
     if previous and EPOCH_DIR.fullmatch(previous) and previous != name and not _kept(run_ckpt_dir / previous):
@@ -337,7 +332,7 @@ def rewind(run_ckpt_dir: Path, epoch_dir: Path) -> Path | None:
     `epoch_dir`.
 
     Returns the folder they went to (None when there was nothing later). Nothing is deleted."""
-    number = int(EPOCH_DIR.fullmatch(epoch_dir.name).group(1))
+    number = epoch_number(epoch_dir)
     later = [p for p in run_ckpt_dir.glob("epoch_*") if EPOCH_DIR.fullmatch(p.name) and epoch_number(p) > number]
     aside = _aside_folder(run_ckpt_dir)
     for path in sorted(later) + [p for p in [run_ckpt_dir / "best_model"] if p.exists() and later]:
@@ -367,7 +362,9 @@ def best_weights_for(run_ckpt_dir: Path, state: RunState) -> dict[str, torch.Ten
         )
     weights, optimizer, best_state = load_checkpoint(source)
     aside = _aside_folder(run_ckpt_dir) / "best" if best.exists() else None
-    publish_dir(_stage_dir(best, weights, optimizer, best_state), best, previous_to=aside)
+    with staged_dir(best) as staging:
+        _write_checkpoint_files(staging, best, weights, optimizer, best_state)
+        publish_dir(staging, best, previous_to=aside)
     return weights
 
 
