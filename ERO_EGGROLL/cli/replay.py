@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ERO_EGGROLL.arc.tasks import ERO_TASK_IDS
 from ERO_EGGROLL.config import config_from_dict
 from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.core.perturber import Perturber
@@ -27,6 +28,7 @@ from ERO_EGGROLL.model.qwen import classify_model, run_perturber
 from ERO_EGGROLL.run.record import ReplayedBest, check_sigma, rebuild
 from ERO_EGGROLL.storage.checkpoints import EPOCH_DIR, RunState, load_checkpoint
 from ERO_EGGROLL.storage.identity import base_weights_digest, check_identity, identity_of
+from ERO_EGGROLL.storage.model_card import model_card
 from ERO_EGGROLL.storage.record_check import check_record
 
 
@@ -42,25 +44,11 @@ def replay_weights(
     return {k: v.detach().clone() for k, v in perturber.evolvable_state().items()}
 
 
-def replay_card(cfg, state: RunState, run: str) -> str:
-    """The model card of an export made by replay: what the weights are and how to make them again."""
-    row = state.history[state.best_epoch]
-    return "\n".join(
-        [
-            f"# {cfg.run.name}: Qwen2.5-VL evolved with EGGROLL on ARC-1",
-            "",
-            f"Base model: `{cfg.model.path}` with the weights of epoch {state.best_epoch} of {state.epoch} (the best "
-            "mean "
-            f"model: fitness {row['mean_model_fitness']:.4f}, test score {row['mean_model_test_score']:.4f}), "
-            "rebuilt from "
-            "the run record by replay and checked against its digest.",
-            "",
-            "```bash",
-            f"python -m ERO_EGGROLL.replay {run} --export <dir>",
-            "```",
-            "",
-        ]
-    )
+def card_task_ids(task_ids: str | list[str]) -> list[str]:
+    """The run's tasks as its config names them (no data is read): a list, ERO's 15, or [] for the whole split."""
+    if isinstance(task_ids, list):
+        return task_ids
+    return list(ERO_TASK_IDS) if task_ids == "ero" else []
 
 
 OUT_KIND = "replay tensors"  # in the safetensors metadata of --out: a later --out may replace the file
@@ -139,7 +127,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model,
                 base_dir,
                 Path(args.export),
-                lambda report: replay_card(cfg, state, args.checkpoint),
+                lambda report: model_card(
+                    cfg,
+                    card_task_ids(cfg.data.task_ids),
+                    state.history,
+                    state.best_epoch,
+                    None,
+                    Path(args.checkpoint),
+                    None,
+                    report,
+                ),
                 then=NOTHING_ELSE_CHANGED,
             )
             print(f"exported epoch {state.best_epoch} (the best) to {args.export}")

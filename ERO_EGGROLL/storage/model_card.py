@@ -75,14 +75,15 @@ def model_card(
     task_ids: list[str],
     history: list[dict],
     best_epoch: int,
-    best: EvalResult,
+    best: EvalResult | None,
     ckpt_dir: Path,
-    plot: Path,
+    plot: Path | None,
     report: WeightsReport,
 ) -> str:
-    """The README.md text of an exported best model."""
+    """The README.md text of an exported best model. `best`: its test evaluation, or None for an export that replay
+    rebuilt without evaluating (the card then says how to score it); `plot`: the run's fitness curve, if any."""
     base_dir = cfg.resolve_path(cfg.model.path)
-    front = {
+    front: dict[str, object] = {
         "base_model": cfg.model.path,
         "library_name": "transformers",
         "pipeline_tag": "image-text-to-text",
@@ -91,7 +92,7 @@ def model_card(
     if _base_license(base_dir):
         front["license"] = _base_license(base_dir)
     evo, protocol, why = cfg.evolution, *PROTOCOL[cfg.data.fitness_source]
-    rows = results_table(task_ids, best)
+    tasks = ", ".join(task_ids) if task_ids else f"every task of the {cfg.data.split} split"
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).rstrip(),
@@ -107,9 +108,8 @@ def model_card(
         "## Method",
         "",
         f"EGGROLL low-rank evolution strategies (ERO_EGGROLL): population {evo.population_size}, rank {evo.rank}, "
-        f"sigma {evo.sigma} ({evo.sigma_mode}), optimizer {evo.optimizer}, lr {evo.lr}, {evo.mode} mode, "
-        f"fitness `{cfg.evaluation.fitness}`, seed {cfg.seed}, {cfg.data.input_mode} input, decoding as in the "
-        "config below.",
+        f"sigma {evo.sigma} ({evo.sigma_mode}), optimizer {evo.optimizer}, lr {evo.lr}, {evo.mode} mode, fitness "
+        f"`{cfg.evaluation.fitness}`, seed {cfg.seed}, {cfg.data.input_mode} input, decoding as in the config below.",
         "",
         "<details><summary>full config</summary>",
         "",
@@ -121,22 +121,12 @@ def model_card(
         "",
         "## Tasks",
         "",
-        f"ARC-1 {cfg.data.split} split: {', '.join(task_ids)}.",
+        f"ARC-1 {cfg.data.split} split: {tasks}.",
         "",
-        f"## Results ({protocol})",
-        "",
-        f"The best model's scores on the tasks' test outputs; {why}.",
-        "",
-        "| task | id | char similarity | cell accuracy | exact |",
-        "|---|---|---|---|---|",
-        *[
-            f"| {r['task']} | {r['id']} | {r['char_similarity']:.4f} | {r['cell_accuracy']:.4f} | {r['exact']:.4f} |"
-            for r in rows
-        ],
-        "",
+        *_results_section(best, task_ids, protocol, why, ckpt_dir),
         "## Fitness curve",
         "",
-        f"Plot: `{_shown(plot)}` (the run's results folder). Its values:",
+        (f"Plot: `{_shown(plot)}` (the run's results folder). Its values:" if plot else "The run's values:"),
         "",
         "| epoch | mean model fitness | test score | cell accuracy | members mean [min, max] |",
         "|---|---|---|---|---|",
@@ -164,3 +154,30 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _results_section(
+    best: EvalResult | None, task_ids: list[str], protocol: str, why: str, ckpt_dir: Path
+) -> list[str]:
+    if best is None:
+        return [
+            "## Results",
+            "",
+            "Not scored in this export (replay rebuilt the weights without evaluating them); score it with "
+            f"`python -m ERO_EGGROLL.arc_evaluator --config <the run's config.yaml> --checkpoint {_shown(ckpt_dir)}`.",
+            "",
+        ]
+    rows = results_table(task_ids, best)
+    return [
+        f"## Results ({protocol})",
+        "",
+        f"The best model's scores on the tasks' test outputs; {why}.",
+        "",
+        "| task | id | char similarity | cell accuracy | exact |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {r['task']} | {r['id']} | {r['char_similarity']:.4f} | {r['cell_accuracy']:.4f} | {r['exact']:.4f} |"
+            for r in rows
+        ],
+        "",
+    ]

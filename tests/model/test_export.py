@@ -204,6 +204,11 @@ def test_model_card_front_matter_metrics_curve_and_replay_command(tmp_path):
         tmp_path / "plot.png",
         report,
     )
+    # replay's export: rebuilt, not evaluated, no plot; the card says how to score it and lists the whole split
+    replayed = model_card(cfg, [], history, 1, None, tmp_path / "ckpt", None, report)
+    assert "Not scored in this export" in replayed and f"--checkpoint {tmp_path / 'ckpt'}" in replayed
+    assert "## Results (" not in replayed and "every task of the evaluation split" in replayed
+    assert "| 1 | 0.5000 | 0.5000 | 0.2500 | 0.3000 [0.2000, 0.4000] |" in replayed
 
 
 def test_the_embedded_tiny_model_names_the_stock_processor(tiny_model_dir):
