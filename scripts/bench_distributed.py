@@ -83,8 +83,7 @@ def main() -> int:
     t_alone = (epoch_1 - t_driver) / batches  # one process's member, the driver's own share taken out
     print(
         f"t_batch {t_alone:.3f} s per member alone (1 process), {t_member:.3f} s in a worker beside the others on "
-        "these "
-        f"{os.cpu_count()} shared CPUs; t_update {t_update:.3f} s, t_driver {t_driver:.3f} s"
+        f"these {os.cpu_count()} shared CPUs; t_update {t_update:.3f} s, t_driver {t_driver:.3f} s"
     )
     print("on paper, W workers each on its own device (e.g. W GPUs), so each member costs t_batch alone:")
     for w in [w for w in (1, 2, 4, 8, 16, 32) if w <= batches]:

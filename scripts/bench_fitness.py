@@ -81,8 +81,7 @@ def main() -> int:
     for r in rows:
         print(
             f"| {r['K']} | {r['questions']} | {r['generated (char_similarity) s/member']:.3f} | "
-            f"{r['answer_logprob s/member']:.3f} | "
-            f"{r['speed-up']:.1f}x |"
+            f"{r['answer_logprob s/member']:.3f} | {r['speed-up']:.1f}x |"
         )
     write_results("fitness", rows, quick=False)
     return 0

@@ -132,9 +132,8 @@ def main() -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)
         print(
-            f"| {r['size']} | {r['dtype']} | {r['optimizer']} | {r['population']} | "
-            f"{r['evolvable_params'] / 1e6:.1f}M | "
-            f"{r['update_s_median']:.3f} | {r['update_peak_growth_mb']:.1f} | {r['largest_tensor_fp32_mb']:.1f} | "
+            f"| {r['size']} | {r['dtype']} | {r['optimizer']} | {r['population']} | {r['evolvable_params'] / 1e6:.1f}M "
+            f"| {r['update_s_median']:.3f} | {r['update_peak_growth_mb']:.1f} | {r['largest_tensor_fp32_mb']:.1f} | "
             f"{r['all_directions_fp32_mb']:.0f} |",
             flush=True,
         )

@@ -226,8 +226,7 @@ def main() -> int:
             f"| {name} | {mean_sd([r['held_out_gain'] for r in mine], '+.4f')} | "
             f"{mean_sd([r['char_similarity_gain'] for r in mine], '+.4f')} | "
             f"{mean_sd([r['best_member'] for r in mine], '.4f')} | "
-            f"{statistics.mean(r['seconds_per_epoch'] for r in mine):.1f} | "
-            f"{mine[0]['member_bytes'] / 2**20:.2f} MiB |"
+            f"{statistics.mean(r['seconds_per_epoch'] for r in mine):.1f} | {mine[0]['member_bytes'] / 2**20:.2f} MiB |"
         )
     print(
         f"\nMLP 4-64-64-1 regression (scripts/examples/mlp_regression.py), population 32, {mlp_epochs} epochs, "

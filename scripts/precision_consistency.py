@@ -87,8 +87,7 @@ def main() -> None:
         mine = [r for r in rows if r["dtype"] == dtype]
         print(
             f"{dtype}: {sum(r['fitness differs'] for r in mine)} of {sum(r['members'] for r in mine)} member "
-            "evaluations differ "
-            "from forward K=1"
+            "evaluations differ from forward K=1"
         )
 
 

@@ -19,10 +19,9 @@ InputMode = Literal["image+text", "image", "text"]
 INPUT_MODES = ("image+text", "image", "text")
 
 SYSTEM_PROMPT = (
-    "You are solving an abstract reasoning puzzle. Every example turns an input grid into an "
-    "output grid by the same hidden rule. Grids hold colours 0-9. Work out the rule and apply it "
-    "to the test input. Reply with the output grid only, as a list of rows of integers, for "
-    "example [[0, 1], [2, 3]]."
+    "You are solving an abstract reasoning puzzle. Every example turns an input grid into an output grid by the same "
+    "hidden rule. Grids hold colours 0-9. Work out the rule and apply it to the test input. Reply with the output "
+    "grid only, as a list of rows of integers, for example [[0, 1], [2, 3]]."
 )
 
 
@@ -37,7 +36,7 @@ class Question:
 def held_out_test_questions(task: ArcTask, max_examples: int | None = None) -> list[Question]:
     """One question per test pair, with the training pairs (the first `max_examples`) as demonstrations."""
     examples = task.train[:max_examples]
-    return [Question(task.id, examples, pair.input, pair.output) for pair in task.test]
+    return [Question(task.id, examples, pair.input, pair.answer) for pair in task.test]
 
 
 def leave_one_out_questions(task: ArcTask, max_examples: int | None = None) -> list[Question]:
@@ -51,7 +50,7 @@ def leave_one_out_questions(task: ArcTask, max_examples: int | None = None) -> l
     questions = []
     for i, held_out in enumerate(task.train):
         others = (task.train[:i] + task.train[i + 1 :])[:max_examples]
-        questions.append(Question(task.id, others, held_out.input, held_out.output))
+        questions.append(Question(task.id, others, held_out.input, held_out.answer))
     return questions
 
 
@@ -80,7 +79,7 @@ def build_messages(
         content.append({"type": "text", "text": f"Example {i} input:\n"})
         content += _grid_content(pair.input, mode, images, cell_size, max_pixels)
         content.append({"type": "text", "text": f"Example {i} output:\n"})
-        content += _grid_content(pair.output, mode, images, cell_size, max_pixels)
+        content += _grid_content(pair.answer, mode, images, cell_size, max_pixels)
     content.append({"type": "text", "text": "Test input:\n"})
     content += _grid_content(question.query, mode, images, cell_size, max_pixels)
     content.append({"type": "text", "text": "Test output:"})

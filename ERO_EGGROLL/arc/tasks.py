@@ -67,7 +67,17 @@ class ArcDataError(EggrollError):
 @dataclass(frozen=True)
 class Pair:
     input: Grid
-    output: Grid | None
+    output: Grid | None  # None only for a test pair loaded without its output (rendering; never a question)
+
+    @property
+    def answer(self) -> Grid:
+        """The output grid, which a demonstration or a question's target needs."""
+        if self.output is None:
+            raise ArcDataError(
+                "a pair without an output grid cannot be a demonstration or a question's target; "
+                "load the task with its test outputs"
+            )
+        return self.output
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import platform
 import sys
 from collections.abc import Callable, Sequence
 
+from ERO_EGGROLL.cli.rehearse import rehearse
 from ERO_EGGROLL.config import ROOT, Config, load_config
 from ERO_EGGROLL.core.errors import EggrollError
 
@@ -144,11 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     healthy = all(ok for _, ok, _ in results) and cfg is not None
     if not args.rehearse:
         return 0 if healthy else 1
-    if not healthy:
+    if not healthy or cfg is None:
         print("rehearsal skipped: fix the failed checks first")
         return 1
-    from ERO_EGGROLL.cli.rehearse import rehearse
-
     try:
         result = rehearse(cfg)
     except EggrollError as err:

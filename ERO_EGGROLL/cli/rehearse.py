@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -128,17 +128,14 @@ class Rehearsal:
         if off:
             lines.append(
                 f"the memory model is off by more than {TOLERANCE:.0%} (and {OVERHEAD / 2**20:.0f} MiB) for: "
-                f"{', '.join(off)} "
-                "(trust the measured figure)"
+                f"{', '.join(off)} (trust the measured figure)"
             )
         s, pr = self.seconds, self.projection
         lines += [
-            f"seconds per member {s['member']:.2f} (first batch {s['first_batch']:.1f} s with compilation); "
-            f"per update {s['update']:.2f} (first {s['first_update']:.1f} s); mean-model evaluation "
-            f"{s['mean_model']:.1f}",
+            f"seconds per member {s['member']:.2f} (first batch {s['first_batch']:.1f} s with compilation); per update "
+            f"{s['update']:.2f} (first {s['first_update']:.1f} s); mean-model evaluation {s['mean_model']:.1f}",
             f"projected: {_duration(pr['epoch_seconds'])} per epoch (all tasks), {_duration(pr['run_seconds'])} per "
-            "run "
-            f"({pr['epochs']:.0f} epochs; one process; checkpoints not counted)",
+            f"run ({pr['epochs']:.0f} epochs; one process; checkpoints not counted)",
             f"VERDICT: {self.verdict()[1]}",
         ]
         return "\n".join(lines)
@@ -175,12 +172,12 @@ def _model(cfg: Config, random_layers: int | None):
     )
 
 
-def _restore(params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], digest: str) -> None:
+def _restore(params: Mapping[str, torch.Tensor], saved: dict[str, torch.Tensor], digest: str) -> None:
     """Put the evolvable weights back from the host copy and prove it byte for byte."""
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
-    if combined_digest(tensor_digests(params)) != digest:
+    if combined_digest(tensor_digests(dict(params))) != digest:
         raise EggrollError(
             "the rehearsal could not restore the weights exactly (digest differs): do not reuse this process's model"
         )
@@ -198,9 +195,9 @@ def _predicted(est: MemoryEstimate) -> list[tuple[str, int, str]]:
     """(phase, predicted bytes, largest component) in the order the rehearsal measures them."""
     resident = {k: v for k, v in est.resident.items() if k != JAX_POOL}
     rows = [
-        ("resident", sum(resident.values()), max(resident, key=resident.get)),
-        ("evaluation", est.evaluation_total, max(est.evaluation, key=est.evaluation.get)),
-        ("update", est.update_total, max(est.update, key=est.update.get, default="update")),
+        ("resident", sum(resident.values()), max(resident, key=lambda k: resident[k])),
+        ("evaluation", est.evaluation_total, max(est.evaluation, key=lambda k: est.evaluation[k])),
+        ("update", est.update_total, max(est.update, key=lambda k: est.update[k], default="update")),
     ]
     return rows + ([("JAX GPU pool", est.resident[JAX_POOL], "update")] if JAX_POOL in est.resident else [])
 
@@ -248,17 +245,14 @@ def rehearse(cfg: Config, random_layers: int | None = None) -> Rehearsal:
         batch = _timed(lambda: evaluate(batches[min(1, len(batches) - 1)]))
         mean_model = _timed(lambda: evaluate_mean_model(model, processor, fitness_q, test_q, cfg, 0))
         saved = {name: p.detach().to("cpu", copy=True) for name, p in perturber.params.items()}
-        digest = combined_digest(tensor_digests(perturber.params))
-        fitness = [
-            float((7 * i) % 5) for i in range(cfg.evolution.population_size)
-        ]  # spread, so that every tensor moves
+        digest = combined_digest(tensor_digests(saved))
+        fitness = [float((7 * i) % 5) for i in range(cfg.evolution.population_size)]  # spread: every tensor moves
         start = phase_start(device)
         first_update = _timed(lambda: perturber.update(fitness, 0))
         update = phase_peak(device) - start
         _restore(perturber.params, saved, digest)
-        second = _timed(
-            lambda: perturber.update(fitness, 0, again=True)
-        )  # this Perturber and its optimizer state are thrown away
+        # this Perturber and its optimizer state are thrown away
+        second = _timed(lambda: perturber.update(fitness, 0, again=True))
         _restore(perturber.params, saved, digest)
     finally:
         perturber.remove_hooks()

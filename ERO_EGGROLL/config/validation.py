@@ -71,8 +71,7 @@ def evaluation_checks(ev: EvaluationConfig) -> Checks:
         (
             ev.max_new_tokens_rule != "ero" or ev.max_new_tokens_factor == EvaluationConfig.max_new_tokens_factor,
             "evaluation.max_new_tokens_factor applies to max_new_tokens_rule 'target_tokens' and 'demonstrations' "
-            "only; the 'ero' "
-            "rule is twice the reduced target text's characters: remove max_new_tokens_factor",
+            "only; the 'ero' rule is twice the reduced target text's characters: remove max_new_tokens_factor",
         ),
         (
             ev.members_per_batch == 1 or not (dec.do_sample or dec.preset == "ero"),
@@ -86,8 +85,7 @@ def evaluation_checks(ev: EvaluationConfig) -> Checks:
         (
             dec.preset == "explicit" or dataclasses.replace(dec, preset="explicit") == DecodingConfig(),
             "evaluation.decoding.preset 'ero' reads do_sample, temperature, top_p, top_k and repetition_penalty from "
-            "the base "
-            "checkpoint's generation_config.json; remove the values set beside it",
+            "the base checkpoint's generation_config.json; remove the values set beside it",
         ),
     ]
 
@@ -144,14 +142,12 @@ def distributed_checks(dist: DistributedConfig, population_size: int) -> Checks:
         (
             1 <= dist.workers <= population_size,
             "distributed.workers must be between 1 (this process alone) and evolution.population_size "
-            f"{population_size} "
-            f"(a worker evaluates at least one member), got {dist.workers}",
+            f"{population_size} (a worker evaluates at least one member), got {dist.workers}",
         ),
         (
             dist.address is None or bool(ADDRESS.match(dist.address)),
             "distributed.address must be null (start a local Ray instance), 'auto' (the cluster `ray start` made on "
-            "this "
-            f"machine) or 'ray://host:port' / 'host:port', got {dist.address!r}",
+            f"this machine) or 'ray://host:port' / 'host:port', got {dist.address!r}",
         ),
         (
             dist.gpus_per_worker > 0,
@@ -181,8 +177,7 @@ def cross_section_checks(cfg: Config) -> Checks:
         (
             not evo.log_gradient_cosine or ev.fitness == "answer_logprob",
             "evolution.log_gradient_cosine needs evaluation.fitness: answer_logprob (the only fitness with a true "
-            "gradient), "
-            f"got {ev.fitness!r}",
+            f"gradient), got {ev.fitness!r}",
         ),
         (
             0 <= cfg.seed < 2**32,

@@ -89,7 +89,7 @@ def fitness_range(name: str) -> tuple[float, float]:
     return (-math.inf, 0.0) if name == LIKELIHOOD_FITNESS else (0.0, 1.0)
 
 
-def _checked(cfg: Config, score: float, task_id: str) -> float:
+def _checked(cfg: Config, score: float | None, task_id: str) -> float:
     """The fitness value, refused when it would poison the update: NaN or out of the fitness's range."""
     name = cfg.evaluation.fitness
     low, high = fitness_range(name)
@@ -124,11 +124,11 @@ def _score(
         if logprobs is not None:
             record.answer_logprob = logprobs[i]
         fitness = cfg.evaluation.fitness
-        record.score = _checked(
-            cfg,
-            record.answer_logprob if fitness == LIKELIHOOD_FITNESS else METRICS[fitness](record.text, target),
-            p.question.task_id,
-        )
+        if fitness == LIKELIHOOD_FITNESS:
+            score = record.answer_logprob
+        else:
+            score = METRICS[fitness](record.text, target) if record.text is not None else None
+        record.score = _checked(cfg, score, p.question.task_id)
         records.append(record)
     return EvalResult(per_task_mean(records, "score"), records)
 

@@ -54,8 +54,8 @@ def questions_for(tasks: Sequence[ArcTask], cfg: Config, purpose: str) -> list[Q
 def demonstrated_size(question: Question, count_tokens: Callable[[Grid], int]) -> int:
     """The answer's token count as far as the question itself tells it, without its target: the largest
     demonstration output, or the query scaled by the largest output/input ratio of the demonstrations."""
-    ratio = max(count_tokens(p.output) / count_tokens(p.input) for p in question.examples) if question.examples else 1.0
-    outputs = [count_tokens(p.output) for p in question.examples]
+    ratio = max(count_tokens(p.answer) / count_tokens(p.input) for p in question.examples) if question.examples else 1.0
+    outputs = [count_tokens(p.answer) for p in question.examples]
     return max([math.ceil(ratio * count_tokens(question.query)), *outputs])
 
 

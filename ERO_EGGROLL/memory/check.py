@@ -27,8 +27,7 @@ def advice_for(component: str) -> str:
         "saved": "use evolution.strategy: forward",
         "image": "use data.input_mode: text or lower data.max_pixels",
         "copies of the output head": "a CPU's bf16 matmul copies the head per row (a GPU does not): lower "
-        "evaluation.batch_size "
-        "or evaluation.members_per_batch, or use a GPU",
+        "evaluation.batch_size or evaluation.members_per_batch, or use a GPU",
     }
     return next(
         (v for k, v in advice.items() if component.startswith(k)),
@@ -44,9 +43,8 @@ def check_fits(est: MemoryEstimate, free_bytes: int, where: str) -> None:
     what = advice_for(name)
     raise DoesNotFit(
         f"predicted peak {est.device_total / 2**30:.2f} GiB does not fit the {free_bytes / 2**30:.2f} GiB free on "
-        f"{where}; "
-        f"the largest part is {name} ({size / 2**30:.2f} GiB): {what} "
-        "(`python -m ERO_EGGROLL.memory --config <yaml>` shows every part; run.memory_check: false skips this check)"
+        f"{where}; the largest part is {name} ({size / 2**30:.2f} GiB): {what} (`python -m ERO_EGGROLL.memory --config "
+        "<yaml>` shows every part; run.memory_check: false skips this check)"
     )
 
 

@@ -63,7 +63,7 @@ class MemoryEstimate:
 
     def largest_component(self) -> tuple[str, int]:
         parts = {**self.resident, **self.evaluation, **self.update}
-        name = max(parts, key=parts.get)
+        name = max(parts, key=lambda k: parts[k])
         return name, parts[name]
 
 
@@ -75,7 +75,7 @@ def workload_from_tasks(tasks, cfg: Config) -> Workload:
 
     longest_prompt, new, patches = 0, 0, 0
     for q in questions_for(tasks, cfg, "fitness") + questions_for(tasks, cfg, "test"):
-        grids = [g for p in q.examples for g in (p.input, p.output)] + [q.query]
+        grids = [g for p in q.examples for g in (p.input, p.answer)] + [q.query]
         text_chars = sum(len(grid_to_text(g)) for g in grids) if cfg.data.input_mode != "image" else 0
         image_tokens = image_patches = 0
         if cfg.data.input_mode != "text":
@@ -344,8 +344,7 @@ def report(cfg: Config) -> str:
         f"architecture {source}; {dtype} on {'GPU' if on_gpu else 'CPU'}; population "
         f"{cfg.evolution.population_size}, rank {cfg.evolution.rank}",
         f"longest generate call (estimated): {work.prompt_tokens} prompt + {work.new_tokens} new tokens x batch "
-        f"{work.batch}, "
-        f"{work.image_patches} image patches",
+        f"{work.batch}, {work.image_patches} image patches",
         "",
         "EGGROLL (this design):",
     ]

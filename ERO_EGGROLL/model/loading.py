@@ -19,10 +19,9 @@ from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, ConfigError
 from ERO_EGGROLL.core.errors import EggrollError
 
 DOWNLOAD_HINT = (
-    "put a Qwen2.5-VL checkpoint there (config.json, *.safetensors, tokenizer files, "
-    "preprocessor_config.json), e.g. the files of Qwen/Qwen2.5-VL-7B-Instruct downloaded on a machine "
-    "with internet, or point model.path at the embedded default "
-    f"{EMBEDDED_MODEL_DIR} (built by `python scripts/build_tiny_model.py`)"
+    "put a Qwen2.5-VL checkpoint there (config.json, *.safetensors, tokenizer files, preprocessor_config.json), e.g. "
+    "the files of Qwen/Qwen2.5-VL-7B-Instruct downloaded on a machine with internet, or point model.path at the "
+    f"embedded default {EMBEDDED_MODEL_DIR} (built by `python scripts/build_tiny_model.py`)"
 )
 
 
@@ -60,11 +59,10 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
     def to_dict(self) -> dict:
         return {**super().to_dict(), "processor_class": STANDARD_PROCESSOR_CLASS}
 
-    def save_pretrained(self, save_directory, **kwargs) -> list[str]:
-        files = super().save_pretrained(save_directory, **kwargs)
-        self.tokenizer._set_processor_class(
-            STANDARD_PROCESSOR_CLASS
-        )  # ProcessorMixin wrote this class's own name there
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
+        files = super().save_pretrained(save_directory, push_to_hub, **kwargs)
+        # ProcessorMixin wrote this class's own name there
+        self.tokenizer._set_processor_class(STANDARD_PROCESSOR_CLASS)
         self.tokenizer.save_pretrained(save_directory)
         return files
 
@@ -175,7 +173,8 @@ def load_model_from_dir(
             f"could not load the weights in {path}: {str(err).splitlines()[0]} "
             "(a truncated or corrupt *.safetensors file? re-copy or rebuild it)"
         ) from None
-    model.to(device).eval().requires_grad_(False)
+    model.to(device)  # type: ignore[arg-type]  # transformers types .to as PreTrainedModel's, not Module.to(device)
+    model.eval().requires_grad_(False)
     return model, load_processor(path)
 
 

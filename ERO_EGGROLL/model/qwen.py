@@ -17,12 +17,13 @@ import fnmatch
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
 from ERO_EGGROLL.config import Config, ConfigError, load_config
-from ERO_EGGROLL.core.forward_rules import declare_row_rule, per_member_blocks
+from ERO_EGGROLL.core.forward_rules import RowRule, declare_row_rule, per_member_blocks
 from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.core.tensor_classes import ParamClass, ParamSpec, make_specs
 
@@ -36,7 +37,9 @@ def _rms_norm_rows(module: Qwen2_5_VLRMSNorm, x: torch.Tensor, values: dict[str,
     return (weight.view(weight.shape[0], *[1] * (blocks.dim() - 2), -1) * blocks).reshape(x.shape)
 
 
-declare_row_rule(Qwen2_5_VLRMSNorm, _rms_norm_rows, stacked=True)  # its weight is FULL, and K members may share a batch
+declare_row_rule(
+    Qwen2_5_VLRMSNorm, cast(RowRule, _rms_norm_rows), stacked=True
+)  # its weight is FULL, and K members may share a batch
 
 
 def _rule(name: str, shape: tuple[int, ...], freeze_vision: bool, freeze_nonlora: bool) -> ParamClass:

@@ -64,9 +64,8 @@ def _wait_for(address: str, timeout_s: float) -> None:
             reason = err.strerror or str(err)
         if time.monotonic() >= deadline:
             raise DistributedError(
-                f"nothing answers at the Ray cluster address {address!r} after {timeout_s:g} s ({reason}); "
-                "start it (`ray start --head`) or fix distributed.address (distributed.connect_timeout_s "
-                "sets the wait)"
+                f"nothing answers at the Ray cluster address {address!r} after {timeout_s:g} s ({reason}); start it "
+                "(`ray start --head`) or fix distributed.address (distributed.connect_timeout_s sets the wait)"
             )
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
@@ -142,7 +141,7 @@ class WorkerPool:
                 "or the per-worker CPUs/GPUs, or add machines to the cluster"
             )
         paths = [
-            str(Path(m.__file__).resolve().parents[1]) for m in (ERO_EGGROLL, hyperscalees)
+            str(Path(str(m.__file__)).resolve().parents[1]) for m in (ERO_EGGROLL, hyperscalees)
         ]  # this checkout, not an installed copy
         env = {"PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
         if os.environ.get(FAULT_ENV):
@@ -209,7 +208,9 @@ class WorkerPool:
     def evaluate(self, epoch: int, stop: StopFlag) -> list[float]:
         """Every member's fitness of `epoch`, in member order, batches handed to whichever worker is free."""
         ray, n = self.ray, self.cfg.evolution.population_size
-        queue, running, fitness = deque(member_batches(n, self.k)), {}, {}
+        queue = deque(member_batches(n, self.k))
+        running: dict[Any, tuple[_Slot, list[int]]] = {}  # Ray object refs of member batches in flight
+        fitness: dict[int, float] = {}
         progress = MemberProgress(epoch, n, stop)
         for slot in self.slots:
             slot.members, slot.seconds, slot.update_seconds = 0, 0.0, 0.0

@@ -18,7 +18,9 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -48,15 +50,14 @@ def _unwritable(folder: Path) -> str | None:
     return None
 
 
-def check_available(names: list[str], run_dir: Path | None = None) -> None:
+def check_available(names: Sequence[str], run_dir: Path | None = None) -> None:
     """Refuse, before any model time is spent, a logger whose package is not installed or does not import, or whose
     folder under `run_dir` cannot be written."""
     missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:
         raise ConfigError(
-            f"run.loggers names {', '.join(missing)}, but the package is not installed here: "
-            f"pip install {' '.join(PACKAGES[m] for m in missing)} (pinned in requirements.txt), "
-            "or remove it from run.loggers"
+            f"run.loggers names {', '.join(missing)}, but the package is not installed here: pip install "
+            f"{' '.join(PACKAGES[m] for m in missing)} (pinned in requirements.txt), or remove it from run.loggers"
         )
     for name in names:
         try:
@@ -67,7 +68,9 @@ def check_available(names: list[str], run_dir: Path | None = None) -> None:
                 f"{str(err).splitlines()[0] if str(err) else ''}); reinstall {PACKAGES[name]} or remove it "
                 "from run.loggers"
             ) from None
-        problem = _unwritable(run_dir / FOLDERS[name]) if run_dir is not None else None
+        if run_dir is None:
+            continue
+        problem = _unwritable(run_dir / FOLDERS[name])
         if problem:
             raise ConfigError(
                 f"run.loggers names {name}, but its folder {run_dir / FOLDERS[name]} cannot be written: {problem}; "
@@ -122,7 +125,7 @@ class WandbLogger:
             group=name,
             dir=str(run_dir),
             config=config,
-            mode=os.environ.get("WANDB_MODE", "offline"),
+            mode=os.environ.get("WANDB_MODE", "offline"),  # type: ignore[arg-type]  # a user may set any mode wandb knows
             settings=wandb.Settings(console="off", silent=True),
         )  # our own lines stay as printed
 
@@ -144,8 +147,9 @@ class Loggers:
 
     Each opens at the first row, so resuming a finished run leaves no empty W&B run or event file."""
 
-    def __init__(self, names: list[str], run_dir: Path, config: dict, name: str):
-        self.names, self.args, self.loggers, self.opened = names, (run_dir, config, name), {}, False
+    def __init__(self, names: Sequence[str], run_dir: Path, config: dict, name: str):
+        self.loggers: dict[str, Any] = {}
+        self.names, self.args, self.opened = list(names), (run_dir, config, name), False
 
     def log(self, row: dict) -> None:
         if not self.opened:

@@ -55,8 +55,8 @@ class Evolution:
     state: RunState
     best: ClonedBest | ReplayedBest
     step: EpochStep
+    loggers: Loggers  # each opens at its first row
     workers: WorkerPool | None = None
-    loggers: Loggers | None = None
 
     @property
     def device(self) -> torch.device:
@@ -171,8 +171,7 @@ class Evolution:
         self.perturber.remove_hooks()
         if self.workers:
             self.workers.close()
-        if self.loggers:
-            self.loggers.close()
+        self.loggers.close()
 
 
 UPDATE_FIELDS = ("lr", "sigma_scale", "update_norm", "fraction_changed", "lost_update_fraction")
@@ -182,10 +181,9 @@ def epoch_line(row: dict, epochs: int, saved: Path) -> str:
     """The one line a finished epoch prints."""
     return (
         f"epoch {row['epoch']}/{epochs}: members {row['member_mean']:.4f} [{row['member_min']:.4f}, "
-        f"{row['member_max']:.4f}]  "
-        f"mean model {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
-        f"cells {row['mean_model_cell_accuracy']:.4f}  answer log-prob {row['mean_model_answer_logprob']:.4f}  "
-        f"|direction| {row['update_norm']:.3g}  {row['seconds']:.1f}s  "
+        f"{row['member_max']:.4f}]  mean model {row['mean_model_fitness']:.4f}  test "
+        f"{row['mean_model_test_score']:.4f}  cells {row['mean_model_cell_accuracy']:.4f}  answer log-prob "
+        f"{row['mean_model_answer_logprob']:.4f}  |direction| {row['update_norm']:.3g}  {row['seconds']:.1f}s  "
         f"checkpoint {disk_bytes(saved)} B  host peak {measured_peak_rss_bytes() / 2**20:.0f} MiB"
         + ("  (new best)" if row["new_best"] else "")
         + ("  (rolled back to best)" if row["rolled_back"] else "")
@@ -221,13 +219,16 @@ def prepare_evolution(
         if replay_mode
         else ClonedBest()
     )
-    if resume_from is not None and (
-        cfg.evolution.mode == "joint" or run_started(ckpt_dir)
-    ):  # per_task: a task not reached yet starts afresh
+    # per_task: a task not reached yet starts afresh
+    if resume_from is not None and (cfg.evolution.mode == "joint" or run_started(ckpt_dir)):
         state = resume(cfg, perturber, identity, ckpt_dir, resume_from, best)
     check_sigma(perturber, state, str(ckpt_dir))
     step = EpochStep(perturber, state, cfg.run.degeneration_patience, best)
-    return Evolution(cfg, model, processor, run_dir, ckpt_dir, perturber, fitness_q, test_q, k, state, best, step)
+    name = cfg.run.name if run_dir == cfg.run_dir else f"{cfg.run.name}/{run_dir.name}"
+    loggers = Loggers(cfg.run.loggers, run_dir, cfg.to_dict(), name)
+    return Evolution(
+        cfg, model, processor, run_dir, ckpt_dir, perturber, fitness_q, test_q, k, state, best, step, loggers
+    )
 
 
 def evolve(
@@ -254,12 +255,6 @@ def evolve(
                 cfg, [t.id for t in tasks], run.k, state.identity, state.history, run.perturber.evolvable_state()
             )
         write_resolved_config(run_dir, cfg.to_dict())
-        run.loggers = Loggers(
-            cfg.run.loggers,
-            run_dir,
-            cfg.to_dict(),
-            cfg.run.name if run_dir == cfg.run_dir else f"{cfg.run.name}/{run_dir.name}",
-        )
         if state.finished:
             print(f"{ckpt_dir}: already finished")
         if not state.history:

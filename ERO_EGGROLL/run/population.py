@@ -40,8 +40,10 @@ def evaluate_mean_model(model, processor, fitness_questions, test_questions, cfg
 
 
 def members_per_batch(cfg: Config, model, perturber: Perturber, prepared) -> int:
-    k = cfg.evaluation.members_per_batch
-    if k == "auto":
+    requested = cfg.evaluation.members_per_batch
+    if isinstance(requested, int):
+        k = requested
+    else:  # 'auto'
         p = next(model.parameters())
         k = auto_members_per_batch(
             cfg, model.config.to_dict(), perturber.specs, prepared, p.device, str(p.dtype).removeprefix("torch.")

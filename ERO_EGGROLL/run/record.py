@@ -103,6 +103,8 @@ class ClonedBest:
         self.weights = {k: v.detach().cpu().clone() for k, v in perturber.evolvable_state().items()}
 
     def restore(self, perturber: Perturber, state: RunState) -> None:
+        if self.weights is None:  # the epoch step keeps the base model's weights at epoch 0, before any restore
+            raise CheckpointError("no best weights were kept before they were restored")
         assign_weights(perturber.model, self.weights, "best weights")
 
 

@@ -42,8 +42,7 @@ ALLOWED_TO_CHANGE: dict[str, str] = {
     "run.export_best": "whether best_model/ is written, not what any epoch computes",
     "run.loggers": "where the same numbers are also reported (TensorBoard, W&B), not what an epoch computes",
     "distributed.workers": "how many processes evaluate the members: each member's fitness is the same anywhere "
-    "(member "
-    "batches are fixed by the config), and the workers' weights are verified bit-identical every epoch",
+    "(member batches are fixed by the config), and the workers' weights are verified bit-identical every epoch",
     "distributed.address": "which Ray cluster runs the workers, not what they compute",
     "distributed.gpus_per_worker": "how devices are shared among workers; the device type itself is in the identity",
     "distributed.cpus_per_worker": "how many CPUs (and torch threads) a worker gets; its weights are verified "
