@@ -19,9 +19,25 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 if TYPE_CHECKING:
-    from ERO_EGGROLL.core import ConfigError, EggrollError, EvolutionSettings, ParamClass, Perturber, declare_norm, declare_row_rule
+    from ERO_EGGROLL.core import (
+        ConfigError,
+        EggrollError,
+        EvolutionSettings,
+        ParamClass,
+        Perturber,
+        declare_norm,
+        declare_row_rule,
+    )
 
-__all__ = ["ConfigError", "EggrollError", "EvolutionSettings", "ParamClass", "Perturber", "declare_norm", "declare_row_rule"]
+__all__ = [
+    "ConfigError",
+    "EggrollError",
+    "EvolutionSettings",
+    "ParamClass",
+    "Perturber",
+    "declare_norm",
+    "declare_row_rule",
+]
 
 
 def __getattr__(name: str) -> Any:

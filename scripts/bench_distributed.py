@@ -34,9 +34,19 @@ from conftest import run_args  # noqa: E402  (the tests' small run: one task, 48
 
 def run(tmp: Path, name: str, epochs: int, population: int, workers: int) -> list[dict]:
     """One training run; its metrics rows and the load average around it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "HyperscaleES" / "src")])}
-    args = run_args(tmp, name, f"evolution.epochs={epochs}", f"evolution.population_size={population}",
-                    f"distributed.workers={workers}", "distributed.cpus_per_worker=1")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "HyperscaleES" / "src")]),
+    }
+    args = run_args(
+        tmp,
+        name,
+        f"evolution.epochs={epochs}",
+        f"evolution.population_size={population}",
+        f"distributed.workers={workers}",
+        "distributed.cpus_per_worker=1",
+    )
     before = os.getloadavg()[0]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=3600)
     if done.returncode:
@@ -60,14 +70,21 @@ def main() -> int:
     figures = [w for r in multi for w in r["workers"]]
     t_member = sum(w["seconds"] for w in figures) / sum(w["members"] for w in figures)
     t_update = sum(w["update_seconds"] for w in figures) / len(figures)
-    t_driver = sum(r["seconds"] - max(w["seconds"] for w in r["workers"]) - max(w["update_seconds"] for w in r["workers"])
-                   for r in multi) / len(multi)
-    print(f"\nepoch seconds, epochs 2..{args.epochs} averaged: 1 process {epoch_1:.2f}, {args.workers} workers {epoch_w:.2f}: "
-          f"speed-up {epoch_1 / epoch_w:.2f}x (load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    t_driver = sum(
+        r["seconds"] - max(w["seconds"] for w in r["workers"]) - max(w["update_seconds"] for w in r["workers"])
+        for r in multi
+    ) / len(multi)
+    print(
+        f"\nepoch seconds, epochs 2..{args.epochs} averaged: 1 process {epoch_1:.2f}, {args.workers} workers "
+        f"{epoch_w:.2f}: "
+        f"speed-up {epoch_1 / epoch_w:.2f}x (load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
+    )
     batches = args.population  # members_per_batch 1
     t_alone = (epoch_1 - t_driver) / batches  # one process's member, the driver's own share taken out
-    print(f"t_batch {t_alone:.3f} s per member alone (1 process), {t_member:.3f} s in a worker beside the others on these "
-          f"{os.cpu_count()} shared CPUs; t_update {t_update:.3f} s, t_driver {t_driver:.3f} s")
+    print(
+        f"t_batch {t_alone:.3f} s per member alone (1 process), {t_member:.3f} s in a worker beside the others on "
+        f"these {os.cpu_count()} shared CPUs; t_update {t_update:.3f} s, t_driver {t_driver:.3f} s"
+    )
     print("on paper, W workers each on its own device (e.g. W GPUs), so each member costs t_batch alone:")
     for w in [w for w in (1, 2, 4, 8, 16, 32) if w <= batches]:
         predicted = math.ceil(batches / w) * t_alone + t_driver + (t_update if w > 1 else 0)

@@ -39,9 +39,14 @@ def main() -> int:
     for k in (1, POPULATION):
         seconds = {}
         for fitness in ("char_similarity", "answer_logprob"):
-            cfg = load_config(ROOT / "configs" / "default.yaml", [f"evaluation.fitness={fitness}",
-                                                                  f"evolution.population_size={POPULATION}",
-                                                                  f"evaluation.max_new_tokens_cap={args.cap}"])
+            cfg = load_config(
+                ROOT / "configs" / "default.yaml",
+                [
+                    f"evaluation.fitness={fitness}",
+                    f"evolution.population_size={POPULATION}",
+                    f"evaluation.max_new_tokens_cap={args.cap}",
+                ],
+            )
             model, processor = load_model_from_dir(cfg.resolve_path(cfg.model.path))
             prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "fitness"), processor, cfg)
             perturber = run_perturber(model, cfg)
@@ -57,14 +62,27 @@ def main() -> int:
 
             seconds[fitness] = median_seconds(epoch, args.reps) / POPULATION
             perturber.remove_hooks()
-        rows.append({"K": k, "questions": len(prepared), "generated (char_similarity) s/member": seconds["char_similarity"],
-                     "answer_logprob s/member": seconds["answer_logprob"],
-                     "speed-up": seconds["char_similarity"] / seconds["answer_logprob"]})
-        print(json.dumps({key: (round(v, 4) if isinstance(v, float) else v) for key, v in rows[-1].items()}), flush=True)
-    print("\n| K (members per call) | questions | generated: s/member | answer_logprob: s/member | speed-up |\n|---|---|---|---|---|")
+        rows.append(
+            {
+                "K": k,
+                "questions": len(prepared),
+                "generated (char_similarity) s/member": seconds["char_similarity"],
+                "answer_logprob s/member": seconds["answer_logprob"],
+                "speed-up": seconds["char_similarity"] / seconds["answer_logprob"],
+            }
+        )
+        print(
+            json.dumps({key: (round(v, 4) if isinstance(v, float) else v) for key, v in rows[-1].items()}), flush=True
+        )
+    print(
+        "\n| K (members per call) | questions | generated: s/member | answer_logprob: s/member | speed-up "
+        "|\n|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['K']} | {r['questions']} | {r['generated (char_similarity) s/member']:.3f} | {r['answer_logprob s/member']:.3f} | "
-              f"{r['speed-up']:.1f}x |")
+        print(
+            f"| {r['K']} | {r['questions']} | {r['generated (char_similarity) s/member']:.3f} | "
+            f"{r['answer_logprob s/member']:.3f} | {r['speed-up']:.1f}x |"
+        )
     write_results("fitness", rows, quick=False)
     return 0
 

@@ -23,12 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import ERO_EGGROLL  # noqa: E402,F401  (before JAX: on-demand GPU allocation)
+
 # isort: split
 
-import hyperscalees as hs  # noqa: E402
 import torch  # noqa: E402
 from bench_common import median_seconds, write_results  # noqa: E402
 
+import hyperscalees as hs  # noqa: E402
 from ERO_EGGROLL.arc.tasks import load_tasks  # noqa: E402
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, load_config  # noqa: E402
 from ERO_EGGROLL.core.bridge import jax_to_torch  # noqa: E402
@@ -45,14 +46,29 @@ def random_30m_model(tiny_dir: Path):
     return random_model(tiny_dir, SHAPES["26m"])
 
 
-# These benchmarks measure generation: pin a generated fitness on the test questions, whatever default.yaml's fitness is.
-GENERATION = ("evaluation.fitness=char_similarity", "data.fitness_source=test", "evaluation.max_new_tokens_rule=target_tokens",
-              "evaluation.batch_size=2", "evaluation.members_per_batch=1", "evolution.lr=0.5")
+# These benchmarks measure generation: pin a generated fitness on the test questions,
+# whatever default.yaml's fitness is.
+GENERATION = (
+    "evaluation.fitness=char_similarity",
+    "data.fitness_source=test",
+    "evaluation.max_new_tokens_rule=target_tokens",
+    "evaluation.batch_size=2",
+    "evaluation.members_per_batch=1",
+    "evolution.lr=0.5",
+)
 
 
 def config_for(population: int, strategy: str = "forward", extra: tuple[str, ...] = ()):
-    return load_config(ROOT / "configs" / "default.yaml", [*GENERATION, f"evolution.population_size={population}",
-                                                           f"evolution.strategy={strategy}", "evaluation.max_new_tokens_cap=64", *extra])
+    return load_config(
+        ROOT / "configs" / "default.yaml",
+        [
+            *GENERATION,
+            f"evolution.population_size={population}",
+            f"evolution.strategy={strategy}",
+            "evaluation.max_new_tokens_cap=64",
+            *extra,
+        ],
+    )
 
 
 # A random model's biases are all zero, so sigma relative to their scale is undefined: use an absolute sigma there.
@@ -69,21 +85,35 @@ def bench_model(name: str, model, processor, reps: int, extra: tuple[str, ...] =
     def jax_directions():
         for name in perturber.lora_names:
             w = perturber.params[name]
-            hs.lowrank_update(perturber.plan.keys[name], tuple(w.shape), fitness, epoch=0, rank=cfg.evolution.rank,
-                              sigma=perturber.plan.sigma[name]).block_until_ready()
+            hs.lowrank_update(
+                perturber.plan.keys[name],
+                tuple(w.shape),
+                fitness,
+                epoch=0,
+                rank=cfg.evolution.rank,
+                sigma=perturber.plan.sigma[name],
+            ).block_until_ready()
 
     def torch_directions():
         """The same contraction as one torch einsum over the DLPack'd factors of all members."""
         f = torch.from_numpy(fitness)
         for name in perturber.lora_names:
             w = perturber.params[name]
-            a, b = hs.population_lowrank_factors(perturber.plan.keys[name], tuple(w.shape), epoch=0, members=range(16),
-                                                 rank=cfg.evolution.rank, sigma=perturber.plan.sigma[name])
+            a, b = hs.population_lowrank_factors(
+                perturber.plan.keys[name],
+                tuple(w.shape),
+                epoch=0,
+                members=range(16),
+                rank=cfg.evolution.rank,
+                sigma=perturber.plan.sigma[name],
+            )
             torch.einsum("nir,njr->ij", f[:, None, None] * jax_to_torch(a), jax_to_torch(b)) / 4.0  # / sqrt(16)
 
     row["LORA update directions, JAX contraction s"] = median_seconds(jax_directions, reps)
     row["LORA update directions, torch einsum s"] = median_seconds(torch_directions, reps)
-    row["whole update (Perturber.update) s"] = median_seconds(lambda: _update_and_restore(perturber, list(fitness)), reps)
+    row["whole update (Perturber.update) s"] = median_seconds(
+        lambda: _update_and_restore(perturber, list(fitness)), reps
+    )
     perturber.remove_hooks()
     cfg_one = config_for(16, extra=extra)
     cfg_one.evaluation.batch_size = 1
@@ -133,8 +163,10 @@ def main() -> None:
     for row in rows:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
     memory = []
-    for population in ([4, 64] if args.quick else [4, 16, 64, 256]):
-        out = subprocess.run([sys.executable, __file__, "--memory-case", str(population)], capture_output=True, text=True, check=True)
+    for population in [4, 64] if args.quick else [4, 16, 64, 256]:
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-case", str(population)], capture_output=True, text=True, check=True
+        )
         memory.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print("\n## Peak RSS vs population size (tiny model, one member + one update, fresh process each)")
     for m in memory:

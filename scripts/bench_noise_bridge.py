@@ -19,7 +19,6 @@ from pathlib import Path
 import ERO_EGGROLL  # noqa: F401  (before JAX: on-demand GPU allocation)
 
 # isort: split
-import hyperscalees as hs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +26,7 @@ import psutil
 import torch
 from bench_common import median_seconds, write_results
 
+import hyperscalees as hs
 from ERO_EGGROLL.core.bridge import jax_to_torch, shares_memory, torch_to_jax
 from ERO_EGGROLL.memory.measure import measured_peak_rss_bytes
 
@@ -36,8 +36,13 @@ MB = 1 << 20
 # Qwen2.5-VL-7B language model: hidden 3584, intermediate 18944, 28 layers, 28 heads, 4 KV heads, head dim 128
 HIDDEN, INTER, LAYERS, KV = 3584, 18944, 28, 4 * 128
 LAYER_LORA_SHAPES = {
-    "q_proj": (HIDDEN, HIDDEN), "k_proj": (KV, HIDDEN), "v_proj": (KV, HIDDEN), "o_proj": (HIDDEN, HIDDEN),
-    "gate_proj": (INTER, HIDDEN), "up_proj": (INTER, HIDDEN), "down_proj": (HIDDEN, INTER),
+    "q_proj": (HIDDEN, HIDDEN),
+    "k_proj": (KV, HIDDEN),
+    "v_proj": (KV, HIDDEN),
+    "o_proj": (HIDDEN, HIDDEN),
+    "gate_proj": (INTER, HIDDEN),
+    "up_proj": (INTER, HIDDEN),
+    "down_proj": (HIDDEN, INTER),
 }
 
 
@@ -75,7 +80,10 @@ def bench_member_noise(reps, layers_timed, rank):
     keys = {name: hs.param_key(key, i) for i, name in enumerate(LAYER_LORA_SHAPES)}
 
     def lowrank_layer():
-        out = [hs.lowrank_factors(keys[n], s, epoch=0, member=0, rank=rank, sigma=0.01) for n, s in LAYER_LORA_SHAPES.items()]
+        out = [
+            hs.lowrank_factors(keys[n], s, epoch=0, member=0, rank=rank, sigma=0.01)
+            for n, s in LAYER_LORA_SHAPES.items()
+        ]
         jax.block_until_ready(out)
 
     def fullrank_layer():
@@ -90,9 +98,12 @@ def bench_member_noise(reps, layers_timed, rank):
     return {
         "note": f"timed {layers_timed} decoder layer(s) of 7 LORA matrices, extrapolated x{scale:g} to {LAYERS} layers",
         "rank": rank,
-        "lowrank s/member": low * scale, "fullrank s/member": full * scale,
-        "lowrank bytes/member": low_bytes, "fullrank bytes/member": full_bytes,
-        "time ratio full/low": full / low, "bytes ratio full/low": full_bytes / low_bytes,
+        "lowrank s/member": low * scale,
+        "fullrank s/member": full * scale,
+        "lowrank bytes/member": low_bytes,
+        "fullrank bytes/member": full_bytes,
+        "time ratio full/low": full / low,
+        "bytes ratio full/low": full_bytes / low_bytes,
     }
 
 
@@ -104,7 +115,9 @@ def _update_case(method: str, n: int, rank: int, reps: int) -> dict:
     key = hs.param_key(hs.make_key(0), 0)
     fitness = hs.normalize_fitness(np.random.default_rng(0).normal(size=n))
     if method == "fused":
-        fn = lambda: hs.lowrank_update(key, UPDATE_SHAPE, fitness, epoch=0, rank=rank, sigma=0.01).block_until_ready()
+
+        def fn():
+            return hs.lowrank_update(key, UPDATE_SHAPE, fitness, epoch=0, rank=rank, sigma=0.01).block_until_ready()
     else:
         outer = jax.jit(lambda acc, f, a, b: acc + f * (a @ b.T))
 
@@ -114,6 +127,7 @@ def _update_case(method: str, n: int, rank: int, reps: int) -> dict:
                 a, b = hs.lowrank_factors(key, UPDATE_SHAPE, epoch=0, member=i, rank=rank, sigma=0.01)
                 acc = outer(acc, fitness[i], a, b)
             return (acc / np.sqrt(n)).block_until_ready()
+
     rss_before = psutil.Process().memory_info().rss
     seconds = median_seconds(fn, reps)
     peak = measured_peak_rss_bytes()
@@ -127,7 +141,9 @@ def bench_update(populations, rank, reps):
         for method in ("fused", "naive loop"):
             out = subprocess.run(
                 [sys.executable, __file__, "--update-case", method, str(n), str(rank), str(reps)],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             ).stdout
             case = json.loads(out.strip().splitlines()[-1])
             row[f"{method} s"], row[f"{method} peak MB"] = case["seconds"], case["peak_rss_growth_mb"]
@@ -157,16 +173,26 @@ def main() -> None:
     reps = 3 if args.quick else 7
     sizes = [1, 4, 16] if args.quick else [1, 4, 16, 64, 256]
     populations = [8] if args.quick else [8, 32, 128]
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": psutil.cpu_count(), "jax": jax.__version__,
-               "torch": torch.__version__, "jax devices": [str(d) for d in jax.devices()]}
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": psutil.cpu_count(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "jax devices": [str(d) for d in jax.devices()],
+    }
     print(f"machine: {machine}")
     results = {"machine": machine, "repetitions": reps}
     results["conversion"] = bench_conversion(sizes, reps)
     print_table("JAX <-> torch conversion of float32 buffers (median seconds; bytes copied)", results["conversion"])
     results["member_noise"] = bench_member_noise(reps, layers_timed=1, rank=2)
-    print_table("Noise for one member over all LORA matrices of Qwen2.5-VL-7B's language model", [results["member_noise"]])
+    print_table(
+        "Noise for one member over all LORA matrices of Qwen2.5-VL-7B's language model", [results["member_noise"]]
+    )
     results["update"] = bench_update(populations, rank=2, reps=max(1, reps // 3))
-    print_table(f"Update of one {UPDATE_SHAPE[0]}x{UPDATE_SHAPE[1]} matrix: fused contraction vs naive per-member loop", results["update"])
+    print_table(
+        f"Update of one {UPDATE_SHAPE[0]}x{UPDATE_SHAPE[1]} matrix: fused contraction vs naive per-member loop",
+        results["update"],
+    )
     write_results("noise_bridge", results, args.quick)
 
 

@@ -8,7 +8,7 @@ tiny one, a ~26M and a ~100M random Qwen2.5-VL), in one run, timings interleaved
     ceiling: the same call, same rows and prompts, with no noise installed.
 The last line is `ratio_to_ceiling=<~26M model at K=8>` (tiny model with --quick).
 
-    python scripts/bench_population.py [--quick] [--reps 3] [--profile] [--compile]
+    python scripts/bench_population.py [--quick] [--reps 3] [--profile] [--compile] [--device cuda]
         -> results/bench/population.json
 
 --profile prints torch.profiler's operator table for one member (plain, then `forward`) on the ~26M
@@ -40,7 +40,7 @@ from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR  # noqa: E402
 from ERO_EGGROLL.evaluation import generation  # noqa: E402
 from ERO_EGGROLL.evaluation.evaluator import evaluate_members, prepare, questions_for  # noqa: E402
 from ERO_EGGROLL.model.loading import load_model_from_dir  # noqa: E402
-from ERO_EGGROLL.model.qwen import run_perturber
+from ERO_EGGROLL.model.qwen import run_perturber  # noqa: E402
 from ERO_EGGROLL.model.random_model import SHAPES, random_model  # noqa: E402
 
 KS = (1, 2, 4, 8, 16)
@@ -91,7 +91,9 @@ class Bench:
     def __init__(self, name: str, model, processor, extra: tuple[str, ...]):
         self.name, self.model, self.processor = name, model, processor
         self.cfg = config_for(max(KS), extra=extra)
-        self.prepared = prepare(questions_for(load_tasks(ids=self.cfg.data.task_ids), self.cfg, "fitness"), processor, self.cfg)
+        self.prepared = prepare(
+            questions_for(load_tasks(ids=self.cfg.data.task_ids), self.cfg, "fitness"), processor, self.cfg
+        )
         bs = self.cfg.evaluation.batch_size
         batches = [self.prepared[i : i + bs] for i in range(0, len(self.prepared), bs)]
         self.tokens_per_member = sum(len(b) * max(p.max_new_tokens for p in b) for b in batches)  # fixed length
@@ -115,16 +117,29 @@ class Bench:
         return run
 
     def one_member_row(self, reps: int) -> dict:
-        t = interleaved_medians({"plain": self.generate, "forward": self.member("forward"), "inplace": self.member("inplace")}, reps)
+        t = interleaved_medians(
+            {"plain": self.generate, "forward": self.member("forward"), "inplace": self.member("inplace")}, reps
+        )
         per_token = {k: 1000 * v / self.tokens_per_member for k, v in t.items()}
-        return {"model": self.name, "plain ms/token": per_token["plain"], "forward ms/token": per_token["forward"],
-                "inplace ms/token": per_token["inplace"], "forward / plain": t["forward"] / t["plain"],
-                "inplace / plain": t["inplace"] / t["plain"]}
+        return {
+            "model": self.name,
+            "plain ms/token": per_token["plain"],
+            "forward ms/token": per_token["forward"],
+            "inplace ms/token": per_token["inplace"],
+            "forward / plain": t["forward"] / t["plain"],
+            "inplace / plain": t["inplace"] / t["plain"],
+        }
 
     def batched_row(self, k: int, reps: int) -> dict:
         t = interleaved_medians({"ceiling": lambda: self.generate(k), "members": self.members(k)}, reps)
-        return {"model": self.name, "K": k, "call s": t["members"], "members/s": k / t["members"],
-                "ceiling call s": t["ceiling"], "ratio to ceiling": t["ceiling"] / t["members"]}
+        return {
+            "model": self.name,
+            "K": k,
+            "call s": t["members"],
+            "members/s": k / t["members"],
+            "ceiling call s": t["ceiling"],
+            "ratio to ceiling": t["ceiling"] / t["members"],
+        }
 
     def close(self) -> None:
         for perturber in self.perturbers.values():
@@ -166,14 +181,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model only, K in 1 and 8, one repetition")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per measurement (median)")
-    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's table for one member (~26M)")
-    parser.add_argument("--compile", action="store_true", help="only: one member of the ~26M model, eager and under torch.compile")
+    parser.add_argument(
+        "--profile", action="store_true", help="also print torch.profiler's table for one member (~26M)"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="only: one member of the ~26M model, eager and under torch.compile"
+    )
+    parser.add_argument("--device", default="cpu", help="where the models run (cuda: scripts/gpu_check.py)")
     args = parser.parse_args()
     keep_freed_memory()
     reps = 1 if args.quick else args.reps
     ks = (1, 8) if args.quick else KS
     tiny_dir = ROOT / EMBEDDED_MODEL_DIR
-    tiny, processor = load_model_from_dir(tiny_dir)
+    tiny, processor = load_model_from_dir(tiny_dir, device=args.device)
     if args.compile:
         with fixed_length():
             bench = Bench("random ~26M", random_model(tiny_dir, SHAPES["26m"]), processor, RANDOM_MODEL_SIGMA)
@@ -184,9 +204,18 @@ def main() -> None:
         return
     models = [("tiny (embedded)", lambda: tiny, ())]
     if not args.quick:
-        models += [(f"random ~{size.upper()}", lambda size=size: random_model(tiny_dir, SHAPES[size]), RANDOM_MODEL_SIGMA)
-                   for size in ("26m", "100m")]
-    print(f"## Fixed length: 3 ARC questions per member, every call generates its max_new_tokens (<= 64); median of {reps}")
+        models += [
+            (
+                f"random ~{size.upper()}",
+                lambda size=size: random_model(tiny_dir, SHAPES[size]).to(args.device),
+                RANDOM_MODEL_SIGMA,
+            )
+            for size in ("26m", "100m")
+        ]
+    print(
+        "## Fixed length: 3 ARC questions per member, every call generates its max_new_tokens (<= 64); median of "
+        f"{reps}"
+    )
     rows = []
     with fixed_length():
         for name, build, extra in models:

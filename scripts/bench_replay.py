@@ -2,8 +2,8 @@
 
 Replaying an epoch is its update (regenerate the factors, contract, optimizer, round) plus, once at the end,
 the digest of the evolvable weights; starting from the base model costs one read of the evolvable tensors
-from the model's safetensors files (here just written, so from the page cache). Each is timed here; the evaluation of an epoch (population x questions x
-generate) is what it is compared with.
+from the model's safetensors files (here just written, so from the page cache). Each is timed here; the
+evaluation of an epoch (population x questions x generate) is what it is compared with.
 
     python scripts/bench_replay.py [--sizes tiny 100m] [--epochs 3] [--population 16]   -> results/bench/replay.json
 """
@@ -33,8 +33,15 @@ def measure(size: str, epochs: int, population: int, dtype_name: str) -> dict:
     from ERO_EGGROLL.run.record import base_evolvable, combined_digest, tensor_digests
     from ERO_EGGROLL.storage.checkpoints import assign_weights
 
-    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"evolution.population_size={population}", f"model.dtype={dtype_name}",
-                                                            "evolution.sigma_mode=absolute", "evolution.sigma=0.01"])  # a random model's biases are 0
+    cfg = load_config(
+        ROOT / "configs" / "smoke.yaml",
+        [
+            f"evolution.population_size={population}",
+            f"model.dtype={dtype_name}",
+            "evolution.sigma_mode=absolute",
+            "evolution.sigma=0.01",
+        ],
+    )  # a random model's biases are 0
     dtype = getattr(torch, dtype_name)
     tiny_dir = cfg.resolve_path(cfg.model.path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,9 +67,16 @@ def measure(size: str, epochs: int, population: int, dtype_name: str) -> dict:
         start = time.perf_counter()  # read (memory-mapped, so timed with the copy into the parameters)
         assign_weights(model, base_evolvable(model, model_dir, names), "base weights")
         base_read_s = time.perf_counter() - start
-    return {"size": size, "dtype": dtype_name, "population": population, "evolvable_tensors": len(names),
-            "evolvable_bytes": evolvable_bytes, "replay_update_s_per_epoch": round(update_s, 3),
-            "weights_digest_s": round(digest_s, 3), "base_restore_s": round(base_read_s, 3)}
+    return {
+        "size": size,
+        "dtype": dtype_name,
+        "population": population,
+        "evolvable_tensors": len(names),
+        "evolvable_bytes": evolvable_bytes,
+        "replay_update_s_per_epoch": round(update_s, 3),
+        "weights_digest_s": round(digest_s, 3),
+        "base_restore_s": round(base_read_s, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

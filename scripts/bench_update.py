@@ -38,14 +38,25 @@ def update_case(size: str, optimizer: str, dtype: str, population: int, reps: in
 
     torch_dtype = getattr(torch, dtype)
     tiny_dir = ROOT / EMBEDDED_MODEL_DIR
-    overrides = [f"evolution.population_size={population}", f"evolution.optimizer={optimizer}", "evolution.lr=0.01",
-                 f"evolution.stochastic_rounding={str(dtype != 'float32').lower()}"]
+    overrides = [
+        f"evolution.population_size={population}",
+        f"evolution.optimizer={optimizer}",
+        "evolution.lr=0.01",
+        f"evolution.stochastic_rounding={str(dtype != 'float32').lower()}",
+    ]
     fitness = [float((7 * i) % 5) for i in range(population)]
     tiny = load_model_from_dir(tiny_dir)[0].to(torch_dtype)
-    shape = SHAPES.get(size) or TextShape(tiny.config.text_config.hidden_size, tiny.config.text_config.intermediate_size, 2,
-                                          tiny.config.text_config.num_attention_heads, tiny.config.text_config.num_key_value_heads)
+    shape = SHAPES.get(size) or TextShape(
+        tiny.config.text_config.hidden_size,
+        tiny.config.text_config.intermediate_size,
+        2,
+        tiny.config.text_config.num_attention_heads,
+        tiny.config.text_config.num_key_value_heads,
+    )
     # random weights have all-zero biases, where relative sigma is undefined: absolute sigma for every model here
-    cfg = load_config(ROOT / "configs" / "smoke.yaml", overrides + ["evolution.sigma_mode=absolute", "evolution.sigma=0.02"])
+    cfg = load_config(
+        ROOT / "configs" / "smoke.yaml", overrides + ["evolution.sigma_mode=absolute", "evolution.sigma=0.02"]
+    )
     twin = run_perturber(random_model(tiny_dir, TextShape(**{**shape.__dict__, "layers": 1}), torch_dtype), cfg)
     twin.update(fitness, 0)  # compiles every tensor shape
     twin.remove_hooks()
@@ -63,9 +74,17 @@ def update_case(size: str, optimizer: str, dtype: str, population: int, reps: in
         times.append(time.perf_counter() - start)
     evolvable = sum(p.numel() for p in perturber.params.values())
     largest = max(p.numel() for p in perturber.params.values())
-    return {"size": size, "dtype": dtype, "optimizer": optimizer, "population": population, "evolvable_params": evolvable,
-            "update_s_median": sorted(times)[len(times) // 2], "update_peak_growth_mb": growth / 2**20,
-            "largest_tensor_fp32_mb": largest * 4 / 2**20, "all_directions_fp32_mb": evolvable * 4 / 2**20}
+    return {
+        "size": size,
+        "dtype": dtype,
+        "optimizer": optimizer,
+        "population": population,
+        "evolvable_params": evolvable,
+        "update_s_median": sorted(times)[len(times) // 2],
+        "update_peak_growth_mb": growth / 2**20,
+        "largest_tensor_fp32_mb": largest * 4 / 2**20,
+        "all_directions_fp32_mb": evolvable * 4 / 2**20,
+    }
 
 
 def main() -> None:
@@ -84,18 +103,40 @@ def main() -> None:
         return
     sizes = args.sizes or (["tiny", "100m"] if args.quick else ["tiny", "100m", "360m"])
     rows = []
-    print("| model | dtype | optimizer | N | evolvable params | update s (median) | peak growth MB | largest tensor fp32 MB | all directions fp32 MB |")
+    print(
+        "| model | dtype | optimizer | N | evolvable params | update s (median) | peak growth MB | largest tensor "
+        "fp32 MB | all directions fp32 MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
-        out = subprocess.run([sys.executable, __file__, "--case", size, "--optimizer", args.optimizer, "--dtype", args.dtype,
-                              "--population", str(args.population), "--reps", str(reps)], capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--case",
+                size,
+                "--optimizer",
+                args.optimizer,
+                "--dtype",
+                args.dtype,
+                "--population",
+                str(args.population),
+                "--reps",
+                str(reps),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode != 0:
             raise SystemExit(f"case {size} failed:\n{out.stderr[-3000:]}")
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)
-        print(f"| {r['size']} | {r['dtype']} | {r['optimizer']} | {r['population']} | {r['evolvable_params'] / 1e6:.1f}M | "
-              f"{r['update_s_median']:.3f} | {r['update_peak_growth_mb']:.1f} | {r['largest_tensor_fp32_mb']:.1f} | "
-              f"{r['all_directions_fp32_mb']:.0f} |", flush=True)
+        print(
+            f"| {r['size']} | {r['dtype']} | {r['optimizer']} | {r['population']} | {r['evolvable_params'] / 1e6:.1f}M "
+            f"| {r['update_s_median']:.3f} | {r['update_peak_growth_mb']:.1f} | {r['largest_tensor_fp32_mb']:.1f} | "
+            f"{r['all_directions_fp32_mb']:.0f} |",
+            flush=True,
+        )
     write_results("update", rows, args.quick)
 
 

@@ -22,8 +22,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -49,14 +49,24 @@ OURS_GRID = [  # each change beside for_module's defaults (Adam lr 0.002, sigma 
 PGPE_GRID = [  # its usual Adam lr 0.01 with stdev 0.02 diverged here (0.084 -> 0.302 in 10 generations at 1M)
     {"label": "adam 0.003 stdev 0.01", "optimizer": "adam", "center_learning_rate": 0.003, "stdev_init": 0.01},
     {"label": "adam 0.005 stdev 0.01", "optimizer": "adam", "center_learning_rate": 0.005, "stdev_init": 0.01},
-    {"label": "clipup 1.5 stdev 0.01", "optimizer": "clipup", "center_learning_rate": 1.5, "stdev_init": 0.01,
-     "optimizer_config": {"max_speed": 3.0}},
+    {
+        "label": "clipup 1.5 stdev 0.01",
+        "optimizer": "clipup",
+        "center_learning_rate": 1.5,
+        "stdev_init": 0.01,
+        "optimizer_config": {"max_speed": 3.0},
+    },
 ]
 
 
 def mlp(width: int) -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(256, width), torch.nn.Tanh(), torch.nn.Linear(width, width), torch.nn.Tanh(),
-                               torch.nn.Linear(width, 16))
+    return torch.nn.Sequential(
+        torch.nn.Linear(256, width),
+        torch.nn.Tanh(),
+        torch.nn.Linear(width, width),
+        torch.nn.Tanh(),
+        torch.nn.Linear(width, 16),
+    )
 
 
 def task(width: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -80,7 +90,9 @@ def ours_options(setting: dict) -> dict:
     return {k: v for k, v in setting.items() if k != "label"}
 
 
-def run_ours(width: int, gens: int, seed: int, setting: dict, rows: bool = True, on_gen: Callable | None = None) -> list[tuple[float, float]]:
+def run_ours(
+    width: int, gens: int, seed: int, setting: dict, rows: bool = True, on_gen: Callable | None = None
+) -> list[tuple[float, float]]:
     """[(wall seconds, loss)] after each generation; members as batch rows (rows) or one at a time."""
     net, x, y = task(width)
     p = Perturber.for_module(net, population_size=POPULATION, seed=seed, **ours_options(setting))
@@ -104,7 +116,9 @@ def run_ours(width: int, gens: int, seed: int, setting: dict, rows: bool = True,
     return curve
 
 
-def run_pgpe(width: int, gens: int, seed: int, setting: dict, on_gen: Callable | None = None) -> list[tuple[float, float]]:
+def run_pgpe(
+    width: int, gens: int, seed: int, setting: dict, on_gen: Callable | None = None
+) -> list[tuple[float, float]]:
     """EvoTorch's PGPE over the flat parameter vector through NEProblem, centered at the same initial weights."""
     from evotorch.algorithms import PGPE
     from evotorch.neuroevolution import NEProblem
@@ -112,8 +126,14 @@ def run_pgpe(width: int, gens: int, seed: int, setting: dict, on_gen: Callable |
     net, x, y = task(width)
     problem = NEProblem("min", lambda: mlp(width), lambda candidate: mse(candidate, x, y), seed=seed, device="cpu")
     options = {k: v for k, v in setting.items() if k != "label"}
-    searcher = PGPE(problem, popsize=POPULATION, stdev_learning_rate=0.1, ranking_method="centered",
-                    center_init=torch.nn.utils.parameters_to_vector(net.parameters()).detach(), **options)
+    searcher = PGPE(
+        problem,
+        popsize=POPULATION,
+        stdev_learning_rate=0.1,
+        ranking_method="centered",
+        center_init=torch.nn.utils.parameters_to_vector(net.parameters()).detach(),
+        **options,
+    )
     curve, start = [], time.perf_counter()
     for _ in range(gens):
         searcher.step()
@@ -148,7 +168,9 @@ def speed_child(method: str, width: int, gens: int) -> None:
 
 
 def speed(method: str, width: int, gens: int) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", method, str(width), str(gens)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", method, str(width), str(gens)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -165,7 +187,9 @@ def learning(size: str, gens: int, seeds: int, reach_factor: int) -> dict:
     for setting in PGPE_GRID:
         results["pgpe"][setting["label"]] = [run_pgpe(width, gens, seed, setting) for seed in range(seeds)]
     for setting in OURS_GRID:
-        results["ours"][setting["label"]] = [run_ours(width, gens * reach_factor, seed, setting) for seed in range(seeds)]
+        results["ours"][setting["label"]] = [
+            run_ours(width, gens * reach_factor, seed, setting) for seed in range(seeds)
+        ]
     return results
 
 
@@ -176,17 +200,28 @@ def summarize(size: str, results: dict, gens: int) -> tuple[list[str], dict]:
         for label, curves in entries.items():
             finals[(method, label)] = [c[gens - 1][1] for c in curves]
     best_pgpe = min(statistics.mean(v) for (m, _), v in finals.items() if m == "pgpe")
-    rows.append(f"\n{size}: MSE at start {start_loss:.4f}; after {gens} generations ({gens * POPULATION} evaluations), "
-                f"mean over seeds; PGPE's best {best_pgpe:.4f}")
-    rows.append(f"{'method':6} {'setting':34} {'loss':>8} {'± sd':>7} {'s/gen':>7} {'vs PGPE best':>12} {'time to PGPE best':>18}")
+    rows.append(
+        f"\n{size}: MSE at start {start_loss:.4f}; after {gens} generations ({gens * POPULATION} evaluations), "
+        f"mean over seeds; PGPE's best {best_pgpe:.4f}"
+    )
+    rows.append(
+        f"{'method':6} {'setting':34} {'loss':>8} {'± sd':>7} {'s/gen':>7} {'vs PGPE best':>12} "
+        f"{'time to PGPE best':>18}"
+    )
     for (method, label), values in finals.items():
         curves = results[method][label]
         per_gen = statistics.mean(c[gens - 1][0] / gens for c in curves)
         reach = [first_reach(c, best_pgpe) for c in curves]
-        reach_text = f"{statistics.median(reach):.1f} s" if all(r is not None for r in reach) else f"{sum(r is not None for r in reach)}/{len(reach)} seeds"
+        reach_text = (
+            f"{statistics.median(reach):.1f} s"
+            if all(r is not None for r in reach)
+            else f"{sum(r is not None for r in reach)}/{len(reach)} seeds"
+        )
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        rows.append(f"{method:6} {label:34} {statistics.mean(values):8.4f} {sd:7.4f} {per_gen:7.3f} "
-                    f"{statistics.mean(values) / best_pgpe - 1:+12.1%} {reach_text:>18}")
+        rows.append(
+            f"{method:6} {label:34} {statistics.mean(values):8.4f} {sd:7.4f} {per_gen:7.3f} "
+            f"{statistics.mean(values) / best_pgpe - 1:+12.1%} {reach_text:>18}"
+        )
     return rows, {"start": start_loss, "best_pgpe": best_pgpe}
 
 
@@ -217,7 +252,9 @@ def plot(all_results: dict, gens: int, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, speed at 1M and 5M only, ours run to 2x the evaluations")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 seed, speed at 1M and 5M only, ours run to 2x the evaluations"
+    )
     parser.add_argument("--gens", type=int, default=10, help="generations of the equal-evaluation comparison")
     parser.add_argument("--seeds", type=int, help="seeds per setting (default 3; quick 1)")
     parser.add_argument("--learn", help="sizes to compare learning on, comma-separated, '' for none (default 1m,5m)")
@@ -236,17 +273,25 @@ def main() -> None:
         sys.exit(INSTALL)
     gens, seeds = args.gens, args.seeds or (1 if args.quick else 3)
     learn = [s for s in ("1m,5m" if args.learn is None else args.learn).split(",") if s]
-    timed = [s for s in (("1m,5m" if args.quick else "1m,5m,18m") if args.speed is None else args.speed).split(",") if s]
+    timed = [
+        s for s in (("1m,5m" if args.quick else "1m,5m,18m") if args.speed is None else args.speed).split(",") if s
+    ]
     for size in learn + timed:
         if size not in WIDTHS:
             sys.exit(f"unknown size {size!r}; choose from {', '.join(WIDTHS)}")
     print(f"torch threads 1, population {POPULATION}, batch {BATCH}, pid {os.getpid()}")
-    print(f"\n{'params':>7} {'ours, one member':>18} {'ours, batch rows':>18} {'EvoTorch PGPE':>18} {'speedup':>8} {'memory':>7}")
+    print(
+        f"\n{'params':>7} {'ours, one member':>18} {'ours, batch rows':>18} {'EvoTorch PGPE':>18} {'speedup':>8} "
+        f"{'memory':>7}"
+    )
     for size in timed:
         width = WIDTHS[size]
         n = sum(p.numel() for p in mlp(width).parameters())
         got = {m: speed(m, width, args.speed_gens) for m in ("ours-member", "ours-rows", "pgpe")}
-        cells = [f"{g['s_per_gen']:.3f} s {g['peak_mb']:+6.0f} MB" if "error" not in g else g["error"][:18] for g in got.values()]
+        cells = [
+            f"{g['s_per_gen']:.3f} s {g['peak_mb']:+6.0f} MB" if "error" not in g else g["error"][:18]
+            for g in got.values()
+        ]
         ok = all("error" not in g for g in got.values())
         ratio = f"{got['pgpe']['s_per_gen'] / got['ours-rows']['s_per_gen']:7.1f}x" if ok else "-"
         memory = f"{got['pgpe']['peak_mb'] / max(got['ours-rows']['peak_mb'], 1):6.1f}x" if ok else "-"

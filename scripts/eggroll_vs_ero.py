@@ -39,8 +39,16 @@ from ERO_EGGROLL.model.qwen import run_perturber  # noqa: E402
 from ERO_EGGROLL.run.population import evaluate_mean_model  # noqa: E402
 
 # ERO's protocol beside its noise (configs/ero.yaml), and EGGROLL's defaults (configs/default.yaml)
-ERO = {"search": "ero", "antithetic": False, "elites": 4, "reset_after": 3, "clamp": 10.0, "noise_reuse": 0, "lr": 1.0,
-       "sigma": 0.15}
+ERO = {
+    "search": "ero",
+    "antithetic": False,
+    "elites": 4,
+    "reset_after": 3,
+    "clamp": 10.0,
+    "noise_reuse": 0,
+    "lr": 1.0,
+    "sigma": 0.15,
+}
 COMBOS: dict[str, dict] = {
     "EGGROLL (ES update, low-rank)": {"sigma_mode": "relative"},
     "ES update, full-rank (OpenES)": {"noise": "full", "sigma_mode": "relative"},
@@ -54,16 +62,25 @@ def member_bytes(perturber: Perturber) -> int:
     """Bytes one member holds beyond the model: its noise, plus the restore copy of every tensor noised in place
     (dense noise is added into the weight and the exact mean restored from a copy)."""
     lora, full = perturber.member_noise(0, 0)
-    noise = sum(t.numel() * t.element_size() for pair in lora.values() for t in pair) + sum(t.numel() * t.element_size() for t in full.values())
+    noise = sum(t.numel() * t.element_size() for pair in lora.values() for t in pair) + sum(
+        t.numel() * t.element_size() for t in full.values()
+    )
     return noise + sum(perturber.params[n].numel() * perturber.params[n].element_size() for n in full)
 
 
-def run_tiny(name: str, options: dict, seed: int, epochs: int, population: int, model, processor, train, held_out) -> dict:
-    sets = [f"evolution.{k}={v}" for k, v in options.items()] + [f"seed={seed}", f"evolution.population_size={population}"]
+def run_tiny(
+    name: str, options: dict, seed: int, epochs: int, population: int, model, processor, train, held_out
+) -> dict:
+    sets = [f"evolution.{k}={v}" for k, v in options.items()] + [
+        f"seed={seed}",
+        f"evolution.population_size={population}",
+    ]
     cfg = load_config(ROOT / "configs" / "default.yaml", sets)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     perturber = run_perturber(model, cfg)
-    k = 1 if cfg.evolution.noise == "full" else min(16, population)  # dense noise is applied in place, one member at a time
+    k = (
+        1 if cfg.evolution.noise == "full" else min(16, population)
+    )  # dense noise is applied in place, one member at a time
     try:
         start_row = evaluate_mean_model(model, processor, train, held_out, cfg, 0)
         curve, seconds, best = [start_row["mean_model_answer_logprob"]], [], -float("inf")
@@ -82,9 +99,16 @@ def run_tiny(name: str, options: dict, seed: int, epochs: int, population: int, 
             best = max(best, *fitness)  # ERO's best model is its best member so far; the same figure for every search
             curve.append(evaluate(model, processor, held_out, cfg).fitness)
         end_row = evaluate_mean_model(model, processor, train, held_out, cfg, epochs)
-        return {"combo": name, "seed": seed, "curve": curve, "held_out_gain": curve[-1] - curve[0], "best_member": best,
-                "char_similarity_gain": end_row["mean_model_char_similarity"] - start_row["mean_model_char_similarity"],
-                "seconds_per_epoch": statistics.mean(seconds), "member_bytes": member_bytes(perturber)}
+        return {
+            "combo": name,
+            "seed": seed,
+            "curve": curve,
+            "held_out_gain": curve[-1] - curve[0],
+            "best_member": best,
+            "char_similarity_gain": end_row["mean_model_char_similarity"] - start_row["mean_model_char_similarity"],
+            "seconds_per_epoch": statistics.mean(seconds),
+            "member_bytes": member_bytes(perturber),
+        }
     finally:
         perturber.remove_hooks()
         with torch.no_grad():
@@ -95,9 +119,16 @@ def run_tiny(name: str, options: dict, seed: int, epochs: int, population: int, 
 def run_mlp(name: str, options: dict, seed: int, epochs: int) -> dict:
     """The same combination on the MLP regression example (fitness: minus the MSE of the epoch's batch)."""
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
-    eggroll = options.get("search", "eggroll") == "eggroll"  # EGGROLL: the example's settings; ERO: its protocol, std reading
-    opts = {**options, **({"sigma": 0.05, "sigma_mode": "absolute", "lr": 0.03, "optimizer": "adam"} if eggroll else {})}
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
+    )
+    eggroll = (
+        options.get("search", "eggroll") == "eggroll"
+    )  # EGGROLL: the example's settings; ERO: its protocol, std reading
+    opts = {
+        **options,
+        **({"sigma": 0.05, "sigma_mode": "absolute", "lr": 0.03, "optimizer": "adam"} if eggroll else {}),
+    }
     perturber = Perturber.for_module(net, population_size=32, rank=2, seed=seed, **opts)
     x_out, y_out = make_batch(-1)
     mse = torch.nn.functional.mse_loss
@@ -113,11 +144,21 @@ def run_mlp(name: str, options: dict, seed: int, epochs: int) -> dict:
         perturber.update(fitness, epoch)
     with torch.no_grad():
         after = float(mse(net(x_out), y_out))
-    return {"combo": name, "seed": seed, "mse_before": before, "mse_after": after, "seconds_per_epoch": (time.perf_counter() - start) / epochs}
+    return {
+        "combo": name,
+        "seed": seed,
+        "mse_before": before,
+        "mse_after": after,
+        "seconds_per_epoch": (time.perf_counter() - start) / epochs,
+    }
 
 
 def mean_sd(values: list[float], fmt: str) -> str:
-    return format(values[0], fmt) if len(values) == 1 else f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt[1:] if fmt[0] == '+' else fmt}}"
+    return (
+        format(values[0], fmt)
+        if len(values) == 1
+        else f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt[1:] if fmt[0] == '+' else fmt}}"
+    )
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -152,7 +193,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "results" / "examples" / "eggroll_vs_ero.png"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    seeds, epochs, population, mlp_epochs = ((1, 2, 16, 15) if args.quick else (args.seeds, args.epochs, args.population, args.mlp_epochs))
+    seeds, epochs, population, mlp_epochs = (
+        (1, 2, 16, 15) if args.quick else (args.seeds, args.epochs, args.population, args.mlp_epochs)
+    )
     cfg = load_config(ROOT / "configs" / "default.yaml")
     model, processor = load_model_from_dir(cfg.resolve_path(cfg.model.path))
     tasks = load_tasks(ids=cfg.data.task_ids)
@@ -163,25 +206,42 @@ def main() -> int:
         for name, options in COMBOS.items():
             rows.append(run_tiny(name, options, seed, epochs, population, model, processor, train, held_out))
             print({k: v for k, v in rows[-1].items() if k != "curve"}, flush=True)
-            if "mean reading" not in name:  # a fresh MLP has no pretrained means to read: the std reading stands for ERO
+            if (
+                "mean reading" not in name
+            ):  # a fresh MLP has no pretrained means to read: the std reading stands for ERO
                 mlp.append(run_mlp(name, options, seed, mlp_epochs))
-    print(f"\ntiny Qwen2.5-VL, tasks {cfg.data.task_ids}: {seeds} seed(s) x {epochs} epochs x population {population} "
-          f"= {epochs * population} member evaluations per run; fitness answer log-prob on the train pairs (leave-one-out)\n")
-    print("| search | held-out answer log-prob gain | char similarity gain (test output) | best member so far (train) | s / epoch | memory per member |")
+    print(
+        f"\ntiny Qwen2.5-VL, tasks {cfg.data.task_ids}: {seeds} seed(s) x {epochs} epochs x population {population} "
+        f"= {epochs * population} member evaluations per run; fitness answer log-prob on the train pairs "
+        "(leave-one-out)\n"
+    )
+    print(
+        "| search | held-out answer log-prob gain | char similarity gain (test output) | best member so far (train) "
+        "| s / epoch | memory per member |"
+    )
     print("|---|---|---|---|---|---|")
     for name in COMBOS:
         mine = [r for r in rows if r["combo"] == name]
-        print(f"| {name} | {mean_sd([r['held_out_gain'] for r in mine], '+.4f')} | {mean_sd([r['char_similarity_gain'] for r in mine], '+.4f')} | "
-              f"{mean_sd([r['best_member'] for r in mine], '.4f')} | {statistics.mean(r['seconds_per_epoch'] for r in mine):.1f} | "
-              f"{mine[0]['member_bytes'] / 2**20:.2f} MiB |")
-    print(f"\nMLP 4-64-64-1 regression (scripts/examples/mlp_regression.py), population 32, {mlp_epochs} epochs, held-out MSE:\n")
+        print(
+            f"| {name} | {mean_sd([r['held_out_gain'] for r in mine], '+.4f')} | "
+            f"{mean_sd([r['char_similarity_gain'] for r in mine], '+.4f')} | "
+            f"{mean_sd([r['best_member'] for r in mine], '.4f')} | "
+            f"{statistics.mean(r['seconds_per_epoch'] for r in mine):.1f} | {mine[0]['member_bytes'] / 2**20:.2f} MiB |"
+        )
+    print(
+        f"\nMLP 4-64-64-1 regression (scripts/examples/mlp_regression.py), population 32, {mlp_epochs} epochs, "
+        "held-out MSE:\n"
+    )
     print("| search | MSE before | MSE after | s / epoch |")
     print("|---|---|---|---|")
     for name in COMBOS:
         mine = [r for r in mlp if r["combo"] == name]
         if mine:
-            print(f"| {name} | {mean_sd([r['mse_before'] for r in mine], '.4f')} | {mean_sd([r['mse_after'] for r in mine], '.4f')} | "
-                  f"{statistics.mean(r['seconds_per_epoch'] for r in mine):.2f} |")
+            print(
+                f"| {name} | {mean_sd([r['mse_before'] for r in mine], '.4f')} | "
+                f"{mean_sd([r['mse_after'] for r in mine], '.4f')} | "
+                f"{statistics.mean(r['seconds_per_epoch'] for r in mine):.2f} |"
+            )
     plot(rows, Path(args.out))
     write_results("eggroll_vs_ero", {"tiny": rows, "mlp": mlp}, quick=args.quick)
     print(f"wrote {args.out}")

@@ -57,13 +57,19 @@ def run_es(cfg: Config, model, processor, train, held_out, budget: int, members_
         for first in range(0, n, members_per_call):
             with perturber.members(epoch, range(first, first + members_per_call)):
                 fitness += [r.fitness for r in evaluate_members(model, processor, train, cfg, members_per_call)]
-        cosines.append(update_with_gradient_cosine(lambda: perturber.update(fitness, epoch), perturber, model, processor, train, cfg)["gradient_cosine"])
+        cosines.append(
+            update_with_gradient_cosine(
+                lambda: perturber.update(fitness, epoch), perturber, model, processor, train, cfg
+            )["gradient_cosine"]
+        )
         curve.append(((epoch + 1) * n, evaluate(model, processor, held_out, cfg).fitness))
     perturber.remove_hooks()
     return {"curve": curve, "gradient_cosine": cosines}
 
 
-def run_backprop(cfg: Config, model, processor, train, held_out, budget: int, optimizer: str, lr: float, every: int) -> dict:
+def run_backprop(
+    cfg: Config, model, processor, train, held_out, budget: int, optimizer: str, lr: float, every: int
+) -> dict:
     """Plain gradient ascent on the same objective and LORA-class tensors: one forward + backward per step."""
     params = [dict(model.named_parameters())[s.name] for s in classify_model(model, cfg) if s.cls is ParamClass.LORA]
     for p in params:
@@ -108,8 +114,12 @@ def plot(results: list[dict], out: Path, budget: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=int, default=128, help="forward passes per method (ES epochs = budget // population)")
-    parser.add_argument("--populations", type=int, nargs="+", default=[16, 64], help="EGGROLL populations (each <= budget)")
+    parser.add_argument(
+        "--budget", type=int, default=128, help="forward passes per method (ES epochs = budget // population)"
+    )
+    parser.add_argument(
+        "--populations", type=int, nargs="+", default=[16, 64], help="EGGROLL populations (each <= budget)"
+    )
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--es-lr", type=float, default=1.0)
     parser.add_argument("--sigma", type=float, default=0.5, help="relative sigma of EGGROLL")
@@ -121,8 +131,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if max(args.populations) > args.budget:
-        parser.error(f"population {max(args.populations)} needs --budget >= {max(args.populations)} "
-                     "(one epoch costs one forward pass per member)")
+        parser.error(
+            f"population {max(args.populations)} needs --budget >= {max(args.populations)} "
+            "(one epoch costs one forward pass per member)"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
@@ -143,21 +155,35 @@ def main() -> int:
         train_final = float(answer_logprob_objective(model, processor, train, cfg).detach())
         results.append({"method": method, **out, "train_final": train_final, "seconds": time.perf_counter() - start})
         cos = out.get("gradient_cosine")
-        print(json.dumps({"method": method, "held_out": [round(v, 4) for _, v in out["curve"]], "train_final": round(train_final, 4),
-                          "gradient_cosine": [round(c, 4) for c in cos] if cos else None, "seconds": round(results[-1]["seconds"], 1)}),
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    "method": method,
+                    "held_out": [round(v, 4) for _, v in out["curve"]],
+                    "train_final": round(train_final, 4),
+                    "gradient_cosine": [round(c, 4) for c in cos] if cos else None,
+                    "seconds": round(results[-1]["seconds"], 1),
+                }
+            ),
+            flush=True,
+        )
     plot(results, Path(args.out), args.budget)
     base = results[0]["curve"][0][1]
     print(f"\nbudget {args.budget} forward passes; held-out answer log-prob of the base model {base:.4f}\n")
-    print("| method | updates | held-out log-prob (final) | change | train objective (final) | mean gradient cosine | seconds |")
+    print(
+        "| method | updates | held-out log-prob (final) | change | train objective (final) | mean gradient cosine | "
+        "seconds |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results:
         cos = r.get("gradient_cosine")
         updates = len(cos) if cos is not None else r["curve"][-1][0]
         mean_cos = f"{sum(cos) / len(cos):.4f}" if cos else "-"
         final = r["curve"][-1][1]
-        print(f"| {r['method']} | {updates} | {final:.4f} | {final - base:+.4f} | {r['train_final']:.4f} | {mean_cos} | "
-              f"{r['seconds']:.0f} |")
+        print(
+            f"| {r['method']} | {updates} | {final:.4f} | {final - base:+.4f} | {r['train_final']:.4f} | {mean_cos} | "
+            f"{r['seconds']:.0f} |"
+        )
     write_results("es_vs_backprop", results, quick=False)
     print(f"wrote {args.out}")
     return 0

@@ -8,12 +8,17 @@ from pathlib import Path
 import nbformat
 
 CELLS = [
-    ("md", """# Inspecting the JAX -> PyTorch bridge
+    (
+        "md",
+        """# Inspecting the JAX -> PyTorch bridge
 
 EGGROLL draws each member's low-rank factors in JAX and hands them to PyTorch through DLPack.
 This notebook converts real factors of a Qwen2.5-VL-7B-shaped weight in both directions and shows,
-for each conversion, the dtype, shape, device, data pointers and whether the buffer was shared."""),
-    ("code", """import warnings
+for each conversion, the dtype, shape, device, data pointers and whether the buffer was shared.""",
+    ),
+    (
+        "code",
+        """import warnings
 import ERO_EGGROLL  # first: JAX then allocates GPU memory on demand instead of taking 75% of it
 import jax, jax.numpy as jnp, numpy as np, torch
 import hyperscalees as hs
@@ -24,42 +29,60 @@ shape, rank, sigma = (3584, 3584), 2, 0.01
 k_w = hs.param_key(hs.make_key(0), 0)
 a_scaled, b = hs.lowrank_factors(k_w, shape, epoch=0, member=1, rank=rank, sigma=sigma)
 print(inspect_conversion(a_scaled))
-print(inspect_conversion(b))"""),
+print(inspect_conversion(b))""",
+    ),
     ("md", "## bf16 factors (how the GPU model consumes them)"),
-    ("code", """a_bf16 = a_scaled.astype(jnp.bfloat16)
+    (
+        "code",
+        """a_bf16 = a_scaled.astype(jnp.bfloat16)
 report = inspect_conversion(a_bf16)
 print(report)
-assert report.zero_copy and report.dtype_out == 'bfloat16'"""),
+assert report.zero_copy and report.dtype_out == 'bfloat16'""",
+    ),
     ("md", "## The member's delta, computed in torch from the shared buffers, equals JAX's"),
-    ("code", """x = torch.randn(4, shape[1])
+    (
+        "code",
+        """x = torch.randn(4, shape[1])
 delta_torch = (x @ jax_to_torch(b)) @ jax_to_torch(a_scaled).T
 delta_jax = (jnp.asarray(x.numpy()) @ b) @ a_scaled.T
-print('max |torch - jax| =', float(np.abs(delta_torch.numpy() - np.asarray(delta_jax)).max()))"""),
+print('max |torch - jax| =', float(np.abs(delta_torch.numpy() - np.asarray(delta_jax)).max()))""",
+    ),
     ("md", "## torch -> JAX: zero-copy when aligned, an announced copy when not"),
-    ("code", """weight = torch.randn(512, 3584, dtype=torch.bfloat16)
+    (
+        "code",
+        """weight = torch.randn(512, 3584, dtype=torch.bfloat16)
 print(inspect_conversion(weight))
 unaligned = torch.arange(1025, dtype=torch.float32)[1:]
 print(inspect_conversion(unaligned))
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
     torch_to_jax(unaligned)
-print('warning:', caught[0].message)"""),
-    ("md", """## Why the views are read-only
+print('warning:', caught[0].message)""",
+    ),
+    (
+        "md",
+        """## Why the views are read-only
 
 A torch view of a JAX array aliases JAX's buffer. Writing into it changes the JAX array behind
-JAX's back (JAX assumes immutability), which is why the bridge never writes through a view."""),
-    ("code", """scratch = jnp.zeros(4)
+JAX's back (JAX assumes immutability), which is why the bridge never writes through a view.""",
+    ),
+    (
+        "code",
+        """scratch = jnp.zeros(4)
 view = jax_to_torch(scratch)
 print('shares memory:', shares_memory(scratch, view))
 safe = view.clone(); safe += 1   # the right way: clone first
-print('JAX array untouched:', np.asarray(scratch))"""),
+print('JAX array untouched:', np.asarray(scratch))""",
+    ),
 ]
 
 
 def build() -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src) for kind, src in CELLS]
+    nb.cells = [
+        nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src) for kind, src in CELLS
+    ]
     return nb
 
 

@@ -36,12 +36,22 @@ VARIANTS = [("forward", 1), ("forward", 4), ("forward", 8), ("inplace", 1)]
 
 
 def fitness_of(model, processor, population: int, epoch: int, strategy: str, k: int) -> list[float]:
-    cfg = load_config(ROOT / "configs" / "smoke.yaml", [*[s for s in SMALL if not s.startswith("evolution.epochs")],
-                                                        f"evolution.population_size={population}", f"evolution.strategy={strategy}"])
+    cfg = load_config(
+        ROOT / "configs" / "smoke.yaml",
+        [
+            *[s for s in SMALL if not s.startswith("evolution.epochs")],
+            f"evolution.population_size={population}",
+            f"evolution.strategy={strategy}",
+        ],
+    )
     prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "fitness"), processor, cfg)
     perturber = run_perturber(model, cfg)
     try:
-        return [f for ids in member_batches(population, k) for f in evaluate_batch(perturber, model, processor, prepared, cfg, epoch, ids)]
+        return [
+            f
+            for ids in member_batches(population, k)
+            for f in evaluate_batch(perturber, model, processor, prepared, cfg, epoch, ids)
+        ]
     finally:
         perturber.remove_hooks()
 
@@ -49,7 +59,9 @@ def fitness_of(model, processor, population: int, epoch: int, strategy: str, k: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--population", type=int, default=8)
-    parser.add_argument("--epochs", type=int, nargs="+", default=[0, 1, 2], help="which epochs' noise to evaluate (base weights)")
+    parser.add_argument(
+        "--epochs", type=int, nargs="+", default=[0, 1, 2], help="which epochs' noise to evaluate (base weights)"
+    )
     args = parser.parse_args()
     model, processor = load_model_from_dir(ROOT / "checkpoints" / "tiny-qwen2.5-vl")
     rows = []
@@ -60,13 +72,23 @@ def main() -> None:
             for strategy, k in VARIANTS[1:]:
                 other = fitness_of(model, processor, args.population, epoch, strategy, k)
                 differ = sum(a != b for a, b in zip(reference, other))
-                rows.append({"dtype": dtype, "epoch": epoch, "variant": f"{strategy} K={k}", "members": args.population,
-                             "fitness differs": differ, "max |difference|": max(abs(a - b) for a, b in zip(reference, other))})
+                rows.append(
+                    {
+                        "dtype": dtype,
+                        "epoch": epoch,
+                        "variant": f"{strategy} K={k}",
+                        "members": args.population,
+                        "fitness differs": differ,
+                        "max |difference|": max(abs(a - b) for a, b in zip(reference, other)),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     for dtype in ("float32", "bfloat16"):
         mine = [r for r in rows if r["dtype"] == dtype]
-        print(f"{dtype}: {sum(r['fitness differs'] for r in mine)} of {sum(r['members'] for r in mine)} member evaluations differ "
-              "from forward K=1")
+        print(
+            f"{dtype}: {sum(r['fitness differs'] for r in mine)} of {sum(r['members'] for r in mine)} member "
+            "evaluations differ from forward K=1"
+        )
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
 Each case is the tests' small run (tests/conftest.py SMALL) plus a few settings that walk a different
 path of the code (optimizer, strategy, clip, bf16 rounding, batched members, per-task mode with the
 degeneration guard). What is recorded: every metrics row without its timings, and the per-tensor
-digest of the final checkpoint's weights (from its tensors, or from the run record of a replay-mode run). The numbers hold for one build of the embedded tiny model
-(its base-weight digest is recorded too): a rebuild on another machine rounds differently.
+digest of the final checkpoint's weights (from its tensors, or from the run record of a replay-mode run).
+The numbers hold for one build of the embedded tiny model (its base-weight digest is recorded too):
+a rebuild on another machine rounds differently.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import run_args  # noqa: E402  (the tests' own command line for a small run)
 
 from ERO_EGGROLL.config import ROOT as REPO  # noqa: E402
-from ERO_EGGROLL.config import load_config
+from ERO_EGGROLL.config import load_config  # noqa: E402
 from ERO_EGGROLL.core.digest import tensor_digest  # noqa: E402
 from ERO_EGGROLL.storage.checkpoints import load_checkpoint  # noqa: E402
 from ERO_EGGROLL.storage.identity import base_weights_digest  # noqa: E402
@@ -34,10 +35,24 @@ from ERO_EGGROLL.storage.metrics import TIMING_FIELDS  # noqa: E402
 
 CASES: dict[str, list[str]] = {
     "reference": [],  # exactly the suite's shared `reference` run
-    "adam_inplace_clipped": ["evolution.optimizer=adam", "evolution.strategy=inplace", "evolution.max_update_norm=0.001"],
-    "bf16_rounding_batched": ["model.dtype=bfloat16", "evolution.stochastic_rounding=true", "evaluation.members_per_batch=2"],
-    "per_task_guard": ["evolution.mode=per_task", "data.task_ids=[b1fc8b8e,e6de6e8f]", "evolution.epochs=3",
-                       "run.degeneration_patience=1", "evolution.optimizer=adamw", "evolution.weight_decay=0.1"],
+    "adam_inplace_clipped": [
+        "evolution.optimizer=adam",
+        "evolution.strategy=inplace",
+        "evolution.max_update_norm=0.001",
+    ],
+    "bf16_rounding_batched": [
+        "model.dtype=bfloat16",
+        "evolution.stochastic_rounding=true",
+        "evaluation.members_per_batch=2",
+    ],
+    "per_task_guard": [
+        "evolution.mode=per_task",
+        "data.task_ids=[b1fc8b8e,e6de6e8f]",
+        "evolution.epochs=3",
+        "run.degeneration_patience=1",
+        "evolution.optimizer=adamw",
+        "evolution.weight_decay=0.1",
+    ],
 }
 
 
@@ -54,8 +69,10 @@ def outcome(tmp: Path, name: str) -> dict:
         results = tmp / "results" / label
         rows = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
         weights, _, state = load_checkpoint(folder)
-        result[label] = {"metrics": [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows],
-                         "weights": {n: tensor_digest(t) for n, t in sorted(weights.items())} if weights else state.tensor_digests}
+        result[label] = {
+            "metrics": [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows],
+            "weights": {n: tensor_digest(t) for n, t in sorted(weights.items())} if weights else state.tensor_digests,
+        }
     return result
 
 
@@ -85,8 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--record", type=Path, help="write the outcomes to this JSON file")
     mode.add_argument("--check", type=Path, help="compare the outcomes with this JSON file")
     parser.add_argument("--case", action="append", choices=sorted(CASES), help="only these cases (default: all)")
-    parser.add_argument("--write-current", type=Path, help="with --check: also write today's outcomes here (to re-record "
-                        "after a change that adds metrics on purpose, once the check shows only 'unexpected' new fields)")
+    parser.add_argument(
+        "--write-current",
+        type=Path,
+        help="with --check: also write today's outcomes here (to re-record "
+        "after a change that adds metrics on purpose, once the check shows only 'unexpected' new fields)",
+    )
     args = parser.parse_args(argv)
     base = base_weights_digest(load_config(REPO / "configs" / "smoke.yaml"))
     cases = args.case or list(CASES)
@@ -99,11 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     saved = json.loads(args.check.read_text())
     if saved["base_weights"] != base:
-        print(f"the tiny model here (base weights {base}) is not the recorded build ({saved['base_weights']}); re-record")
+        print(
+            f"the tiny model here (base weights {base}) is not the recorded build ({saved['base_weights']}); re-record"
+        )
         return 2
     found = differences({n: saved["cases"][n] for n in cases}, current)
     if args.write_current:
-        args.write_current.write_text(json.dumps({"base_weights": base, "cases": current}, indent=1, sort_keys=True) + "\n")
+        args.write_current.write_text(
+            json.dumps({"base_weights": base, "cases": current}, indent=1, sort_keys=True) + "\n"
+        )
     print("\n".join(found[:40]) if found else f"{len(cases)} case(s) identical to {args.check}")
     return 1 if found else 0
 

@@ -26,9 +26,18 @@ from ERO_EGGROLL.config import load_config  # noqa: E402
 def check_outputs(run_dir: Path, ckpt_dir: Path, population: int) -> list[str]:
     """Problems found in a finished run's outputs (empty when all is well)."""
     problems = []
-    for path in [run_dir / "config.yaml", run_dir / "metrics.jsonl", run_dir / "member_fitness.csv", run_dir / "fitness_curve.png",
-                 run_dir / "final_table.md", run_dir / "final_table.csv", ckpt_dir / "LATEST", ckpt_dir / "epoch_0000" / "state.json",
-                 ckpt_dir / "best_model" / "config.json", ckpt_dir / "best_model" / "model.safetensors"]:
+    for path in [
+        run_dir / "config.yaml",
+        run_dir / "metrics.jsonl",
+        run_dir / "member_fitness.csv",
+        run_dir / "fitness_curve.png",
+        run_dir / "final_table.md",
+        run_dir / "final_table.csv",
+        ckpt_dir / "LATEST",
+        ckpt_dir / "epoch_0000" / "state.json",
+        ckpt_dir / "best_model" / "config.json",
+        ckpt_dir / "best_model" / "model.safetensors",
+    ]:
         if not path.is_file() or path.stat().st_size == 0:
             problems.append(f"missing or empty: {path}")
     if (run_dir / "metrics.jsonl").is_file():

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ERO_EGGROLL.config import ROOT, Config, load_config
 
@@ -27,6 +28,15 @@ def tiny(tiny_model_dir):
     from ERO_EGGROLL.model.loading import load_model_from_dir
 
     return load_model_from_dir(tiny_model_dir)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small nets run fastest on one thread; the suite's own thread count comes back after the test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -50,16 +60,26 @@ SMALL = ["data.task_ids=[b1fc8b8e]", "evaluation.max_new_tokens_cap=48", "evolut
 
 def run_args(tmp: Path, name: str, *overrides: str) -> list[str]:
     """The training script's command line for a small run named `name` under `tmp`."""
-    sets = [*SMALL, f"run.name={name}", f"run.output_dir={tmp / 'results'}", f"run.checkpoint_dir={tmp / 'checkpoints'}", *overrides]
+    sets = [
+        *SMALL,
+        f"run.name={name}",
+        f"run.output_dir={tmp / 'results'}",
+        f"run.checkpoint_dir={tmp / 'checkpoints'}",
+        *overrides,
+    ]
     script = ROOT / "ERO_EGGROLL" / "arc_evolution_single_gpu.py"
-    return [sys.executable, str(script), "--config", str(ROOT / "configs" / "smoke.yaml")] + [a for s in sets for a in ("--set", s)]
+    return [sys.executable, str(script), "--config", str(ROOT / "configs" / "smoke.yaml")] + [
+        a for s in sets for a in ("--set", s)
+    ]
 
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, tiny_model_dir) -> Path:
-    """One finished 2-epoch run (results/reference, checkpoints/reference under the returned folder), shared by the suite.
+    """One finished 2-epoch run (results/reference, checkpoints/reference under the returned folder),
+    shared by the suite.
 
-    Tests that change a run work on a copy of it. What the run printed is kept in `reference.stdout` / `.stderr` there."""
+    Tests that change a run work on a copy of it. What the run printed is kept in `reference.stdout` /
+    `.stderr` there."""
     tmp = tmp_path_factory.mktemp("runs")
     done = subprocess.run(run_args(tmp, "reference"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -23,24 +23,39 @@ def test_7b_config_matches_the_issue():
     evo = cfg.evolution
     assert (evo.epochs, evo.population_size, evo.sigma, evo.rank) == (12, 32, 0.01, 2)
     # ERO's protocol: its metric, its token budget, two demonstration pairs; greedy decoding without a penalty
-    assert (cfg.evaluation.fitness, cfg.evaluation.max_new_tokens_rule, cfg.data.max_train_examples) == ("char_similarity", "ero", 2)
+    assert (cfg.evaluation.fitness, cfg.evaluation.max_new_tokens_rule, cfg.data.max_train_examples) == (
+        "char_similarity",
+        "ero",
+        2,
+    )
     assert not cfg.evaluation.decoding.do_sample and cfg.evaluation.decoding.repetition_penalty == 1.0
 
 
 def test_every_fitness_metric_is_selectable_and_only_those():
-    assert set(typing.get_args(typing.get_type_hints(EvaluationConfig)["fitness"])) == set(METRICS) | {LIKELIHOOD_FITNESS}
-    assert load_config(ROOT / "configs" / "smoke.yaml", ["evaluation.fitness=grid_char_similarity"]).evaluation.fitness == "grid_char_similarity"
+    assert set(typing.get_args(typing.get_type_hints(EvaluationConfig)["fitness"])) == set(METRICS) | {
+        LIKELIHOOD_FITNESS
+    }
+    assert (
+        load_config(ROOT / "configs" / "smoke.yaml", ["evaluation.fitness=grid_char_similarity"]).evaluation.fitness
+        == "grid_char_similarity"
+    )
 
 
 def test_overrides_are_typed(tmp_path):
-    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["evolution.population_size=8", "data.task_ids=[b1fc8b8e]", "evolution.sigma=0.25"])
+    cfg = load_config(
+        ROOT / "configs" / "smoke.yaml",
+        ["evolution.population_size=8", "data.task_ids=[b1fc8b8e]", "evolution.sigma=0.25"],
+    )
     assert cfg.evolution.population_size == 8 and cfg.data.task_ids == ["b1fc8b8e"] and cfg.evolution.sigma == 0.25
 
 
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("evolution:\n  population_sise: 8\n", r"evolution: unknown key 'population_sise'; did you mean 'population_size'\?"),
+        (
+            "evolution:\n  population_sise: 8\n",
+            r"evolution: unknown key 'population_sise'; did you mean 'population_size'\?",
+        ),
         ("evolutoin: {}\n", r"top level: unknown key 'evolutoin'; did you mean 'evolution'\?"),
         ("evolution:\n  rank: two\n", r"evolution.rank: expected int, got str 'two'"),
         ("evolution:\n  population_size: 7\n", r"population_size must be even"),
@@ -49,23 +64,47 @@ def test_overrides_are_typed(tmp_path):
         ("evolution:\n  population_size: 8\n  group_size: 3\n", r"group_size 3 must be 0 or divide"),
         ("data:\n  input_mode: txt\n", r"'txt' is not one of .*did you mean 'text'"),
         ("evaluation:\n  max_new_tokens_cap: 0\n", r"max_new_tokens_cap must be >= 1"),
-        ("evaluation:\n  max_new_tokens_rule: eros\n", r"'eros' is not one of 'target_tokens' \| 'ero' \| 'demonstrations'; did you mean 'ero'\?"),
-        ("evaluation:\n  max_new_tokens_rule: ero\n  max_new_tokens_factor: 3.0\n", r"max_new_tokens_factor applies to .*'target_tokens' and 'demonstrations' only"),
+        (
+            "evaluation:\n  max_new_tokens_rule: eros\n",
+            r"'eros' is not one of 'target_tokens' \| 'ero' \| 'demonstrations'; did you mean 'ero'\?",
+        ),
+        (
+            "evaluation:\n  max_new_tokens_rule: ero\n  max_new_tokens_factor: 3.0\n",
+            r"max_new_tokens_factor applies to .*'target_tokens' and 'demonstrations' only",
+        ),
         ("evaluation:\n  fitness: grid_char_similarty\n", r"did you mean 'grid_char_similarity'\?"),
-        ("evaluation:\n  decoding:\n    preset: er\n", r"evaluation.decoding.preset: 'er' is not one of .*did you mean 'ero'\?"),
-        ("evaluation:\n  decoding:\n    preset: ero\n    repetition_penalty: 1.05\n", r"preset 'ero' reads .*remove the values"),
-        ("evaluation:\n  decoding:\n    do_sample: true\n  members_per_batch: 2\n", r"members_per_batch > 1 needs greedy decoding"),
+        (
+            "evaluation:\n  decoding:\n    preset: er\n",
+            r"evaluation.decoding.preset: 'er' is not one of .*did you mean 'ero'\?",
+        ),
+        (
+            "evaluation:\n  decoding:\n    preset: ero\n    repetition_penalty: 1.05\n",
+            r"preset 'ero' reads .*remove the values",
+        ),
+        (
+            "evaluation:\n  decoding:\n    do_sample: true\n  members_per_batch: 2\n",
+            r"members_per_batch > 1 needs greedy decoding",
+        ),
         ("evaluation:\n  decoding:\n    temperature: 0\n", r"temperature > 0"),
         ("evaluation:\n  greedy: true\n", r"unknown key 'greedy'"),
-        ("data:\n  fitness_source: train_loo\n", r"'train_loo' reports held-out .*'target_tokens' sizes .* use max_new_tokens_rule: demonstrations"),
-        ("evolution:\n  log_gradient_cosine: true\n", r"log_gradient_cosine needs evaluation.fitness: answer_logprob .*got 'char_similarity'"),
+        (
+            "data:\n  fitness_source: train_loo\n",
+            r"'train_loo' reports held-out .*'target_tokens' sizes .* use max_new_tokens_rule: demonstrations",
+        ),
+        (
+            "evolution:\n  log_gradient_cosine: true\n",
+            r"log_gradient_cosine needs evaluation.fitness: answer_logprob .*got 'char_similarity'",
+        ),
         ("evaluation:\n  fitness: answer_logprb\n", r"did you mean 'answer_logprob'\?"),
         ("data:\n  task_ids: []\n", r"task_ids is empty"),
         ("data:\n  source: /no/such/dir\n", r"no such directory"),
         ("evolution: [\n", r"malformed YAML at line 2"),
         ("- just\n- a list\n", r"top level must be a mapping"),
         ("evolution:\n  sigma: .inf\n", r"evolution.sigma must be a finite number, got inf"),
-        ("evaluation:\n  max_new_tokens_factor: .nan\n", r"evaluation.max_new_tokens_factor must be a finite number, got nan"),
+        (
+            "evaluation:\n  max_new_tokens_factor: .nan\n",
+            r"evaluation.max_new_tokens_factor must be a finite number, got nan",
+        ),
         ("run:\n  target_fitness: -.inf\n", r"run.target_fitness must be a finite number, got -inf"),
         ("seed: 99999999999999999999\n", r"seed must be in 0..2\*\*32-1"),
         ("seed: 1e3\n", r"seed: expected int, got float 1000.0"),
@@ -94,15 +133,25 @@ def test_bad_override_syntax():
 
 
 def test_cli_prints_resolved_config_and_fails_cleanly(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.config", "--config", str(ROOT / "configs/smoke.yaml")], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "ERO_EGGROLL.config", "--config", str(ROOT / "configs/smoke.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and "population_size: 4" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.config", "--config", str(write_config(tmp_path, "seed: x\n"))], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "ERO_EGGROLL.config", "--config", str(write_config(tmp_path, "seed: x\n"))],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "seed: expected int" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_scientific_notation_is_a_number(tmp_path):
     """YAML 1.1 reads 1e-3 as the string '1e-3'; a config means the number."""
-    cfg = load_config(write_config(tmp_path, "evolution:\n  lr: 1e-3\n  sigma: 5E-2\n"), ["evolution.max_update_norm=2e+1"])
+    cfg = load_config(
+        write_config(tmp_path, "evolution:\n  lr: 1e-3\n  sigma: 5E-2\n"), ["evolution.max_update_norm=2e+1"]
+    )
     assert (cfg.evolution.lr, cfg.evolution.sigma, cfg.evolution.max_update_norm) == (0.001, 0.05, 20.0)
     assert load_config(write_config(tmp_path, "run:\n  name: 1e5x\n")).run.name == "1e5x"  # not every e is a number
 

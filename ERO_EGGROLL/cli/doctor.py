@@ -1,6 +1,9 @@
 """Check the environment before a long run, and say what is wrong in plain words.
 
-    python -m ERO_EGGROLL.doctor [--config configs/default.yaml] [--set section.key=value ...]
+    python -m ERO_EGGROLL.doctor [--config configs/default.yaml] [--set section.key=value ...] [--rehearse]
+
+`--rehearse` then runs the config's work once on this device (cli/rehearse.py): measured peaks beside the
+memory model's, seconds per member and update, the projected run time and a verdict.
 """
 
 from __future__ import annotations
@@ -8,9 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import platform
-from typing import Callable, Sequence
+import sys
+from collections.abc import Callable, Sequence
 
+from ERO_EGGROLL.cli.rehearse import rehearse
 from ERO_EGGROLL.config import ROOT, Config, load_config
+from ERO_EGGROLL.core.errors import EggrollError
 
 
 def _versions() -> str:
@@ -28,7 +34,11 @@ def _devices() -> str:
     import jax
     import torch
 
-    cuda = f"cuda x{torch.cuda.device_count()} ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "no CUDA"
+    cuda = (
+        f"cuda x{torch.cuda.device_count()} ({torch.cuda.get_device_name(0)})"
+        if torch.cuda.is_available()
+        else "no CUDA"
+    )
     return f"torch: cpu, {cuda}; jax: {', '.join(str(d) for d in jax.devices())}"
 
 
@@ -57,7 +67,8 @@ def _data(cfg: Config) -> str:
     from ERO_EGGROLL.arc.tasks import load_tasks
 
     tasks = load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)
-    return f"{len(tasks)} task(s) from {cfg.data.source} ({cfg.data.split}): {', '.join(t.id for t in tasks[:5])}{' ...' if len(tasks) > 5 else ''}"
+    shown = ", ".join(t.id for t in tasks[:5]) + (" ..." if len(tasks) > 5 else "")
+    return f"{len(tasks)} task(s) from {cfg.data.source} ({cfg.data.split}): {shown}"
 
 
 def _jax() -> str:
@@ -71,7 +82,8 @@ def _jax() -> str:
     for device in jax.devices():
         stats = device.memory_stats() if device.platform == "gpu" else None
         if stats:
-            line += f"; {device} holds {stats.get('bytes_in_use', 0) / 2**20:.0f} MiB (reserved {stats.get('bytes_reserved', 0) / 2**20:.0f} MiB)"
+            in_use, reserved = stats.get("bytes_in_use", 0) / 2**20, stats.get("bytes_reserved", 0) / 2**20
+            line += f"; {device} holds {in_use:.0f} MiB (reserved {reserved:.0f} MiB)"
     if setting.lower() not in ("false", "0") and jax.default_backend() == "gpu":
         raise RuntimeError(line + ": JAX will pre-allocate 75% of the GPU; unset the variable or set it to false")
     return line
@@ -93,7 +105,12 @@ def _memory(cfg: Config) -> str:
 
 
 def run_checks(cfg: Config | None) -> list[tuple[str, bool, str]]:
-    checks: list[tuple[str, Callable[[], str]]] = [("versions", _versions), ("devices", _devices), ("JAX", _jax), ("DLPack", _dlpack)]
+    checks: list[tuple[str, Callable[[], str]]] = [
+        ("versions", _versions),
+        ("devices", _devices),
+        ("JAX", _jax),
+        ("DLPack", _dlpack),
+    ]
     if cfg is not None:
         checks += [("model", lambda: _model(cfg)), ("ARC data", lambda: _data(cfg)), ("memory", lambda: _memory(cfg))]
     results = []
@@ -108,7 +125,14 @@ def run_checks(cfg: Config | None) -> list[tuple[str, bool, str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check the environment and a config before a run.")
     parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value"
+    )
+    parser.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="after the checks, evaluate one batch of members and one update on this device, measured and projected",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
@@ -118,7 +142,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run_checks(cfg)
     for name, ok, message in results:
         print(f"[{'ok' if ok else 'FAIL'}] {name}: {message}")
-    return 0 if all(ok for _, ok, _ in results) and cfg is not None else 1
+    healthy = all(ok for _, ok, _ in results) and cfg is not None
+    if not args.rehearse:
+        return 0 if healthy else 1
+    if not healthy or cfg is None:
+        print("rehearsal skipped: fix the failed checks first")
+        return 1
+    try:
+        result = rehearse(cfg)
+    except EggrollError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result.report())
+    return 0 if result.verdict()[0] else 1
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ standard exported folder, made on demand from the base model and the run record.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
+from ERO_EGGROLL.arc.tasks import ERO_TASK_IDS
 from ERO_EGGROLL.config import config_from_dict
 from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.core.perturber import Perturber
@@ -27,10 +28,13 @@ from ERO_EGGROLL.model.qwen import classify_model, run_perturber
 from ERO_EGGROLL.run.record import ReplayedBest, check_sigma, rebuild
 from ERO_EGGROLL.storage.checkpoints import EPOCH_DIR, RunState, load_checkpoint
 from ERO_EGGROLL.storage.identity import base_weights_digest, check_identity, identity_of
+from ERO_EGGROLL.storage.model_card import model_card
 from ERO_EGGROLL.storage.record_check import check_record
 
 
-def replay_weights(perturber: Perturber, state: RunState, base_dir: Path, upto: int, patience: int) -> dict[str, torch.Tensor]:
+def replay_weights(
+    perturber: Perturber, state: RunState, base_dir: Path, upto: int, patience: int
+) -> dict[str, torch.Tensor]:
     """Set the weights to those after epoch `upto`, replayed from the base weights through the training's own epoch step
     (run/record.rebuild; never from a snapshot, so that --check proves the replay); return the evolvable tensors.
 
@@ -40,14 +44,11 @@ def replay_weights(perturber: Perturber, state: RunState, base_dir: Path, upto: 
     return {k: v.detach().clone() for k, v in perturber.evolvable_state().items()}
 
 
-def replay_card(cfg, state: RunState, run: str) -> str:
-    """The model card of an export made by replay: what the weights are and how to make them again."""
-    row = state.history[state.best_epoch]
-    return "\n".join([f"# {cfg.run.name}: Qwen2.5-VL evolved with EGGROLL on ARC-1", "",
-                      f"Base model: `{cfg.model.path}` with the weights of epoch {state.best_epoch} of {state.epoch} (the best mean "
-                      f"model: fitness {row['mean_model_fitness']:.4f}, test score {row['mean_model_test_score']:.4f}), rebuilt from "
-                      "the run record by replay and checked against its digest.", "", "```bash",
-                      f"python -m ERO_EGGROLL.replay {run} --export <dir>", "```", ""])
+def card_task_ids(task_ids: str | list[str]) -> list[str]:
+    """The run's tasks as its config names them (no data is read): a list, ERO's 15, or [] for the whole split."""
+    if isinstance(task_ids, list):
+        return task_ids
+    return list(ERO_TASK_IDS) if task_ids == "ero" else []
 
 
 OUT_KIND = "replay tensors"  # in the safetensors metadata of --out: a later --out may replace the file
@@ -73,16 +74,22 @@ def save_out(tensors: dict[str, torch.Tensor], path: Path) -> None:
     staging = path.with_name(f".{path.name}.tmp")
     with writing(path, NOTHING_ELSE_CHANGED):
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, staging, metadata={"ero_eggroll_output": OUT_KIND})
+        save_file(
+            {k: v.cpu().contiguous() for k, v in tensors.items()}, staging, metadata={"ero_eggroll_output": OUT_KIND}
+        )
         staging.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Rebuild a run's evolved weights from base model + config + fitness history.")
+    parser = argparse.ArgumentParser(
+        description="Rebuild a run's evolved weights from base model + config + fitness history."
+    )
     parser.add_argument("checkpoint", help="a run's checkpoint folder (checkpoints/<run>) or an epoch_NNNN/ directory")
     parser.add_argument("--check", action="store_true", help="compare with the checkpoint's tensors bit for bit")
     parser.add_argument("--out", help="write the rebuilt tensors to this safetensors file")
-    parser.add_argument("--export", metavar="DIR", help="write the best epoch's model as the standard exported folder (export.py)")
+    parser.add_argument(
+        "--export", metavar="DIR", help="write the best epoch's model as the standard exported folder (export.py)"
+    )
     args = parser.parse_args(argv)
     try:
         saved, _, state = load_checkpoint(Path(args.checkpoint))
@@ -98,8 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, _ = load_model(cfg)
         param = next(model.parameters())
         # replay evaluates nothing, so the run's own members_per_batch stands
-        current = identity_of(cfg, classify_model(model, cfg), device_type=param.device.type, dtype=param.dtype,
-                              members_per_batch=state.identity.get("evaluation.members_per_batch", 1), base_weights=base_weights_digest(cfg))
+        current = identity_of(
+            cfg,
+            classify_model(model, cfg),
+            device_type=param.device.type,
+            dtype=param.dtype,
+            members_per_batch=state.identity.get("evaluation.members_per_batch", 1),
+            base_weights=base_weights_digest(cfg),
+        )
         check_identity(state.identity, current, args.checkpoint, "replay")
     except EggrollError as err:
         parser.exit(2, f"error: {err}\n")
@@ -110,8 +123,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         rebuilt = replay_weights(perturber, state, base_dir, state.epoch, cfg.run.degeneration_patience)
         if args.export:
             replay_weights(perturber, state, base_dir, state.best_epoch, cfg.run.degeneration_patience)
-            export_model(model, base_dir, Path(args.export), lambda report: replay_card(cfg, state, args.checkpoint),
-                         then=NOTHING_ELSE_CHANGED)
+            export_model(
+                model,
+                base_dir,
+                Path(args.export),
+                lambda report: model_card(
+                    cfg,
+                    card_task_ids(cfg.data.task_ids),
+                    state.history,
+                    state.best_epoch,
+                    None,
+                    Path(args.checkpoint),
+                    None,
+                    report,
+                ),
+                then=NOTHING_ELSE_CHANGED,
+            )
             print(f"exported epoch {state.best_epoch} (the best) to {args.export}")
         updates = sum(1 for r in state.history if r.get("fitness"))
         print(f"replayed {updates} update(s) of {cfg.run.name} from {len(rebuilt)} evolvable tensors")

@@ -2,7 +2,7 @@
 
     python ERO_EGGROLL/arc_evolution_single_gpu.py --config configs/default.yaml
     python ERO_EGGROLL/arc_evolution_single_gpu.py --resume checkpoints/default [--set evolution.epochs=12]
-    python ERO_EGGROLL/arc_evolution_single_gpu.py --resume checkpoints/default/epoch_0003   # go back to an earlier epoch
+    python ERO_EGGROLL/arc_evolution_single_gpu.py --resume checkpoints/default/epoch_0003   # back to an earlier epoch
 
 The loop, as in the paper (run/loop.py): for each epoch, for each member in turn: perturb, evaluate,
 restore; then one fused update; then evaluate the new mean model, log, checkpoint. This script reads the
@@ -59,9 +59,21 @@ def ensure_model(cfg: Config) -> None:
 
 
 def export_best_model(model, cfg: Config, task_ids: list[str], evolved: dict, ckpt_dir: Path, run_dir: Path) -> None:
-    """ckpt_dir/best_model: the base model's folder with the best weights and a model card (export.py), published atomically."""
-    card = lambda report: model_card(cfg, task_ids, evolved["history"], evolved["best_epoch"], evolved["best_result"], ckpt_dir,
-                                     run_dir / "fitness_curve.png", report)
+    """ckpt_dir/best_model: the base model's folder with the best weights and a model card (export.py), published
+    atomically."""
+
+    def card(report):
+        return model_card(
+            cfg,
+            task_ids,
+            evolved["history"],
+            evolved["best_epoch"],
+            evolved["best_result"],
+            ckpt_dir,
+            run_dir / "fitness_curve.png",
+            report,
+        )
+
     export_model(model, cfg.resolve_path(cfg.model.path), ckpt_dir / "best_model", card)
 
 
@@ -71,7 +83,9 @@ def run(cfg: Config, resume: Path | None, overwrite: bool, stop: StopFlag) -> Pa
     tasks = load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)
     questions_for(tasks, cfg, "fitness")  # a task that cannot give its questions (train_loo, one pair) is refused here
     ensure_model(cfg)
-    check_checkpoint_dir(cfg.resolve_path(cfg.model.path))  # a run needs the weights: say where to put them before predicting memory
+    check_checkpoint_dir(
+        cfg.resolve_path(cfg.model.path)
+    )  # a run needs the weights: say where to put them before predicting memory
     if cfg.run.memory_check:
         preflight(cfg, tasks)  # before any weights are loaded: a run that cannot fit is refused here
     with contextlib.ExitStack() as locks:  # both folders: another run may share the results folder only
@@ -88,8 +102,11 @@ def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: S
     model, processor = load_model(cfg)
     specs = classify_model(model, cfg)
     base_weights = base_weights_digest(cfg)
-    print(f"{cfg.run.name}: {len(tasks)} task(s), population {cfg.evolution.population_size}, rank {cfg.evolution.rank}, "
-          f"{cfg.evolution.epochs} epochs, {cfg.evolution.mode} mode, {cfg.data.input_mode} input, device {next(model.parameters()).device}")
+    print(
+        f"{cfg.run.name}: {len(tasks)} task(s), population {cfg.evolution.population_size}, rank {cfg.evolution.rank}, "
+        f"{cfg.evolution.epochs} epochs, {cfg.evolution.mode} mode, {cfg.data.input_mode} input, device "
+        f"{next(model.parameters()).device}"
+    )
 
     def resume_from(folder: Path) -> Path | None:  # an epoch_NNNN/ given to --resume, or the folder's newest checkpoint
         if resume is None:
@@ -106,39 +123,59 @@ def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: S
         answers, per_task = [], {}
         for i, task in enumerate(tasks):
             if i:  # each task starts from the base weights, read again from the model's files (no copy held in RAM)
-                assign_weights(model, base_evolvable(model, cfg.resolve_path(cfg.model.path), evolvable), "base weights")
-            out = evolve(cfg, model, processor, [task], run_dir / task.id, ckpt_dir / task.id, stop, resume_from(ckpt_dir / task.id),
-                         specs, base_weights)
+                assign_weights(
+                    model, base_evolvable(model, cfg.resolve_path(cfg.model.path), evolvable), "base weights"
+                )
+            out = evolve(
+                cfg,
+                model,
+                processor,
+                [task],
+                run_dir / task.id,
+                ckpt_dir / task.id,
+                stop,
+                resume_from(ckpt_dir / task.id),
+                specs,
+                base_weights,
+            )
             if cfg.run.export_best == "all":
                 export_best_model(model, cfg, [task.id], out, ckpt_dir / task.id, run_dir / task.id)
             result = out["best_result"]
-            summary(f"task {task.id}: best epoch {out['best_epoch']}, test score {result.fitness:.4f}, "
-                    f"cells {result.metric('cell_accuracy')[task.id]:.4f}, exact {result.metric('exact')[task.id]:.4f}")
+            summary(
+                f"task {task.id}: best epoch {out['best_epoch']}, test score {result.fitness:.4f}, "
+                f"cells {result.metric('cell_accuracy')[task.id]:.4f}, exact {result.metric('exact')[task.id]:.4f}"
+            )
             per_task.update(out["best_result"].per_task)
             answers += out["best_result"].answers
         best_result = EvalResult(per_task, answers)
     with writing(run_dir / "final_table.md"):
         csv_path, md_path = write_table(results_table([t.id for t in tasks], best_result), run_dir / "final_table")
     print(f"\nbest model per task ({md_path}):\n{md_path.read_text()}")
-    print(f"results: {run_dir}\ncheckpoints: {ckpt_dir} ({disk_bytes(ckpt_dir)} bytes on disk, best_model/ included; "
-          f"run.checkpoint: {cfg.run.checkpoint}); host RAM peak {measured_peak_rss_bytes() / 2**20:.0f} MiB")
+    print(
+        f"results: {run_dir}\ncheckpoints: {ckpt_dir} ({disk_bytes(ckpt_dir)} bytes on disk, best_model/ included; "
+        f"run.checkpoint: {cfg.run.checkpoint}); host RAM peak {measured_peak_rss_bytes() / 2**20:.0f} MiB"
+    )
     return run_dir
 
 
 def _saved_state(resume: Path) -> RunState:
-    """The state to read a resumed run's config from: that checkpoint, the run's newest, or (per_task) its first task's."""
+    """The state to read a resumed run's config from: that checkpoint, the run's newest, or (per_task) its first
+    task's."""
     if (resume / "state.json").is_file():
         return read_state(resume)
     if run_started(resume):
         return read_state(latest_dir(resume)[0])  # a damaged LATEST is reported (and rebuilt) by the resume itself
     tasks = sorted(p for p in resume.iterdir() if p.is_dir() and run_started(p)) if resume.is_dir() else []
     if not tasks:
-        raise CheckpointError(f"{resume} holds no checkpoint (no LATEST file, no epoch_NNNN/); give the run's checkpoints/<run> folder")
+        raise CheckpointError(
+            f"{resume} holds no checkpoint (no LATEST file, no epoch_NNNN/); give the run's checkpoints/<run> folder"
+        )
     return read_state(latest_dir(tasks[0])[0])
 
 
 def _run_folder_of(resume: Path, cfg: Config) -> Path:
-    """The run's checkpoint folder that --resume names: itself, or the run (or per_task task) folder of an epoch_NNNN/."""
+    """The run's checkpoint folder that --resume names: itself, or the run (or per_task task) folder of an
+    epoch_NNNN/."""
     if not EPOCH_DIR.fullmatch(resume.name):
         return resume
     return resume.parent if resume.parent.resolve() == cfg.checkpoint_path.resolve() else resume.parent.parent
@@ -147,11 +184,19 @@ def _run_folder_of(resume: Path, cfg: Config) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Evolve Qwen2.5-VL on ARC-1 with EGGROLL.")
     parser.add_argument("--config", help="YAML config (configs/default.yaml, smoke.yaml, qwen2_5_vl_7b.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-    parser.add_argument("--resume", metavar="CHECKPOINT_DIR",
-                        help="continue the run saved in checkpoints/<run>, or go back to one of its epoch_NNNN/ directories")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="a run with this name exists: move it aside (renamed, kept) and start afresh")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value"
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="CHECKPOINT_DIR",
+        help="continue the run saved in checkpoints/<run>, or go back to one of its epoch_NNNN/ directories",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="a run with this name exists: move it aside (renamed, kept) and start afresh",
+    )
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--overwrite starts afresh and --resume continues; give one of them")
@@ -169,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckpointError(f"--resume {resume} is not this config's checkpoint folder {cfg.checkpoint_path}")
         run(cfg, resume=resume, overwrite=args.overwrite, stop=stop)
     except RunInterrupted as signal_name:
-        print(f"\nstopped by {signal_name} after the last complete checkpoint; continue with:\n"
-              f"  python ERO_EGGROLL/arc_evolution_single_gpu.py --resume {cfg.checkpoint_path}", file=sys.stderr)
+        print(
+            f"\nstopped by {signal_name} after the last complete checkpoint; continue with:\n"
+            f"  python ERO_EGGROLL/arc_evolution_single_gpu.py --resume {cfg.checkpoint_path}",
+            file=sys.stderr,
+        )
         return 130
     except EggrollError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -21,6 +21,20 @@ from ERO_EGGROLL.config.schema import (
 )
 from ERO_EGGROLL.core.errors import ConfigError
 
-__all__ = ["EMBEDDED_MODEL_DIR", "ROOT", "Config", "ConfigError", "DataConfig", "DecodingConfig", "DistributedConfig",
-           "EvaluationConfig", "EvolutionConfig", "ModelConfig", "ParamsConfig", "RunConfig", "config_from_dict", "load_config",
-           "repo_path"]
+__all__ = [
+    "EMBEDDED_MODEL_DIR",
+    "ROOT",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DecodingConfig",
+    "DistributedConfig",
+    "EvaluationConfig",
+    "EvolutionConfig",
+    "ModelConfig",
+    "ParamsConfig",
+    "RunConfig",
+    "config_from_dict",
+    "load_config",
+    "repo_path",
+]

@@ -1,9 +1,10 @@
-"""python -m ERO_EGGROLL.config --config configs/default.yaml [--set evolution.population_size=8]: the resolved config."""
+"""python -m ERO_EGGROLL.config --config configs/default.yaml [--set evolution.population_size=8]: the resolved
+config."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 import yaml
 

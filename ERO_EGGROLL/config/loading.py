@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
@@ -27,13 +27,19 @@ class _StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 mark = key_node.start_mark
-                raise ConfigError(f"duplicate key {key!r} at line {mark.line + 1} (the later value would silently win); keep one")
+                raise ConfigError(
+                    f"duplicate key {key!r} at line {mark.line + 1} (the later value would silently win); keep one"
+                )
             seen.add(key)
         return super().construct_mapping(node, deep)
 
 
-_StrictLoader.add_implicit_resolver(  # YAML 1.2 floats: 1e-3, 1E+5, -2.5e3 (the 1.1 resolver needs a dot and a signed exponent)
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+# YAML 1.2 floats: 1e-3, 1E+5, -2.5e3 (the 1.1 resolver needs a dot and a signed exponent)
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def _yaml_load(text: str):
@@ -61,7 +67,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Read, override, type-check and validate a YAML config."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (configs/ holds default.yaml, smoke.yaml, qwen2_5_vl_7b.yaml)")
+        raise ConfigError(
+            f"config file {path} does not exist (configs/ holds default.yaml, smoke.yaml, qwen2_5_vl_7b.yaml)"
+        )
     try:
         data = _yaml_load(path.read_text(encoding="utf-8"))
     except ConfigError as err:
@@ -73,8 +81,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: malformed YAML{at}: {getattr(err, 'problem', err)}") from None
     if data is None:
-        raise ConfigError(f"{path}: the file is empty (or only comments); start from configs/default.yaml, "
-                          "which lists every section")
+        raise ConfigError(
+            f"{path}: the file is empty (or only comments); start from configs/default.yaml, which lists every section"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     return config_from_dict(data, str(path), overrides)

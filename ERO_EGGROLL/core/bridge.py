@@ -62,7 +62,9 @@ def jax_to_torch(x: jax.Array) -> torch.Tensor:
 def _is_compact(t: torch.Tensor) -> bool:
     """True when the strides are a permutation of a dense row-major layout (what DLPack import accepts)."""
     expected = 1
-    for size, stride in sorted(((size, stride) for size, stride in zip(t.shape, t.stride()) if size > 1), key=lambda d: d[1]):
+    for size, stride in sorted(
+        ((size, stride) for size, stride in zip(t.shape, t.stride()) if size > 1), key=lambda d: d[1]
+    ):
         if stride != expected:
             return False
         expected *= size
@@ -81,11 +83,14 @@ def torch_to_jax(t: torch.Tensor, *, strict: bool = False) -> jax.Array:
         raise TypeError(f"torch_to_jax expects a torch.Tensor, got {type(t).__name__}")
     t = t.detach()
     if t.device.type == "cuda" and not any(d.platform == "gpu" for d in jax.devices()):
-        raise ValueError(f"tensor is on {t.device} but JAX sees no GPU ({jax.devices()}); install jax[cuda] or move the tensor to the CPU")
+        raise ValueError(
+            f"tensor is on {t.device} but JAX sees no GPU ({jax.devices()}); install jax[cuda] or move the tensor to "
+            "the CPU"
+        )
     copied_reason = None
     if not _is_compact(t):
         copied_reason, t = f"strides {t.stride()} are not a dense layout", t.contiguous()
-    x = jax.dlpack.from_dlpack(t)
+    x: jax.Array = jax.dlpack.from_dlpack(t)
     expected = str(t.dtype).removeprefix("torch.")
     if str(x.dtype) != expected:
         raise TypeError(
@@ -102,17 +107,17 @@ def torch_to_jax(t: torch.Tensor, *, strict: bool = False) -> jax.Array:
     return x
 
 
-def _byte_range(x) -> tuple[int, int]:
+def _byte_range(x: torch.Tensor | jax.Array) -> tuple[int, int]:
     if isinstance(x, torch.Tensor):
         start = x.data_ptr()
-        return start, start + x.untyped_storage().nbytes() - x.storage_offset() * x.element_size()
+        return start, start + x.untyped_storage().nbytes() - int(x.storage_offset()) * x.element_size()
     if isinstance(x, jax.Array):
         start = _jax_pointer(x)
         return start, start + x.nbytes
     raise TypeError(f"expected a torch.Tensor or jax.Array, got {type(x).__name__}")
 
 
-def shares_memory(a, b) -> bool:
+def shares_memory(a: torch.Tensor | jax.Array, b: torch.Tensor | jax.Array) -> bool:
     """True when the buffers of `a` and `b` (torch or JAX, either order) overlap."""
     a_start, a_end = _byte_range(a)
     b_start, b_end = _byte_range(b)
@@ -136,28 +141,42 @@ class ConversionReport:
 
     def __str__(self) -> str:
         return (
-            f"{self.direction}: {self.dtype_in} -> {self.dtype_out} {self.shape} on {self.device_in} -> {self.device_out}, "
-            f"{self.nbytes:,} bytes, ptr {self.pointer_in:#x} -> {self.pointer_out:#x}, "
+            f"{self.direction}: {self.dtype_in} -> {self.dtype_out} {self.shape} on {self.device_in} -> "
+            f"{self.device_out}, {self.nbytes:,} bytes, ptr {self.pointer_in:#x} -> {self.pointer_out:#x}, "
             f"{'zero-copy' if self.zero_copy else 'COPIED'}"
         )
 
 
-def inspect_conversion(x) -> ConversionReport:
+def inspect_conversion(x: jax.Array | torch.Tensor) -> ConversionReport:
     """Convert `x` to the other framework and report dtype, shape, devices, pointers and whether it was zero-copy."""
     if isinstance(x, jax.Array):
-        out = jax_to_torch(x)
+        out_torch = jax_to_torch(x)
         return ConversionReport(
-            "jax->torch", str(x.dtype), str(out.dtype).removeprefix("torch."), tuple(x.shape),
-            str(next(iter(x.devices()))), str(out.device), _jax_pointer(x), out.data_ptr(), x.nbytes,
-            _jax_pointer(x) == out.data_ptr(),
+            "jax->torch",
+            str(x.dtype),
+            str(out_torch.dtype).removeprefix("torch."),
+            tuple(x.shape),
+            str(next(iter(x.devices()))),
+            str(out_torch.device),
+            _jax_pointer(x),
+            out_torch.data_ptr(),
+            x.nbytes,
+            _jax_pointer(x) == out_torch.data_ptr(),
         )
     if isinstance(x, torch.Tensor):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", BridgeCopyWarning)
             out = torch_to_jax(x)
         return ConversionReport(
-            "torch->jax", str(x.dtype).removeprefix("torch."), str(out.dtype), tuple(x.shape),
-            str(x.device), str(next(iter(out.devices()))), x.data_ptr(), _jax_pointer(out),
-            x.numel() * x.element_size(), x.data_ptr() == _jax_pointer(out),
+            "torch->jax",
+            str(x.dtype).removeprefix("torch."),
+            str(out.dtype),
+            tuple(x.shape),
+            str(x.device),
+            str(next(iter(out.devices()))),
+            x.data_ptr(),
+            _jax_pointer(out),
+            x.numel() * x.element_size(),
+            x.data_ptr() == _jax_pointer(out),
         )
     raise TypeError(f"inspect_conversion expects a torch.Tensor or jax.Array, got {type(x).__name__}")

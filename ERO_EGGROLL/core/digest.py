@@ -8,8 +8,8 @@ check) compares it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 

@@ -14,22 +14,33 @@ streamed update, so its state (best, counter, resets) is saved, resumed and repl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike, NDArray
 
 from ERO_EGGROLL.core.settings import EvolutionSettings
 
-ERO_FIELDS = ("elites", "elite_best", "best_elite_so_far", "degeneration_counter", "reset_to_base")  # what `select` reports
+ERO_FIELDS = (
+    "elites",
+    "elite_best",
+    "best_elite_so_far",
+    "degeneration_counter",
+    "reset_to_base",
+)  # what `select` reports
 
 
-def stop_score(search: str, row: dict) -> float:
-    """What run.target_fitness is compared with in an epoch's metrics row: ERO stops on its best model, the best elite so
+def stop_score(search: str, row: dict[str, Any]) -> float:
+    """What run.target_fitness is compared with in an epoch's metrics row: ERO stops on its best model, the best elite
+    so
     far (a member; none yet in the base model's row); EGGROLL on the mean model."""
-    return row.get("best_elite_so_far", -math.inf) if search == "ero" else row["mean_model_fitness"]
+    score: float = row.get("best_elite_so_far", -math.inf) if search == "ero" else row["mean_model_fitness"]
+    return score
 
 
-def round_robin_elites(fitness, elites: int, ties: str = "later") -> list[int]:
+def round_robin_elites(fitness: ArrayLike, elites: int, ties: str = "later") -> list[int]:
     """The best member of each group {i : i mod elites == g}, ranked by score (best first; equal scores by group).
 
     `ties`: 'later' keeps the later of two equal scores in a group (ERO), 'earlier' the first."""
@@ -44,7 +55,7 @@ def round_robin_elites(fitness, elites: int, ties: str = "later") -> list[int]:
     return sorted(kept, key=lambda i: (-f[i], i % elites))
 
 
-def elite_weights(elite_ids: list[int], population: int) -> np.ndarray:
+def elite_weights(elite_ids: list[int], population: int) -> NDArray[np.float32]:
     """Fitness-shaping weights whose ES update is the elites' average noise: sqrt(N)/E on each elite, 0 elsewhere."""
     w = np.zeros(population, dtype=np.float32)
     w[elite_ids] = np.float32(math.sqrt(population) / len(elite_ids))
@@ -59,7 +70,7 @@ class EroSelection:
 
     kind = "ero"
 
-    def __init__(self, evo: EvolutionSettings, reseed):
+    def __init__(self, evo: EvolutionSettings, reseed: Callable[[int], None]) -> None:
         """`reseed(resets)`: moves the noise plan to seed + resets x reseed_step (the plan belongs to the Perturber)."""
         self.evo, self.lr, self._reseed = evo, evo.lr, reseed
         self.step_count = 0
@@ -68,7 +79,7 @@ class EroSelection:
     def begin_step(self) -> None:
         self.step_count += 1
 
-    def select(self, raw_fitness) -> tuple[np.ndarray | None, dict]:
+    def select(self, raw_fitness: ArrayLike) -> tuple[NDArray[np.float32] | None, dict[str, Any]]:
         """The update weights of this epoch (None when ERO's rule resets the mean to the base) and what was decided."""
         evo = self.evo
         f = np.asarray(raw_fitness, dtype=np.float64)
@@ -84,21 +95,32 @@ class EroSelection:
         if reset:
             self.counter, self.resets = 0, self.resets + 1
             self._reseed(self.resets)
-        info = {"elites": ids, "elite_best": top, "best_elite_so_far": self.best, "degeneration_counter": self.counter,
-                "reset_to_base": reset}
+        info = {
+            "elites": ids,
+            "elite_best": top,
+            "best_elite_so_far": self.best,
+            "degeneration_counter": self.counter,
+            "reset_to_base": reset,
+        }
         return (None if reset else elite_weights(ids, f.size)), info
 
-    def change(self, name: str, direction: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def change(
+        self, name: str, direction: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.lr * direction if out is None else torch.mul(direction, self.lr, out=out)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"ero/best": torch.tensor([self.best], dtype=torch.float64),
-                "ero/counter_resets": torch.tensor([self.counter, self.resets], dtype=torch.int64)}
+        return {
+            "ero/best": torch.tensor([self.best], dtype=torch.float64),
+            "ero/counter_resets": torch.tensor([self.counter, self.resets], dtype=torch.int64),
+        }
 
     def load_state(self, step_count: int, tensors: dict[str, torch.Tensor]) -> None:
         """`tensors` as saved by state_tensors, or {} for a fresh start (epoch 0)."""
         self.step_count = step_count
         self.best = float(tensors["ero/best"][0]) if "ero/best" in tensors else -math.inf
         counter_resets = tensors.get("ero/counter_resets")
-        self.counter, self.resets = (int(counter_resets[0]), int(counter_resets[1])) if counter_resets is not None else (0, 0)
+        self.counter, self.resets = (
+            (int(counter_resets[0]), int(counter_resets[1])) if counter_resets is not None else (0, 0)
+        )
         self._reseed(self.resets)

@@ -36,7 +36,9 @@ class EsOptimizer:
     def begin_step(self) -> None:
         self.step_count += 1
 
-    def change(self, name: str, direction: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def change(
+        self, name: str, direction: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The fp32 change for one tensor at the current step (`direction` is the ascent direction).
 
         Written into `out` when given (a workspace reused tensor after tensor, so the update does not
@@ -83,7 +85,8 @@ class EsOptimizer:
         return out.copy_(v)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The live moments and velocities (updated in place by the next step): save them before calling `change` again."""
+        """The live moments and velocities (updated in place by the next step): save them before calling `change`
+        again."""
         out = {}
         for name, (m, v) in self.moments.items():
             out[f"adam_m/{name}"], out[f"adam_v/{name}"] = m.contiguous(), v.contiguous()
@@ -135,8 +138,12 @@ class Applied:
     sq_norm: float  # squared L2 norm of the change
 
 
-def apply_change(weight: torch.Tensor, change: torch.Tensor, rounding_generator: torch.Generator | None,
-                 mask: torch.Tensor | None = None) -> Applied:
+def apply_change(
+    weight: torch.Tensor,
+    change: torch.Tensor,
+    rounding_generator: torch.Generator | None,
+    mask: torch.Tensor | None = None,
+) -> Applied:
     """weight += change, computed in fp32 and rounded once into the weight's dtype.
 
     CONSUMES `change` (it becomes the fp32 target), so the temporary memory stays at a few buffers of
@@ -152,7 +159,11 @@ def apply_change(weight: torch.Tensor, change: torch.Tensor, rounding_generator:
         weight.copy_(target)
         return Applied(intended, 0.0, changed, sq_norm)
     target = change.add_(weight.float())
-    rounded = stochastic_round(target, weight.dtype, rounding_generator) if rounding_generator is not None else target.to(weight.dtype)
+    rounded = (
+        stochastic_round(target, weight.dtype, rounding_generator)
+        if rounding_generator is not None
+        else target.to(weight.dtype)
+    )
     changed = int(torch.count_nonzero(torch.ne(rounded, weight, out=mask)))
     weight.copy_(rounded)
     lost = float(torch.linalg.vector_norm(target.neg_().add_(rounded), ord=1))  # stored - intended, elementwise

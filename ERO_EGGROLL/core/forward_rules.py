@@ -15,7 +15,8 @@ guessed from attribute names.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +29,13 @@ from ERO_EGGROLL.core.tensor_classes import CONV_TYPES, LOW_RANK_TYPES, declare_
 # of its group's last product computes the product for that input.
 SHARED_INPUT_SIBLINGS: list[tuple[str, ...]] = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
 
+ConvModule = nn.Conv1d | nn.Conv2d | nn.Conv3d  # the modules of CONV_TYPES
+
 
 def shared_input_groups(in_features: dict[str, int]) -> list[list[str]]:
     """LORA Linear weight names (with their modules' in_features) grouped by SHARED_INPUT_SIBLINGS (same parent
     module, same input width); all others alone."""
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[tuple[str] | tuple[str, tuple[str, ...], int], list[str]] = {}
     for name, width in in_features.items():
         parent, _, child = name.removesuffix(".weight").rpartition(".")
         siblings = next((s for s in SHARED_INPUT_SIBLINGS if child in s), None)
@@ -59,24 +62,30 @@ def lowrank_delta(module: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.
         return (x @ b) @ a.T
     if isinstance(module, nn.Embedding):
         return F.embedding(x, a) @ b.T
-    groups, rank, nd = module.groups, a.shape[1], len(module.kernel_size)
+    conv = cast(ConvModule, module)  # the LOW_RANK_TYPES left (check_lowrank_module)
+    groups, rank, nd = conv.groups, a.shape[1], len(conv.kernel_size)
     if x.dim() == nd + 1:  # an unbatched input, which torch's convolutions accept
-        return lowrank_delta(module, x.unsqueeze(0), a, b).squeeze(0)
-    kernel_b = b.T.reshape(rank, module.in_channels // groups, *module.kernel_size).repeat(groups, *[1] * (nd + 1))
-    inner = module._conv_forward(x, kernel_b, None)  # the module's own stride, padding (mode), dilation and groups
+        return lowrank_delta(conv, x.unsqueeze(0), a, b).squeeze(0)
+    kernel_b = b.T.reshape(rank, conv.in_channels // groups, *conv.kernel_size).repeat(groups, *[1] * (nd + 1))
+    inner = conv._conv_forward(x, kernel_b, None)  # the module's own stride, padding (mode), dilation and groups
     kernel_a = a.reshape(*a.shape, *[1] * nd)
-    return getattr(F, f"conv{nd}d")(inner, kernel_a, groups=groups)
+    conv_nd: Callable[..., torch.Tensor] = getattr(F, f"conv{nd}d")
+    return conv_nd(inner, kernel_a, groups=groups)
 
 
 def check_lowrank_module(module: nn.Module, name: str, parent: nn.Module | None) -> str | None:
     """Why the forward strategy cannot add low-rank noise to `name` of `module` (None: it can)."""
     if isinstance(parent, nn.MultiheadAttention):
-        return (f"{name}: MultiheadAttention uses its out_proj weight without calling out_proj, so a forward hook would "
-                "never add the noise; use strategy 'inplace', or make it FULL or FROZEN")
+        return (
+            f"{name}: MultiheadAttention uses its out_proj weight without calling out_proj, so a forward hook would "
+            "never add the noise; use strategy 'inplace', or make it FULL or FROZEN"
+        )
     if not isinstance(module, LOW_RANK_TYPES) or name.rpartition(".")[2] != "weight":
-        return (f"{name} is LORA, but the forward strategy adds low-rank noise only to the weights of "
-                f"{', '.join(t.__name__ for t in LOW_RANK_TYPES)} (it belongs to a {type(module).__name__}); use strategy "
-                "'inplace', or make it FULL or FROZEN")
+        return (
+            f"{name} is LORA, but the forward strategy adds low-rank noise only to the weights of "
+            f"{', '.join(t.__name__ for t in LOW_RANK_TYPES)} (it belongs to a {type(module).__name__}); use strategy "
+            "'inplace', or make it FULL or FROZEN"
+        )
     if isinstance(module, nn.Embedding) and module.max_norm is not None:
         return f"{name}: an Embedding with max_norm renormalises its weight in place; use strategy 'inplace'"
     return None
@@ -85,13 +94,16 @@ def check_lowrank_module(module: nn.Module, name: str, parent: nn.Module | None)
 def per_member_blocks(t: torch.Tensor, k: int) -> torch.Tensor:
     """(K*P, ...) rows, member-major, as (K, P, ...). Dimension 0 must be the batch."""
     if t.dim() == 0 or t.shape[0] % k:
-        raise ValueError(f"{k} members share this batch, but a module's input has shape {tuple(t.shape)}: its first dimension "
-                         "must be the batch, K equal blocks of rows (member-major)")
+        raise ValueError(
+            f"{k} members share this batch, but a module's input has shape {tuple(t.shape)}: its first dimension "
+            "must be the batch, K equal blocks of rows (member-major)"
+        )
     return t.reshape(k, -1, *t.shape[1:])
 
 
-def _member_bias(module, x, values):
+def _member_bias(module: nn.Module, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
     """x W^T (or the convolution) without the bias, then each block's member bias: the order of a member alone."""
+    module = cast(nn.Linear | ConvModule, module)  # row_rule gives it to BIAS_TYPES only
     bias = values["bias"]
     per_member_blocks(x, bias.shape[0])  # the input's first dimension must be the batch (its clear error)
     out = F.linear(x, module.weight) if isinstance(module, nn.Linear) else module._conv_forward(x, module.weight, None)
@@ -102,29 +114,51 @@ def _member_bias(module, x, values):
     return blocks.add_(bias.view(shape)).reshape(out.shape)
 
 
-def _rms_norm(module, x, values):
+def _rms_norm(module: nn.Module, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    module = cast(nn.RMSNorm, module)  # its ROW_RULES type
     return F.rms_norm(x, module.normalized_shape, values.get("weight", module.weight), module.eps)
 
 
-def _layer_norm(module, x, values):
-    return F.layer_norm(x, module.normalized_shape, values.get("weight", module.weight), values.get("bias", module.bias), module.eps)
+def _layer_norm(module: nn.Module, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    module = cast(nn.LayerNorm, module)  # its ROW_RULES type
+    return F.layer_norm(
+        x, module.normalized_shape, values.get("weight", module.weight), values.get("bias", module.bias), module.eps
+    )
 
 
-def _group_norm(module, x, values):
-    return F.group_norm(x, module.num_groups, values.get("weight", module.weight), values.get("bias", module.bias), module.eps)
+def _group_norm(module: nn.Module, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    module = cast(nn.GroupNorm, module)  # its ROW_RULES type
+    return F.group_norm(
+        x, module.num_groups, values.get("weight", module.weight), values.get("bias", module.bias), module.eps
+    )
 
 
-def _batch_norm(module, x, values):
+def _batch_norm(module: nn.Module, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    module = cast(nn.modules.batchnorm._BatchNorm, module)  # its ROW_RULES type
     if module.training or module.running_mean is None:
-        raise ValueError("several members per batch need BatchNorm in eval mode (batch statistics would mix the members)")
-    return F.batch_norm(x, module.running_mean, module.running_var, values.get("weight", module.weight),
-                        values.get("bias", module.bias), False, 0.0, module.eps)
+        raise ValueError(
+            "several members per batch need BatchNorm in eval mode (batch statistics would mix the members)"
+        )
+    return F.batch_norm(
+        x,
+        module.running_mean,
+        module.running_var,
+        values.get("weight", module.weight),
+        values.get("bias", module.bias),
+        False,
+        0.0,
+        module.eps,
+    )
 
 
 RowRule = Callable[[nn.Module, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 # module type -> its output for one block of rows (its input x), given the member's values of its FULL tensors
-ROW_RULES: dict[type, RowRule] = {nn.RMSNorm: _rms_norm, nn.LayerNorm: _layer_norm, nn.GroupNorm: _group_norm,
-                                  nn.modules.batchnorm._BatchNorm: _batch_norm}
+ROW_RULES: dict[type, RowRule] = {
+    nn.RMSNorm: _rms_norm,
+    nn.LayerNorm: _layer_norm,
+    nn.GroupNorm: _group_norm,
+    nn.modules.batchnorm._BatchNorm: _batch_norm,
+}
 # module type -> its output for all K blocks in one call, given the K members' values stacked on a first dimension
 STACKED_ROW_RULES: dict[type, RowRule] = {}
 BIAS_TYPES = (nn.Linear, *CONV_TYPES)
@@ -142,7 +176,7 @@ def declare_row_rule(module_type: type, rule: RowRule, *, stacked: bool = False)
 
 
 def _block_by_block(rule: RowRule) -> RowRule:
-    def stacked(module, x, values):
+    def stacked(module: nn.Module, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
         k = next(iter(values.values())).shape[0]
         blocks = per_member_blocks(x, k)
         return torch.cat([rule(module, xb, {a: v[i] for a, v in values.items()}) for i, xb in enumerate(blocks)])
@@ -164,5 +198,5 @@ def row_rule(module: nn.Module, attrs: list[str], parent: nn.Module | None = Non
     return None
 
 
-def is_bias_rule(rule: RowRule) -> bool:
+def is_bias_rule(rule: RowRule | None) -> bool:
     return rule is _member_bias

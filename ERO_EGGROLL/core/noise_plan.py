@@ -1,4 +1,5 @@
-"""The noise plan: which tensors evolve, with which class, key and sigma; a member's noise; one tensor's update direction.
+"""The noise plan: which tensors evolve, with which class, key and sigma; a member's noise; one tensor's update
+direction.
 
 Everything here is a pure function of (seed, epoch, member) and the base weights' sigmas: nothing
 is stored for the population. Noise comes from hyperscalees (JAX) through DLPack, drawn on the
@@ -12,14 +13,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-import hyperscalees as hs
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
+import hyperscalees as hs
 from ERO_EGGROLL.core.bridge import jax_device_for, jax_to_torch
 from ERO_EGGROLL.core.settings import EvolutionSettings
 from ERO_EGGROLL.core.tensor_classes import ParamClass, ParamSpec
@@ -34,14 +36,18 @@ def tensor_sigma(weight: torch.Tensor, evo: EvolutionSettings) -> float:
     noise only swaps a member with its antithetic partner, so the magnitude is the whole rule)."""
     if evo.sigma_mode == "absolute":
         return evo.sigma
-    w = weight.detach().double()
+    # float64 on the host in NumPy's fixed summation order: torch's reductions split the work by thread count, so the
+    # last bits (and a resumed run's identity) would depend on how many threads computed them
+    w = weight.detach().to("cpu", torch.float64).numpy()
     if evo.sigma_mode == "signed_mean":  # a mean of exactly 0 (fresh biases) gives 0: ERO would not move that tensor
         return evo.sigma * abs(float(w.mean()))
-    scale = float(w.std()) if w.numel() > 1 else 0.0
+    scale = float(w.std(ddof=1)) if w.size > 1 else 0.0
     if scale == 0.0:
-        scale = float(w.pow(2).mean().sqrt())
+        scale = float(np.sqrt(np.mean(np.square(w))))
     if scale == 0.0:
-        raise ValueError("relative sigma needs a non-zero weight; this tensor is all zeros (use an absolute sigma or freeze it)")
+        raise ValueError(
+            "relative sigma needs a non-zero weight; this tensor is all zeros (use an absolute sigma or freeze it)"
+        )
     return evo.sigma * scale
 
 
@@ -51,22 +57,29 @@ class _Group:
 
     shape: tuple[int, ...]
     names: list[str]
-    keys: object  # stacked JAX keys
+    keys: jax.Array  # stacked JAX keys
     base_sigmas: np.ndarray
 
 
 class NoisePlan:
     """The evolving tensors of a model and their noise, from the base weights, the evolution settings and the seed."""
 
-    def __init__(self, specs: list[ParamSpec], weights: dict[str, torch.Tensor], evo: EvolutionSettings, seed: int):
-        self.rank, self.noise_reuse, self.sigma_decay, self.prng_impl = evo.rank, evo.noise_reuse, evo.sigma_decay, evo.prng_impl
+    def __init__(
+        self, specs: list[ParamSpec], weights: Mapping[str, torch.Tensor], evo: EvolutionSettings, seed: int
+    ) -> None:
+        self.rank, self.noise_reuse, self.sigma_decay, self.prng_impl = (
+            evo.rank,
+            evo.noise_reuse,
+            evo.sigma_decay,
+            evo.prng_impl,
+        )
         self.antithetic = evo.antithetic
         self.specs = {s.name: s for s in specs if s.cls is not ParamClass.FROZEN}
         self.keys = self._keys(seed)
         self.sigma = {name: tensor_sigma(weights[name], evo) for name in self.specs}  # from the BASE weights, once
         self.dtypes = {name: weights[name].dtype for name in self.specs}
         self.device = next(iter(weights.values())).device if weights else torch.device("cpu")
-        grouped: dict[tuple, list[str]] = defaultdict(list)
+        grouped: dict[tuple[ParamClass, tuple[int, ...]], list[str]] = defaultdict(list)
         for name, s in self.specs.items():
             grouped[(s.cls, s.matrix_shape if s.cls is ParamClass.LORA else s.shape)].append(name)
         self.groups: dict[ParamClass, list[_Group]] = {ParamClass.LORA: [], ParamClass.FULL: []}
@@ -87,18 +100,20 @@ class NoisePlan:
             for g in groups:
                 g.base_sigmas = np.array([self.sigma[n] for n in g.names])
 
-    def _keys(self, seed: int) -> dict:
+    def _keys(self, seed: int) -> dict[str, jax.Array]:
         base_key = hs.make_key(seed, self.prng_impl)
         return {name: hs.param_key(base_key, s.key_index) for name, s in self.specs.items()}
 
     def reseed(self, seed: int) -> None:
         """Draw all later noise from `seed` (ERO's seed move at a reset); sigmas stay the base weights'. Rebinds, never
-        mutates, the key containers, so a shallow copy of the plan (Perturber.with_fresh_optimizer) keeps its own seed."""
+        mutates, the key containers, so a shallow copy of the plan (Perturber.with_fresh_optimizer) keeps its seed."""
         if seed == self.seed:
             return
         self.seed, self.keys = seed, self._keys(seed)
-        self.groups = {cls: [_Group(g.shape, g.names, jnp.stack([self.keys[n] for n in g.names]), g.base_sigmas) for g in groups]
-                       for cls, groups in self.groups.items()}
+        self.groups = {
+            cls: [_Group(g.shape, g.names, jnp.stack([self.keys[n] for n in g.names]), g.base_sigmas) for g in groups]
+            for cls, groups in self.groups.items()
+        }
 
     def _drawn(self, member: int) -> int:
         """The keyed member whose noise member `member` gets: itself, or without antithetic pairs the even 2 x member
@@ -118,9 +133,9 @@ class NoisePlan:
         return [n for g in self.groups[cls] for n in g.names]
 
     def sigma_scale(self, epoch: int) -> float:
-        return self.sigma_decay ** epoch
+        return self.sigma_decay**epoch
 
-    def _jax_placement(self):
+    def _jax_placement(self) -> contextlib.AbstractContextManager[object]:
         """JAX computations go to the weights' own device where JAX has it (a no-op context elsewhere)."""
         return jax.default_device(self._jax_device) if self._jax_device is not None else contextlib.nullcontext()
 
@@ -128,18 +143,37 @@ class NoisePlan:
         """LORA factors (A_scaled, B) in the weights' dtype and device, and FULL noise in float32 on their
         device (FULL noise is added in fp32 and rounded once into the weight)."""
         scale, member = self.sigma_scale(epoch), self._drawn(member)
-        lora, full = {}, {}
+        lora: LowRank = {}
+        full: Dense = {}
         with self._jax_placement():
             for g in self.groups[ParamClass.LORA]:
-                a, b = hs.stacked_lowrank_factors(g.keys, g.shape, epoch=epoch, member=member, rank=self.rank,
-                                                  sigmas=g.base_sigmas * scale, noise_reuse=self.noise_reuse)
+                a, b = hs.stacked_lowrank_factors(
+                    g.keys,
+                    g.shape,
+                    epoch=epoch,
+                    member=member,
+                    rank=self.rank,
+                    sigmas=g.base_sigmas * scale,
+                    noise_reuse=self.noise_reuse,
+                )
                 a_t, b_t = jax_to_torch(a), jax_to_torch(b)
                 for k, name in enumerate(g.names):
                     dtype = self.dtypes[name]
-                    lora[name] = (a_t[k].to(device=self.device, dtype=dtype), b_t[k].to(device=self.device, dtype=dtype))
+                    lora[name] = (
+                        a_t[k].to(device=self.device, dtype=dtype),
+                        b_t[k].to(device=self.device, dtype=dtype),
+                    )
             for g in self.groups[ParamClass.FULL]:
-                eps = jax_to_torch(hs.stacked_full_noise(g.keys, g.shape, epoch=epoch, member=member,
-                                                         sigmas=g.base_sigmas * scale, noise_reuse=self.noise_reuse))
+                eps = jax_to_torch(
+                    hs.stacked_full_noise(
+                        g.keys,
+                        g.shape,
+                        epoch=epoch,
+                        member=member,
+                        sigmas=g.base_sigmas * scale,
+                        noise_reuse=self.noise_reuse,
+                    )
+                )
                 for k, name in enumerate(g.names):
                     full[name] = eps[k].to(self.device)
         return lora, full
@@ -156,14 +190,30 @@ class NoisePlan:
             return torch.zeros(spec.shape, dtype=torch.float32, device=self.device)
         with self._jax_placement():
             if spec.cls is ParamClass.LORA and self.contract_in_torch:
-                a, b = hs.population_lowrank_factors(key, spec.matrix_shape, epoch=epoch, members=np.arange(len(fitness)),
-                                                     rank=self.rank, sigma=sigma, noise_reuse=self.noise_reuse)
+                a, b = hs.population_lowrank_factors(
+                    key,
+                    spec.matrix_shape,
+                    epoch=epoch,
+                    members=np.arange(len(fitness)),
+                    rank=self.rank,
+                    sigma=sigma,
+                    noise_reuse=self.noise_reuse,
+                )
                 f = torch.as_tensor(fitness, dtype=torch.float32, device=self.device)
                 a_t, b_t = jax_to_torch(a).to(self.device), jax_to_torch(b).to(self.device)
-                return (torch.einsum("nir,njr->ij", f[:, None, None] * a_t, b_t) / math.sqrt(len(fitness))).view(spec.shape)
+                return (torch.einsum("nir,njr->ij", f[:, None, None] * a_t, b_t) / math.sqrt(len(fitness))).view(
+                    spec.shape
+                )
             if spec.cls is ParamClass.LORA:
-                delta = hs.lowrank_update(key, spec.matrix_shape, fitness, epoch=epoch, rank=self.rank, sigma=sigma,
-                                          noise_reuse=self.noise_reuse)
+                delta = hs.lowrank_update(
+                    key,
+                    spec.matrix_shape,
+                    fitness,
+                    epoch=epoch,
+                    rank=self.rank,
+                    sigma=sigma,
+                    noise_reuse=self.noise_reuse,
+                )
             else:
                 delta = hs.full_update(key, spec.shape, fitness, epoch=epoch, sigma=sigma, noise_reuse=self.noise_reuse)
             return jax_to_torch(delta).to(self.device).view(spec.shape)
@@ -173,6 +223,15 @@ class NoisePlan:
         spec = self.specs[name]
         if spec.cls is ParamClass.LORA and self.sigma[name] != 0.0:
             with self._jax_placement():
-                return float(hs.lowrank_update_sq_norm(self.keys[name], spec.matrix_shape, self._weights_for_draws(fitness), epoch=epoch, rank=self.rank,
-                                                       sigma=self.sigma[name] * self.sigma_scale(epoch), noise_reuse=self.noise_reuse))
+                return float(
+                    hs.lowrank_update_sq_norm(
+                        self.keys[name],
+                        spec.matrix_shape,
+                        self._weights_for_draws(fitness),
+                        epoch=epoch,
+                        rank=self.rank,
+                        sigma=self.sigma[name] * self.sigma_scale(epoch),
+                        noise_reuse=self.noise_reuse,
+                    )
+                )
         return float(torch.linalg.vector_norm(self.direction(name, fitness, epoch))) ** 2

@@ -1,6 +1,6 @@
 """The Perturber: EGGROLL on a torch model, the one object the training script, replay and users call.
 
-    perturber = Perturber.for_module(net)                               # any nn.Module: Adam, lr and sigma 0.002, 64 members
+    perturber = Perturber.for_module(net)                               # any nn.Module (Adam, 64 members)
     perturber = Perturber(model, specs, settings, seed)                 # classes chosen by the caller
     with perturber.member(epoch, i):  loss_i = ...                      # the model as W + E_i, exact restore on exit
     with perturber.members(epoch, [0, 1, 2, 3]):  ...                  # 4 members as blocks of batch rows
@@ -18,14 +18,27 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import fields, replace
+from typing import Any, cast
 
 import torch
+from numpy.typing import ArrayLike
 from torch import nn
 
+from ERO_EGGROLL.core.ero_search import EroSelection
 from ERO_EGGROLL.core.errors import ConfigError, EggrollError
+from ERO_EGGROLL.core.es_optimizer import EsOptimizer
 from ERO_EGGROLL.core.noise_plan import Dense, LowRank, NoisePlan
-from ERO_EGGROLL.core.settings import MAX_EPOCH, MAX_SEED, EvolutionSettings, check_settings, checked_int, is_int
+from ERO_EGGROLL.core.settings import (
+    MAX_EPOCH,
+    MAX_SEED,
+    EvolutionSettings,
+    OptimizerName,
+    check_settings,
+    checked_int,
+    is_int,
+)
 from ERO_EGGROLL.core.strategies import ForwardHooks, SavedInPlace
 from ERO_EGGROLL.core.streamed_update import StreamedUpdate
 from ERO_EGGROLL.core.tensor_classes import Classifier, ParamClass, ParamSpec, classify_module
@@ -47,29 +60,40 @@ def _holders(model: nn.Module) -> dict[int, list[str]]:
 class Perturber:
     """Applies member noise to `model` and moves its weights with the ES update."""
 
-    def __init__(self, model: nn.Module, specs: list[ParamSpec], settings: EvolutionSettings, seed: int):
+    def __init__(self, model: nn.Module, specs: list[ParamSpec], settings: EvolutionSettings, seed: int) -> None:
         """`specs`: every parameter's class and key (tensor_classes); `settings` as checked by check_settings."""
         evo = self.evo = settings
-        if evo.noise == "full":  # ERO's sampling: dense noise for every matrix too (applied in place, restored from a copy)
+        if (
+            evo.noise == "full"
+        ):  # ERO's sampling: dense noise for every matrix too (applied in place, restored from a copy)
             specs = [replace(s, cls=ParamClass.FULL) if s.cls is ParamClass.LORA else s for s in specs]
         self.model, self.specs, self.seed = model, specs, checked_int(seed, "seed", 0, MAX_SEED)
         self._inside_member = False
-        self._last_update: int | None = None  # the epoch of the last update, so that one is not applied twice by mistake
+        self._last_update: int | None = (
+            None  # the epoch of the last update, so that one is not applied twice by mistake
+        )
         self.classes = {s.name: s.cls for s in specs}
         if all(c is ParamClass.FROZEN for c in self.classes.values()):
-            raise ConfigError("every tensor is FROZEN, so nothing would evolve; make some tensors LORA or FULL (a run config: "
-                              "params.overrides, freeze_vision, freeze_nonlora; for_module: classify=)")
+            raise ConfigError(
+                "every tensor is FROZEN, so nothing would evolve; make some tensors LORA or FULL (a run config: "
+                "params.overrides, freeze_vision, freeze_nonlora; for_module: classify=)"
+            )
         params = dict(model.named_parameters())
         self.params = {s.name: params[s.name] for s in specs if s.cls is not ParamClass.FROZEN}
         devices = {p.device for p in self.params.values()}
         if len(devices) > 1:
-            raise ConfigError(f"the evolving tensors are on {len(devices)} devices ({', '.join(sorted(map(str, devices)))}); "
-                              "EGGROLL here needs them on one device (load the model without device_map='auto', or freeze the rest)")
+            raise ConfigError(
+                f"the evolving tensors are on {len(devices)} devices ({', '.join(sorted(map(str, devices)))}); "
+                "EGGROLL here needs them on one device (load the model without device_map='auto', or freeze the rest)"
+            )
         self.plan = NoisePlan(specs, self.params, evo, seed)
         self.lora_names, self.full_names = self.plan.names(ParamClass.LORA), self.plan.names(ParamClass.FULL)
         # ERO's reset-to-base needs the base weights: one host copy of the evolving tensors, taken once
-        self._base = ({n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
-                      if evo.search == "ero" and evo.reset_after else None)
+        self._base = (
+            {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+            if evo.search == "ero" and evo.reset_after
+            else None
+        )
         self._update = StreamedUpdate(self.plan, self.params, evo, seed, self._base)
         self._hooks = ForwardHooks(model, self.lora_names, self.full_names) if evo.strategy == "forward" else None
         if self._hooks is not None:
@@ -77,23 +101,38 @@ class Perturber:
         if self._hooks is None:
             self._in_place = SavedInPlace(self.params)
         else:  # FULL tensors in place, but the biases that the forward pass adds (ForwardHooks.biases_in_forward)
-            self._in_place = SavedInPlace({n: self.params[n] for n in self.full_names if n not in self._hooks.biases_in_forward})
+            self._in_place = SavedInPlace(
+                {n: self.params[n] for n in self.full_names if n not in self._hooks.biases_in_forward}
+            )
 
     def _refuse_shared_in_forward(self) -> None:
         """A tensor that the forward pass perturbs through a hook on its module, held by several modules (tied weights),
         would get its noise in one of them only: refused by name (the hooks removed again, the model as it was)."""
+        assert self._hooks is not None  # called for the forward strategy only
         holders = _holders(self.model)
         hooked = [*self.lora_names, *sorted(self._hooks.biases_in_forward)]
         shared = next((n for n in hooked if len(holders[id(self.params[n])]) > 1), None)
         if shared is not None:
             self._hooks.remove()
-            raise ConfigError(f"{shared} is shared by {', '.join(holders[id(self.params[shared])])} (tied weights): the forward "
-                              "strategy would add its noise in one of them only; use strategy='inplace', or make it FROZEN")
+            raise ConfigError(
+                f"{shared} is shared by {', '.join(holders[id(self.params[shared])])} (tied weights): the forward "
+                "strategy would add its noise in one of them only; use strategy='inplace', or make it FROZEN"
+            )
 
     @classmethod
-    def for_module(cls, module: nn.Module, *, population_size: int = 64, sigma: float = 0.002, lr: float | None = None,
-                   rank: int = 1, seed: int = 0, optimizer: str | None = None, classify: Classifier | None = None,
-                   **options) -> Perturber:
+    def for_module(
+        cls,
+        module: nn.Module,
+        *,
+        population_size: int = 64,
+        sigma: float = 0.002,
+        lr: float | None = None,
+        rank: int = 1,
+        seed: int = 0,
+        optimizer: str | None = None,
+        classify: Classifier | None = None,
+        **options: Any,
+    ) -> Perturber:
         """EGGROLL for any module, without a run config. Defaults: Linear, ConvNd and Embedding weights LORA,
         norm weights and biases FULL (`classify(name, tensor)` returning a ParamClass overrides them, None
         keeps the default); a tensor with requires_grad=False is FROZEN unless `classify` says otherwise (PyTorch's own
@@ -115,17 +154,24 @@ class Perturber:
         ero = options.get("search") == "ero"
         lr = lr if lr is not None else (1.0 if ero else 0.002)
         optimizer = optimizer if optimizer is not None else ("sgd" if ero else "adam")
-        evo = EvolutionSettings(population_size=population_size, sigma=sigma, lr=lr, rank=rank, optimizer=optimizer, **options)
+        evo = EvolutionSettings(
+            population_size=population_size,
+            sigma=sigma,
+            lr=lr,
+            rank=rank,
+            optimizer=cast(OptimizerName, optimizer),  # any string here: check_settings refuses unknown ones
+            **options,
+        )
         check_settings(evo, "Perturber.for_module")
 
-        def chosen(name: str, tensor: torch.Tensor):
+        def chosen(name: str, tensor: torch.Tensor) -> ParamClass | str | None:
             choice = classify(name, tensor) if classify is not None else None
             return ParamClass.FROZEN if choice is None and not tensor.requires_grad else choice
 
         return cls(module, classify_module(module, chosen), evo, seed)
 
     @property
-    def optimizer(self):
+    def optimizer(self) -> EroSelection | EsOptimizer:
         """The update's optimizer state (step count, Adam moments): what a checkpoint saves."""
         return self._update.optimizer
 
@@ -144,14 +190,18 @@ class Perturber:
     def _check_member(self, epoch: int, member: int) -> None:
         checked_int(epoch, "epoch", 0, MAX_EPOCH)
         if not is_int(member) or not 0 <= member < self.evo.population_size:
-            raise PerturberUsageError(f"member {member!r} is not a member id: an integer in 0..{self.evo.population_size - 1}")
+            raise PerturberUsageError(
+                f"member {member!r} is not a member id: an integer in 0..{self.evo.population_size - 1}"
+            )
 
     @contextlib.contextmanager
-    def _one_at_a_time(self):
+    def _one_at_a_time(self) -> Iterator[None]:
         """Members never nest: the inner one would restore the outer's weights and leave the model perturbed."""
         if self._inside_member:
-            raise PerturberUsageError("a member block inside another member block: the model is already a member; "
-                                      "evaluate members one after the other (or several at once with members())")
+            raise PerturberUsageError(
+                "a member block inside another member block: the model is already a member; "
+                "evaluate members one after the other (or several at once with members())"
+            )
         self._inside_member = True
         try:
             yield
@@ -159,7 +209,7 @@ class Perturber:
             self._inside_member = False
 
     @contextlib.contextmanager
-    def _buffers_restored(self):
+    def _buffers_restored(self) -> Iterator[None]:
         """Buffers (BatchNorm running statistics) as they were before the member ran."""
         saved = {name: b.clone() for name, b in self.model.named_buffers()}
         try:
@@ -170,7 +220,7 @@ class Perturber:
                     b.copy_(saved[name])
 
     @contextlib.contextmanager
-    def member(self, epoch: int, member: int):
+    def member(self, epoch: int, member: int) -> Iterator[nn.Module]:
         """The model as member `member` of `epoch`; exact restore on exit, even on error."""
         self._check_member(epoch, member)
         lora, full = self.member_noise(epoch, member)
@@ -185,36 +235,44 @@ class Perturber:
                     yield self.model
 
     def check_batchable(self) -> None:
-        """Whether several members can share a batch (the forward strategy, a per-row rule for every FULL tensor's module):
+        """Whether several members can share a batch (the forward strategy, a per-row rule for every FULL tensor's
+        module):
         raises the clear error before any evaluation runs."""
         if self._hooks is None:
             raise ConfigError("evaluating several members per batch needs evolution.strategy: forward")
         self._hooks.check_batchable()
 
     @contextlib.contextmanager
-    def members(self, epoch: int, member_ids):
+    def members(self, epoch: int, member_ids: Iterable[int]) -> Iterator[nn.Module]:
         """K members at once, for a batch whose rows are K equal blocks, member-major (row b is member b // (rows/K)).
 
         LORA deltas and FULL noise are applied per row in the forward pass; no weight is modified.
         """
         member_ids = list(member_ids)
         self.check_batchable()
+        assert self._hooks is not None  # check_batchable refuses the inplace strategy
         if not member_ids:
             raise PerturberUsageError("members() needs at least one member id")
         for m in member_ids:
             self._check_member(epoch, m)
-        with self._one_at_a_time(), self._buffers_restored(), self._hooks.rows([self.member_noise(epoch, m) for m in member_ids]):
+        with (
+            self._one_at_a_time(),
+            self._buffers_restored(),
+            self._hooks.rows([self.member_noise(epoch, m) for m in member_ids]),
+        ):
             yield self.model
 
-    def update(self, raw_fitness, epoch: int, *, again: bool = False) -> dict:
+    def update(self, raw_fitness: ArrayLike, epoch: int, *, again: bool = False) -> dict[str, Any]:
         """Normalize fitness and move the weights one tensor at a time (streamed_update); returns statistics.
 
         An epoch at or before the last one updated is refused (a loop that calls update twice would apply the step
         twice) unless `again`: a caller that has set the weights back (a replay) applies earlier epochs again."""
         checked_int(epoch, "epoch", 0, MAX_EPOCH)
         if self._last_update is not None and epoch <= self._last_update and not again:
-            raise PerturberUsageError(f"update for epoch {epoch} after epoch {self._last_update} was applied: the step would be "
-                                      "applied twice; pass again=True if the weights were set back to before it")
+            raise PerturberUsageError(
+                f"update for epoch {epoch} after epoch {self._last_update} was applied: the step would be "
+                "applied twice; pass again=True if the weights were set back to before it"
+            )
         if self._inside_member:
             raise PerturberUsageError("update inside a member block: the weights would move while they are a member's")
         stats = self._update.step(raw_fitness, epoch)
@@ -225,26 +283,35 @@ class Perturber:
         if self._hooks is not None:
             self._hooks.remove()
 
-    def _fingerprint(self) -> dict:
+    def _fingerprint(self) -> dict[str, Any]:
         """What makes a saved state this Perturber's: the evolving tensors, their classes and shapes, the seed."""
-        return {"seed": self.seed, "optimizer": self.evo.optimizer,
-                "tensors": {n: [self.classes[n].value, list(p.shape)] for n, p in self.params.items()}}
+        return {
+            "seed": self.seed,
+            "optimizer": self.evo.optimizer,
+            "tensors": {n: [self.classes[n].value, list(p.shape)] for n, p in self.params.items()},
+        }
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """The ES state a user's loop checkpoints beside `module.state_dict()`: the optimizer's step and tensors
         (Adam moments, ClipUp velocity, cloned), every tensor's sigma (adapted, or relative sigma from the base
         weights), and a fingerprint of the module it was made for. torch.save writes it as it is."""
-        return {"fingerprint": self._fingerprint(), "step": self.optimizer.step_count, "last_update": self._last_update,
-                "optimizer": {k: t.detach().clone() for k, t in self.optimizer.state_tensors().items()},
-                "sigmas": dict(self.plan.sigma)}
+        return {
+            "fingerprint": self._fingerprint(),
+            "step": self.optimizer.step_count,
+            "last_update": self._last_update,
+            "optimizer": {k: t.detach().clone() for k, t in self.optimizer.state_tensors().items()},
+            "sigmas": dict(self.plan.sigma),
+        }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from `state_dict()`: the next update continues exactly as the saved run would have."""
         mine, theirs = self._fingerprint(), state.get("fingerprint")
         if theirs != mine:
             diff = sorted(k for k in mine if theirs is None or theirs.get(k) != mine[k])
-            raise ConfigError(f"Perturber.load_state_dict: the state was made for another module or settings (differs in {diff}); "
-                              "load it into a Perturber built the same way on the same architecture")
+            raise ConfigError(
+                f"Perturber.load_state_dict: the state was made for another module or settings (differs in {diff}); "
+                "load it into a Perturber built the same way on the same architecture"
+            )
         self.optimizer.load_state(int(state["step"]), state["optimizer"])
         self.plan.set_sigmas(state["sigmas"])
         self._last_update = state.get("last_update")  # a resumed loop may not apply a saved epoch twice either

@@ -11,9 +11,11 @@ import math
 import numbers
 import typing
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ERO_EGGROLL.core.errors import ConfigError
+
+OptimizerName = Literal["sgd", "adam", "adamw", "clipup"]
 
 
 @dataclass
@@ -27,7 +29,7 @@ class EvolutionSettings:
     group_size: int = 0
     prng_impl: Literal["philox4x32", "philox2x32", "threefry2x32"] = "philox4x32"
     strategy: Literal["forward", "inplace"] = "forward"
-    optimizer: Literal["sgd", "adam", "adamw", "clipup"] = "sgd"  # clipup: momentum 0.9, max speed 2 x lr
+    optimizer: OptimizerName = "sgd"  # clipup: momentum 0.9, max speed 2 x lr
     lr: float = 1.0
     lr_decay: float = 1.0  # multiplied into lr after every epoch
     sigma_decay: float = 1.0
@@ -37,20 +39,30 @@ class EvolutionSettings:
     fitness_shaping: Literal["zscore", "centered_rank", "raw"] = "zscore"  # hyperscalees.shape_fitness
     sigma_lr: float = 0.0  # > 0: each tensor's sigma adapts to the members' fitness (core/sigma_adapt.py)
     # ERO's search beside EGGROLL's (core/ero_search.py): the update, the noise's rank, and ERO's selection options
-    search: Literal["eggroll", "ero"] = "eggroll"  # eggroll: the ES update; ero: the mean moves to the average of the elites
+    search: Literal["eggroll", "ero"] = (
+        "eggroll"  # eggroll: the ES update; ero: the mean moves to the average of the elites
+    )
     noise: Literal["lowrank", "full"] = "lowrank"  # full: every LORA tensor gets dense full-rank noise (ERO's sampling)
     antithetic: bool = True  # members 2k, 2k+1 share noise of opposite signs; false: every member its own draw (ERO)
     elites: int = 4  # ero: round-robin groups, each keeping its best member (ERO: 4 GPU workers)
-    elite_ties: Literal["later", "earlier"] = "later"  # ero: which of two equal scores in a group is kept (ERO: the later)
-    reset_after: int = 0  # ero: after this many epochs without a new best elite, back to the BASE weights (ERO: 3; 0: never)
+    elite_ties: Literal["later", "earlier"] = (
+        "later"  # ero: which of two equal scores in a group is kept (ERO: the later)
+    )
+    reset_after: int = (
+        0  # ero: after this many epochs without a new best elite, back to the BASE weights (ERO: 3; 0: never)
+    )
     reseed_step: int = 1919810  # ero: the noise seed moves by this much at every reset (ERO's constant)
     clamp: float | None = None  # clamp the mean to [-clamp, clamp] after each update (ERO: 10; null: never)
 
 
-def literal_choices(section: type) -> dict[str, tuple]:
+def literal_choices(section: type) -> dict[str, tuple[Any, ...]]:
     """The allowed values of a dataclass's Literal fields (a YAML loader checks them too; code callers need this)."""
     hints = typing.get_type_hints(section)
-    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(section) if typing.get_origin(hints[f.name]) is Literal}
+    return {
+        f.name: typing.get_args(hints[f.name])
+        for f in dataclasses.fields(section)
+        if typing.get_origin(hints[f.name]) is Literal
+    }
 
 
 MAX_SEED = 2**32 - 1  # keys are made from a uint32 seed
@@ -59,12 +71,12 @@ INT_FIELDS = ("population_size", "rank", "noise_reuse", "group_size")
 REAL_FIELDS = ("sigma", "lr", "lr_decay", "sigma_decay", "weight_decay", "max_update_norm")
 
 
-def is_int(value) -> bool:
+def is_int(value: object) -> bool:
     """An integer, not a bool (True is 1 to Python, never a member or an epoch to a user)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def checked_int(value, name: str, low: int, high: int) -> int:
+def checked_int(value: Any, name: str, low: int, high: int) -> int:
     """`value` as an int when it is an integer in low..high, else one ConfigError line naming `name`."""
     if not is_int(value) or not low <= value <= high:
         raise ConfigError(f"{name} must be an integer in {low}..{high}, got {value!r}")
@@ -73,12 +85,29 @@ def checked_int(value, name: str, low: int, high: int) -> int:
 
 def _type_problems(evo: EvolutionSettings, prefix: str) -> list[tuple[bool, str]]:
     """Every numeric setting of the right type and finite: the value checks compare numbers."""
-    real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-    return ([(is_int(getattr(evo, key)), f"{prefix}{key} must be an integer, got {getattr(evo, key)!r}") for key in INT_FIELDS]
-            + [(real(getattr(evo, key)) or (key == "max_update_norm" and getattr(evo, key) is None),
-                f"{prefix}{key} must be a finite number, got {getattr(evo, key)!r}") for key in REAL_FIELDS]
-            + [(isinstance(evo.stochastic_rounding, bool), f"{prefix}stochastic_rounding must be true or false, "
-                                                            f"got {evo.stochastic_rounding!r}")])
+
+    def real(v: object) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+    return (
+        [
+            (is_int(getattr(evo, key)), f"{prefix}{key} must be an integer, got {getattr(evo, key)!r}")
+            for key in INT_FIELDS
+        ]
+        + [
+            (
+                real(getattr(evo, key)) or (key == "max_update_norm" and getattr(evo, key) is None),
+                f"{prefix}{key} must be a finite number, got {getattr(evo, key)!r}",
+            )
+            for key in REAL_FIELDS
+        ]
+        + [
+            (
+                isinstance(evo.stochastic_rounding, bool),
+                f"{prefix}stochastic_rounding must be true or false, got {evo.stochastic_rounding!r}",
+            )
+        ]
+    )
 
 
 def settings_problems(evo: EvolutionSettings, prefix: str = "evolution.") -> list[tuple[bool, str]]:
@@ -87,26 +116,42 @@ def settings_problems(evo: EvolutionSettings, prefix: str = "evolution.") -> lis
     if not all(ok for ok, _ in types):
         return types
     return [
-        (evo.population_size >= 2 and evo.population_size % 2 == 0,
-         f"{prefix}population_size must be even and >= 2 (members form antithetic pairs), got {evo.population_size}"),
+        (
+            evo.population_size >= 2 and evo.population_size % 2 == 0,
+            f"{prefix}population_size must be even and >= 2 (members form antithetic pairs), got {evo.population_size}",
+        ),
         (evo.rank >= 1, f"{prefix}rank must be >= 1, got {evo.rank}"),
         (evo.sigma > 0, f"{prefix}sigma must be > 0, got {evo.sigma}"),
         (evo.lr > 0, f"{prefix}lr must be > 0, got {evo.lr}"),
         (evo.noise_reuse >= 0, f"{prefix}noise_reuse must be >= 0 (0: same noise every epoch), got {evo.noise_reuse}"),
-        (evo.group_size >= 0 and (evo.group_size == 0 or evo.population_size % evo.group_size == 0),
-         f"{prefix}group_size {evo.group_size} must be 0 or divide {prefix}population_size {evo.population_size}"),
-        (0 < evo.lr_decay <= 1 and 0 < evo.sigma_decay <= 1, f"{prefix}lr_decay and {prefix}sigma_decay must be in (0, 1]"),
+        (
+            evo.group_size >= 0 and (evo.group_size == 0 or evo.population_size % evo.group_size == 0),
+            f"{prefix}group_size {evo.group_size} must be 0 or divide {prefix}population_size {evo.population_size}",
+        ),
+        (
+            0 < evo.lr_decay <= 1 and 0 < evo.sigma_decay <= 1,
+            f"{prefix}lr_decay and {prefix}sigma_decay must be in (0, 1]",
+        ),
         (evo.sigma_lr >= 0, f"{prefix}sigma_lr must be >= 0 (0: a fixed sigma), got {evo.sigma_lr}"),
-        (evo.max_update_norm is None or evo.max_update_norm > 0,
-         f"{prefix}max_update_norm must be > 0 or null, got {evo.max_update_norm}"),
-        (evo.elites >= 1 and (evo.search != "ero" or evo.elites <= evo.population_size),
-         f"{prefix}elites must be >= 1 and at most {prefix}population_size, got {evo.elites}"),
+        (
+            evo.max_update_norm is None or evo.max_update_norm > 0,
+            f"{prefix}max_update_norm must be > 0 or null, got {evo.max_update_norm}",
+        ),
+        (
+            evo.elites >= 1 and (evo.search != "ero" or evo.elites <= evo.population_size),
+            f"{prefix}elites must be >= 1 and at most {prefix}population_size, got {evo.elites}",
+        ),
         (evo.reset_after >= 0, f"{prefix}reset_after must be >= 0 (0: never), got {evo.reset_after}"),
         (evo.clamp is None or evo.clamp > 0, f"{prefix}clamp must be > 0 or null, got {evo.clamp}"),
-        (evo.search == "eggroll" or evo.optimizer == "sgd",
-         f"{prefix}search: ero moves the mean to the elites' average (lr x the step); it needs optimizer: sgd, got {evo.optimizer}"),
-        *[(getattr(evo, key) in choices, f"{prefix}{key} must be one of {list(choices)}, got {getattr(evo, key)!r}")
-          for key, choices in literal_choices(EvolutionSettings).items()],
+        (
+            evo.search == "eggroll" or evo.optimizer == "sgd",
+            f"{prefix}search: ero moves the mean to the elites' average (lr x the step); it needs optimizer: sgd, "
+            f"got {evo.optimizer}",
+        ),
+        *[
+            (getattr(evo, key) in choices, f"{prefix}{key} must be one of {list(choices)}, got {getattr(evo, key)!r}")
+            for key, choices in literal_choices(EvolutionSettings).items()
+        ],
     ]
 
 

@@ -14,20 +14,26 @@ from __future__ import annotations
 import functools
 import math
 
-import hyperscalees as hs
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import hyperscalees as hs
 from ERO_EGGROLL.core.noise_plan import NoisePlan
 from ERO_EGGROLL.core.tensor_classes import ParamClass
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "noise_reuse"))
-def _full_magnitudes(key, epoch, members, *, shape, noise_reuse):
-    def one(member):
-        z = hs.noise.full_noise_pure(key, epoch, member, jnp.float32(1.0), shape=shape, noise_reuse=noise_reuse)
+def _full_magnitudes(
+    key: jax.Array, epoch: int, members: jax.Array, *, shape: tuple[int, ...], noise_reuse: int
+) -> jax.Array:
+    def one(member: jax.Array) -> jax.Array:
+        # hyperscalees.noise.full_noise_pure has no annotations (it is outside the core's typed scope)
+        z: jax.Array = hs.noise.full_noise_pure(  # type: ignore[no-untyped-call]
+            key, epoch, member, jnp.float32(1.0), shape=shape, noise_reuse=noise_reuse
+        )
         return jnp.mean(z * z)
+
     return jax.vmap(one)(members)
 
 
@@ -36,13 +42,22 @@ def noise_magnitudes(plan: NoisePlan, name: str, epoch: int, population: int) ->
     spec, members = plan.specs[name], np.arange(population)
     with plan._jax_placement():
         if spec.cls is ParamClass.LORA:
-            a, b = hs.population_lowrank_factors(plan.keys[name], spec.matrix_shape, epoch=epoch, members=members,
-                                                 rank=plan.rank, sigma=1.0, noise_reuse=plan.noise_reuse)
+            a, b = hs.population_lowrank_factors(
+                plan.keys[name],
+                spec.matrix_shape,
+                epoch=epoch,
+                members=members,
+                rank=plan.rank,
+                sigma=1.0,
+                noise_reuse=plan.noise_reuse,
+            )
             # ||A B^T||_F^2 = sum((A^T A) * (B^T B)): r x r products instead of the (m, n) matrix
             sq = jnp.sum(jnp.einsum("nir,nis->nrs", a, a) * jnp.einsum("nir,nis->nrs", b, b), axis=(1, 2))
             q = sq / math.prod(spec.matrix_shape)
         else:
-            q = _full_magnitudes(plan.keys[name], epoch, jnp.asarray(members), shape=tuple(spec.shape), noise_reuse=plan.noise_reuse)
+            q = _full_magnitudes(
+                plan.keys[name], epoch, jnp.asarray(members), shape=tuple(spec.shape), noise_reuse=plan.noise_reuse
+            )
     return np.asarray(q, dtype=np.float64)
 
 
@@ -56,5 +71,8 @@ def log_sigma_step(fitness: np.ndarray, magnitudes: np.ndarray) -> float:
 
 def adapted_sigmas(plan: NoisePlan, fitness: np.ndarray, epoch: int, sigma_lr: float) -> dict[str, float]:
     """Every tensor's next base sigma: sigma x exp(sigma_lr x corr(fitness, q))."""
-    return {name: plan.sigma[name] * math.exp(sigma_lr * log_sigma_step(fitness, noise_magnitudes(plan, name, epoch, len(fitness))))
-            for name in plan.specs}
+    return {
+        name: plan.sigma[name]
+        * math.exp(sigma_lr * log_sigma_step(fitness, noise_magnitudes(plan, name, epoch, len(fitness))))
+        for name in plan.specs
+    }

@@ -15,13 +15,15 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from ERO_EGGROLL.core.errors import ConfigError
 from ERO_EGGROLL.core.forward_rules import (
+    RowRule,
     add_lowrank_rows,
     check_lowrank_module,
     is_bias_rule,
@@ -37,7 +39,7 @@ from ERO_EGGROLL.core.noise_plan import Dense, LowRank
 class SavedInPlace:
     """Adds noise into tensors and restores their exact bits on exit, even on error."""
 
-    def __init__(self, params: dict[str, nn.Parameter]):
+    def __init__(self, params: dict[str, nn.Parameter]) -> None:
         self.params = params
         self._saved = {name: self._backup_buffer(p) for name, p in params.items()}
 
@@ -48,8 +50,9 @@ class SavedInPlace:
         return torch.empty_like(p)
 
     @contextlib.contextmanager
-    def applied(self, lora: LowRank, full: Dense):
-        """The tensors as W + noise: FULL noise added in fp32, LORA as A_s B^T (reshaped to the kernel), rounded once."""
+    def applied(self, lora: LowRank, full: Dense) -> Iterator[None]:
+        """The tensors as W + noise: FULL noise added in fp32, LORA as A_s B^T (reshaped to the kernel), rounded
+        once."""
         with torch.no_grad():  # every backup is complete before any tensor changes
             for name, p in self.params.items():
                 self._saved[name].copy_(p)
@@ -73,8 +76,16 @@ class _SharedProduct:
 
     The input is held by a weak reference: the product must not keep a layer's activations alive."""
 
-    def __init__(self, b: torch.Tensor):
-        self.b, self.x, self.version, self.xb = b, lambda: None, -1, None  # b: (K, n, R), the group's B factors side by side
+    x: Callable[[], torch.Tensor | None]
+    xb: torch.Tensor | None
+
+    def __init__(self, b: torch.Tensor) -> None:
+        self.b, self.x, self.version, self.xb = (
+            b,
+            lambda: None,
+            -1,
+            None,
+        )  # b: (K, n, R), the group's B factors side by side
 
     def of(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_inference():  # no version counter to check: no reuse
@@ -82,6 +93,7 @@ class _SharedProduct:
         # identity and version, not equality: a sibling receives the very tensor the first one did, unmodified
         if self.x() is not x or x._version != self.version:
             self.x, self.version, self.xb = weakref.ref(x), x._version, project_rows(x, self.b)
+        assert self.xb is not None  # set with self.x, which returned x
         return self.xb
 
 
@@ -94,72 +106,117 @@ class ForwardHooks:
     forward pass runs no more Python per module than one dictionary lookup and the tensor operations.
     """
 
-    def __init__(self, model: nn.Module, lora_names: list[str], full_names: list[str]):
+    def __init__(self, model: nn.Module, lora_names: list[str], full_names: list[str]) -> None:
         self._modules = dict(model.named_modules())
-        owner = lambda name: name.rpartition(".")[0]
-        problems = [p for p in (check_lowrank_module(self._modules[owner(n)], n, self._modules.get(owner(owner(n))))
-                                for n in lora_names) if p]
+
+        def owner(name: str) -> str:
+            return name.rpartition(".")[0]
+
+        problems = [
+            p
+            for p in (
+                check_lowrank_module(self._modules[owner(n)], n, self._modules.get(owner(owner(n)))) for n in lora_names
+            )
+            if p
+        ]
         if problems:  # before any hook is installed, so a refused model is left as it was
             raise ConfigError(problems[0])
-        self._linear_groups = shared_input_groups({n: self._modules[owner(n)].in_features for n in lora_names
-                                                   if isinstance(self._modules[owner(n)], nn.Linear)})
+        self._linear_groups = shared_input_groups(
+            {n: linear.in_features for n in lora_names if isinstance(linear := self._modules[owner(n)], nn.Linear)}
+        )
         self._other_lora = [n for n in lora_names if not isinstance(self._modules[owner(n)], nn.Linear)]
         self._full_attrs: dict[str, list[str]] = defaultdict(list)
         for name in full_names:
             module, _, attr = name.rpartition(".")
             self._full_attrs[module].append(attr)
-        self._rules = {m: row_rule(self._modules[m], attrs, self._modules[owner(m)] if m else None)
-                       for m, attrs in self._full_attrs.items()}
-        self.unbatchable = next((_tensor_name(m, self._full_attrs[m][0]) for m, rule in self._rules.items() if rule is None), None)
+        self._rules = {
+            m: row_rule(self._modules[m], attrs, self._modules[owner(m)] if m else None)
+            for m, attrs in self._full_attrs.items()
+        }
+        self.unbatchable = next(
+            (_tensor_name(m, self._full_attrs[m][0]) for m, rule in self._rules.items() if rule is None), None
+        )
         self._bias_modules = [m for m, rule in self._rules.items() if is_bias_rule(rule)]
         # FULL biases of Linear/Conv modules go through their row rule even for one member, so that one member and K
-        # members as rows compute x W^T + b in the same order (the same bits in any dtype, where GEMM rows are independent)
+        # members as rows compute x W^T + b in the same order (the same bits in any dtype, where GEMM rows are
+        # independent)
         self.biases_in_forward = {_tensor_name(m, "bias") for m in self._bias_modules}
         self._active: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}  # module -> its member step
-        self._hooks = [self._modules[m].register_forward_hook(self._hook(m)) for m in dict.fromkeys(map(owner, lora_names))]
+        self._hooks = [
+            self._modules[m].register_forward_hook(self._hook(m)) for m in dict.fromkeys(map(owner, lora_names))
+        ]
 
-    def _hook(self, module_name: str):
-        def member_output(module, inputs, output):
+    def _hook(self, module_name: str) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]:
+        def member_output(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
             step = self._active.get(module_name)
             return output if step is None else step(inputs[0], output)
 
         return member_output
 
     def _lowrank_steps(self, lora: LowRank) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-        """Per module, the step adding its low-rank delta; `lora` holds K members' factors stacked: (K, m, r), (K, n, r)."""
-        steps = {}
+        """Per module, the step adding its low-rank delta; `lora` holds K members' factors stacked: (K, m, r), (K, n,
+        r)."""
+        steps: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
         for group in self._linear_groups:
             shared = _SharedProduct(torch.cat([lora[n][1] for n in group], dim=-1))
             first = 0
             for name in group:
                 a_t, rank = lora[name][0].transpose(1, 2), lora[name][0].shape[-1]
                 cols = slice(first, first + rank)
-                steps[name.rpartition(".")[0]] = \
-                    lambda x, out, shared=shared, cols=cols, a_t=a_t: add_lowrank_rows(out, shared.of(x)[..., cols], a_t)
+
+                def linear(
+                    x: torch.Tensor,
+                    out: torch.Tensor,
+                    shared: _SharedProduct = shared,
+                    cols: slice = cols,
+                    a_t: torch.Tensor = a_t,
+                ) -> torch.Tensor:
+                    return add_lowrank_rows(out, shared.of(x)[..., cols], a_t)
+
+                steps[name.rpartition(".")[0]] = linear
                 first += rank
         for name in self._other_lora:
             module = self._modules[name.rpartition(".")[0]]
             a, b = lora[name]
 
-            def other(x, out, module=module, a=a, b=b):
-                delta = [lowrank_delta(module, xk, ak, bk) for xk, ak, bk in zip(per_member_blocks(x, a.shape[0]), a, b)]
+            def other(
+                x: torch.Tensor, out: torch.Tensor, module: nn.Module = module, a: torch.Tensor = a, b: torch.Tensor = b
+            ) -> torch.Tensor:
+                delta = [
+                    lowrank_delta(module, xk, ak, bk) for xk, ak, bk in zip(per_member_blocks(x, a.shape[0]), a, b)
+                ]
                 return out + torch.cat(delta).reshape(out.shape)
 
             steps[name.rpartition(".")[0]] = other
         return steps
 
     @contextlib.contextmanager
-    def _installed(self, noises: list[tuple[LowRank, Dense]], full_modules: list[str]):
+    def _installed(self, noises: list[tuple[LowRank, Dense]], full_modules: list[str]) -> Iterator[None]:
         """The K members of `noises` (one block of rows each) in the forward pass: their low-rank deltas (hooks), and
         for each of `full_modules` its row rule in place of its forward, with the members' values (base + noise,
         rounded to the tensor's dtype once, here, not per forward pass)."""
-        replaced = {}
+        replaced: dict[nn.Module, Callable[[torch.Tensor], torch.Tensor]] = {}
         for m in full_modules:
             module, rule = self._modules[m], self._rules[m]
-            values = {a: torch.stack([_noised(getattr(module, a), full[_tensor_name(m, a)]) for _, full in noises])
-                      for a in self._full_attrs[m]}
-            replaced[module] = lambda x, module=module, rule=rule, values=values: rule(module, x, values)
-        stacked = {n: (torch.stack([lr[n][0] for lr, _ in noises]), torch.stack([lr[n][1] for lr, _ in noises])) for n in noises[0][0]}
+            assert rule is not None  # full_modules have rules: the bias modules, or all once check_batchable passed
+            values = {
+                a: torch.stack([_noised(getattr(module, a), full[_tensor_name(m, a)]) for _, full in noises])
+                for a in self._full_attrs[m]
+            }
+
+            def forward(
+                x: torch.Tensor,
+                module: nn.Module = module,
+                rule: RowRule = rule,
+                values: dict[str, torch.Tensor] = values,
+            ) -> torch.Tensor:
+                return rule(module, x, values)
+
+            replaced[module] = forward
+        stacked = {
+            n: (torch.stack([lr[n][0] for lr, _ in noises]), torch.stack([lr[n][1] for lr, _ in noises]))
+            for n in noises[0][0]
+        }
         with _forwards_replaced(replaced):
             try:
                 self._active = self._lowrank_steps(stacked)
@@ -167,7 +224,7 @@ class ForwardHooks:
             finally:
                 self._active = {}
 
-    def member(self, lora: LowRank, biases: Dense):
+    def member(self, lora: LowRank, biases: Dense) -> contextlib.AbstractContextManager[None]:
         """One member: LORA deltas and its FULL `biases` (those of biases_in_forward) in the forward pass; its other
         FULL tensors are in place (SavedInPlace)."""
         return self._installed([(lora, biases)], self._bias_modules)
@@ -175,11 +232,13 @@ class ForwardHooks:
     def check_batchable(self) -> None:
         """Refuse several members per batch where a FULL tensor's module has no per-row rule."""
         if self.unbatchable:
-            raise ConfigError(f"FULL tensor {self.unbatchable} belongs to a module with no per-row rule (forward_rules.ROW_RULES), "
-                              "so several members cannot share a batch through it; freeze it (params.overrides), declare a "
-                              "rule with forward_rules.declare_row_rule, or use evaluation.members_per_batch: 1")
+            raise ConfigError(
+                f"FULL tensor {self.unbatchable} belongs to a module with no per-row rule (forward_rules.ROW_RULES), "
+                "so several members cannot share a batch through it; freeze it (params.overrides), declare a "
+                "rule with forward_rules.declare_row_rule, or use evaluation.members_per_batch: 1"
+            )
 
-    def rows(self, noises: list[tuple[LowRank, Dense]]):
+    def rows(self, noises: list[tuple[LowRank, Dense]]) -> contextlib.AbstractContextManager[None]:
         """K members at once, for a batch whose rows are K equal member-major blocks; no tensor's values change."""
         self.check_batchable()
         return self._installed(noises, list(self._full_attrs))
@@ -200,9 +259,11 @@ def _tensor_name(module: str, attr: str) -> str:
 
 
 @contextlib.contextmanager
-def _forwards_replaced(forwards: dict[nn.Module, Callable[[torch.Tensor], torch.Tensor]]):
+def _forwards_replaced(forwards: dict[nn.Module, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
     """Each module's forward replaced by the given function (its forward hooks still run), restored on exit."""
-    own = {module: module.__dict__.get("forward") for module in forwards}  # a forward set on the instance (e.g. by a wrapper)
+    own = {
+        module: module.__dict__.get("forward") for module in forwards
+    }  # a forward set on the instance (e.g. by a wrapper)
     try:
         for module, forward in forwards.items():
             module.forward = forward
@@ -213,4 +274,3 @@ def _forwards_replaced(forwards: dict[nn.Module, Callable[[torch.Tensor], torch.
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = previous
-

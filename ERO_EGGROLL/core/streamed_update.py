@@ -15,11 +15,13 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
-import hyperscalees as hs
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
+import hyperscalees as hs
 from ERO_EGGROLL.core.ero_search import EroSelection
 from ERO_EGGROLL.core.es_optimizer import EsOptimizer, apply_change, clip_scale, rounding_generator
 from ERO_EGGROLL.core.noise_plan import NoisePlan
@@ -30,27 +32,37 @@ from ERO_EGGROLL.core.sigma_adapt import adapted_sigmas
 class StreamedUpdate:
     """The ES update of `params` along `plan`; its state is the optimizer's (step count, Adam moments)."""
 
-    def __init__(self, plan: NoisePlan, params: dict[str, torch.nn.Parameter], evo: EvolutionSettings, seed: int,
-                 base: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        plan: NoisePlan,
+        params: dict[str, torch.nn.Parameter],
+        evo: EvolutionSettings,
+        seed: int,
+        base: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """`base`: host copies of the base weights, which ERO's reset-to-base needs (search: ero, reset_after > 0)."""
         self.plan, self.params, self.evo, self.seed, self.base = plan, params, evo, seed, base
-        self.optimizer = (EroSelection(evo, lambda resets: plan.reseed(seed + resets * evo.reseed_step)) if evo.search == "ero"
-                          else EsOptimizer(evo.optimizer, evo.lr, evo.weight_decay))
+        self.optimizer = (
+            EroSelection(evo, lambda resets: plan.reseed(seed + resets * evo.reseed_step))
+            if evo.search == "ero"
+            else EsOptimizer(evo.optimizer, evo.lr, evo.weight_decay)
+        )
 
     def lr_at(self, epoch: int) -> float:
-        return self.evo.lr * self.evo.lr_decay ** epoch
+        return self.evo.lr * self.evo.lr_decay**epoch
 
     def _rounding_generator(self, name: str, epoch: int, weight: torch.Tensor) -> torch.Generator | None:
         if not self.evo.stochastic_rounding or weight.dtype != torch.bfloat16:
             return None  # only bf16 is rounded stochastically
         return rounding_generator(self.seed, epoch, self.plan.specs[name].key_index, weight.device)
 
-    def step(self, raw_fitness, epoch: int) -> dict:
+    def step(self, raw_fitness: ArrayLike, epoch: int) -> dict[str, Any]:
         """Shape fitness (normalized, or ERO's elite weights), move every evolving tensor, then adapt the sigmas
         (sigma_lr > 0); returns the update's statistics."""
         evo, plan = self.evo, self.plan
-        ero: dict = {}
+        ero: dict[str, Any] = {}
         if evo.search == "ero":
+            assert isinstance(self.optimizer, EroSelection)  # made for search: ero in __init__
             fitness, ero = self.optimizer.select(raw_fitness)
             if fitness is None:
                 return self._reset_to_base(epoch, ero)
@@ -81,16 +93,25 @@ class StreamedUpdate:
                 if clip != 1.0:
                     direction = direction * clip
                 if clipup:  # the velocity moves now; the weights once its global norm is known
+                    assert isinstance(self.optimizer, EsOptimizer) and norm is not None  # clipup: eggroll, norm known
                     speed_sq += self.optimizer.clipup_velocity(name, direction, norm * clip)
                     continue
                 change = self.optimizer.change(name, direction, w, out=workspace[: w.numel()].view(w.shape))
                 del direction  # frees the contraction's buffer before the change is applied
                 self._apply(totals, name, epoch, w, change, changed_mask)
             for name, w in self.params.items() if clipup else ():
-                change = self.optimizer.clipup_change(name, math.sqrt(speed_sq), out=workspace[: w.numel()].view(w.shape))
+                assert isinstance(self.optimizer, EsOptimizer)  # clipup: search eggroll (settings)
+                change = self.optimizer.clipup_change(
+                    name, math.sqrt(speed_sq), out=workspace[: w.numel()].view(w.shape)
+                )
                 self._apply(totals, name, epoch, w, change, changed_mask)
-        stats = {"update_norm": norm if norm is not None else math.sqrt(direction_sq), "clip_scale": clip,
-                 "lr": self.optimizer.lr, "sigma_scale": plan.sigma_scale(epoch), "normalized_fitness": fitness.tolist()}
+        stats = {
+            "update_norm": norm if norm is not None else math.sqrt(direction_sq),
+            "clip_scale": clip,
+            "lr": self.optimizer.lr,
+            "sigma_scale": plan.sigma_scale(epoch),
+            "normalized_fitness": fitness.tolist(),
+        }
         stats.update({f"update_norm_{k}": math.sqrt(v) for k, v in totals.per_class.items()})
         stats["fraction_changed"] = totals.changed / max(totals.total, 1)
         stats["lost_update_fraction"] = totals.lost / totals.intended if totals.intended else 0.0
@@ -99,25 +120,43 @@ class StreamedUpdate:
             stats["sigma_mean"] = float(np.mean(list(plan.sigma.values())))
         return {**stats, **ero}
 
-    def _apply(self, totals: _AppliedTotals, name: str, epoch: int, w: torch.Tensor, change: torch.Tensor,
-               changed_mask: torch.Tensor) -> None:
+    def _apply(
+        self,
+        totals: _AppliedTotals,
+        name: str,
+        epoch: int,
+        w: torch.Tensor,
+        change: torch.Tensor,
+        changed_mask: torch.Tensor,
+    ) -> None:
         """Round `change` into `w` (consuming it) and add what that did to the step's `totals`."""
-        applied = apply_change(w, change, self._rounding_generator(name, epoch, w), changed_mask[: w.numel()].view(w.shape))
+        applied = apply_change(
+            w, change, self._rounding_generator(name, epoch, w), changed_mask[: w.numel()].view(w.shape)
+        )
         if self.evo.clamp is not None:  # ERO clamps each member; here the mean after its update (docs/comparisons.md)
             w.clamp_(-self.evo.clamp, self.evo.clamp)
         totals.per_class[self.plan.specs[name].cls.value] += applied.sq_norm
         totals.intended, totals.lost = totals.intended + applied.intended, totals.lost + applied.lost
         totals.changed, totals.total = totals.changed + applied.changed, totals.total + w.numel()
 
-
-    def _reset_to_base(self, epoch: int, ero: dict) -> dict:
+    def _reset_to_base(self, epoch: int, ero: dict[str, Any]) -> dict[str, Any]:
         """ERO's degeneration rule: the mean becomes the base weights again (the noise plan was already reseeded)."""
+        if self.base is None:
+            raise ValueError("ERO's reset to the base weights needs them: pass `base` (search: ero, reset_after > 0)")
         self.optimizer.begin_step()
         with torch.no_grad():
             for name, w in self.params.items():
                 w.copy_(self.base[name])
-        return {"update_norm": 0.0, "clip_scale": 1.0, "lr": self.optimizer.lr, "sigma_scale": self.plan.sigma_scale(epoch),
-                "normalized_fitness": [0.0] * self.evo.population_size, "fraction_changed": 0.0, "lost_update_fraction": 0.0, **ero}
+        return {
+            "update_norm": 0.0,
+            "clip_scale": 1.0,
+            "lr": self.optimizer.lr,
+            "sigma_scale": self.plan.sigma_scale(epoch),
+            "normalized_fitness": [0.0] * self.evo.population_size,
+            "fraction_changed": 0.0,
+            "lost_update_fraction": 0.0,
+            **ero,
+        }
 
 
 @dataclass

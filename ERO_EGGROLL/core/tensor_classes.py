@@ -13,8 +13,8 @@ from __future__ import annotations
 import enum
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -52,11 +52,14 @@ def key_index(name: str) -> int:
 
 def make_specs(named: list[tuple[str, tuple[int, ...], ParamClass]]) -> list[ParamSpec]:
     """ParamSpecs with their key indices, refusing LORA below 2-D and two names on one noise key."""
-    specs, seen = [], {}
+    specs: list[ParamSpec] = []
+    seen: dict[int, str] = {}
     for name, shape, cls in named:
         if cls is ParamClass.LORA and len(shape) < 2:
-            raise ConfigError(f"{name} (shape {shape}) is classified LORA, but low-rank noise needs a tensor of 2 or more "
-                              "dimensions; make it FULL or FROZEN")
+            raise ConfigError(
+                f"{name} (shape {shape}) is classified LORA, but low-rank noise needs a tensor of 2 or more "
+                "dimensions; make it FULL or FROZEN"
+            )
         index = key_index(name)
         if index in seen:
             raise ConfigError(f"tensor names {seen[index]} and {name} collide on their noise key; rename one of them")
@@ -81,9 +84,11 @@ def default_class(owner: nn.Module, attr: str, name: str, shape: tuple[int, ...]
         return ParamClass.FULL
     if attr == "weight" and isinstance(owner, LOW_RANK_TYPES):
         return ParamClass.LORA
-    raise ConfigError(f"{name} (a {type(owner).__name__}.{attr} of shape {tuple(shape)}) has no default EGGROLL class; "
-                      "pass classify=lambda name, tensor: ... returning ParamClass.FROZEN, LORA or FULL for it "
-                      "(or declare_norm(type) if it is a norm)")
+    raise ConfigError(
+        f"{name} (a {type(owner).__name__}.{attr} of shape {tuple(shape)}) has no default EGGROLL class; "
+        "pass classify=lambda name, tensor: ... returning ParamClass.FROZEN, LORA or FULL for it "
+        "(or declare_norm(type) if it is a norm)"
+    )
 
 
 Classifier = Callable[[str, torch.Tensor], "ParamClass | str | None"]

@@ -13,9 +13,9 @@ from __future__ import annotations
 import csv
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from ERO_EGGROLL.arc.fitness import METRICS, cell_accuracy, char_similarity, exact
 from ERO_EGGROLL.config import Config
@@ -23,15 +23,25 @@ from ERO_EGGROLL.evaluation.generation import generate_answers, resolved_decodin
 from ERO_EGGROLL.evaluation.likelihood import answer_logprobs
 from ERO_EGGROLL.evaluation.prepared import EvaluationError, PreparedQuestion, prepare, questions_for
 
-__all__ = ["evaluate", "evaluate_members", "prepare", "questions_for", "resolved_decoding", "EvalResult", "EvaluationError",
-           "PreparedQuestion", "LIKELIHOOD_FITNESS"]
+__all__ = [
+    "evaluate",
+    "evaluate_members",
+    "prepare",
+    "questions_for",
+    "resolved_decoding",
+    "EvalResult",
+    "EvaluationError",
+    "PreparedQuestion",
+    "LIKELIHOOD_FITNESS",
+]
 
 LIKELIHOOD_FITNESS = "answer_logprob"
 
 
 @dataclass
 class AnswerRecord:
-    """One question's scores; the text metrics are None when nothing was generated, answer_logprob when it was not scored."""
+    """One question's scores; the text metrics are None when nothing was generated, answer_logprob when it was not
+    scored."""
 
     task_id: str
     score: float  # the configured fitness
@@ -79,23 +89,34 @@ def fitness_range(name: str) -> tuple[float, float]:
     return (-math.inf, 0.0) if name == LIKELIHOOD_FITNESS else (0.0, 1.0)
 
 
-def _checked(cfg: Config, score: float, task_id: str) -> float:
+def _checked(cfg: Config, score: float | None, task_id: str) -> float:
     """The fitness value, refused when it would poison the update: NaN or out of the fitness's range."""
     name = cfg.evaluation.fitness
     low, high = fitness_range(name)
     if not (isinstance(score, float) and math.isfinite(score) and low <= score <= high):
-        span = "a finite float <= 0 (a mean log-probability)" if name == LIKELIHOOD_FITNESS else "a finite float in [0, 1]"
-        raise EvaluationError(f"fitness {name!r} returned {score!r} for task {task_id}; a fitness must be {span} "
-                              "(NaN would poison the update)")
+        span = (
+            "a finite float <= 0 (a mean log-probability)" if name == LIKELIHOOD_FITNESS else "a finite float in [0, 1]"
+        )
+        raise EvaluationError(
+            f"fitness {name!r} returned {score!r} for task {task_id}; a fitness must be {span} "
+            "(NaN would poison the update)"
+        )
     return score
 
 
-def _score(prepared: Sequence[PreparedQuestion], answers: Sequence[tuple[str, int]] | None, logprobs: Sequence[float] | None,
-           cfg: Config) -> EvalResult:
+def _score(
+    prepared: Sequence[PreparedQuestion],
+    answers: Sequence[tuple[str, int]] | None,
+    logprobs: Sequence[float] | None,
+    cfg: Config,
+) -> EvalResult:
     """Records and per-task fitness from what was computed: generated answers, answer log-probabilities, or both."""
     records = []
     for i, p in enumerate(prepared):
-        target, record = p.question.target, AnswerRecord(p.question.task_id, 0.0, prompt_tokens=int(p.inputs["input_ids"].shape[0]))
+        target, record = (
+            p.question.target,
+            AnswerRecord(p.question.task_id, 0.0, prompt_tokens=int(p.inputs["input_ids"].shape[0])),
+        )
         if answers is not None:
             text, record.new_tokens = answers[i]
             record.text, record.char_similarity = text, char_similarity(text, target)
@@ -103,8 +124,11 @@ def _score(prepared: Sequence[PreparedQuestion], answers: Sequence[tuple[str, in
         if logprobs is not None:
             record.answer_logprob = logprobs[i]
         fitness = cfg.evaluation.fitness
-        record.score = _checked(cfg, record.answer_logprob if fitness == LIKELIHOOD_FITNESS else METRICS[fitness](record.text, target),
-                                p.question.task_id)
+        if fitness == LIKELIHOOD_FITNESS:
+            score = record.answer_logprob
+        else:
+            score = METRICS[fitness](record.text, target) if record.text is not None else None
+        record.score = _checked(cfg, score, p.question.task_id)
         records.append(record)
     return EvalResult(per_task_mean(records, "score"), records)
 
@@ -115,16 +139,29 @@ def _needs(cfg: Config, report: bool) -> tuple[bool, bool]:
     return report or not likelihood, report or likelihood
 
 
-def evaluate(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config, stream: Sequence[int] = (),
-             report: bool = False) -> EvalResult:
+def evaluate(
+    model,
+    processor,
+    prepared: Sequence[PreparedQuestion],
+    cfg: Config,
+    stream: Sequence[int] = (),
+    report: bool = False,
+) -> EvalResult:
     """Scores of `model` on prepared questions (see `prepare`). Deterministic: sampled decoding is seeded
     from the run's seed, `stream` (integers naming this evaluation, e.g. epoch and member) and the question.
     `report`: generate and score the likelihood whatever the fitness (every metric filled in)."""
     return evaluate_members(model, processor, prepared, cfg, 1, stream, report)[0]
 
 
-def evaluate_members(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config, members: int,
-                     stream: Sequence[int] = (), report: bool = False) -> list[EvalResult]:
+def evaluate_members(
+    model,
+    processor,
+    prepared: Sequence[PreparedQuestion],
+    cfg: Config,
+    members: int,
+    stream: Sequence[int] = (),
+    report: bool = False,
+) -> list[EvalResult]:
     """Scores of `members` members answering in the same calls (inside `Perturber.members`; 1: one model)."""
     start = time.perf_counter()
     generate, likelihood = _needs(cfg, report)
@@ -138,14 +175,27 @@ def evaluate_members(model, processor, prepared: Sequence[PreparedQuestion], cfg
 
 # --- the per-task table in ERO's layout -------------------------------------------------------------
 
+
 def results_table(task_ids: Sequence[str], result: EvalResult) -> list[dict]:
-    """Rows T1..Tn with char similarity, cell accuracy, exact match and answer log-prob (of a report), then the mean row."""
+    """Rows T1..Tn with char similarity, cell accuracy, exact match and answer log-prob (of a report), then the mean
+    row."""
     names = ("char_similarity", "cell_accuracy", "exact", "answer_logprob")
     per_task = {name: result.metric(name) for name in names}
-    rows = [{"task": f"T{i}", "id": t, **{name: per_task[name][t] for name in names}} for i, t in enumerate(task_ids, start=1)]
-    mean = lambda key: sum(r[key] for r in rows) / len(rows)
-    rows.append({"task": "mean", "id": f"{sum(r['exact'] == 1.0 for r in rows)}/{len(rows)} solved exactly",
-                 **{name: mean(name) for name in names}})
+    rows = [
+        {"task": f"T{i}", "id": t, **{name: per_task[name][t] for name in names}}
+        for i, t in enumerate(task_ids, start=1)
+    ]
+
+    def mean(key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    rows.append(
+        {
+            "task": "mean",
+            "id": f"{sum(r['exact'] == 1.0 for r in rows)}/{len(rows)} solved exactly",
+            **{name: mean(name) for name in names},
+        }
+    )
     return rows
 
 
@@ -176,7 +226,10 @@ def write_table(rows: list[dict], out_stem: Path) -> tuple[Path, Path]:
         writer.writeheader()
         writer.writerows(rows)
     lines = [MD_HEADER, "|---|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['id']} | {r['char_similarity']:.4f} | {r['cell_accuracy']:.4f} | {r['exact']:.4f} | "
-              f"{r['answer_logprob']:.4f} |" for r in rows]
+    lines += [
+        f"| {r['task']} | {r['id']} | {r['char_similarity']:.4f} | {r['cell_accuracy']:.4f} | {r['exact']:.4f} | "
+        f"{r['answer_logprob']:.4f} |"
+        for r in rows
+    ]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path

@@ -7,20 +7,28 @@ Decoding comes from the config alone (`evaluation.decoding`, greedy by default);
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from transformers import GenerationConfig
 
 from ERO_EGGROLL.config import Config
-from ERO_EGGROLL.evaluation.prepared import END_OF_TURN, EvaluationError, PreparedQuestion, collate, pad_id_of, replicate
+from ERO_EGGROLL.evaluation.prepared import (
+    END_OF_TURN,
+    EvaluationError,
+    PreparedQuestion,
+    collate,
+    pad_id_of,
+    replicate,
+)
 
 OOM_ADVICE = (
     "out of GPU memory during generation. With evaluation.members_per_batch K > 1 (or auto), K members share "
     "each generate call, so the batch is K times larger: lower members_per_batch first (at 1 members are evaluated "
     "one at a time and the population size does not matter); then lower evaluation.batch_size, "
-    "evaluation.max_new_tokens_cap or data.max_train_examples, or use data.input_mode: text. `python -m ERO_EGGROLL.memory --config <yaml>` predicts the peak."
+    "evaluation.max_new_tokens_cap or data.max_train_examples, or use data.input_mode: text. `python -m "
+    "ERO_EGGROLL.memory --config <yaml>` predicts the peak."
 )
 DECODING_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
 
@@ -35,8 +43,10 @@ def resolved_decoding(cfg: Config) -> dict:
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise EvaluationError(f"evaluation.decoding.preset 'ero' reads the base checkpoint's {path}, which cannot be read "
-                              f"({err}); copy it from the downloaded checkpoint, or use preset 'explicit'") from None
+        raise EvaluationError(
+            f"evaluation.decoding.preset 'ero' reads the base checkpoint's {path}, which cannot be read "
+            f"({err}); copy it from the downloaded checkpoint, or use preset 'explicit'"
+        ) from None
     defaults = GenerationConfig._get_default_generation_params()  # what generate() fills in for unset values
     return {name: saved.get(name, defaults[name]) for name in DECODING_FIELDS}
 
@@ -46,8 +56,13 @@ def generation_config(decoding: dict, max_new_tokens: int, eos_token_id: int, pa
     generate() fills nothing in from the checkpoint's generation_config.json."""
     values = GenerationConfig._get_default_generation_params()
     del values["max_length"]  # max_new_tokens decides the length
-    values.update(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                  do_sample=decoding["do_sample"], repetition_penalty=decoding["repetition_penalty"])
+    values.update(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        do_sample=decoding["do_sample"],
+        repetition_penalty=decoding["repetition_penalty"],
+    )
     if decoding["do_sample"]:  # set only where they act: transformers warns about sampling values under greedy decoding
         values.update(temperature=decoding["temperature"], top_p=decoding["top_p"], top_k=decoding["top_k"])
     return GenerationConfig(**values)
@@ -60,8 +75,9 @@ def sampling_seed(seed: int, stream: Sequence[int], question: int) -> int:
 
 
 @torch.no_grad()
-def generate_answers(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config, replicas: int = 1,
-                     stream: Sequence[int] = ()) -> list[list[tuple[str, int]]]:
+def generate_answers(
+    model, processor, prepared: Sequence[PreparedQuestion], cfg: Config, replicas: int = 1, stream: Sequence[int] = ()
+) -> list[list[tuple[str, int]]]:
     """(decoded text, new-token count) per replica and question, `evaluation.batch_size` prompts per generate call.
 
     With replicas K > 1 every prompt batch is repeated K times, member-major, so that K members
@@ -82,7 +98,9 @@ def generate_answers(model, processor, prepared: Sequence[PreparedQuestion], cfg
         inputs = replicate(collate(batch, pad_id, param.device), replicas, param.dtype)
         config = generation_config(decoding, max(p.max_new_tokens for p in batch), end_of_turn, pad_id)
         try:
-            with torch.random.fork_rng(devices=[param.device] if param.device.type == "cuda" else [], enabled=decoding["do_sample"]):
+            with torch.random.fork_rng(
+                devices=[param.device] if param.device.type == "cuda" else [], enabled=decoding["do_sample"]
+            ):
                 if decoding["do_sample"]:
                     torch.manual_seed(sampling_seed(cfg.seed, stream, start))
                 generated = model.generate(**inputs, generation_config=config)

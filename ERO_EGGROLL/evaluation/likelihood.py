@@ -11,7 +11,7 @@ objective that backprop follows (`scripts/es_vs_backprop.py`, `evolution.log_gra
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -30,7 +30,9 @@ def _batch_logprobs(model, batch: Sequence[PreparedQuestion], pad_id: int, repli
         logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits.float()
     except torch.OutOfMemoryError:
         raise EvaluationError(OOM_ADVICE) from None
-    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)  # (rows, keep - 1, vocab): predictions of the last keep - 1 tokens
+    log_probs = torch.log_softmax(
+        logits[:, :-1], dim=-1
+    )  # (rows, keep - 1, vocab): predictions of the last keep - 1 tokens
     targets = inputs["input_ids"][:, -(keep - 1) :]
     token_lp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     positions = torch.arange(keep - 1, device=token_lp.device)
@@ -38,7 +40,9 @@ def _batch_logprobs(model, batch: Sequence[PreparedQuestion], pad_id: int, repli
     return (token_lp * in_answer).sum(1) / in_answer.sum(1)
 
 
-def answer_logprobs(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config, replicas: int = 1) -> list[list[float]]:
+def answer_logprobs(
+    model, processor, prepared: Sequence[PreparedQuestion], cfg: Config, replicas: int = 1
+) -> list[list[float]]:
     """Per replica (member) and question, the mean answer-token log-probability; `evaluation.batch_size`
     questions per forward pass, repeated `replicas` times member-major for `Perturber.members`."""
     pad_id = pad_id_of(processor.tokenizer)
@@ -64,7 +68,9 @@ def answer_logprob_objective(model, processor, prepared: Sequence[PreparedQuesti
     bs = cfg.evaluation.batch_size
     for start in range(0, len(prepared), bs):
         batch = prepared[start : start + bs]
-        weights = torch.tensor([1.0 / (len(per_task) * per_task[p.question.task_id]) for p in batch], device=total.device)
+        weights = torch.tensor(
+            [1.0 / (len(per_task) * per_task[p.question.task_id]) for p in batch], device=total.device
+        )
         total = total + (_batch_logprobs(model, batch, pad_id, 1) * weights).sum()
     return total
 
@@ -78,7 +84,9 @@ def gradient_cosine(gradient: dict[str, torch.Tensor], change: dict[str, torch.T
     return dot / (g2 * c2) ** 0.5 if g2 > 0 and c2 > 0 else 0.0
 
 
-def fitness_gradient(model, processor, prepared: Sequence[PreparedQuestion], cfg: Config, names: Sequence[str]) -> dict[str, torch.Tensor]:
+def fitness_gradient(
+    model, processor, prepared: Sequence[PreparedQuestion], cfg: Config, names: Sequence[str]
+) -> dict[str, torch.Tensor]:
     """The true gradient of the answer_logprob fitness with respect to the named parameters (one backward pass);
     the parameters' requires_grad flags are restored and their .grad left untouched."""
     params = dict(model.named_parameters())
@@ -88,16 +96,20 @@ def fitness_gradient(model, processor, prepared: Sequence[PreparedQuestion], cfg
         for p in chosen:
             p.requires_grad_(True)
         with torch.enable_grad():
-            grads = torch.autograd.grad(answer_logprob_objective(model, processor, prepared, cfg), chosen, allow_unused=True)
+            grads = torch.autograd.grad(
+                answer_logprob_objective(model, processor, prepared, cfg), chosen, allow_unused=True
+            )
     finally:
         for p, flag in zip(chosen, flags):
             p.requires_grad_(flag)
     return {n: (g if g is not None else torch.zeros_like(p)).detach() for n, p, g in zip(names, chosen, grads)}
 
 
-def update_with_gradient_cosine(update: Callable[[], dict], perturber, model, processor, prepared: Sequence[PreparedQuestion],
-                                cfg: Config) -> dict:
-    """`update()`'s statistics (the epoch step's update) plus `gradient_cosine`: the cosine between the change the update
+def update_with_gradient_cosine(
+    update: Callable[[], dict], perturber, model, processor, prepared: Sequence[PreparedQuestion], cfg: Config
+) -> dict:
+    """`update()`'s statistics (the epoch step's update) plus `gradient_cosine`: the cosine between the change the
+    update
     made to the evolvable tensors and the true gradient of the answer_logprob fitness on `prepared` at the weights
     before it (one backward pass; nothing else changes, so a run's numbers are the same with or without it)."""
     before = {n: t.clone() for n, t in perturber.evolvable_state().items()}

@@ -1,4 +1,5 @@
-"""Questions made ready for a model once per run: chat template, tokens, pixels, the answer's tokens and the token budget.
+"""Questions made ready for a model once per run: chat template, tokens, pixels, the answer's tokens and the token
+budget.
 
 Both readers of a question build on this module: generation (`arc_evaluator`) and teacher-forced
 scoring (`likelihood`). Prompts are left-padded into batches so that every prompt ends
@@ -8,13 +9,19 @@ where the answer starts.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
 from ERO_EGGROLL.arc.fitness import canonical_text
-from ERO_EGGROLL.arc.prompts import Question, answer_text, build_messages, held_out_test_questions, leave_one_out_questions
+from ERO_EGGROLL.arc.prompts import (
+    Question,
+    answer_text,
+    build_messages,
+    held_out_test_questions,
+    leave_one_out_questions,
+)
 from ERO_EGGROLL.arc.tasks import ArcTask, Grid
 from ERO_EGGROLL.config import Config, EvaluationConfig
 from ERO_EGGROLL.core.errors import EggrollError
@@ -47,8 +54,8 @@ def questions_for(tasks: Sequence[ArcTask], cfg: Config, purpose: str) -> list[Q
 def demonstrated_size(question: Question, count_tokens: Callable[[Grid], int]) -> int:
     """The answer's token count as far as the question itself tells it, without its target: the largest
     demonstration output, or the query scaled by the largest output/input ratio of the demonstrations."""
-    ratio = max(count_tokens(p.output) / count_tokens(p.input) for p in question.examples) if question.examples else 1.0
-    outputs = [count_tokens(p.output) for p in question.examples]
+    ratio = max(count_tokens(p.answer) / count_tokens(p.input) for p in question.examples) if question.examples else 1.0
+    outputs = [count_tokens(p.answer) for p in question.examples]
     return max([math.ceil(ratio * count_tokens(question.query)), *outputs])
 
 
@@ -70,7 +77,10 @@ def prepare(questions: Sequence[Question], processor, cfg: Config) -> list[Prepa
     prepared = []
     tokenizer = processor.tokenizer
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    count_tokens = lambda grid: len(tokenizer(answer_text(grid), add_special_tokens=False)["input_ids"])
+
+    def count_tokens(grid):
+        return len(tokenizer(answer_text(grid), add_special_tokens=False)["input_ids"])
+
     for q in questions:
         messages, images = build_messages(q, cfg.data.input_mode, cfg.data.cell_size, cfg.data.max_pixels)
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -83,12 +93,17 @@ def prepare(questions: Sequence[Question], processor, cfg: Config) -> list[Prepa
 
 def pad_id_of(tokenizer) -> int:
     """The padding token (end of turn where the tokenizer names none)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    return (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    )
 
 
 def collate(batch: Sequence[PreparedQuestion], pad_id: int, device, answers: bool = False) -> dict:
     """Left-padded model inputs of a batch of prompts (followed by their answers when `answers`)."""
-    sequences = [p.inputs["input_ids"] if not answers else torch.cat([p.inputs["input_ids"], torch.tensor(p.answer_ids)]) for p in batch]
+    sequences = [
+        p.inputs["input_ids"] if not answers else torch.cat([p.inputs["input_ids"], torch.tensor(p.answer_ids)])
+        for p in batch
+    ]
     width = max(s.shape[0] for s in sequences)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -103,7 +118,8 @@ def collate(batch: Sequence[PreparedQuestion], pad_id: int, device, answers: boo
 
 
 def replicate(inputs: dict, replicas: int, dtype: torch.dtype) -> dict:
-    """The batch repeated `replicas` times, member-major (as Perturber.members lays out its rows); pixels in the model's dtype."""
+    """The batch repeated `replicas` times, member-major (as Perturber.members lays out its rows); pixels in the model's
+    dtype."""
     if replicas > 1:
         inputs = {k: torch.cat([v] * replicas) for k, v in inputs.items()}
     if "pixel_values" in inputs:

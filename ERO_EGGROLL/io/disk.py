@@ -16,14 +16,14 @@ import json
 import os
 import shutil
 import stat
+import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from safetensors import SafetensorError
 
 from ERO_EGGROLL.core.errors import EggrollError
-
 
 OUTPUT_MARK = ".ero_eggroll_output.json"  # in a folder a command wrote: {"kind": ...}; what marks it as safe to replace
 CHECKPOINT_INTACT = "the previous checkpoint is intact: free space or fix permissions, then --resume"
@@ -46,11 +46,28 @@ def writing(path: Path, then: str = CHECKPOINT_INTACT) -> Iterator[None]:
         yield
     except (OSError, SafetensorError) as err:
         reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
-        raise WriteError(f"could not write {path}: {reason} (disk full, read-only folder or no permission?); {then}") from None
+        raise WriteError(
+            f"could not write {path}: {reason} (disk full, read-only folder or no permission?); {then}"
+        ) from None
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path, then: str = CHECKPOINT_INTACT) -> Iterator[Path]:
+    """A new hidden folder beside `target` to build it in, so that nobody ever sees it half written. The block
+    publishes it (a rename); whatever is left of it afterwards, after a failure too, is removed: it was ours."""
+    with writing(target, then):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def mark_output(folder: Path, kind: str) -> None:
-    """Mark `folder` (being written by a command) as an output of `kind`, which a later command of that kind may replace."""
+    """Mark `folder` (being written by a command) as an output of `kind`, which a later command of that kind may
+    replace."""
     (folder / OUTPUT_MARK).write_text(json.dumps({"kind": kind}) + "\n")
 
 
@@ -92,10 +109,14 @@ def check_output(path: str | Path, what: str, earlier: Callable[[Path], bool], p
     for folder in protected:
         folder = Path(folder).resolve()
         if _within(resolved, folder) or _within(folder, resolved):
-            raise OutputError(f"{what} {path} is, holds or lies inside {folder} (a run or base model folder, never written "
-                              "by this command); give a new path elsewhere")
+            raise OutputError(
+                f"{what} {path} is, holds or lies inside {folder} (a run or base model folder, never written "
+                "by this command); give a new path elsewhere"
+            )
     if path.is_symlink() and not earlier(path):
-        raise OutputError(f"{what} {path} is a symlink (to {os.readlink(path)}); nothing is written through it: give a new path")
+        raise OutputError(
+            f"{what} {path} is a symlink (to {os.readlink(path)}); nothing is written through it: give a new path"
+        )
     if not path.exists():
         return path
     mode = path.lstat().st_mode
@@ -104,8 +125,10 @@ def check_output(path: str | Path, what: str, earlier: Callable[[Path], bool], p
     if earlier(path) or (stat.S_ISDIR(mode) and not any(path.iterdir())):
         return path
     kind = "folder" if path.is_dir() else "file"
-    raise OutputError(f"{what} {path}: a {kind} that this command did not write is there; it is never replaced: "
-                      "give a new path, or move it away yourself")
+    raise OutputError(
+        f"{what} {path}: a {kind} that this command did not write is there; it is never replaced: "
+        "give a new path, or move it away yourself"
+    )
 
 
 def fsync_dir(path: Path) -> None:
@@ -145,13 +168,16 @@ def publish_dir(staging: Path, target: Path, previous_to: Path | None = None, th
                 previous.rename(previous_to)
             else:
                 shutil.rmtree(previous, ignore_errors=True)
-        for orphan in target.parent.glob(f".{target.name}.v*"):  # left by a crash before a swap: never visible, never needed
+        for orphan in target.parent.glob(
+            f".{target.name}.v*"
+        ):  # left by a crash before a swap: never visible, never needed
             if orphan != version:
                 shutil.rmtree(orphan, ignore_errors=True)
 
 
 def move_aside(path: Path, into: Path | None = None) -> Path:
-    """Rename `path` to `<path>.old-<UTC time>` (or into the folder `into`), never deleting anything; return the new path."""
+    """Rename `path` to `<path>.old-<UTC time>` (or into the folder `into`), never deleting anything; return the new
+    path."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     dest = (into / path.name) if into is not None else path.with_name(f"{path.name}.old-{stamp}")
     n = 1

@@ -8,7 +8,8 @@ only the summary lines are written: one per epoch, one per task in per_task mode
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator, TextIO
+from collections.abc import Iterable, Iterator
+from typing import TextIO
 
 from tqdm import tqdm
 
@@ -32,9 +33,18 @@ class SilentBar:
         pass
 
 
-def bar(iterable: Iterable | None = None, *, total: int, desc: str, unit: str, initial: int = 0, leave: bool = True,
-        stream: TextIO | None = None) -> tqdm | SilentBar:
-    """A tqdm bar (over `iterable`, if given) on `stream` (default stderr) when it is a terminal, else a silent stand-in."""
+def bar(
+    iterable: Iterable | None = None,
+    *,
+    total: int,
+    desc: str,
+    unit: str,
+    initial: int = 0,
+    leave: bool = True,
+    stream: TextIO | None = None,
+) -> tqdm | SilentBar:
+    """A tqdm bar (over `iterable`, if given) on `stream` (default stderr) when it is a terminal, else a silent
+    stand-in."""
     stream = stream or sys.stderr
     if not stream.isatty():
         return SilentBar(iterable)

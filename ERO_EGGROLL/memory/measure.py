@@ -59,3 +59,43 @@ def start_rss_measurement() -> int:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     reset_peak_memory("cpu")
     return current_rss_bytes()
+
+
+def fix_mmap_threshold() -> None:
+    """glibc: serve blocks of 1 MiB and more by mmap and hand them back when freed (as MALLOC_MMAP_THRESHOLD_ does at
+    start), so the RSS after a phase counts live bytes rather than the allocator's kept free blocks."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def phase_start(device) -> int:
+    """Begin measuring one phase on `device`: the bytes held now (CUDA allocator's, or the process's RSS) with the
+    peak counter reset to them; `phase_peak(device) - phase_start(device)` is then what the phase added."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    return start_rss_measurement()
+
+
+def phase_peak(device) -> int:
+    """The peak since `phase_start`: torch's CUDA allocator peak, or VmHWM."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return measured_peak_rss_bytes()
+
+
+def jax_gpu_pool_bytes() -> int | None:
+    """The most JAX's GPU allocator has held (it never hands memory back to CUDA); None when JAX runs on no GPU."""
+    import jax
+
+    if jax.default_backend() != "gpu":
+        return None
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)))

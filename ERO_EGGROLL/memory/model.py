@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from ERO_EGGROLL.config import Config, ConfigError, load_config
 from ERO_EGGROLL.core.tensor_classes import ParamClass, ParamSpec
@@ -63,7 +63,7 @@ class MemoryEstimate:
 
     def largest_component(self) -> tuple[str, int]:
         parts = {**self.resident, **self.evaluation, **self.update}
-        name = max(parts, key=parts.get)
+        name = max(parts, key=lambda k: parts[k])
         return name, parts[name]
 
 
@@ -75,7 +75,7 @@ def workload_from_tasks(tasks, cfg: Config) -> Workload:
 
     longest_prompt, new, patches = 0, 0, 0
     for q in questions_for(tasks, cfg, "fitness") + questions_for(tasks, cfg, "test"):
-        grids = [g for p in q.examples for g in (p.input, p.output)] + [q.query]
+        grids = [g for p in q.examples for g in (p.input, p.answer)] + [q.query]
         text_chars = sum(len(grid_to_text(g)) for g in grids) if cfg.data.input_mode != "image" else 0
         image_tokens = image_patches = 0
         if cfg.data.input_mode != "text":
@@ -83,7 +83,9 @@ def workload_from_tasks(tasks, cfg: Config) -> Workload:
                 img = render_grid(g, cfg.data.cell_size, max_pixels=cfg.data.max_pixels)
                 image_patches += (img.width // 14) * (img.height // 14)
             image_tokens = image_patches // 4
-        longest_prompt = max(longest_prompt, PROMPT_OVERHEAD_TOKENS + int(text_chars * TOKENS_PER_GRID_CHAR) + image_tokens)
+        longest_prompt = max(
+            longest_prompt, PROMPT_OVERHEAD_TOKENS + int(text_chars * TOKENS_PER_GRID_CHAR) + image_tokens
+        )
         new = max(new, token_budget(cfg.evaluation, q, lambda grid: int(len(answer_text(grid)) * TOKENS_PER_GRID_CHAR)))
         patches = max(patches, image_patches)
     return Workload(longest_prompt, new, patches, cfg.evaluation.batch_size)
@@ -99,6 +101,10 @@ class _Shapes:
     text: dict
     vision: dict
 
+    largest_linear: (
+        int  # elements of the largest 2-D weight that is not an embedding (the output head of a large vocabulary)
+    )
+
     @property
     def evolvable(self) -> int:
         return sum(s.numel for s in self.lora + self.full)
@@ -107,8 +113,14 @@ class _Shapes:
 def _shapes(arch: dict, specs: list[ParamSpec], noise: str = "lowrank") -> _Shapes:
     """evolution.noise: full makes every LORA tensor FULL, as the Perturber does (dense noise, applied in place)."""
     lora = [s for s in specs if s.cls is ParamClass.LORA] if noise == "lowrank" else []
-    return _Shapes(lora, [s for s in specs if s.cls is ParamClass.FULL or s.cls is ParamClass.LORA and noise == "full"],
-                   sum(s.numel for s in specs), arch.get("text_config", arch), arch.get("vision_config", {}))
+    return _Shapes(
+        lora,
+        [s for s in specs if s.cls is ParamClass.FULL or s.cls is ParamClass.LORA and noise == "full"],
+        sum(s.numel for s in specs),
+        arch.get("text_config", arch),
+        arch.get("vision_config", {}),
+        max((s.numel for s in specs if len(s.shape) == 2 and "embed" not in s.name), default=0),
+    )
 
 
 # How a full-rank member is applied and restored (ERO's sampling on a big model): the member's dense noise is added
@@ -131,12 +143,16 @@ def resident_phase(cfg: Config, sh: _Shapes, b: int, on_gpu: bool) -> tuple[dict
     """(device, host) bytes held for the whole run: weights, Adam moments, exact saved copies."""
     evo = cfg.evolution
     saved = sum(s.numel for s in sh.full) * b + (sum(s.numel for s in sh.lora) * b if evo.strategy == "inplace" else 0)
-    device = {"weights": sh.all_numel * b,
-              OPTIMIZER_STATE: {"adam": 2, "adamw": 2, "clipup": 1}.get(evo.optimizer, 0) * sh.evolvable * FP32,
-              "saved copies for exact restore (FULL tensors; LORA too under inplace)": 0 if on_gpu else saved}
+    device = {
+        "weights": sh.all_numel * b,
+        OPTIMIZER_STATE: {"adam": 2, "adamw": 2, "clipup": 1}.get(evo.optimizer, 0) * sh.evolvable * FP32,
+        "saved copies for exact restore (FULL tensors; LORA too under inplace)": 0 if on_gpu else saved,
+    }
     base = sh.evolvable * b if evo.search == "ero" and evo.reset_after else 0  # ERO's reset-to-base: a host copy
-    return device, {"saved copies for exact restore (pinned host memory)": saved if on_gpu else 0,
-                    "base weights for ERO's reset-to-base (host copy)": base}
+    return device, {
+        "saved copies for exact restore (pinned host memory)": saved if on_gpu else 0,
+        "base weights for ERO's reset-to-base (host copy)": base,
+    }
 
 
 # Live activations of one decoder layer during the prefill, in units of (rows x prompt tokens x width x dtype
@@ -147,7 +163,16 @@ PREFILL_HIDDEN_COPIES = 6
 PIXEL_VALUES_PER_PATCH = 3 * 2 * 14 * 14  # channels x temporal patch x 14 x 14, fp32
 
 
-def evaluation_phase(cfg: Config, sh: _Shapes, work: Workload, b: int, members: int = 1) -> dict[str, int]:
+# On the CPU, a reduced-precision Linear whose input is a slice (the prefill's last position, `hidden[:, -1:]`) makes a
+# copy of its weight per batch row: the output head's 152,064 x 3584 x 2 bytes per row at the 7B's shapes (measured:
+# 4 rows 4.06 GiB, scripts/bench_memory.py 7b@2:bfloat16:sgd; 1, 2, 4 rows 1, 2, 4 copies on a narrower model; none in
+# fp32, none for a contiguous input). GPU GEMMs run in bf16 natively.
+CPU_UPCAST = "copies of the output head, one per row (CPU reduced-precision matmul on a sliced input)"
+
+
+def evaluation_phase(
+    cfg: Config, sh: _Shapes, work: Workload, b: int, members: int = 1, on_gpu: bool = True
+) -> dict[str, int]:
     """Bytes of one generate call evaluating `members` members on `work.batch` prompts each."""
     text, r = sh.text, cfg.evolution.rank
     rows = work.batch * members
@@ -161,11 +186,23 @@ def evaluation_phase(cfg: Config, sh: _Shapes, work: Workload, b: int, members: 
     eager_scores = cfg.model.attn_implementation == "eager"  # sdpa never materializes the (T, T) scores
     return {
         "member noise (LORA factors, FULL noise)": per_member * members * (2 if members > 1 else 1),
-        "KV cache": 2 * text["num_hidden_layers"] * kv_heads * head_dim * (work.prompt_tokens + work.new_tokens - 1) * rows * b,
-        "prefill activations (one layer at a time)": rows * work.prompt_tokens * (PREFILL_INTERMEDIATE_COPIES * inter + PREFILL_HIDDEN_COPIES * hidden) * b
+        "KV cache": 2
+        * text["num_hidden_layers"]
+        * kv_heads
+        * head_dim
+        * (work.prompt_tokens + work.new_tokens - 1)
+        * rows
+        * b,
+        "prefill activations (one layer at a time)": rows
+        * work.prompt_tokens
+        * (PREFILL_INTERMEDIATE_COPIES * inter + PREFILL_HIDDEN_COPIES * hidden)
+        * b
         + (rows * heads * work.prompt_tokens**2 * b if eager_scores else 0),
         "logits (last position, fp32)": rows * vocab * FP32,
-        "image tensors and vision activations": work.image_patches * members * (PIXEL_VALUES_PER_PATCH * FP32 + 8 * sh.vision.get("hidden_size", 0) * b),
+        "image tensors and vision activations": work.image_patches
+        * members
+        * (PIXEL_VALUES_PER_PATCH * FP32 + 8 * sh.vision.get("hidden_size", 0) * b),
+        CPU_UPCAST: rows * sh.largest_linear * b if not on_gpu and b != FP32 else 0,
     }
 
 
@@ -188,12 +225,22 @@ def update_phase(cfg: Config, sh: _Shapes, b: int) -> dict[str, int]:
     factors = 0
     if largest in sh.lora:
         factors = UPDATE_FACTOR_COPIES * evo.population_size * sum(largest.matrix_shape) * evo.rank * FP32
-    return {"update step 1: JAX contraction (all members' factors + direction)": factors + largest.numel * FP32,
-            "update step 2: optimizer + apply (fp32 buffers)": largest.numel * (buffers * FP32 + 1)}
+    return {
+        "update step 1: JAX contraction (all members' factors + direction)": factors + largest.numel * FP32,
+        "update step 2: optimizer + apply (fp32 buffers)": largest.numel * (buffers * FP32 + 1),
+    }
 
 
-def estimate(cfg: Config, arch: dict, specs: list[ParamSpec], work: Workload, dtype: str, on_gpu: bool, members: int = 1,
-             jax_on_device: bool = False) -> MemoryEstimate:
+def estimate(
+    cfg: Config,
+    arch: dict,
+    specs: list[ParamSpec],
+    work: Workload,
+    dtype: str,
+    on_gpu: bool,
+    members: int = 1,
+    jax_on_device: bool = False,
+) -> MemoryEstimate:
     """The run's memory, phase by phase, from the architecture and the parameter classes alone.
 
     `jax_on_device`: JAX draws on the GPU itself. Its allocator grows on demand but never hands memory
@@ -203,29 +250,42 @@ def estimate(cfg: Config, arch: dict, specs: list[ParamSpec], work: Workload, dt
     resident, host = resident_phase(cfg, sh, b, on_gpu)
     if jax_on_device:
         resident[JAX_POOL] = next(iter(update_phase(cfg, sh, b).values()), 0)
-    evaluation = evaluation_phase(cfg, sh, work, b, members)
+    evaluation = evaluation_phase(cfg, sh, work, b, members, on_gpu)
     kv_and_activations = sum(v for k, v in evaluation.items() if not k.startswith("member noise"))
     lora_numel = sum(s.numel for s in sh.lora)
-    fullrank = {"weights": resident["weights"], OPTIMIZER_STATE: resident[OPTIMIZER_STATE],
-                "dense member noise (LORA tensors, in place) + saved copy": 2 * lora_numel * b + sum(s.numel for s in sh.full) * b,
-                "update accumulator (fp32)": sh.evolvable * FP32,
-                "evaluation (KV cache + activations)": kv_and_activations}
+    fullrank = {
+        "weights": resident["weights"],
+        OPTIMIZER_STATE: resident[OPTIMIZER_STATE],
+        "dense member noise (LORA tensors, in place) + saved copy": 2 * lora_numel * b
+        + sum(s.numel for s in sh.full) * b,
+        "update accumulator (fp32)": sh.evolvable * FP32,
+        "evaluation (KV cache + activations)": kv_and_activations,
+    }
     return MemoryEstimate(resident, evaluation, update_phase(cfg, sh, b), host, fullrank)
 
 
 def ero_search_config(cfg: Config) -> Config:
-    """The same run with ERO's search (configs/ero.yaml's evolution settings): full-rank members, in place, one at a time."""
+    """The same run with ERO's search (configs/ero.yaml's evolution settings): full-rank members, in place, one at a
+    time."""
     ero = copy.deepcopy(cfg)
-    for key, value in {"search": "ero", "noise": "full", "antithetic": False, "reset_after": 3, "strategy": "inplace",
-                       "optimizer": "sgd"}.items():
+    for key, value in {
+        "search": "ero",
+        "noise": "full",
+        "antithetic": False,
+        "reset_after": 3,
+        "strategy": "inplace",
+        "optimizer": "sgd",
+    }.items():
         setattr(ero.evolution, key, value)
     return ero
 
 
 def _phases(est: MemoryEstimate) -> list[str]:
     lines = ["  resident:"] + [f"    {k:68s} {_gib(v)}" for k, v in est.resident.items() if v]
-    for phase, parts, total in (("phase: evaluate one generate call (sum)", est.evaluation, est.evaluation_total),
-                                ("phase: streamed update (the larger step)", est.update, est.update_total)):
+    for phase, parts, total in (
+        ("phase: evaluate one generate call (sum)", est.evaluation, est.evaluation_total),
+        ("phase: streamed update (the larger step)", est.update, est.update_total),
+    ):
         lines += [f"  {phase}: {_gib(total).strip()}"] + [f"    {k:68s} {_gib(v)}" for k, v in parts.items() if v]
     lines += [f"  {'peak on the device (resident + larger phase)':70s} {_gib(est.device_total)}"]
     return lines + [f"  {k:70s} {_gib(v)}" for k, v in est.host.items() if v]
@@ -263,7 +323,15 @@ def plan_run(cfg: Config, tasks) -> RunPlan:
     on_gpu = cfg.model.device == "cuda" or cfg.model.device == "auto" and torch.cuda.is_available()
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     k = cfg.evaluation.members_per_batch
-    return RunPlan(json.loads(source.read_text()), source, specs, workload_from_tasks(tasks, cfg), dtype, on_gpu, 1 if k == "auto" else k)
+    return RunPlan(
+        json.loads(source.read_text()),
+        source,
+        specs,
+        workload_from_tasks(tasks, cfg),
+        dtype,
+        on_gpu,
+        1 if k == "auto" else k,
+    )
 
 
 def report(cfg: Config) -> str:
@@ -272,19 +340,31 @@ def report(cfg: Config) -> str:
     plan = plan_run(cfg, load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids))
     source, work, dtype, on_gpu = plan.source, plan.work, plan.dtype, plan.on_gpu
     est = plan.estimate(cfg)
-    lines = [f"architecture {source}; {dtype} on {'GPU' if on_gpu else 'CPU'}; population {cfg.evolution.population_size}, rank {cfg.evolution.rank}",
-             f"longest generate call (estimated): {work.prompt_tokens} prompt + {work.new_tokens} new tokens x batch {work.batch}, "
-             f"{work.image_patches} image patches", "", "EGGROLL (this design):"]
+    lines = [
+        f"architecture {source}; {dtype} on {'GPU' if on_gpu else 'CPU'}; population "
+        f"{cfg.evolution.population_size}, rank {cfg.evolution.rank}",
+        f"longest generate call (estimated): {work.prompt_tokens} prompt + {work.new_tokens} new tokens x batch "
+        f"{work.batch}, {work.image_patches} image patches",
+        "",
+        "EGGROLL (this design):",
+    ]
     lines += _phases(est)
     ero_cfg = ero_search_config(cfg)
     ero = RunPlan(plan.arch, source, plan.specs, work, dtype, on_gpu, 1).estimate(ero_cfg)
-    lines += ["", "ERO's search on one GPU (predicted: full-rank members applied in place, one at a time, restored from a "
-              f"{'pinned host' if on_gpu else 'saved'} copy; the elites' average through the same streamed update):"]
+    lines += [
+        "",
+        "ERO's search on one GPU (predicted: full-rank members applied in place, one at a time, restored from a "
+        f"{'pinned host' if on_gpu else 'saved'} copy; the elites' average through the same streamed update):",
+    ]
     lines += _phases(ero)
     lines += ["", "full-rank ES (ERO-style noise, same sequential evaluation):"]
     lines += [f"  {k:70s} {_gib(v)}" for k, v in est.fullrank.items() if v]
-    lines += [f"  {'peak on the device':70s} {_gib(est.fullrank_total)}",
-              "", f"EGGROLL needs {est.device_total / est.fullrank_total:.2f}x the memory of full-rank ES; only the update phase grows with N, by a few N(m+n)r x 4 bytes of the largest tensor"]
+    lines += [
+        f"  {'peak on the device':70s} {_gib(est.fullrank_total)}",
+        "",
+        f"EGGROLL needs {est.device_total / est.fullrank_total:.2f}x the memory of full-rank ES; only the update "
+        "phase grows with N, by a few N(m+n)r x 4 bytes of the largest tensor",
+    ]
     return "\n".join(lines)
 
 

@@ -17,7 +17,6 @@ import fnmatch
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ERO_EGGROLL.core.errors import EggrollError
-from ERO_EGGROLL.io.disk import CHECKPOINT_INTACT, mark_output, marked_output, publish_dir, writing
+from ERO_EGGROLL.io.disk import CHECKPOINT_INTACT, mark_output, marked_output, publish_dir, staged_dir, writing
 
 INDEX = "model.safetensors.index.json"
 CARD, BASE_CARD = "README.md", "BASE_MODEL_README.md"
@@ -65,7 +64,9 @@ def base_layout(base_dir: Path) -> dict[str, list[str]]:
         return layout
     files = sorted(base_dir.glob("*.safetensors"))
     if len(files) != 1:
-        raise ExportError(f"{base_dir} holds {len(files)} *.safetensors files and no {INDEX}; cannot tell its shard layout")
+        raise ExportError(
+            f"{base_dir} holds {len(files)} *.safetensors files and no {INDEX}; cannot tell its shard layout"
+        )
     with safe_open(files[0], framework="pt") as f:
         return {files[0].name: list(f.keys())}
 
@@ -81,13 +82,17 @@ def _matched(tensors: dict[str, torch.Tensor], layout: dict[str, list[str]], bas
     names = {n for shard in layout.values() for n in shard}
     missing = sorted(names - tensors.keys())
     if missing:
-        raise ExportError(f"{base_dir} stores tensor {missing[0]} (and {len(missing) - 1} more) that the model does not have; "
-                          "export from the base model the run loaded")
+        raise ExportError(
+            f"{base_dir} stores tensor {missing[0]} (and {len(missing) - 1} more) that the model does not have; "
+            "export from the base model the run loaded"
+        )
     stored = {tensors[n].data_ptr() for n in names}
     extra = sorted(n for n in tensors.keys() - names if tensors[n].data_ptr() not in stored)  # tied copies are fine
     if extra:
-        raise ExportError(f"the model has tensor {extra[0]} (and {len(extra) - 1} more) that {base_dir} does not store; "
-                          "export from the base model the run loaded")
+        raise ExportError(
+            f"the model has tensor {extra[0]} (and {len(extra) - 1} more) that {base_dir} does not store; "
+            "export from the base model the run loaded"
+        )
 
 
 def _count_changes(tensors, layout, base_dir: Path, report: WeightsReport) -> None:
@@ -112,7 +117,10 @@ def write_weights(model, base_dir: Path, out_dir: Path) -> WeightsReport:
             metadata[shard] = f.metadata()
             base_dtypes.update({n: SAFETENSORS_DTYPES.get(f.get_slice(n).get_dtype(), tensors[n].dtype) for n in names})
     run_dtype = next(model.parameters()).dtype
-    name = lambda dtype: str(dtype).removeprefix("torch.")
+
+    def name(dtype):
+        return str(dtype).removeprefix("torch.")
+
     report = WeightsReport(sorted({name(d) for d in base_dtypes.values()}), name(run_dtype), shards=sorted(layout))
     report.cast = any(d != run_dtype for d in base_dtypes.values())
     if report.cast:
@@ -121,7 +129,10 @@ def write_weights(model, base_dir: Path, out_dir: Path) -> WeightsReport:
             report.written_dtype = report.run_dtype
     total_size = 0
     for shard, names in layout.items():
-        out = {n: tensors[n].detach().to("cpu", run_dtype if report.written_dtype else base_dtypes[n]).contiguous() for n in names}
+        out = {
+            n: tensors[n].detach().to("cpu", run_dtype if report.written_dtype else base_dtypes[n]).contiguous()
+            for n in names
+        }
         save_file(out, out_dir / shard, metadata=metadata[shard])
         total_size += sum(t.numel() * t.element_size() for t in out.values())
         del out
@@ -153,7 +164,9 @@ def copy_base_files(base_dir: Path, out_dir: Path, layout: dict[str, list[str]])
 def set_config_dtype(config_file: Path, base: str, new: str) -> None:
     """Change only the dtype fields ("dtype" / "torch_dtype") of config.json, leaving every other byte."""
     text = config_file.read_text(encoding="utf-8")
-    config_file.write_text(re.sub(rf'("(?:torch_)?dtype"\s*:\s*)"{re.escape(base)}"', rf'\1"{new}"', text), encoding="utf-8")
+    config_file.write_text(
+        re.sub(rf'("(?:torch_)?dtype"\s*:\s*)"{re.escape(base)}"', rf'\1"{new}"', text), encoding="utf-8"
+    )
 
 
 def earlier_export(path: Path) -> bool:
@@ -164,21 +177,20 @@ def earlier_export(path: Path) -> bool:
 def export_model(model, base_dir: Path, out_dir: Path, card, then: str = CHECKPOINT_INTACT) -> WeightsReport:
     """Build the folder in a staging directory and publish it atomically as `out_dir`.
 
-    `card(report) -> str` writes the model card once the weights are known; `then`: what a failed write leaves intact."""
-    with writing(out_dir, then):
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    `card(report) -> str` writes the model card once the weights are known; `then`: what a failed write leaves
+    intact."""
+    with staged_dir(out_dir, then) as staging:
         with writing(staging, then):
             report = write_weights(model, base_dir, staging)
             report.left_out = copy_base_files(base_dir, staging, base_layout(base_dir))
             if report.written_dtype:
                 config = json.loads((base_dir / "config.json").read_text())
-                set_config_dtype(staging / "config.json", config.get("dtype") or config.get("torch_dtype") or "", report.written_dtype)
+                set_config_dtype(
+                    staging / "config.json",
+                    config.get("dtype") or config.get("torch_dtype") or "",
+                    report.written_dtype,
+                )
             (staging / CARD).write_text(card(report), encoding="utf-8")
             mark_output(staging, EXPORT_KIND)
         publish_dir(staging, out_dir, then=then)
-    finally:
-        if staging.exists():  # only when something failed before the rename
-            shutil.rmtree(staging, ignore_errors=True)
     return report

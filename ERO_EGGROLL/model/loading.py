@@ -19,16 +19,18 @@ from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, ConfigError
 from ERO_EGGROLL.core.errors import EggrollError
 
 DOWNLOAD_HINT = (
-    "put a Qwen2.5-VL checkpoint there (config.json, *.safetensors, tokenizer files, "
-    "preprocessor_config.json), e.g. the files of Qwen/Qwen2.5-VL-7B-Instruct downloaded on a machine "
-    "with internet, or point model.path at the embedded default "
-    f"{EMBEDDED_MODEL_DIR} (built by `python scripts/build_tiny_model.py`)"
+    "put a Qwen2.5-VL checkpoint there (config.json, *.safetensors, tokenizer files, preprocessor_config.json), e.g. "
+    "the files of Qwen/Qwen2.5-VL-7B-Instruct downloaded on a machine with internet, or point model.path at the "
+    f"embedded default {EMBEDDED_MODEL_DIR} (built by `python scripts/build_tiny_model.py`)"
 )
 
 
 # What load_processor reads besides the weights; each entry: alternative sets of files.
 PROCESSOR_FILES = {
-    "tokenizer files": (("tokenizer_config.json", "tokenizer.json"), ("tokenizer_config.json", "vocab.json", "merges.txt")),
+    "tokenizer files": (
+        ("tokenizer_config.json", "tokenizer.json"),
+        ("tokenizer_config.json", "vocab.json", "merges.txt"),
+    ),
     "image processor config": (("preprocessor_config.json",), ("processor_config.json",)),
 }
 
@@ -37,7 +39,8 @@ class ModelLoadError(EggrollError):
     """A model directory that cannot be loaded, with what was found and how to fix it."""
 
 
-# The class that processor_config.json and tokenizer_config.json name, so that AutoProcessor elsewhere builds the real one.
+# The class that processor_config.json and tokenizer_config.json name, so that AutoProcessor elsewhere builds the real
+# one.
 STANDARD_PROCESSOR_CLASS = "Qwen2_5_VLProcessor"
 
 
@@ -56,9 +59,10 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
     def to_dict(self) -> dict:
         return {**super().to_dict(), "processor_class": STANDARD_PROCESSOR_CLASS}
 
-    def save_pretrained(self, save_directory, **kwargs) -> list[str]:
-        files = super().save_pretrained(save_directory, **kwargs)
-        self.tokenizer._set_processor_class(STANDARD_PROCESSOR_CLASS)  # ProcessorMixin wrote this class's own name there
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
+        files = super().save_pretrained(save_directory, push_to_hub, **kwargs)
+        # ProcessorMixin wrote this class's own name there
+        self.tokenizer._set_processor_class(STANDARD_PROCESSOR_CLASS)
         self.tokenizer.save_pretrained(save_directory)
         return files
 
@@ -94,16 +98,22 @@ def check_checkpoint_dir(path: Path) -> None:
     except UnicodeDecodeError as err:
         raise ModelLoadError(f"{config_file} is not UTF-8 text (byte {err.start}); re-copy it") from None
     if not isinstance(config, dict):
-        raise ModelLoadError(f"{config_file} holds a JSON {type(config).__name__}, not an object of model settings; re-copy it")
+        raise ModelLoadError(
+            f"{config_file} holds a JSON {type(config).__name__}, not an object of model settings; re-copy it"
+        )
     if config.get("model_type") != "qwen2_5_vl":
-        raise ModelLoadError(f"{config_file} describes a {config.get('model_type')!r} model, not 'qwen2_5_vl'; {DOWNLOAD_HINT}")
+        raise ModelLoadError(
+            f"{config_file} describes a {config.get('model_type')!r} model, not 'qwen2_5_vl'; {DOWNLOAD_HINT}"
+        )
     if not any(path.glob("*.safetensors")):
         raise ModelLoadError(f"{path} has no *.safetensors weights (found: {', '.join(found)}); {DOWNLOAD_HINT}")
     names = {p.name for p in path.iterdir()}
     for what, options in PROCESSOR_FILES.items():
         if not any(all(f in names for f in option) for option in options):
             wanted = " or ".join(" + ".join(option) for option in options)
-            raise ModelLoadError(f"{path} has no {what} ({wanted}); the run would fail when it first generates; {DOWNLOAD_HINT}")
+            raise ModelLoadError(
+                f"{path} has no {what} ({wanted}); the run would fail when it first generates; {DOWNLOAD_HINT}"
+            )
 
 
 def check_weight_files(path: Path) -> str:
@@ -126,7 +136,9 @@ def check_weight_files(path: Path) -> str:
         except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as err:
             raise ModelLoadError(f"{file} is damaged ({err}); re-copy the weights") from None
         if size != expected:
-            raise ModelLoadError(f"{file} is truncated or damaged: {size} bytes, its header describes {expected}; re-copy the weights")
+            raise ModelLoadError(
+                f"{file} is truncated or damaged: {size} bytes, its header describes {expected}; re-copy the weights"
+            )
         total, tensors = total + size, tensors + len(ends)
     return f"{tensors} tensors, {total / 2**20:.1f} MiB, every byte readable"
 
@@ -140,8 +152,13 @@ def load_processor(path: str | Path) -> ImageOnlyQwen2_5_VLProcessor:
     return ImageOnlyQwen2_5_VLProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template)
 
 
-def load_model_from_dir(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        attn_implementation: str = "sdpa"):
+def load_model_from_dir(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+):
     """(model, processor) from a local directory: eval mode, no autograd, never remote code."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -152,16 +169,22 @@ def load_model_from_dir(path: str | Path, *, dtype: torch.dtype = torch.float32,
             path, dtype=dtype, trust_remote_code=False, attn_implementation=attn_implementation
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        raise ModelLoadError(f"could not load the weights in {path}: {str(err).splitlines()[0]} "
-                             "(a truncated or corrupt *.safetensors file? re-copy or rebuild it)") from None
-    model.to(device).eval().requires_grad_(False)
+        raise ModelLoadError(
+            f"could not load the weights in {path}: {str(err).splitlines()[0]} "
+            "(a truncated or corrupt *.safetensors file? re-copy or rebuild it)"
+        ) from None
+    model.to(device)  # type: ignore[arg-type]  # transformers types .to as PreTrainedModel's, not Module.to(device)
+    model.eval().requires_grad_(False)
     return model, load_processor(path)
 
 
 def load_model(cfg: Config):
-    """(model, processor) as the config says: dtype `auto` = bf16 on GPU, fp32 on CPU; device `auto` = cuda if available."""
+    """(model, processor) as the config says: dtype `auto` = bf16 on GPU, fp32 on CPU; device `auto` = cuda if
+    available."""
     device = resolve_device(cfg.model.device)
     return load_model_from_dir(
-        cfg.resolve_path(cfg.model.path), dtype=resolve_dtype(cfg.model.dtype, device), device=device,
+        cfg.resolve_path(cfg.model.path),
+        dtype=resolve_dtype(cfg.model.dtype, device),
+        device=device,
         attn_implementation=cfg.model.attn_implementation,
     )

@@ -15,14 +15,15 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import cast
 
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
 from ERO_EGGROLL.config import Config, ConfigError, load_config
-from ERO_EGGROLL.core.forward_rules import declare_row_rule, per_member_blocks
+from ERO_EGGROLL.core.forward_rules import RowRule, declare_row_rule, per_member_blocks
 from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.core.tensor_classes import ParamClass, ParamSpec, make_specs
 
@@ -36,7 +37,9 @@ def _rms_norm_rows(module: Qwen2_5_VLRMSNorm, x: torch.Tensor, values: dict[str,
     return (weight.view(weight.shape[0], *[1] * (blocks.dim() - 2), -1) * blocks).reshape(x.shape)
 
 
-declare_row_rule(Qwen2_5_VLRMSNorm, _rms_norm_rows, stacked=True)  # its weight is FULL, and K members may share a batch
+declare_row_rule(
+    Qwen2_5_VLRMSNorm, cast(RowRule, _rms_norm_rows), stacked=True
+)  # its weight is FULL, and K members may share a batch
 
 
 def _rule(name: str, shape: tuple[int, ...], freeze_vision: bool, freeze_nonlora: bool) -> ParamClass:
@@ -106,10 +109,21 @@ def summarize(specs: list[ParamSpec], rank: int, bytes_per_value: int = 4) -> li
     rows = []
     for cls in ParamClass:
         group = [s for s in specs if s.cls is cls]
-        lowrank = sum(sum(s.matrix_shape) * rank if cls is ParamClass.LORA else s.numel for s in group) if cls is not ParamClass.FROZEN else 0
+        lowrank = (
+            sum(sum(s.matrix_shape) * rank if cls is ParamClass.LORA else s.numel for s in group)
+            if cls is not ParamClass.FROZEN
+            else 0
+        )
         fullrank = sum(s.numel for s in group) if cls is not ParamClass.FROZEN else 0
-        rows.append({"class": cls.value, "tensors": len(group), "parameters": sum(s.numel for s in group),
-                     "noise bytes/member (EGGROLL)": lowrank * bytes_per_value, "noise bytes/member (full-rank)": fullrank * bytes_per_value})
+        rows.append(
+            {
+                "class": cls.value,
+                "tensors": len(group),
+                "parameters": sum(s.numel for s in group),
+                "noise bytes/member (EGGROLL)": lowrank * bytes_per_value,
+                "noise bytes/member (full-rank)": fullrank * bytes_per_value,
+            }
+        )
     return rows
 
 
@@ -125,13 +139,24 @@ def format_summary(rows: list[dict]) -> str:
     header = ["class", "tensors", "parameters", "noise B/member EGGROLL", "noise B/member full-rank"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for r in rows:
-        lines.append(" | ".join([r["class"], str(r["tensors"]), _human(r["parameters"]),
-                                 _human(r["noise bytes/member (EGGROLL)"]), _human(r["noise bytes/member (full-rank)"])]))
+        lines.append(
+            " | ".join(
+                [
+                    r["class"],
+                    str(r["tensors"]),
+                    _human(r["parameters"]),
+                    _human(r["noise bytes/member (EGGROLL)"]),
+                    _human(r["noise bytes/member (full-rank)"]),
+                ]
+            )
+        )
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Summarize the FROZEN/LORA/FULL classes of a config's model (no weights needed).")
+    parser = argparse.ArgumentParser(
+        description="Summarize the FROZEN/LORA/FULL classes of a config's model (no weights needed)."
+    )
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--list", action="store_true", help="also list every tensor with its class")

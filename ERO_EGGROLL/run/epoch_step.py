@@ -46,7 +46,9 @@ class EpochStep:
 
     def update(self, fitness, epoch: int) -> dict:
         """Move the weights by epoch `epoch`'s update (0-based); returns the update's statistics."""
-        stats = self.perturber.update(fitness, epoch, again=True)  # the record orders the epochs; a rebuild replays them
+        stats = self.perturber.update(
+            fitness, epoch, again=True
+        )  # the record orders the epochs; a rebuild replays them
         self.state.optimizer_step = self.perturber.optimizer.step_count
         return stats
 
@@ -75,5 +77,7 @@ class EpochStep:
         self.update(row["fitness"], row["epoch"] - 1)
         decision = self.conclude(row["epoch"], row["mean_model_fitness"])
         if (decision.new_best, decision.rolled_back) != (row["new_best"], row["rolled_back"]):
-            raise CheckpointError(f"epoch {row['epoch']} of the saved history records new_best={row['new_best']}, "
-                                  f"rolled_back={row['rolled_back']}, but its fitness gives {decision}: the history was altered")
+            raise CheckpointError(
+                f"epoch {row['epoch']} of the saved history records new_best={row['new_best']}, "
+                f"rolled_back={row['rolled_back']}, but its fitness gives {decision}: the history was altered"
+            )

@@ -18,7 +18,9 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -48,29 +50,37 @@ def _unwritable(folder: Path) -> str | None:
     return None
 
 
-def check_available(names: list[str], run_dir: Path | None = None) -> None:
+def check_available(names: Sequence[str], run_dir: Path | None = None) -> None:
     """Refuse, before any model time is spent, a logger whose package is not installed or does not import, or whose
     folder under `run_dir` cannot be written."""
     missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:
-        raise ConfigError(f"run.loggers names {', '.join(missing)}, but the package is not installed here: "
-                          f"pip install {' '.join(PACKAGES[m] for m in missing)} (pinned in requirements.txt), "
-                          "or remove it from run.loggers")
+        raise ConfigError(
+            f"run.loggers names {', '.join(missing)}, but the package is not installed here: pip install "
+            f"{' '.join(PACKAGES[m] for m in missing)} (pinned in requirements.txt), or remove it from run.loggers"
+        )
     for name in names:
         try:
             importlib.import_module(MODULES[name])
         except Exception as err:  # a broken install fails in many ways; each is the same answer to the user
-            raise ConfigError(f"run.loggers names {name}, but it does not import here ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}); reinstall {PACKAGES[name]} or remove it "
-                              "from run.loggers") from None
-        problem = _unwritable(run_dir / FOLDERS[name]) if run_dir is not None else None
+            raise ConfigError(
+                f"run.loggers names {name}, but it does not import here ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); reinstall {PACKAGES[name]} or remove it "
+                "from run.loggers"
+            ) from None
+        if run_dir is None:
+            continue
+        problem = _unwritable(run_dir / FOLDERS[name])
         if problem:
-            raise ConfigError(f"run.loggers names {name}, but its folder {run_dir / FOLDERS[name]} cannot be written: {problem}; "
-                              "fix it or remove the logger from run.loggers")
+            raise ConfigError(
+                f"run.loggers names {name}, but its folder {run_dir / FOLDERS[name]} cannot be written: {problem}; "
+                "fix it or remove the logger from run.loggers"
+            )
 
 
 def epoch_scalars(row: dict) -> dict[str, float]:
-    """The numbers of one metrics.jsonl row (flags as 0/1); non-finite values are left out, as metrics.jsonl nulls them."""
+    """The numbers of one metrics.jsonl row (flags as 0/1); non-finite values are left out, as metrics.jsonl nulls
+    them."""
     out = {}
     for key, value in row.items():
         if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -83,7 +93,9 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        text = "    " + yaml.safe_dump(config, sort_keys=False).replace("\n", "\n    ")  # indented: Markdown shows it verbatim
+        text = "    " + yaml.safe_dump(config, sort_keys=False).replace(
+            "\n", "\n    "
+        )  # indented: Markdown shows it verbatim
         self.writer.add_text("config", text, global_step=0)
 
     def log(self, row: dict) -> None:
@@ -92,7 +104,9 @@ class TensorBoardLogger:
         if row.get("fitness"):
             import numpy as np
 
-            self.writer.add_histogram("population/fitness", np.asarray(row["fitness"], dtype=np.float64), global_step=row["epoch"])
+            self.writer.add_histogram(
+                "population/fitness", np.asarray(row["fitness"], dtype=np.float64), global_step=row["epoch"]
+            )
         self.writer.flush()
 
     def close(self) -> None:
@@ -105,9 +119,15 @@ class WandbLogger:
 
         self.wandb = wandb
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=WANDB_PROJECT, name=name, group=name, dir=str(run_dir), config=config,
-                              mode=os.environ.get("WANDB_MODE", "offline"),
-                              settings=wandb.Settings(console="off", silent=True))  # our own lines stay as printed
+        self.run = wandb.init(
+            project=WANDB_PROJECT,
+            name=name,
+            group=name,
+            dir=str(run_dir),
+            config=config,
+            mode=os.environ.get("WANDB_MODE", "offline"),  # type: ignore[arg-type]  # a user may set any mode wandb knows
+            settings=wandb.Settings(console="off", silent=True),
+        )  # our own lines stay as printed
 
     def log(self, row: dict) -> None:
         values: dict = dict(epoch_scalars(row))
@@ -127,8 +147,9 @@ class Loggers:
 
     Each opens at the first row, so resuming a finished run leaves no empty W&B run or event file."""
 
-    def __init__(self, names: list[str], run_dir: Path, config: dict, name: str):
-        self.names, self.args, self.loggers, self.opened = names, (run_dir, config, name), {}, False
+    def __init__(self, names: Sequence[str], run_dir: Path, config: dict, name: str):
+        self.loggers: dict[str, Any] = {}
+        self.names, self.args, self.opened = list(names), (run_dir, config, name), False
 
     def log(self, row: dict) -> None:
         if not self.opened:
@@ -152,7 +173,10 @@ class Loggers:
         try:
             return call()
         except Exception as err:  # TensorBoard and W&B fail in many ways; the run's own metrics are on disk
-            print(f"warning: logger {name} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                  "it is switched off for the rest of the run (metrics.jsonl has every number)", file=sys.stderr)
+            print(
+                f"warning: logger {name} failed ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); "
+                "it is switched off for the rest of the run (metrics.jsonl has every number)",
+                file=sys.stderr,
+            )
             return None
-

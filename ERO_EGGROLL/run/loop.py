@@ -55,8 +55,8 @@ class Evolution:
     state: RunState
     best: ClonedBest | ReplayedBest
     step: EpochStep
+    loggers: Loggers  # each opens at its first row
     workers: WorkerPool | None = None
-    loggers: Loggers | None = None
 
     @property
     def device(self) -> torch.device:
@@ -69,42 +69,80 @@ class Evolution:
     def base_model_epoch(self) -> None:
         """Epoch 0: the base model's evaluation and the first checkpoint."""
         cfg, start = self.cfg, time.perf_counter()
-        row = {"epoch": 0, "decoding": resolved_decoding(cfg), "max_new_tokens_rule": cfg.evaluation.max_new_tokens_rule,
-               **evaluate_mean_model(self.model, self.processor, self.fitness_q, self.test_q, cfg, 0)}
-        row.update(seconds=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(self.device),
-                   peak_memory_scope=peak_memory_scope(self.device), new_best=True, rolled_back=False)
+        row = {
+            "epoch": 0,
+            "decoding": resolved_decoding(cfg),
+            "max_new_tokens_rule": cfg.evaluation.max_new_tokens_rule,
+            **evaluate_mean_model(self.model, self.processor, self.fitness_q, self.test_q, cfg, 0),
+        }
+        row.update(
+            seconds=time.perf_counter() - start,
+            peak_memory_mb=peak_memory_mb(self.device),
+            peak_memory_scope=peak_memory_scope(self.device),
+            new_best=True,
+            rolled_back=False,
+        )
         self.state.history.append(row)
         self.step.begin(row["mean_model_fitness"])
         if self.workers:
             row["workers"] = self.workers.advance(row, self.perturber.evolvable_state())
         record_weights(self.state, self.perturber)
-        save_checkpoint(self.ckpt_dir, self.perturber.evolvable_state(), {}, self.state, keep=True, best=not self.replay_mode,
-                        store_tensors=not self.replay_mode)
+        save_checkpoint(
+            self.ckpt_dir,
+            self.perturber.evolvable_state(),
+            {},
+            self.state,
+            keep=True,
+            best=not self.replay_mode,
+            store_tensors=not self.replay_mode,
+        )
         self.loggers.log(row)
-        print(f"epoch 0 (base model): fitness {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
-              f"answer log-prob {row['mean_model_answer_logprob']:.4f}")
+        print(
+            f"epoch 0 (base model): fitness {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
+            f"answer log-prob {row['mean_model_answer_logprob']:.4f}"
+        )
 
     def epoch(self, epoch: int, stop: StopFlag) -> dict:
-        """Epoch `epoch` + 1: every member's fitness, the epoch step (update, best, guard), the mean model's evaluation."""
+        """Epoch `epoch` + 1: every member's fitness, the epoch step (update, best, guard), the mean model's
+        evaluation."""
         cfg, evo, start = self.cfg, self.cfg.evolution, time.perf_counter()
         reset_peak_memory(self.device)
-        fitness = (self.workers.evaluate(epoch, stop) if self.workers
-                   else evaluate_population(self.perturber, self.model, self.processor, self.fitness_q, cfg, epoch, self.k, stop))
+        fitness = (
+            self.workers.evaluate(epoch, stop)
+            if self.workers
+            else evaluate_population(
+                self.perturber, self.model, self.processor, self.fitness_q, cfg, epoch, self.k, stop
+            )
+        )
         update = lambda: self.step.update(fitness, epoch)  # noqa: E731
-        stats = (update_with_gradient_cosine(update, self.perturber, self.model, self.processor, self.fitness_q, cfg)
-                 if evo.log_gradient_cosine else update())
-        row = {"epoch": epoch + 1, "fitness": fitness, "member_mean": sum(fitness) / len(fitness),
-               "member_max": max(fitness), "member_min": min(fitness),
-               **evaluate_mean_model(self.model, self.processor, self.fitness_q, self.test_q, cfg, epoch + 1),
-               **{key: stats[key] for key in UPDATE_FIELDS},
-               **({key: stats[key] for key in ERO_FIELDS} if evo.search == "ero" else {}),
-               **({"gradient_cosine": stats["gradient_cosine"]} if "gradient_cosine" in stats else {})}
+        stats = (
+            update_with_gradient_cosine(update, self.perturber, self.model, self.processor, self.fitness_q, cfg)
+            if evo.log_gradient_cosine
+            else update()
+        )
+        row = {
+            "epoch": epoch + 1,
+            "fitness": fitness,
+            "member_mean": sum(fitness) / len(fitness),
+            "member_max": max(fitness),
+            "member_min": min(fitness),
+            **evaluate_mean_model(self.model, self.processor, self.fitness_q, self.test_q, cfg, epoch + 1),
+            **{key: stats[key] for key in UPDATE_FIELDS},
+            **({key: stats[key] for key in ERO_FIELDS} if evo.search == "ero" else {}),
+            **({"gradient_cosine": stats["gradient_cosine"]} if "gradient_cosine" in stats else {}),
+        }
         decision = self.step.conclude(epoch + 1, row["mean_model_fitness"])
-        row.update(new_best=decision.new_best, rolled_back=decision.rolled_back, seconds=time.perf_counter() - start,
-                   peak_memory_mb=peak_memory_mb(self.device))
+        row.update(
+            new_best=decision.new_best,
+            rolled_back=decision.rolled_back,
+            seconds=time.perf_counter() - start,
+            peak_memory_mb=peak_memory_mb(self.device),
+        )
         self.state.history.append(row)
         if self.workers:  # every worker applies the same step and must then hold the driver's weights bit for bit
-            row.update(workers=self.workers.advance(row, self.perturber.evolvable_state()), seconds=time.perf_counter() - start)
+            row.update(
+                workers=self.workers.advance(row, self.perturber.evolvable_state()), seconds=time.perf_counter() - start
+            )
         reached = stop_score(evo.search, row) >= cfg.run.target_fitness
         self.state.finished = self.state.epoch == evo.epochs or reached
         return row
@@ -115,8 +153,15 @@ class Evolution:
         record_weights(state, self.perturber)
         snapshot = not self.replay_mode or (cfg.run.snapshot_every and state.epoch % cfg.run.snapshot_every == 0)
         keep = state.epoch % cfg.run.save_every == 0 or state.finished or bool(snapshot)
-        saved = save_checkpoint(self.ckpt_dir, self.perturber.evolvable_state(), self.perturber.optimizer.state_tensors(), state,
-                                keep=keep, best=row["new_best"] and not self.replay_mode, store_tensors=bool(snapshot))
+        saved = save_checkpoint(
+            self.ckpt_dir,
+            self.perturber.evolvable_state(),
+            self.perturber.optimizer.state_tensors(),
+            state,
+            keep=keep,
+            best=row["new_best"] and not self.replay_mode,
+            store_tensors=bool(snapshot),
+        )
         rewrite_metrics(self.run_dir, state.history)
         self.loggers.log(row)
         return saved
@@ -126,8 +171,7 @@ class Evolution:
         self.perturber.remove_hooks()
         if self.workers:
             self.workers.close()
-        if self.loggers:
-            self.loggers.close()
+        self.loggers.close()
 
 
 UPDATE_FIELDS = ("lr", "sigma_scale", "update_norm", "fraction_changed", "lost_update_fraction")
@@ -135,35 +179,70 @@ UPDATE_FIELDS = ("lr", "sigma_scale", "update_norm", "fraction_changed", "lost_u
 
 def epoch_line(row: dict, epochs: int, saved: Path) -> str:
     """The one line a finished epoch prints."""
-    return (f"epoch {row['epoch']}/{epochs}: members {row['member_mean']:.4f} [{row['member_min']:.4f}, {row['member_max']:.4f}]  "
-            f"mean model {row['mean_model_fitness']:.4f}  test {row['mean_model_test_score']:.4f}  "
-            f"cells {row['mean_model_cell_accuracy']:.4f}  answer log-prob {row['mean_model_answer_logprob']:.4f}  "
-            f"|direction| {row['update_norm']:.3g}  {row['seconds']:.1f}s  "
-            f"checkpoint {disk_bytes(saved)} B  host peak {measured_peak_rss_bytes() / 2**20:.0f} MiB"
-            + ("  (new best)" if row["new_best"] else "") + ("  (rolled back to best)" if row["rolled_back"] else ""))
+    return (
+        f"epoch {row['epoch']}/{epochs}: members {row['member_mean']:.4f} [{row['member_min']:.4f}, "
+        f"{row['member_max']:.4f}]  mean model {row['mean_model_fitness']:.4f}  test "
+        f"{row['mean_model_test_score']:.4f}  cells {row['mean_model_cell_accuracy']:.4f}  answer log-prob "
+        f"{row['mean_model_answer_logprob']:.4f}  |direction| {row['update_norm']:.3g}  {row['seconds']:.1f}s  "
+        f"checkpoint {disk_bytes(saved)} B  host peak {measured_peak_rss_bytes() / 2**20:.0f} MiB"
+        + ("  (new best)" if row["new_best"] else "")
+        + ("  (rolled back to best)" if row["rolled_back"] else "")
+    )
 
 
-def prepare_evolution(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, resume_from: Path | None,
-                      specs: list[ParamSpec], base_weights: str) -> Evolution:
+def prepare_evolution(
+    cfg: Config,
+    model,
+    processor,
+    tasks,
+    run_dir: Path,
+    ckpt_dir: Path,
+    resume_from: Path | None,
+    specs: list[ParamSpec],
+    base_weights: str,
+) -> Evolution:
     """The perturber, the questions, the run's identity and state (new, or resumed exactly), and its epoch step."""
     param = next(model.parameters())
     perturber = run_perturber(model, cfg, specs)
     fitness_q = prepare(questions_for(tasks, cfg, "fitness"), processor, cfg)
-    test_q = fitness_q if cfg.data.fitness_source == "test" else prepare(questions_for(tasks, cfg, "test"), processor, cfg)
+    test_q = (
+        fitness_q if cfg.data.fitness_source == "test" else prepare(questions_for(tasks, cfg, "test"), processor, cfg)
+    )
     k = members_per_batch(cfg, model, perturber, fitness_q)
-    identity = identity_of(cfg, specs, device_type=param.device.type, dtype=param.dtype, members_per_batch=k, base_weights=base_weights)
+    identity = identity_of(
+        cfg, specs, device_type=param.device.type, dtype=param.dtype, members_per_batch=k, base_weights=base_weights
+    )
     state = RunState(identity=identity, config=cfg.to_dict())
     replay_mode = cfg.run.checkpoint == "replay"
-    best = ReplayedBest(cfg.resolve_path(cfg.model.path), ckpt_dir, cfg.run.degeneration_patience) if replay_mode else ClonedBest()
-    if resume_from is not None and (cfg.evolution.mode == "joint" or run_started(ckpt_dir)):  # per_task: a task not reached yet starts afresh
+    best = (
+        ReplayedBest(cfg.resolve_path(cfg.model.path), ckpt_dir, cfg.run.degeneration_patience)
+        if replay_mode
+        else ClonedBest()
+    )
+    # per_task: a task not reached yet starts afresh
+    if resume_from is not None and (cfg.evolution.mode == "joint" or run_started(ckpt_dir)):
         state = resume(cfg, perturber, identity, ckpt_dir, resume_from, best)
     check_sigma(perturber, state, str(ckpt_dir))
     step = EpochStep(perturber, state, cfg.run.degeneration_patience, best)
-    return Evolution(cfg, model, processor, run_dir, ckpt_dir, perturber, fitness_q, test_q, k, state, best, step)
+    name = cfg.run.name if run_dir == cfg.run_dir else f"{cfg.run.name}/{run_dir.name}"
+    loggers = Loggers(cfg.run.loggers, run_dir, cfg.to_dict(), name)
+    return Evolution(
+        cfg, model, processor, run_dir, ckpt_dir, perturber, fitness_q, test_q, k, state, best, step, loggers
+    )
 
 
-def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, stop: StopFlag, resume_from: Path | None,
-           specs: list[ParamSpec], base_weights: str) -> dict:
+def evolve(
+    cfg: Config,
+    model,
+    processor,
+    tasks,
+    run_dir: Path,
+    ckpt_dir: Path,
+    stop: StopFlag,
+    resume_from: Path | None,
+    specs: list[ParamSpec],
+    base_weights: str,
+) -> dict:
     """One evolution (all tasks jointly, or one task in per_task mode). Returns the best model's test result row data.
 
     `resume_from`: None (a new run), the run's checkpoint folder (continue from its newest checkpoint), or one of its
@@ -172,15 +251,17 @@ def evolve(cfg: Config, model, processor, tasks, run_dir: Path, ckpt_dir: Path, 
     state, epochs = run.state, cfg.evolution.epochs
     try:
         if cfg.distributed.workers > 1 and not state.finished:  # Ray actors evaluate the members (distributed.py)
-            run.workers = WorkerPool(cfg, [t.id for t in tasks], run.k, state.identity, state.history, run.perturber.evolvable_state())
+            run.workers = WorkerPool(
+                cfg, [t.id for t in tasks], run.k, state.identity, state.history, run.perturber.evolvable_state()
+            )
         write_resolved_config(run_dir, cfg.to_dict())
-        run.loggers = Loggers(cfg.run.loggers, run_dir, cfg.to_dict(),
-                              cfg.run.name if run_dir == cfg.run_dir else f"{cfg.run.name}/{run_dir.name}")
         if state.finished:
             print(f"{ckpt_dir}: already finished")
         if not state.history:
             run.base_model_epoch()
-        progress = bar(range(state.epoch, epochs), desc=f"{cfg.run.name} epochs", unit="epoch", initial=state.epoch, total=epochs)
+        progress = bar(
+            range(state.epoch, epochs), desc=f"{cfg.run.name} epochs", unit="epoch", initial=state.epoch, total=epochs
+        )
         for epoch in progress:
             if state.finished:
                 break

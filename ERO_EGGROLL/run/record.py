@@ -21,7 +21,15 @@ from ERO_EGGROLL.model.export import saved_tensors
 from ERO_EGGROLL.model.loading import load_model, load_model_from_dir, resolve_device, resolve_dtype
 from ERO_EGGROLL.model.qwen import run_perturber
 from ERO_EGGROLL.run.epoch_step import EpochStep
-from ERO_EGGROLL.storage.checkpoints import WEIGHTS_FILE, CheckpointError, RunState, assign_weights, epoch_dirs, epoch_number, load_checkpoint
+from ERO_EGGROLL.storage.checkpoints import (
+    WEIGHTS_FILE,
+    CheckpointError,
+    RunState,
+    assign_weights,
+    epoch_dirs,
+    epoch_number,
+    load_checkpoint,
+)
 from ERO_EGGROLL.storage.identity import IdentityError, base_weights_digest
 from ERO_EGGROLL.storage.identity import hint as identity_hint
 from ERO_EGGROLL.storage.record_check import check_record
@@ -30,7 +38,7 @@ from ERO_EGGROLL.storage.record_check import check_record
 def record_weights(state: RunState, perturber: Perturber) -> None:
     """Append the digest of the weights after epoch `state.epoch` to the record (index = epoch)."""
     state.tensor_digests = tensor_digests(perturber.evolvable_state())
-    del state.weight_digests[state.epoch:]  # a rewound run records its epoch afresh
+    del state.weight_digests[state.epoch :]  # a rewound run records its epoch afresh
     state.weight_digests.append(combined_digest(state.tensor_digests))
 
 
@@ -41,12 +49,15 @@ def check_sigma(perturber: Perturber, state: RunState, where: str) -> None:
         return
     different = [n for n, s in perturber.plan.sigma.items() if state.sigma.get(n) != s]
     if different or state.sigma.keys() != perturber.plan.sigma.keys():
-        raise CheckpointError(f"{where}: the sigma of {different[0] if different else 'some tensor'} differs from the run record's "
-                              "(computed from other base weights?); resume and replay need the run's base model")
+        raise CheckpointError(
+            f"{where}: the sigma of {different[0] if different else 'some tensor'} differs from the run record's "
+            "(computed from other base weights?); resume and replay need the run's base model"
+        )
 
 
 def base_evolvable(model: torch.nn.Module, base_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """The base values of the evolvable tensors `names`, read from the base model's safetensors files (only those tensors).
+    """The base values of the evolvable tensors `names`, read from the base model's safetensors files (only those
+    tensors).
 
     Exact: the same bytes and dtype conversion as loading the model. The file names are the model's names as its
     checkpoint stores them (export.saved_tensors reverts transformers' renaming; matched by storage)."""
@@ -61,7 +72,10 @@ def base_evolvable(model: torch.nn.Module, base_dir: Path, names: list[str]) -> 
                 out[wanted[key]] = f.get_tensor(key).to(dtype=p.dtype, device=p.device)
     missing = sorted(set(names) - out.keys())
     if missing:
-        raise CheckpointError(f"{base_dir}: the base weights of {missing[0]} (and {len(missing) - 1} more) are not in its safetensors files")
+        raise CheckpointError(
+            f"{base_dir}: the base weights of {missing[0]} (and {len(missing) - 1} more) are not in its safetensors "
+            "files"
+        )
     return out
 
 
@@ -79,7 +93,8 @@ def _holds_tensors(path: Path) -> bool:
 
 
 class ClonedBest:
-    """run.checkpoint: full: the best epoch's evolvable tensors as host clones (today's behaviour, one copy of them in RAM)."""
+    """run.checkpoint: full: the best epoch's evolvable tensors as host clones (today's behaviour, one copy of them in
+    RAM)."""
 
     def __init__(self, weights: dict[str, torch.Tensor] | None = None):
         self.weights = weights
@@ -88,6 +103,8 @@ class ClonedBest:
         self.weights = {k: v.detach().cpu().clone() for k, v in perturber.evolvable_state().items()}
 
     def restore(self, perturber: Perturber, state: RunState) -> None:
+        if self.weights is None:  # the epoch step keeps the base model's weights at epoch 0, before any restore
+            raise CheckpointError("no best weights were kept before they were restored")
         assign_weights(perturber.model, self.weights, "best weights")
 
 
@@ -117,34 +134,49 @@ def rebuild(perturber: Perturber, state: RunState, upto: int, best: ReplayedBest
     later epochs through the epoch step, refuses decisions that disagree with the record and checks the digest
     of the rebuilt weights. Returns the replayed bookkeeping (best epoch, guard counter, optimizer step) at `upto`."""
     if upto >= len(state.weight_digests):
-        raise CheckpointError(f"epoch {upto}: the run record holds no weight digest for it (written by an older version?)")
-    record = RunState(history=state.history[: upto + 1], weight_digests=state.weight_digests[: upto + 1], sigma=state.sigma)
+        raise CheckpointError(
+            f"epoch {upto}: the run record holds no weight digest for it (written by an older version?)"
+        )
+    record = RunState(
+        history=state.history[: upto + 1], weight_digests=state.weight_digests[: upto + 1], sigma=state.sigma
+    )
     snapshot = nearest_snapshot(best.ckpt_dir, upto)
     if snapshot is None:
-        assign_weights(perturber.model, base_evolvable(perturber.model, best.base_dir, list(perturber.params)), "base weights")
+        assign_weights(
+            perturber.model, base_evolvable(perturber.model, best.base_dir, list(perturber.params)), "base weights"
+        )
         perturber.optimizer.load_state(0, {})  # a fresh optimizer: step 0, no moments
         start = 0
     else:
         weights, optimizer, saved = load_checkpoint(snapshot)
         if saved.weight_digests[: saved.epoch + 1] != state.weight_digests[: saved.epoch + 1]:
-            raise CheckpointError(f"{snapshot}: this snapshot belongs to another line of epochs than the run record; move it aside")
+            raise CheckpointError(
+                f"{snapshot}: this snapshot belongs to another line of epochs than the run record; move it aside"
+            )
         assign_weights(perturber.model, weights, str(snapshot), expected=perturber.params)
         perturber.optimizer.load_state(saved.optimizer_step, optimizer)
         record.epoch, record.best_fitness, record.best_epoch = saved.epoch, saved.best_fitness, saved.best_epoch
-        record.epochs_since_best, record.optimizer_step, start = saved.epochs_since_best, saved.optimizer_step, saved.epoch + 1
+        record.epochs_since_best, record.optimizer_step, start = (
+            saved.epochs_since_best,
+            saved.optimizer_step,
+            saved.epoch + 1,
+        )
     step = EpochStep(perturber, record, best.patience, best)
-    for row in state.history[start: upto + 1]:
+    for row in state.history[start : upto + 1]:
         step.apply(row)
     digests = tensor_digests(perturber.evolvable_state())
     if combined_digest(digests) != state.weight_digests[upto]:
-        raise CheckpointError(f"epoch {upto}: the weights rebuilt by replay do not match the run record's checksum (the record's "
-                              "fitness or config was altered, or the base model, libraries or hardware differ); resume from a "
-                              "snapshot before it, or start the run again")
+        raise CheckpointError(
+            f"epoch {upto}: the weights rebuilt by replay do not match the run record's checksum (the record's "
+            "fitness or config was altered, or the base model, libraries or hardware differ); resume from a "
+            "snapshot before it, or start the run again"
+        )
     return record
 
 
 def replay_into(model: torch.nn.Module, state: RunState, base_dir: Path) -> None:
-    """Give `model` (the base model) the weights at the end of the run record `state`, replayed with the run's own config."""
+    """Give `model` (the base model) the weights at the end of the run record `state`, replayed with the run's own
+    config."""
     cfg = config_from_dict(state.config, "the run record's config")
     perturber = run_perturber(model, cfg)
     try:
@@ -166,8 +198,10 @@ def load_evaluated_model(cfg: Config, checkpoint: str | None):
     check_record(state, str(path))
     saved, current = state.identity.get("base_weights"), base_weights_digest(cfg)
     if saved != current:  # frozen tensors are not in the checkpoint: other base bytes give another model
-        raise IdentityError(f"{checkpoint}: cannot evaluate exactly: base_weights differs (the run has {saved!r}, now "
-                            f"{current!r}); {identity_hint('base_weights', saved)}")
+        raise IdentityError(
+            f"{checkpoint}: cannot evaluate exactly: base_weights differs (the run has {saved!r}, now "
+            f"{current!r}); {identity_hint('base_weights', saved)}"
+        )
     model, processor = load_model(cfg)
     if weights:
         assign_weights(model, weights, str(path))

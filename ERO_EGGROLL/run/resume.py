@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ERO_EGGROLL.core.ero_search import stop_score
 from ERO_EGGROLL.config import Config, ConfigError
+from ERO_EGGROLL.core.ero_search import stop_score
 from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.run.record import ClonedBest, ReplayedBest, check_sigma, rebuild
 from ERO_EGGROLL.storage.checkpoints import (
@@ -27,8 +27,14 @@ from ERO_EGGROLL.storage.identity import check_identity
 from ERO_EGGROLL.storage.record_check import check_record
 
 
-def resume(cfg: Config, perturber: Perturber, identity: dict, ckpt_dir: Path, resume_from: Path,
-           best: ClonedBest | ReplayedBest) -> RunState:
+def resume(
+    cfg: Config,
+    perturber: Perturber,
+    identity: dict,
+    ckpt_dir: Path,
+    resume_from: Path,
+    best: ClonedBest | ReplayedBest,
+) -> RunState:
     """Load the run state of `resume_from` (the run folder or one of its epoch directories) and bring the model and the
     optimizer to the end of it; later epochs are moved aside when going back."""
     evo = cfg.evolution
@@ -38,12 +44,16 @@ def resume(cfg: Config, perturber: Perturber, identity: dict, ckpt_dir: Path, re
     check_record(state, str(resume_from))  # every check before anything moves (a rewind, the weights)
     check_identity(state.identity, identity, str(resume_from), "resume")
     if evo.epochs < state.epoch:
-        raise ConfigError(f"evolution.epochs {evo.epochs} is less than the {state.epoch} epochs {ckpt_dir} already ran; "
-                          f"to go back, resume from {ckpt_dir}/epoch_{evo.epochs:04d}")
+        raise ConfigError(
+            f"evolution.epochs {evo.epochs} is less than the {state.epoch} epochs {ckpt_dir} already ran; "
+            f"to go back, resume from {ckpt_dir}/epoch_{evo.epochs:04d}"
+        )
     check_sigma(perturber, state, str(resume_from))  # the base weights' sigmas, before any weight moves
     if not isinstance(best, ReplayedBest) and not weights:
-        raise CheckpointError(f"{resume_from} holds a run record without weights (saved with run.checkpoint: replay); "
-                              "resume it with --set run.checkpoint=replay")
+        raise CheckpointError(
+            f"{resume_from} holds a run record without weights (saved with run.checkpoint: replay); "
+            "resume it with --set run.checkpoint=replay"
+        )
     if resume_from != ckpt_dir:
         rewind(ckpt_dir, resume_from)
     state.config = cfg.to_dict()  # e.g. more epochs: later resumes and replays see the config in force
@@ -63,5 +73,9 @@ def disk_bytes(path: Path) -> int:
     path = Path(path)
     if path.is_file():
         return path.stat().st_size
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
-               if not os.path.islink(os.path.join(root, f)))
+    return sum(
+        os.path.getsize(os.path.join(root, f))
+        for root, _, files in os.walk(path)
+        for f in files
+        if not os.path.islink(os.path.join(root, f))
+    )

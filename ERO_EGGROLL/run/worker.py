@@ -26,7 +26,8 @@ from ERO_EGGROLL.run.record import ClonedBest, tensor_digests
 from ERO_EGGROLL.storage.checkpoints import RunState
 from ERO_EGGROLL.storage.identity import base_weights_digest, identity_of
 
-# Test-only fault injection, "<kind>:<worker>:<n>" (like storage/checkpoints.SLOW_WRITE_ENV). Only the worker's first process
+# Test-only fault injection, "<kind>:<worker>:<n>" (like storage/checkpoints.SLOW_WRITE_ENV). Only the worker's first
+# process
 # obeys it, so that its replacement runs normally. kind 'exit': the process exits when asked for a batch after it has
 # evaluated n members (a lost machine, mid-epoch); kind 'drift': after the epoch-n step it moves one weight by one ulp.
 FAULT_ENV = "ERO_EGGROLL_FAULT_WORKER"
@@ -52,13 +53,21 @@ class PopulationWorker:
         self.fault = (kind, int(n)) if kind and incarnation == 0 and int(worker) == slot else None
 
     def identity(self) -> dict:
-        """This worker's run identity (storage/identity.identity_of): device type, versions, base weights, tensor keys."""
+        """This worker's run identity (storage/identity.identity_of): device type, versions, base weights, tensor
+        keys."""
         param = next(self.model.parameters())
-        return identity_of(self.cfg, self.specs, device_type=param.device.type, dtype=param.dtype, members_per_batch=self.k,
-                           base_weights=base_weights_digest(self.cfg))
+        return identity_of(
+            self.cfg,
+            self.specs,
+            device_type=param.device.type,
+            dtype=param.dtype,
+            members_per_batch=self.k,
+            base_weights=base_weights_digest(self.cfg),
+        )
 
     def advance(self, rows: list[dict]) -> tuple[dict[str, str], float]:
-        """Apply recorded epochs (the driver's rows, in order) through EpochStep; the digests after them and the seconds."""
+        """Apply recorded epochs (the driver's rows, in order) through EpochStep; the digests after them and the
+        seconds."""
         start = time.perf_counter()
         for row in rows:
             self.step.apply(row)

@@ -19,11 +19,10 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -31,9 +30,14 @@ from safetensors.torch import load_file, save_file
 
 from ERO_EGGROLL.core.digest import tensor_digest
 from ERO_EGGROLL.core.errors import EggrollError
-from ERO_EGGROLL.io.disk import fsync_dir, move_aside, publish_dir, writing
+from ERO_EGGROLL.io.disk import fsync_dir, move_aside, publish_dir, staged_dir, writing
 
-STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, LATEST = "state.json", "evolvable.safetensors", "optimizer.safetensors", "LATEST"
+STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, LATEST = (
+    "state.json",
+    "evolvable.safetensors",
+    "optimizer.safetensors",
+    "LATEST",
+)
 CHECKPOINT_FILES = (STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE)
 KEEP_MARK = ".keep"  # epoch directories with it survive pruning (save_every, the last, the first)
 EPOCH_DIR = re.compile(r"epoch_(\d{4,})")
@@ -98,8 +102,10 @@ STATE_TYPES = {
     "finished": (lambda v: isinstance(v, bool), "true or false"),
     "weight_digests": (lambda v: isinstance(v, list) and all(isinstance(d, str) for d in v), "a list of strings"),
     "tensor_digests": (lambda v: _str_map(v) and all(isinstance(d, str) for d in v.values()), "an object of strings"),
-    "sigma": (lambda v: _str_map(v) and all(_is_number(x) and math.isfinite(x) and x > 0 for x in v.values()),
-              "an object of positive numbers"),
+    "sigma": (
+        lambda v: _str_map(v) and all(_is_number(x) and math.isfinite(x) and x > 0 for x in v.values()),
+        "an object of positive numbers",
+    ),
 }
 
 
@@ -116,35 +122,36 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, path, metadata={name: tensor_digest(t) for name, t in tensors.items()} or None)
 
 
-def _stage_dir(target: Path, weights: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], state: RunState,
-               keep: bool = False) -> Path:
-    """A complete, fsynced checkpoint directory under a hidden temporary name beside `target`."""
+def _write_checkpoint_files(
+    folder: Path,
+    target: Path,
+    weights: dict[str, torch.Tensor],
+    optimizer: dict[str, torch.Tensor],
+    state: RunState,
+    keep: bool = False,
+) -> None:
+    """A complete, fsynced checkpoint in `folder`, the staging folder that becomes `target` once complete."""
     with writing(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        with writing(target):
-            _save_tensors(weights, staging / WEIGHTS_FILE)
-            _save_tensors(optimizer, staging / OPTIMIZER_FILE)
-            _slow_write_fault(target.name)
-            (staging / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
-            if keep:
-                (staging / KEEP_MARK).touch()  # exempt from pruning, decided before the directory becomes visible
-            for f in staging.iterdir():
-                with open(f, "rb") as handle:
-                    os.fsync(handle.fileno())
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return staging
+        _save_tensors(weights, folder / WEIGHTS_FILE)
+        _save_tensors(optimizer, folder / OPTIMIZER_FILE)
+        _slow_write_fault(target.name)
+        (folder / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
+        if keep:
+            (folder / KEEP_MARK).touch()  # exempt from pruning, decided before the directory becomes visible
+        for f in folder.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    return next((name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    return next(
+        (name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None
+    )
 
 
-def save_checkpoint(run_ckpt_dir: Path, weights, optimizer, state: RunState, *, keep: bool, best: bool,
-                    store_tensors: bool = True) -> Path:
+def save_checkpoint(
+    run_ckpt_dir: Path, weights, optimizer, state: RunState, *, keep: bool, best: bool, store_tensors: bool = True
+) -> Path:
     """Write epoch_<n>/ (and best/), point LATEST at it, prune unkept epoch directories.
 
     Weights that are not finite are never saved: the run stops with the previous checkpoint intact. Without
@@ -152,20 +159,25 @@ def save_checkpoint(run_ckpt_dir: Path, weights, optimizer, state: RunState, *, 
     name = f"epoch_{state.epoch:04d}"
     bad = _non_finite(weights)
     if bad:
-        raise CheckpointError(f"epoch {state.epoch}: tensor {bad} is not finite (inf or NaN) after the update, so it was not saved; "
-                              f"{read_latest_name(run_ckpt_dir) or 'the previous checkpoint'} is intact. Lower evolution.lr or "
-                              "evolution.sigma (or set evolution.max_update_norm) and start again")
+        raise CheckpointError(
+            f"epoch {state.epoch}: tensor {bad} is not finite (inf or NaN) after the update, so it was not saved; "
+            f"{read_latest_name(run_ckpt_dir) or 'the previous checkpoint'} is intact. Lower evolution.lr or "
+            "evolution.sigma (or set evolution.max_update_norm) and start again"
+        )
     target = run_ckpt_dir / name
     if not store_tensors:
         weights, optimizer = {}, {}
-    staging = _stage_dir(target, weights, optimizer, state, keep)
-    with writing(target):
-        if target.exists():  # never overwrite a saved epoch: keep the earlier one beside it
-            print(f"note: {target} already existed; moved it to {move_aside(target)}", file=sys.stderr)
-        staging.rename(target)
-        fsync_dir(run_ckpt_dir)
+    with staged_dir(target) as staging:
+        _write_checkpoint_files(staging, target, weights, optimizer, state, keep)
+        with writing(target):
+            if target.exists():  # never overwrite a saved epoch: keep the earlier one beside it
+                print(f"note: {target} already existed; moved it to {move_aside(target)}", file=sys.stderr)
+            staging.rename(target)
+            fsync_dir(run_ckpt_dir)
     if best:
-        publish_dir(_stage_dir(run_ckpt_dir / "best", weights, optimizer, state), run_ckpt_dir / "best")
+        with staged_dir(run_ckpt_dir / "best") as staging:
+            _write_checkpoint_files(staging, run_ckpt_dir / "best", weights, optimizer, state)
+            publish_dir(staging, run_ckpt_dir / "best")
     previous = read_latest_name(run_ckpt_dir)
     write_latest(run_ckpt_dir, name)
     if previous and EPOCH_DIR.fullmatch(previous) and previous != name and not _kept(run_ckpt_dir / previous):
@@ -208,9 +220,14 @@ def latest_dir(run_ckpt_dir: Path) -> tuple[Path, str | None]:
     problem = "missing" if name is None else f"damaged ({name[:40]!r} is not a complete epoch_NNNN/ directory)"
     if not complete:
         if name is None and not any(Path(run_ckpt_dir).glob("epoch_*")):
-            raise CheckpointError(f"{run_ckpt_dir} holds no checkpoint (no LATEST file, no epoch_NNNN/); give the run's checkpoints/<run> folder")
-        raise CheckpointError(f"{run_ckpt_dir}: LATEST is {problem} and no complete epoch_NNNN/ directory is left to resume from; "
-                              "start the run again (--overwrite moves this one aside)")
+            raise CheckpointError(
+                f"{run_ckpt_dir} holds no checkpoint (no LATEST file, no epoch_NNNN/); give the run's "
+                "checkpoints/<run> folder"
+            )
+        raise CheckpointError(
+            f"{run_ckpt_dir}: LATEST is {problem} and no complete epoch_NNNN/ directory is left to resume from; "
+            "start the run again (--overwrite moves this one aside)"
+        )
     return complete[-1], f"LATEST in {run_ckpt_dir} is {problem}; the newest complete checkpoint is {complete[-1].name}"
 
 
@@ -238,12 +255,16 @@ def _load_tensors(path: Path, checkpoint: Path) -> dict[str, torch.Tensor]:
             digests = f.metadata() or {}
         tensors = load_file(path)
     except (SafetensorError, OSError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: the safetensors file is corrupt or truncated ({str(err).splitlines()[0]}); "
-                              f"{_fallback(checkpoint)}") from None
+        raise CheckpointError(
+            f"{path}: the safetensors file is corrupt or truncated ({str(err).splitlines()[0]}); "
+            f"{_fallback(checkpoint)}"
+        ) from None
     for name, tensor in tensors.items():
         if digests.get(name) != tensor_digest(tensor):
-            raise CheckpointError(f"{path}: tensor {name} does not match the hash saved with it (its bytes changed on disk: "
-                                  f"corrupt); {_fallback(checkpoint)}")
+            raise CheckpointError(
+                f"{path}: tensor {name} does not match the hash saved with it (its bytes changed on disk: "
+                f"corrupt); {_fallback(checkpoint)}"
+            )
     return tensors
 
 
@@ -263,7 +284,10 @@ def checkpoint_dir(path: Path) -> Path:
     if (path / STATE_FILE).is_file():
         return path
     if not (path / LATEST).exists() and not any(path.glob("epoch_*")):
-        raise CheckpointError(f"{path} is not a checkpoint (no {STATE_FILE}; expected a run's checkpoint folder or an epoch_NNNN/ directory)")
+        raise CheckpointError(
+            f"{path} is not a checkpoint (no {STATE_FILE}; expected a run's checkpoint folder or an epoch_NNNN/ "
+            "directory)"
+        )
     path, problem = latest_dir(path)
     if problem:
         print(f"note: {problem}; reading that", file=sys.stderr)
@@ -276,15 +300,23 @@ def read_state(path: Path) -> RunState:
         data = json.loads((path / STATE_FILE).read_text())
         unknown = set(data) - {f.name for f in fields(RunState)}
         if unknown:
-            raise CheckpointError(f"{path / STATE_FILE} has fields {sorted(unknown)} this version does not know "
-                                  "(written by another version of ERO_EGGROLL?); start the run again")
+            raise CheckpointError(
+                f"{path / STATE_FILE} has fields {sorted(unknown)} this version does not know "
+                "(written by another version of ERO_EGGROLL?); start the run again"
+            )
         if not isinstance(data, dict):
             raise TypeError("not a JSON object")
         state = RunState(**data)
     except (json.JSONDecodeError, TypeError, UnicodeDecodeError, OSError) as err:
         raise CheckpointError(f"{path / STATE_FILE} is corrupt ({err}); {_fallback(path)}") from None
-    wrong = next((f"{name} must be {what}, got {getattr(state, name)!r:.60}" for name, (ok, what) in STATE_TYPES.items()
-                  if not ok(getattr(state, name))), None)
+    wrong = next(
+        (
+            f"{name} must be {what}, got {getattr(state, name)!r:.60}"
+            for name, (ok, what) in STATE_TYPES.items()
+            if not ok(getattr(state, name))
+        ),
+        None,
+    )
     if wrong:
         raise CheckpointError(f"{path / STATE_FILE}: {wrong} (edited or damaged?); {_fallback(path)}")
     return state
@@ -296,17 +328,21 @@ def _aside_folder(run_ckpt_dir: Path) -> Path:
 
 
 def rewind(run_ckpt_dir: Path, epoch_dir: Path) -> Path | None:
-    """Resume from an earlier epoch: move later epochs and best_model/ into moved_aside-<time>/, point LATEST at `epoch_dir`.
+    """Resume from an earlier epoch: move later epochs and best_model/ into moved_aside-<time>/, point LATEST at
+    `epoch_dir`.
 
     Returns the folder they went to (None when there was nothing later). Nothing is deleted."""
-    number = int(EPOCH_DIR.fullmatch(epoch_dir.name).group(1))
+    number = epoch_number(epoch_dir)
     later = [p for p in run_ckpt_dir.glob("epoch_*") if EPOCH_DIR.fullmatch(p.name) and epoch_number(p) > number]
     aside = _aside_folder(run_ckpt_dir)
     for path in sorted(later) + [p for p in [run_ckpt_dir / "best_model"] if p.exists() and later]:
         move_aside(path, into=aside)
     write_latest(run_ckpt_dir, epoch_dir.name)
     if later:
-        print(f"resuming from {epoch_dir.name}: moved {', '.join(p.name for p in sorted(later))} aside into {aside}", file=sys.stderr)
+        print(
+            f"resuming from {epoch_dir.name}: moved {', '.join(p.name for p in sorted(later))} aside into {aside}",
+            file=sys.stderr,
+        )
     return aside if later else None
 
 
@@ -320,29 +356,43 @@ def best_weights_for(run_ckpt_dir: Path, state: RunState) -> dict[str, torch.Ten
         return load_checkpoint(best)[0]
     source = run_ckpt_dir / f"epoch_{state.best_epoch:04d}"
     if not (source / STATE_FILE).is_file():
-        raise CheckpointError(f"{run_ckpt_dir}: the best weights of epoch {state.best_epoch} are neither in best/ nor in {source.name}/ "
-                              "(not kept: run.save_every); resume from a later epoch or start the run again")
+        raise CheckpointError(
+            f"{run_ckpt_dir}: the best weights of epoch {state.best_epoch} are neither in best/ nor in {source.name}/ "
+            "(not kept: run.save_every); resume from a later epoch or start the run again"
+        )
     weights, optimizer, best_state = load_checkpoint(source)
     aside = _aside_folder(run_ckpt_dir) / "best" if best.exists() else None
-    publish_dir(_stage_dir(best, weights, optimizer, best_state), best, previous_to=aside)
+    with staged_dir(best) as staging:
+        _write_checkpoint_files(staging, best, weights, optimizer, best_state)
+        publish_dir(staging, best, previous_to=aside)
     return weights
 
 
-def assign_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str, expected: Iterable[str] = ()) -> None:
+def assign_weights(
+    model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str, expected: Iterable[str] = ()
+) -> None:
     """Copy saved tensors into the model's parameters: every `expected` name present, shapes and dtypes equal."""
     params = dict(model.named_parameters())
     missing = [name for name in expected if name not in weights]
     if missing:
-        raise CheckpointError(f"{where}: {len(missing)} evolved tensor(s) missing, e.g. {missing[0]} (saved with other "
-                              "params settings, or damaged?)")
+        raise CheckpointError(
+            f"{where}: {len(missing)} evolved tensor(s) missing, e.g. {missing[0]} (saved with other "
+            "params settings, or damaged?)"
+        )
     for name, tensor in weights.items():
         if name not in params:
-            raise CheckpointError(f"{where}: tensor {name} is not a parameter of this model (a checkpoint of another model?)")
+            raise CheckpointError(
+                f"{where}: tensor {name} is not a parameter of this model (a checkpoint of another model?)"
+            )
         if params[name].shape != tensor.shape:
-            raise CheckpointError(f"{where}: {name} has shape {tuple(tensor.shape)}, the model has {tuple(params[name].shape)}")
+            raise CheckpointError(
+                f"{where}: {name} has shape {tuple(tensor.shape)}, the model has {tuple(params[name].shape)}"
+            )
         if params[name].dtype != tensor.dtype:
-            raise CheckpointError(f"{where}: {name} is {str(tensor.dtype).removeprefix('torch.')}, the model is "
-                                  f"{str(params[name].dtype).removeprefix('torch.')}; set model.dtype to the run's dtype")
+            raise CheckpointError(
+                f"{where}: {name} is {str(tensor.dtype).removeprefix('torch.')}, the model is "
+                f"{str(params[name].dtype).removeprefix('torch.')}; set model.dtype to the run's dtype"
+            )
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)

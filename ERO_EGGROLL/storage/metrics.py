@@ -11,7 +11,11 @@ import yaml
 
 from ERO_EGGROLL.io.disk import writing
 
-TIMING_FIELDS = ("seconds", "peak_memory_mb", "workers")  # the only metrics that differ between identical runs (workers: per-worker timing)
+TIMING_FIELDS = (
+    "seconds",
+    "peak_memory_mb",
+    "workers",
+)  # the only metrics that differ between identical runs (workers: per-worker timing)
 NON_FINITE_FLAG = "non_finite_fields"  # metrics.jsonl: fields whose value was inf or NaN, written as null
 
 
@@ -47,12 +51,16 @@ def strict_json_row(row: dict) -> dict:
 
 
 def rewrite_metrics(run_dir: Path, history: list[dict]) -> None:
-    """metrics.jsonl and member_fitness.csv from the run's history (so a resumed run's files equal an uninterrupted run's)."""
+    """metrics.jsonl and member_fitness.csv from the run's history (so a resumed run's files equal an uninterrupted
+    run's)."""
     with writing(run_dir / "metrics.jsonl"):
         run_dir.mkdir(parents=True, exist_ok=True)
         with (run_dir / "metrics.jsonl").open("w") as f:
             for row in history:
-                f.write(json.dumps(strict_json_row({k: v for k, v in row.items() if k != "fitness"}), allow_nan=False) + "\n")
+                f.write(
+                    json.dumps(strict_json_row({k: v for k, v in row.items() if k != "fitness"}), allow_nan=False)
+                    + "\n"
+                )
     with writing(run_dir / "member_fitness.csv"), (run_dir / "member_fitness.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["epoch", "member", "fitness"])
@@ -74,15 +82,30 @@ def plot_fitness(run_dir: Path, history: list[dict], title: str) -> Path:
     members = [r for r in history if r.get("fitness")]
     if members:
         xs = [r["epoch"] for r in members]
-        ax.fill_between(xs, [r["member_min"] for r in members], [r["member_max"] for r in members], alpha=0.2, label="members min-max")
+        ax.fill_between(
+            xs,
+            [r["member_min"] for r in members],
+            [r["member_max"] for r in members],
+            alpha=0.2,
+            label="members min-max",
+        )
         ax.plot(xs, [r["member_mean"] for r in members], "--", label="members mean")
     ax.plot(epochs, [r["mean_model_fitness"] for r in history], "o-", label="mean model fitness")
     ax.set_title("fitness (search questions)", fontsize=9)
     logprob_ax = test_ax.twinx()
-    logprob_ax.plot(epochs, [r.get("mean_model_answer_logprob") for r in history], "o-", color="C3", label="answer log-prob (right axis)")
+    logprob_ax.plot(
+        epochs,
+        [r.get("mean_model_answer_logprob") for r in history],
+        "o-",
+        color="C3",
+        label="answer log-prob (right axis)",
+    )
     logprob_ax.set_ylabel("mean answer-token log-prob")
-    for key, style, label in (("mean_model_char_similarity", "s:", "char similarity"), ("mean_model_cell_accuracy", "^:", "cell accuracy"),
-                              ("mean_model_exact", "v:", "exact match")):
+    for key, style, label in (
+        ("mean_model_char_similarity", "s:", "char similarity"),
+        ("mean_model_cell_accuracy", "^:", "cell accuracy"),
+        ("mean_model_exact", "v:", "exact match"),
+    ):
         test_ax.plot(epochs, [r.get(key) for r in history], style, label=label)
     test_ax.set_ylim(-0.02, 1.02)
     test_ax.set_title("mean model on the test questions", fontsize=9)

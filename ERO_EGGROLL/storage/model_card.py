@@ -14,10 +14,16 @@ from ERO_EGGROLL.evaluation.evaluator import EvalResult, results_table
 from ERO_EGGROLL.model.export import BASE_CARD, WeightsReport
 
 PROTOCOL = {
-    "test": ("test-time search", "the search's fitness was scored on these same test outputs (ERO's protocol, "
-             "data.fitness_source: test), so they are not held out"),
-    "train_loo": ("held out", "the search's fitness came from leave-one-out training pairs (data.fitness_source: train_loo); "
-                  "the test outputs were never seen by the search"),
+    "test": (
+        "test-time search",
+        "the search's fitness was scored on these same test outputs (ERO's protocol, "
+        "data.fitness_source: test), so they are not held out",
+    ),
+    "train_loo": (
+        "held out",
+        "the search's fitness came from leave-one-out training pairs (data.fitness_source: train_loo); "
+        "the test outputs were never seen by the search",
+    ),
 }
 
 
@@ -41,54 +47,137 @@ def _base_license(base_dir: Path) -> str | None:
 
 def _weights_section(report: WeightsReport) -> list[str]:
     base = ", ".join(report.base_dtypes)
-    lines = [f"Files replaced: {', '.join(report.shards)} (and the shard index, if the base has one), with the base's "
-             "tensor names and shard layout; every other file is the base's own, byte for byte."]
+    lines = [
+        f"Files replaced: {', '.join(report.shards)} (and the shard index, if the base has one), with the base's "
+        "tensor names and shard layout; every other file is the base's own, byte for byte."
+    ]
     if report.left_out:
         lines.append(f"Left out (the base's weights in other formats): {', '.join(report.left_out)}.")
     kept = f"{report.kept_elements} of the {report.changed_elements} elements the evolution changed"
     if report.written_dtype:
-        lines.append(f"**dtype: the run computed in {report.run_dtype}, the base stores {base}.** Casting to {base} would keep "
-                     f"only {kept}, so the weights stay in {report.run_dtype}; config.json's dtype field says so (its only change).")
+        lines.append(
+            f"**dtype: the run computed in {report.run_dtype}, the base stores {base}.** Casting to {base} would keep "
+            f"only {kept}, so the weights stay in {report.run_dtype}; config.json's dtype field says so (its only "
+            "change)."
+        )
     elif report.cast:
-        lines.append(f"**dtype: the run computed in {report.run_dtype}; the weights are cast to the base's {base}** "
-                     f"(the cast keeps {kept}).")
+        lines.append(
+            f"**dtype: the run computed in {report.run_dtype}; the weights are cast to the base's {base}** "
+            f"(the cast keeps {kept})."
+        )
     else:
         lines.append(f"dtype: {base}, the base's and the run's.")
     return lines
 
 
-def model_card(cfg: Config, task_ids: list[str], history: list[dict], best_epoch: int, best: EvalResult,
-               ckpt_dir: Path, plot: Path, report: WeightsReport) -> str:
-    """The README.md text of an exported best model."""
+def model_card(
+    cfg: Config,
+    task_ids: list[str],
+    history: list[dict],
+    best_epoch: int,
+    best: EvalResult | None,
+    ckpt_dir: Path,
+    plot: Path | None,
+    report: WeightsReport,
+) -> str:
+    """The README.md text of an exported best model. `best`: its test evaluation, or None for an export that replay
+    rebuilt without evaluating (the card then says how to score it); `plot`: the run's fitness curve, if any."""
     base_dir = cfg.resolve_path(cfg.model.path)
-    front = {"base_model": cfg.model.path, "library_name": "transformers", "pipeline_tag": "image-text-to-text",
-             "tags": ["qwen2_5_vl", "evolution-strategies", "eggroll", "arc-agi"]}
+    front: dict[str, object] = {
+        "base_model": cfg.model.path,
+        "library_name": "transformers",
+        "pipeline_tag": "image-text-to-text",
+        "tags": ["qwen2_5_vl", "evolution-strategies", "eggroll", "arc-agi"],
+    }
     if _base_license(base_dir):
         front["license"] = _base_license(base_dir)
     evo, protocol, why = cfg.evolution, *PROTOCOL[cfg.data.fitness_source]
-    rows = results_table(task_ids, best)
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
-             f"# {cfg.run.name}: Qwen2.5-VL evolved with EGGROLL on ARC-1", "",
-             f"Base model: `{cfg.model.path}` with new weights (the best mean model, epoch {best_epoch} of {history[-1]['epoch']})."
-             + (f" The base model's own card is kept as {BASE_CARD}." if (base_dir / "README.md").is_file() else ""), "",
-             *[part for line in _weights_section(report) for part in (line, "")],
-             "## Method", "",
-             f"EGGROLL low-rank evolution strategies (ERO_EGGROLL): population {evo.population_size}, rank {evo.rank}, "
-             f"sigma {evo.sigma} ({evo.sigma_mode}), optimizer {evo.optimizer}, lr {evo.lr}, {evo.mode} mode, "
-             f"fitness `{cfg.evaluation.fitness}`, seed {cfg.seed}, {cfg.data.input_mode} input, decoding as in the config below.", "",
-             "<details><summary>full config</summary>", "", "```yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(),
-             "```", "", "</details>", "",
-             "## Tasks", "", f"ARC-1 {cfg.data.split} split: {', '.join(task_ids)}.", "",
-             f"## Results ({protocol})", "", f"The best model's scores on the tasks' test outputs; {why}.", "",
-             "| task | id | char similarity | cell accuracy | exact |", "|---|---|---|---|---|",
-             *[f"| {r['task']} | {r['id']} | {r['char_similarity']:.4f} | {r['cell_accuracy']:.4f} | {r['exact']:.4f} |" for r in rows], "",
-             "## Fitness curve", "", f"Plot: `{_shown(plot)}` (the run's results folder). Its values:", "",
-             "| epoch | mean model fitness | test score | cell accuracy | members mean [min, max] |", "|---|---|---|---|---|"]
+    tasks = ", ".join(task_ids) if task_ids else f"every task of the {cfg.data.split} split"
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {cfg.run.name}: Qwen2.5-VL evolved with EGGROLL on ARC-1",
+        "",
+        f"Base model: `{cfg.model.path}` with new weights (the best mean model, epoch {best_epoch} of "
+        f"{history[-1]['epoch']})."
+        + (f" The base model's own card is kept as {BASE_CARD}." if (base_dir / "README.md").is_file() else ""),
+        "",
+        *[part for line in _weights_section(report) for part in (line, "")],
+        "## Method",
+        "",
+        f"EGGROLL low-rank evolution strategies (ERO_EGGROLL): population {evo.population_size}, rank {evo.rank}, "
+        f"sigma {evo.sigma} ({evo.sigma_mode}), optimizer {evo.optimizer}, lr {evo.lr}, {evo.mode} mode, fitness "
+        f"`{cfg.evaluation.fitness}`, seed {cfg.seed}, {cfg.data.input_mode} input, decoding as in the config below.",
+        "",
+        "<details><summary>full config</summary>",
+        "",
+        "```yaml",
+        yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(),
+        "```",
+        "",
+        "</details>",
+        "",
+        "## Tasks",
+        "",
+        f"ARC-1 {cfg.data.split} split: {tasks}.",
+        "",
+        *_results_section(best, task_ids, protocol, why, ckpt_dir),
+        "## Fitness curve",
+        "",
+        (f"Plot: `{_shown(plot)}` (the run's results folder). Its values:" if plot else "The run's values:"),
+        "",
+        "| epoch | mean model fitness | test score | cell accuracy | members mean [min, max] |",
+        "|---|---|---|---|---|",
+    ]
     for r in history:
-        members = f"{r['member_mean']:.4f} [{r['member_min']:.4f}, {r['member_max']:.4f}]" if r.get("fitness") else "(base model)"
-        lines.append(f"| {r['epoch']} | {r['mean_model_fitness']:.4f} | {r['mean_model_test_score']:.4f} | "
-                     f"{r['mean_model_cell_accuracy']:.4f} | {members} |")
-    lines += ["", "## Reproduce", "", "All noise is regenerated from keys: the base model, the config and the fitness history rebuild these "
-              "weights bit for bit (from the repository root of ERO_EGGROLL):", "", "```bash",
-              f"python -m ERO_EGGROLL.replay {_shown(ckpt_dir)} --check", "```", ""]
+        members = (
+            f"{r['member_mean']:.4f} [{r['member_min']:.4f}, {r['member_max']:.4f}]"
+            if r.get("fitness")
+            else "(base model)"
+        )
+        lines.append(
+            f"| {r['epoch']} | {r['mean_model_fitness']:.4f} | {r['mean_model_test_score']:.4f} | "
+            f"{r['mean_model_cell_accuracy']:.4f} | {members} |"
+        )
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        "All noise is regenerated from keys: the base model, the config and the fitness history rebuild these "
+        "weights bit for bit (from the repository root of ERO_EGGROLL):",
+        "",
+        "```bash",
+        f"python -m ERO_EGGROLL.replay {_shown(ckpt_dir)} --check",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
+
+
+def _results_section(
+    best: EvalResult | None, task_ids: list[str], protocol: str, why: str, ckpt_dir: Path
+) -> list[str]:
+    if best is None:
+        return [
+            "## Results",
+            "",
+            "Not scored in this export (replay rebuilt the weights without evaluating them); score it with "
+            f"`python -m ERO_EGGROLL.arc_evaluator --config <the run's config.yaml> --checkpoint {_shown(ckpt_dir)}`.",
+            "",
+        ]
+    rows = results_table(task_ids, best)
+    return [
+        f"## Results ({protocol})",
+        "",
+        f"The best model's scores on the tasks' test outputs; {why}.",
+        "",
+        "| task | id | char similarity | cell accuracy | exact |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {r['task']} | {r['id']} | {r['char_similarity']:.4f} | {r['cell_accuracy']:.4f} | {r['exact']:.4f} |"
+            for r in rows
+        ],
+        "",
+    ]

@@ -10,6 +10,9 @@ from the mean model's fitness exactly as the epoch step decides them. Resume, re
 from __future__ import annotations
 
 import math
+from typing import NoReturn
+
+from typing_extensions import TypeIs
 
 from ERO_EGGROLL.config import config_from_dict
 from ERO_EGGROLL.core.ero_search import stop_score
@@ -17,15 +20,19 @@ from ERO_EGGROLL.evaluation.evaluator import fitness_range
 from ERO_EGGROLL.storage.checkpoints import CheckpointError, RunState
 
 
-def _number(value) -> bool:
+def _number(value: object) -> TypeIs[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_record(state: RunState, where: str) -> None:
-    """Raise CheckpointError naming the first field (and epoch) of `state` that disagrees with what its history gives."""
-    def refuse(message: str) -> None:
-        raise CheckpointError(f"{where}: the run record is inconsistent: {message} (edited or damaged?); resume from an "
-                              "earlier epoch_NNNN/ or start the run again")
+    """Raise CheckpointError naming the first field (and epoch) of `state` that disagrees with what its history
+    gives."""
+
+    def refuse(message: str) -> NoReturn:
+        raise CheckpointError(
+            f"{where}: the run record is inconsistent: {message} (edited or damaged?); resume from an "
+            "earlier epoch_NNNN/ or start the run again"
+        )
 
     cfg = config_from_dict(state.config, f"{where} (saved config)")
     low, high = fitness_range(cfg.evaluation.fitness)
@@ -35,12 +42,17 @@ def check_record(state: RunState, where: str) -> None:
     if len(state.weight_digests) != state.epoch + 1:
         refuse(f"epoch is {state.epoch} but weight_digests holds {len(state.weight_digests)} digest(s)")
     best_fitness, best_epoch, since = -math.inf, -1, 0
+    new_best: bool
+    rolled_back: bool
     for index, row in enumerate(state.history):
         if row.get("epoch") != index:
             refuse(f"history row {index} has epoch {row.get('epoch')!r}")
         mean = row.get("mean_model_fitness")
-        if not (_number(mean) and low <= mean <= high):
-            refuse(f"epoch {index}: mean_model_fitness {mean!r} is not a finite {cfg.evaluation.fitness} value in [{low}, {high}]")
+        if not _number(mean) or not low <= mean <= high:
+            refuse(
+                f"epoch {index}: mean_model_fitness {mean!r} is not a finite {cfg.evaluation.fitness} value in "
+                f"[{low}, {high}]"
+            )
         fitness = row.get("fitness")
         if index == 0:
             new_best, rolled_back = True, False
@@ -52,8 +64,10 @@ def check_record(state: RunState, where: str) -> None:
                 refuse(f"epoch {index}: fitness holds {count} value(s), the population is {population}")
             finite = sum(_number(f) and low <= f <= high for f in fitness)
             if finite != population:
-                refuse(f"epoch {index}: fitness holds {finite} finite {cfg.evaluation.fitness} value(s) in [{low}, {high}] "
-                       f"of {population}")
+                refuse(
+                    f"epoch {index}: fitness holds {finite} finite {cfg.evaluation.fitness} value(s) in "
+                    f"[{low}, {high}] of {population}"
+                )
             new_best, rolled_back = mean > best_fitness, False
         if new_best:
             best_fitness, best_epoch, since = mean, index, 0
@@ -61,14 +75,16 @@ def check_record(state: RunState, where: str) -> None:
             since += 1
             if patience and since >= patience:
                 rolled_back, since = True, 0
-        for field, value in (("new_best", new_best), ("rolled_back", rolled_back)):
-            if row.get(field) is not value:
-                refuse(f"epoch {index}: {field} is {row.get(field)!r}, its fitness gives {value}")
+        for flag, decided in (("new_best", new_best), ("rolled_back", rolled_back)):
+            if row.get(flag) is not decided:
+                refuse(f"epoch {index}: {flag} is {row.get(flag)!r}, its fitness gives {decided}")
     for field, value in (("best_epoch", best_epoch), ("best_fitness", best_fitness), ("epochs_since_best", since)):
         if getattr(state, field) != value:
             refuse(f"{field} is {getattr(state, field)!r}, the history gives {value!r}")
     reached = stop_score(cfg.evolution.search, state.history[-1]) >= cfg.run.target_fitness
     finished = state.epoch >= 1 and (state.epoch == cfg.evolution.epochs or reached)
     if state.finished != finished:
-        refuse(f"finished is {state.finished}, epoch {state.epoch} of {cfg.evolution.epochs} with target fitness "
-               f"{cfg.run.target_fitness} gives {finished}")
+        refuse(
+            f"finished is {state.finished}, epoch {state.epoch} of {cfg.evolution.epochs} with target fitness "
+            f"{cfg.run.target_fitness} gives {finished}"
+        )

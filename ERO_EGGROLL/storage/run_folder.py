@@ -29,11 +29,14 @@ def _holds_something(path: Path) -> bool:
 
 
 def claim_run_folders(ckpt_dir: Path, run_dir: Path, *, move_earlier: bool) -> list[Path]:
-    """Before a new (not resumed) run: refuse folders holding an earlier run, or move them aside; return where they went."""
+    """Before a new (not resumed) run: refuse folders holding an earlier run, or move them aside; return where they
+    went."""
     occupied = [p for p in dict.fromkeys([ckpt_dir, run_dir]) if _holds_something(p)]
     if occupied and not move_earlier:
-        raise RunFolderError(f"{occupied[0]} already holds a run; continue it with --resume {ckpt_dir}, pick another run.name "
-                             "(--set run.name=...), or pass --overwrite to move the earlier run aside (nothing is deleted)")
+        raise RunFolderError(
+            f"{occupied[0]} already holds a run; continue it with --resume {ckpt_dir}, pick another run.name "
+            "(--set run.name=...), or pass --overwrite to move the earlier run aside (nothing is deleted)"
+        )
     moved = []
     for path in occupied:
         moved.append(move_aside(path))
@@ -59,7 +62,7 @@ class RunLock:
         self.path = ckpt_dir.with_name(f".{ckpt_dir.name}.lock")
         self.owner = {"pid": os.getpid(), "host": socket.gethostname()}
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         with writing(self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
@@ -80,13 +83,20 @@ class RunLock:
         except FileNotFoundError:
             return  # released meanwhile: try again
         except (ValueError, KeyError, TypeError, OSError):
-            raise RunFolderError(f"{self.path} is unreadable, so whether another process writes this run is unknown; "
-                                 "delete the lock file if no run is going on") from None
+            raise RunFolderError(
+                f"{self.path} is unreadable, so whether another process writes this run is unknown; "
+                "delete the lock file if no run is going on"
+            ) from None
         if host != self.owner["host"] or _alive(pid):
-            raise RunFolderError(f"run {self.path.name[1:-5]!r} is being written by process {pid} on {host} (lock {self.path}); "
-                                 "wait for it to finish or pick another run.name; delete the lock only if that process is gone")
-        print(f"note: stale lock {self.path} from process {pid} on {host}, which is no longer running (a crash?); taking it over",
-              file=sys.stderr)
+            raise RunFolderError(
+                f"run {self.path.name[1:-5]!r} is being written by process {pid} on {host} (lock {self.path}); "
+                "wait for it to finish or pick another run.name; delete the lock only if that process is gone"
+            )
+        print(
+            f"note: stale lock {self.path} from process {pid} on {host}, which is no longer running (a crash?); "
+            "taking it over",
+            file=sys.stderr,
+        )
         self.path.unlink(missing_ok=True)
 
     def __exit__(self, *exc) -> None:

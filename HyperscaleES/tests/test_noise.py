@@ -39,7 +39,7 @@ def test_matches_the_reference_formula(key):
     z = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, epoch), member // 2), (SHAPE[0] + SHAPE[1], RANK))
     a, b = factors(key, member, epoch=epoch)
     np.testing.assert_array_equal(b, np.asarray(z[: SHAPE[1]]))
-    np.testing.assert_allclose(a, -SIGMA / math.sqrt(RANK) * np.asarray(z[SHAPE[1]:]), rtol=1e-6)
+    np.testing.assert_allclose(a, -SIGMA / math.sqrt(RANK) * np.asarray(z[SHAPE[1] :]), rtol=1e-6)
 
 
 def official_factors(key, shape, *, epoch, member, rank, sigma, noise_reuse=1):
@@ -51,7 +51,11 @@ def official_factors(key, shape, *, epoch, member, rank, sigma, noise_reuse=1):
     """
     m, n = shape
     true_epoch = 0 if noise_reuse == 0 else epoch // noise_reuse
-    z = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, true_epoch), member // 2), (m + n, rank), jnp.float32))
+    z = np.asarray(
+        jax.random.normal(
+            jax.random.fold_in(jax.random.fold_in(key, true_epoch), member // 2), (m + n, rank), jnp.float32
+        )
+    )
     scale = np.float32(sigma) / np.sqrt(np.float32(rank))
     signed = scale if member % 2 == 0 else -scale
     return z[n:] * signed, z[:n]
@@ -60,7 +64,9 @@ def official_factors(key, shape, *, epoch, member, rank, sigma, noise_reuse=1):
 def official_full_noise(key, shape, *, epoch, member, sigma, noise_reuse=1):
     """Official FULL noise: normal(the same member key, shape) * (sigma if member is even else -sigma)."""
     true_epoch = 0 if noise_reuse == 0 else epoch // noise_reuse
-    z = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, true_epoch), member // 2), shape, jnp.float32))
+    z = np.asarray(
+        jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, true_epoch), member // 2), shape, jnp.float32)
+    )
     signed = np.float32(sigma) if member % 2 == 0 else -np.float32(sigma)
     return z * signed
 
@@ -80,8 +86,14 @@ def test_threefry_factors_and_full_noise_are_bit_identical_to_the_official_formu
             ref_a, ref_b = official_factors(key, shape, rank=rank, **kw)
             assert np.asarray(a).tobytes() == ref_a.tobytes(), (rank, sigma, member)
             assert np.asarray(b).tobytes() == ref_b.tobytes()
-            assert np.asarray(hs.full_noise(key, (33, 5), **kw)).tobytes() == official_full_noise(key, (33, 5), **kw).tobytes()
-            assert np.asarray(hs.fullrank_noise(key, shape, **kw)).tobytes() == official_full_noise(key, shape, **kw).tobytes()
+            assert (
+                np.asarray(hs.full_noise(key, (33, 5), **kw)).tobytes()
+                == official_full_noise(key, (33, 5), **kw).tobytes()
+            )
+            assert (
+                np.asarray(hs.fullrank_noise(key, shape, **kw)).tobytes()
+                == official_full_noise(key, shape, **kw).tobytes()
+            )
 
 
 def test_batched_factor_paths_are_bit_identical_to_the_official_formulas():
@@ -96,7 +108,10 @@ def test_batched_factor_paths_are_bit_identical_to_the_official_formulas():
     sa, _ = hs.stacked_lowrank_factors(jnp.stack(keys), shape, epoch=1, member=3, rank=rank, sigmas=sigmas)
     se = hs.stacked_full_noise(jnp.stack(keys), (7,), epoch=1, member=3, sigmas=sigmas)
     for k, (key, sigma) in enumerate(zip(keys, sigmas)):
-        assert np.asarray(sa[k]).tobytes() == official_factors(key, shape, epoch=1, member=3, rank=rank, sigma=sigma)[0].tobytes()
+        assert (
+            np.asarray(sa[k]).tobytes()
+            == official_factors(key, shape, epoch=1, member=3, rank=rank, sigma=sigma)[0].tobytes()
+        )
         assert np.asarray(se[k]).tobytes() == official_full_noise(key, (7,), epoch=1, member=3, sigma=sigma).tobytes()
 
 
@@ -111,7 +126,9 @@ def test_antithetic_pairs(key):
 
 def test_noise_reuse_zero_is_same_noise_every_epoch(key):
     for epoch in (1, 2, 17):
-        np.testing.assert_array_equal(factors(key, 2, epoch=epoch, noise_reuse=0)[0], factors(key, 2, epoch=0, noise_reuse=0)[0])
+        np.testing.assert_array_equal(
+            factors(key, 2, epoch=epoch, noise_reuse=0)[0], factors(key, 2, epoch=0, noise_reuse=0)[0]
+        )
 
 
 def test_noise_reuse_blocks_of_epochs(key):
@@ -164,7 +181,9 @@ print(hashlib.sha256(np.asarray(a).tobytes() + np.asarray(b).tobytes() + np.asar
 @pytest.mark.parametrize("impl", ["philox4x32", "threefry2x32"])
 def test_bit_identical_across_processes(impl):
     digests = {
-        subprocess.run([sys.executable, "-c", _CHILD.format(impl=impl)], capture_output=True, text=True, check=True).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", _CHILD.format(impl=impl)], capture_output=True, text=True, check=True
+        ).stdout.strip()
         for _ in range(2)
     }
     assert len(digests) == 1
@@ -210,4 +229,6 @@ def test_stacked_calls_equal_per_tensor_calls_bit_for_bit():
         a, b = hs.lowrank_factors(key, SHAPE, epoch=4, member=7, rank=RANK, sigma=sigma)
         np.testing.assert_array_equal(np.asarray(sa[k]), np.asarray(a))
         np.testing.assert_array_equal(np.asarray(sb[k]), np.asarray(b))
-        np.testing.assert_array_equal(np.asarray(se[k]), np.asarray(hs.full_noise(key, (5,), epoch=4, member=7, sigma=sigma)))
+        np.testing.assert_array_equal(
+            np.asarray(se[k]), np.asarray(hs.full_noise(key, (5,), epoch=4, member=7, sigma=sigma))
+        )

@@ -29,7 +29,9 @@ def test_lowrank_update_equals_naive_sum(key):
     fitness = hs.normalize_fitness(np.random.default_rng(0).normal(size=8))
     fused = np.asarray(hs.lowrank_update(key, SHAPE, fitness, epoch=4, rank=2, sigma=SIGMA))
     assert fused.dtype == np.float32 and fused.shape == SHAPE
-    np.testing.assert_allclose(fused, naive_lowrank_update(key, SHAPE, fitness, epoch=4, rank=2, sigma=SIGMA), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        fused, naive_lowrank_update(key, SHAPE, fitness, epoch=4, rank=2, sigma=SIGMA), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_update_rank_grows_with_population(key):
@@ -38,14 +40,18 @@ def test_update_rank_grows_with_population(key):
     for n in (2, 4, 8, 16):
         # distinct values per antithetic pair so pairs do not cancel
         fitness = rng.normal(size=n).astype(np.float32)
-        ranks.append(np.linalg.matrix_rank(np.asarray(hs.lowrank_update(key, SHAPE, fitness, epoch=0, rank=2, sigma=SIGMA))))
+        ranks.append(
+            np.linalg.matrix_rank(np.asarray(hs.lowrank_update(key, SHAPE, fitness, epoch=0, rank=2, sigma=SIGMA)))
+        )
     # pairs share factors, so N members span N/2 * r directions, capped by min(m, n)
     assert ranks == [min(n // 2 * 2, min(SHAPE)) for n in (2, 4, 8, 16)]
 
 
 def test_equal_fitness_within_pairs_gives_zero_update(key):
     fitness = np.repeat(np.array([0.3, -1.2, 2.0], np.float32), 2)
-    np.testing.assert_allclose(np.asarray(hs.lowrank_update(key, SHAPE, fitness, epoch=0, rank=2, sigma=SIGMA)), 0.0, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(hs.lowrank_update(key, SHAPE, fitness, epoch=0, rank=2, sigma=SIGMA)), 0.0, atol=1e-6
+    )
     np.testing.assert_allclose(np.asarray(hs.full_update(key, (7,), fitness, epoch=0, sigma=SIGMA)), 0.0, atol=1e-7)
 
 
@@ -53,7 +59,9 @@ def test_full_update_equals_sqrt_n_times_mean(key):
     fitness = hs.normalize_fitness([0.1, 0.9, 0.4, 0.2, 0.7, 0.0])
     eps = np.stack([np.asarray(hs.full_noise(key, (5,), epoch=2, member=i, sigma=SIGMA)) for i in range(6)])
     expected = math.sqrt(6) * np.mean(fitness[:, None] * eps, axis=0)
-    np.testing.assert_allclose(np.asarray(hs.full_update(key, (5,), fitness, epoch=2, sigma=SIGMA)), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(hs.full_update(key, (5,), fitness, epoch=2, sigma=SIGMA)), expected, rtol=1e-5, atol=1e-7
+    )
 
 
 def test_fullrank_baseline_update_matches_its_noise(key):
@@ -61,14 +69,18 @@ def test_fullrank_baseline_update_matches_its_noise(key):
     noise = [np.asarray(hs.fullrank_noise(key, SHAPE, epoch=0, member=i, sigma=SIGMA)) for i in range(4)]
     assert np.linalg.matrix_rank(noise[0]) == min(SHAPE)
     expected = math.sqrt(4) * np.mean([f * e for f, e in zip(fitness, noise)], axis=0)
-    np.testing.assert_allclose(np.asarray(hs.fullrank_update(key, SHAPE, fitness, epoch=0, sigma=SIGMA)), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(hs.fullrank_update(key, SHAPE, fitness, epoch=0, sigma=SIGMA)), expected, rtol=1e-5, atol=1e-7
+    )
 
 
 def test_lowrank_update_never_forms_the_population_of_matrices(key):
     """The compiled update's largest buffer is the (m, n) result, not (N, m, n)."""
     n_members, shape = 64, (300, 400)
     fitness = np.ones(n_members, np.float32)
-    compiled = jax.jit(lambda f: hs.lowrank_update(key, shape, f, epoch=0, rank=2, sigma=SIGMA)).lower(fitness).compile()
+    compiled = (
+        jax.jit(lambda f: hs.lowrank_update(key, shape, f, epoch=0, rank=2, sigma=SIGMA)).lower(fitness).compile()
+    )
     stats = compiled.memory_analysis()
     temp_bytes = stats.temp_size_in_bytes + stats.output_size_in_bytes
     assert temp_bytes < 4 * shape[0] * shape[1] * 4  # a few (m, n) float32 buffers at most

@@ -38,15 +38,24 @@ def make_batch(epoch: int, size: int = 128) -> tuple[torch.Tensor, torch.Tensor]
         elif label == 1:
             images[i, 0, :, at] += 1.0
         else:
-            diagonal = (line[:, None] - line[None, :]) == 0 if label == 2 else (line[:, None] + line[None, :]) == SIZE - 1
+            diagonal = (
+                (line[:, None] - line[None, :]) == 0 if label == 2 else (line[:, None] + line[None, :]) == SIZE - 1
+            )
             images[i, 0] += diagonal.float()
     return images, labels
 
 
 def make_net() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2), nn.ReLU(),
-                         nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(16, CLASSES))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2),
+        nn.ReLU(),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, CLASSES),
+    )
 
 
 def accuracy(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -59,8 +68,17 @@ def run(epochs: int) -> dict:
     net = make_net()
     held_out = make_batch(-1)
     start_accuracy = accuracy(net.eval(), held_out)
-    result = evolve(net, make_batch, nn.functional.cross_entropy, epochs,
-                    population_size=32, rank=2, sigma=0.1, lr=0.03, optimizer="adam")
+    result = evolve(
+        net,
+        make_batch,
+        nn.functional.cross_entropy,
+        epochs,
+        population_size=32,
+        rank=2,
+        sigma=0.1,
+        lr=0.03,
+        optimizer="adam",
+    )
     return {**result, "accuracy_before": start_accuracy, "accuracy_after": accuracy(net, held_out)}
 
 
@@ -69,8 +87,10 @@ def main() -> None:
     torch.set_num_threads(1)  # nets this small run fastest on one thread (more threads spin-wait on a busy CPU)
     parser.add_argument("--epochs", type=int, default=120)
     r = run(parser.parse_args().epochs)
-    print(f"held-out cross-entropy: {r['before']:.4f} before, {r['after']:.4f} after; "
-          f"accuracy {r['accuracy_before']:.2f} -> {r['accuracy_after']:.2f} ({r['seconds']:.1f} s)")
+    print(
+        f"held-out cross-entropy: {r['before']:.4f} before, {r['after']:.4f} after; "
+        f"accuracy {r['accuracy_before']:.2f} -> {r['accuracy_after']:.2f} ({r['seconds']:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Fitness is minus the loss, so the update climbs towards lower loss. Members run 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

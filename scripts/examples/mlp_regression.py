@@ -29,9 +29,20 @@ def make_batch(epoch: int, size: int = 256) -> tuple[torch.Tensor, torch.Tensor]
 
 def run(epochs: int) -> dict:
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
-    return evolve(net, make_batch, torch.nn.functional.mse_loss, epochs,
-                  population_size=32, rank=2, sigma=0.05, lr=0.03, optimizer="adam")
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
+    )
+    return evolve(
+        net,
+        make_batch,
+        torch.nn.functional.mse_loss,
+        epochs,
+        population_size=32,
+        rank=2,
+        sigma=0.05,
+        lr=0.03,
+        optimizer="adam",
+    )
 
 
 def main() -> None:

@@ -28,7 +28,9 @@ POPULATION = 32
 
 def build_net() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
+    )
 
 
 class Worker:
@@ -40,7 +42,9 @@ class Worker:
 
         torch.set_num_threads(1)
         self.net = build_net()
-        self.perturber = Perturber.for_module(self.net, population_size=POPULATION, rank=2, sigma=0.05, lr=0.03, optimizer="adam")
+        self.perturber = Perturber.for_module(
+            self.net, population_size=POPULATION, rank=2, sigma=0.05, lr=0.03, optimizer="adam"
+        )
 
     def score(self, epoch: int, members: list[int]) -> list[float]:
         x, y = make_batch(epoch)
@@ -71,10 +75,14 @@ def main() -> None:
         import ray
     except ImportError:
         sys.exit("this example needs Ray: pip install ray")
-    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ":".join(sys.path)}})
+    ray.init(
+        num_cpus=args.workers,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": ":".join(sys.path)}},
+    )
     workers = [ray.remote(num_cpus=1)(Worker).remote() for _ in range(args.workers)]
-    shares = [list(range(POPULATION))[k::args.workers] for k in range(args.workers)]
+    shares = [list(range(POPULATION))[k :: args.workers] for k in range(args.workers)]
     print(f"held-out MSE before: {ray.get(workers[0].held_out.remote())[0]:.4f}")
     for epoch in range(args.epochs):
         parts = ray.get([w.score.remote(epoch, share) for w, share in zip(workers, shares)])
@@ -84,7 +92,10 @@ def main() -> None:
                 fitness[i] = f
         ray.get([w.update.remote(fitness, epoch) for w in workers])
     results = ray.get([w.held_out.remote() for w in workers])
-    print(f"held-out MSE after {args.epochs} epochs: {results[0][0]:.4f}; replicas identical: {len({d for _, d in results}) == 1}")
+    print(
+        f"held-out MSE after {args.epochs} epochs: {results[0][0]:.4f}; replicas identical: "
+        f"{len({d for _, d in results}) == 1}"
+    )
     ray.shutdown()
 
 

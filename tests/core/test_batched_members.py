@@ -19,8 +19,15 @@ SIGMA = 2.0
 @pytest.fixture(scope="module")
 def setup(tiny):
     model, processor = copy.deepcopy(tiny[0]), tiny[1]
-    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["data.task_ids=[b1fc8b8e]", "evaluation.max_new_tokens_cap=48",
-                                                        f"evolution.population_size={POPULATION}", f"evolution.sigma={SIGMA}"])
+    cfg = load_config(
+        ROOT / "configs" / "smoke.yaml",
+        [
+            "data.task_ids=[b1fc8b8e]",
+            "evaluation.max_new_tokens_cap=48",
+            f"evolution.population_size={POPULATION}",
+            f"evolution.sigma={SIGMA}",
+        ],
+    )
     prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "fitness"), processor, cfg)
     perturber = run_perturber(model, cfg)
     sequential = []

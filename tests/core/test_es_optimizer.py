@@ -42,7 +42,9 @@ def test_global_norm_clip():
 
 
 def test_rounding_generators_are_keyed_by_integers_not_by_order():
-    draw = lambda *key: torch.randint(0, 1 << 16, (8,), generator=rounding_generator(*key, torch.device("cpu")))
+    def draw(*key):
+        return torch.randint(0, 1 << 16, (8,), generator=rounding_generator(*key, torch.device("cpu")))
+
     assert torch.equal(draw(3, 1, 7), draw(3, 1, 7))  # same (seed, epoch, tensor): same noise, whatever came before
     assert not torch.equal(draw(3, 1, 7), draw(3, 1, 8)) and not torch.equal(draw(3, 1, 7), draw(3, 2, 7))
 

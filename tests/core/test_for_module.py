@@ -1,4 +1,5 @@
-"""EGGROLL on plain torch modules (`Perturber.for_module`): defaults, conv and embedding noise, norms, errors, learning."""
+"""EGGROLL on plain torch modules (`Perturber.for_module`): defaults, conv and embedding noise, norms, errors,
+learning."""
 
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ def perturber(net: nn.Module, **options) -> Perturber:
 
 NETS = {
     "conv1d": (lambda: nn.Sequential(nn.Conv1d(3, 6, 5, stride=2, padding=2)), (4, 3, 17)),
-    "conv2d grouped, dilated, reflect-padded": (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2,
-                                                                               padding_mode="reflect")), (4, 4, 9, 9)),
+    "conv2d grouped, dilated, reflect-padded": (
+        lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, padding_mode="reflect")),
+        (4, 4, 9, 9),
+    ),
     "conv3d": (lambda: nn.Sequential(nn.Conv3d(2, 4, (1, 3, 3), padding=(0, 1, 1))), (2, 2, 3, 6, 6)),
     "embedding": (lambda: nn.Sequential(nn.Embedding(20, 8)), None),
     "layer norm + linear": (lambda: nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8)), (4, 3, 5)),
@@ -52,9 +55,17 @@ def inputs(name: str, shape) -> torch.Tensor:
 def test_defaults_classify_by_module_type():
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Embedding(5, 3), nn.LayerNorm(3), nn.Linear(3, 2))
     classes = {s.name: s.cls for s in perturber(net).specs}
-    assert classes == {"0.weight": ParamClass.LORA, "0.bias": ParamClass.FULL, "1.weight": ParamClass.FULL, "1.bias": ParamClass.FULL,
-                       "2.weight": ParamClass.LORA, "3.weight": ParamClass.FULL, "3.bias": ParamClass.FULL,
-                       "4.weight": ParamClass.LORA, "4.bias": ParamClass.FULL}
+    assert classes == {
+        "0.weight": ParamClass.LORA,
+        "0.bias": ParamClass.FULL,
+        "1.weight": ParamClass.FULL,
+        "1.bias": ParamClass.FULL,
+        "2.weight": ParamClass.LORA,
+        "3.weight": ParamClass.FULL,
+        "3.bias": ParamClass.FULL,
+        "4.weight": ParamClass.LORA,
+        "4.bias": ParamClass.FULL,
+    }
 
 
 @pytest.mark.parametrize("name", NETS)
@@ -84,7 +95,9 @@ def test_each_tensors_noise_changes_the_output(name, strategy):
     with torch.no_grad():
         base = net(x)
     for tensor in dict(net.named_parameters()):
-        only = perturber(net, strategy=strategy, classify=lambda n, _t, keep=tensor: None if n == keep else ParamClass.FROZEN)
+        only = perturber(
+            net, strategy=strategy, classify=lambda n, _t, keep=tensor: None if n == keep else ParamClass.FROZEN
+        )
         with only.member(1, 0), torch.no_grad():
             assert not torch.allclose(net(x), base, atol=1e-4), f"{tensor}: member 0's noise did not change the output"
         only.remove_hooks()
@@ -150,7 +163,10 @@ def test_siblings_of_other_widths_inference_mode_and_autocast():
 def test_a_bias_read_without_calling_its_module_stays_in_place():
     torch.manual_seed(0)
     attention = nn.MultiheadAttention(8, 2)
-    biases_only = lambda name, t: ParamClass.FULL if name.endswith("bias") else ParamClass.FROZEN
+
+    def biases_only(name, t):
+        return ParamClass.FULL if name.endswith("bias") else ParamClass.FROZEN
+
     inplace_attention = copy.deepcopy(attention)
     forward = perturber(attention, classify=biases_only, sigma_mode="absolute")
     inplace = perturber(inplace_attention, classify=biases_only, sigma_mode="absolute", strategy="inplace")
@@ -159,7 +175,9 @@ def test_a_bias_read_without_calling_its_module_stays_in_place():
         perturbed = attention(x, x, x)[0]
         torch.testing.assert_close(perturbed, inplace_attention(x, x, x)[0])
     assert not torch.allclose(perturbed, attention(x, x, x)[0])  # the out_proj bias noise did arrive
-    with pytest.raises(ConfigError, match="FULL tensor (in_proj_bias|out_proj.bias) belongs to a module with no per-row rule"):
+    with pytest.raises(
+        ConfigError, match="FULL tensor (in_proj_bias|out_proj.bias) belongs to a module with no per-row rule"
+    ):
         with forward.members(0, range(4)):
             pass
 
@@ -186,11 +204,19 @@ def test_a_member_never_changes_the_model_batch_norm_statistics_included():
 
 
 def test_unknown_tensors_are_refused_by_name_with_the_fix():
-    with pytest.raises(ConfigError, match=r"in_proj_weight \(a MultiheadAttention.in_proj_weight of shape \(24, 8\)\) has no "
-                                          r"default EGGROLL class; pass classify="):
+    with pytest.raises(
+        ConfigError,
+        match=r"in_proj_weight \(a MultiheadAttention.in_proj_weight of shape \(24, 8\)\) has no "
+        r"default EGGROLL class; pass classify=",
+    ):
         perturber(nn.MultiheadAttention(8, 2))
-    full = lambda name, tensor: ParamClass.FULL if "proj_weight" in name else None
-    with pytest.raises(ConfigError, match="out_proj.weight: MultiheadAttention uses its out_proj weight without calling out_proj"):
+
+    def full(name, tensor):
+        return ParamClass.FULL if "proj_weight" in name else None
+
+    with pytest.raises(
+        ConfigError, match="out_proj.weight: MultiheadAttention uses its out_proj weight without calling out_proj"
+    ):
         perturber(nn.MultiheadAttention(8, 2), classify=full)  # a hook there would silently add nothing
     p = perturber(nn.MultiheadAttention(8, 2), classify=full, strategy="inplace")
     assert p.classes["in_proj_weight"] is ParamClass.FULL and p.classes["out_proj.weight"] is ParamClass.LORA
@@ -209,23 +235,35 @@ def test_a_look_alike_norm_is_not_guessed_from_its_attributes():
     with pytest.raises(ConfigError, match="1.weight .*OnePlusNorm.weight.* no default EGGROLL class"):
         perturber(net)
     p = perturber(net, classify=lambda name, t: ParamClass.FULL if name == "1.weight" else None, sigma_mode="absolute")
-    with pytest.raises(ConfigError, match="FULL tensor 1.weight belongs to a module with no per-row rule"), p.members(0, range(4)):
+    with (
+        pytest.raises(ConfigError, match="FULL tensor 1.weight belongs to a module with no per-row rule"),
+        p.members(0, range(4)),
+    ):
         pass
-    declare_row_rule(OnePlusNorm, lambda m, x, values: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
-                     * (1 + values["weight"]))
+    declare_row_rule(
+        OnePlusNorm,
+        lambda m, x, values: (
+            x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon) * (1 + values["weight"])
+        ),
+    )
     try:
-        alone, together = alone_and_together(perturber(net), net, torch.randn(2, 4), 0)  # a declared norm: FULL, batchable
+        alone, together = alone_and_together(
+            perturber(net), net, torch.randn(2, 4), 0
+        )  # a declared norm: FULL, batchable
         torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
     finally:
         ROW_RULES.pop(OnePlusNorm)
         NORM_TYPES.remove(OnePlusNorm)
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"strategy": "sideways"}, r"evolution.strategy must be one of \['forward', 'inplace'\], got 'sideways'"),
-    ({"population_size": 3}, "population_size must be even"),
-    ({"momentum": 0.9}, r"unknown option\(s\) \['momentum'\]"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"strategy": "sideways"}, r"evolution.strategy must be one of \['forward', 'inplace'\], got 'sideways'"),
+        ({"population_size": 3}, "population_size must be even"),
+        ({"momentum": 0.9}, r"unknown option\(s\) \['momentum'\]"),
+    ],
+)
 def test_bad_options_are_refused_clearly(options, message):
     with pytest.raises(ConfigError, match=message):
         perturber(nn.Linear(3, 2), **options)
@@ -248,7 +286,8 @@ def test_examples_mlp_and_cnn_learn_from_scratch():
 
 
 def test_member_noise_keeps_its_dtype_promise():
-    """LORA factors in the weights' dtype (they enter the forward pass); FULL noise in float32 (added in fp32, rounded once)."""
+    """LORA factors in the weights' dtype (they enter the forward pass);
+    FULL noise in float32 (added in fp32, rounded once)."""
     lora, full = perturber(nn.Linear(6, 4).to(torch.bfloat16)).member_noise(0, 1)
     assert {t.dtype for pair in lora.values() for t in pair} == {torch.bfloat16}
     assert {t.dtype for t in full.values()} == {torch.float32}
@@ -264,5 +303,8 @@ def test_an_unbatched_conv_input_gets_the_same_noise_as_a_batch_of_one():
 
 def test_members_need_the_batch_in_the_first_dimension():
     p = perturber(nn.Linear(5, 3))
-    with pytest.raises(ValueError, match=r"4 members share this batch, but a module's input has shape \(6, 5\)"), p.members(0, range(4)):
+    with (
+        pytest.raises(ValueError, match=r"4 members share this batch, but a module's input has shape \(6, 5\)"),
+        p.members(0, range(4)),
+    ):
         p.model(torch.randn(6, 5))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 import math
 
-import hyperscalees as hs
 import numpy as np
 import pytest
 import torch
 
+import hyperscalees as hs
 from ERO_EGGROLL import Perturber
 from ERO_EGGROLL.core.errors import ConfigError
 from ERO_EGGROLL.core.es_optimizer import EsOptimizer
@@ -86,8 +86,11 @@ def _reference_centered_ranks(f: list[float]) -> list[float]:
 def test_fitness_shaping_rules():
     f = [3.0, -1.0, 2.0, 2.0, 10.0, 0.5, 0.5, 7.0]
     np.testing.assert_allclose(hs.shape_fitness(f, "centered_rank"), _reference_centered_ranks(f), atol=1e-7)
-    np.testing.assert_allclose(hs.shape_fitness(f, "centered_rank", 4),
-                               _reference_centered_ranks(f[:4]) + _reference_centered_ranks(f[4:]), atol=1e-7)
+    np.testing.assert_allclose(
+        hs.shape_fitness(f, "centered_rank", 4),
+        _reference_centered_ranks(f[:4]) + _reference_centered_ranks(f[4:]),
+        atol=1e-7,
+    )
     np.testing.assert_array_equal(hs.shape_fitness(f, "zscore", 2), hs.normalize_fitness(f, 2))
     np.testing.assert_array_equal(hs.shape_fitness(f, "raw"), np.float32(f))
     with pytest.raises(ValueError, match="not finite"):
@@ -109,7 +112,9 @@ def test_clipup_follows_its_formula():
             v = {k: t * (2 * lr / total) for k, t in v.items()}
         for k in g:
             torch.testing.assert_close(got[k], v[k])
-    assert math.isclose(math.sqrt(sum(float(t.pow(2).sum()) for t in v.values())), 2 * lr, rel_tol=1e-6)  # clipped by now
+    assert math.isclose(
+        math.sqrt(sum(float(t.pow(2).sum()) for t in v.values())), 2 * lr, rel_tol=1e-6
+    )  # clipped by now
 
 
 def test_noise_magnitudes_match_the_members_noise():

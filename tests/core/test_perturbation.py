@@ -2,12 +2,12 @@
 
 import copy
 
-import hyperscalees as hs
 import numpy as np
 import pytest
 import torch
 from conftest import small_config
 
+import hyperscalees as hs
 from ERO_EGGROLL.model.qwen import ParamClass, run_perturber
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11, 64, 128, 33, 2]])
@@ -93,7 +93,10 @@ def test_frozen_tensors_never_change(model):
     params = dict(model.named_parameters())
     for name in frozen:
         assert torch.equal(params[name], before[name]), name
-    assert not torch.equal(params["model.language_model.layers.0.mlp.up_proj.weight"], before["model.language_model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        params["model.language_model.layers.0.mlp.up_proj.weight"],
+        before["model.language_model.layers.0.mlp.up_proj.weight"],
+    )
 
 
 def test_sgd_update_equals_naive_loop(model):
@@ -104,7 +107,10 @@ def test_sgd_update_equals_naive_loop(model):
     perturber.update(raw, epoch=2)
     f = hs.normalize_fitness(raw)
     params = dict(model.named_parameters())
-    for name in ["model.language_model.layers.1.self_attn.k_proj.weight", "model.language_model.layers.0.post_attention_layernorm.weight"]:
+    for name in [
+        "model.language_model.layers.1.self_attn.k_proj.weight",
+        "model.language_model.layers.0.post_attention_layernorm.weight",
+    ]:
         expected = before[name].double().clone()
         naive = torch.zeros_like(expected)
         lora = perturber.classes[name] is ParamClass.LORA
@@ -128,7 +134,10 @@ def test_es_update_points_along_the_true_gradient(model):
     """
     target = torch.tensor([[9, 8, 7, 6, 5, 4, 3, 2, 1, 10, 11, 12]])
     cfg = small_config(population_size=1024, sigma=0.01, sigma_mode="absolute", lr=1.0, freeze_nonlora=True)
-    cfg.params.overrides = {"model.language_model.*": "FROZEN", "model.language_model.layers.1.self_attn.k_proj.weight": "LORA"}
+    cfg.params.overrides = {
+        "model.language_model.*": "FROZEN",
+        "model.language_model.layers.1.self_attn.k_proj.weight": "LORA",
+    }
     perturber = run_perturber(model, cfg)
     names = list(perturber.params)
 
@@ -158,3 +167,20 @@ def test_es_update_points_along_the_true_gradient(model):
     cosine = torch.nn.functional.cosine_similarity(es.double(), true_ascent.double(), dim=0).item()
     assert cosine > 0.2, cosine
 
+
+@pytest.mark.parametrize("mode", ["relative", "signed_mean"])
+def test_relative_sigma_does_not_depend_on_the_thread_count(mode):
+    """A tensor's sigma is part of a run's record: torch's std of this tensor differs in its last bits between 1 and
+    2 threads, so a resume (or a Ray worker) with another thread count would be refused as "other base weights"."""
+    from ERO_EGGROLL.core.noise_plan import tensor_sigma
+    from ERO_EGGROLL.core.settings import EvolutionSettings
+
+    weight = torch.randn(512, 2048, generator=torch.Generator().manual_seed(0)) * 0.02 + 0.001
+    evo, threads = EvolutionSettings(sigma=0.5, sigma_mode=mode), torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = tensor_sigma(weight, evo)
+        torch.set_num_threads(1)
+        assert tensor_sigma(weight, evo) == two
+    finally:
+        torch.set_num_threads(threads)

@@ -11,7 +11,7 @@ from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.core.tensor_classes import ParamClass
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small nets; the thread count is restored after
 
 
 def make(net: nn.Module, **options) -> Perturber:
@@ -42,6 +42,7 @@ def test_nested_member_blocks_are_refused_and_the_model_restored(strategy):
 
 def test_a_tied_weight_is_noised_everywhere_or_refused_by_name():
     """An embedding tied to the output layer: `inplace` noises the one tensor both use; `forward` is refused by name."""
+
     class Tied(nn.Module):
         def __init__(self):
             super().__init__()
@@ -72,13 +73,16 @@ def test_requires_grad_false_is_frozen_unless_classified():
     assert "0.weight" in make(model, classify=lambda name, t: ParamClass.LORA if name == "0.weight" else None).params
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"sigma": float("inf")}, "sigma must be a finite number"),
-    ({"lr": float("nan")}, "lr must be a finite number"),
-    ({"population_size": "4"}, "population_size must be an integer, got '4'"),
-    ({"seed": -1}, r"seed must be an integer in 0..4294967295, got -1"),
-    ({"seed": 2**32}, r"seed must be an integer in 0..4294967295"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"sigma": float("inf")}, "sigma must be a finite number"),
+        ({"lr": float("nan")}, "lr must be a finite number"),
+        ({"population_size": "4"}, "population_size must be an integer, got '4'"),
+        ({"seed": -1}, r"seed must be an integer in 0..4294967295, got -1"),
+        ({"seed": 2**32}, r"seed must be an integer in 0..4294967295"),
+    ],
+)
 def test_settings_are_type_and_range_checked(options, message):
     with pytest.raises(EggrollError, match=message):
         make(net(), **options)
@@ -88,13 +92,15 @@ def test_member_ids_epochs_and_updates_are_checked():
     model = net()
     before = weights(model)
     p = make(model, strategy="forward")
-    for call, message in [(lambda: p.member(0, 1.5), "member 1.5 is not a member id"),
-                          (lambda: p.member(0, True), "member True is not a member id"),
-                          (lambda: p.member(0, 4), r"member 4 is not a member id: an integer in 0..3"),
-                          (lambda: p.member(-1, 0), r"epoch must be an integer in 0..2147483647, got -1"),
-                          (lambda: p.members(0, []), "at least one member id"),
-                          (lambda: p.members(2**40, [0]), "epoch must be an integer"),
-                          (lambda: p.update([1.0, 2.0, 3.0, 4.0], 2**40), "epoch must be an integer")]:
+    for call, message in [
+        (lambda: p.member(0, 1.5), "member 1.5 is not a member id"),
+        (lambda: p.member(0, True), "member True is not a member id"),
+        (lambda: p.member(0, 4), r"member 4 is not a member id: an integer in 0..3"),
+        (lambda: p.member(-1, 0), r"epoch must be an integer in 0..2147483647, got -1"),
+        (lambda: p.members(0, []), "at least one member id"),
+        (lambda: p.members(2**40, [0]), "epoch must be an integer"),
+        (lambda: p.update([1.0, 2.0, 3.0, 4.0], 2**40), "epoch must be an integer"),
+    ]:
         with pytest.raises(EggrollError, match=message):
             with call():
                 pass

@@ -1,4 +1,5 @@
-"""The streamed update: same weights as the one-shot update it replaced, and memory that does not grow with the model."""
+"""The streamed update: same weights as the one-shot update it replaced, and memory that does not grow with the
+model."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import math
 import subprocess
 import sys
 
-import hyperscalees as hs
 import numpy as np
 import pytest
 import torch
 from conftest import small_config
 
+import hyperscalees as hs
 from ERO_EGGROLL.config import ROOT
 from ERO_EGGROLL.core.es_optimizer import rounding_generator
 from ERO_EGGROLL.core.perturber import Perturber
@@ -63,7 +64,9 @@ def one_shot_update(perturber: Perturber, optimizer: _ReferenceAdam, raw_fitness
     for name, w in perturber.params.items():
         key, sigma = perturber.plan.keys[name], perturber.plan.sigma[name] * scale
         if perturber.classes[name] is ParamClass.LORA:
-            delta = hs.lowrank_update(key, tuple(w.shape), fitness, epoch=epoch, rank=evo.rank, sigma=sigma, noise_reuse=evo.noise_reuse)
+            delta = hs.lowrank_update(
+                key, tuple(w.shape), fitness, epoch=epoch, rank=evo.rank, sigma=sigma, noise_reuse=evo.noise_reuse
+            )
         else:
             delta = hs.full_update(key, tuple(w.shape), fitness, epoch=epoch, sigma=sigma, noise_reuse=evo.noise_reuse)
         directions[name] = torch.from_numpy(np.array(delta))
@@ -76,7 +79,13 @@ def one_shot_update(perturber: Perturber, optimizer: _ReferenceAdam, raw_fitness
             w = perturber.params[name]
             change = optimizer.change(name, direction * clip, w)
             sr = evo.stochastic_rounding and w.dtype == torch.bfloat16
-            _reference_apply(w, change, rounding_generator(perturber.seed, epoch, perturber.plan.specs[name].key_index, w.device) if sr else None)
+            _reference_apply(
+                w,
+                change,
+                rounding_generator(perturber.seed, epoch, perturber.plan.specs[name].key_index, w.device)
+                if sr
+                else None,
+            )
     return clip
 
 
@@ -94,7 +103,11 @@ def _pair(tiny, options: dict, dtype: torch.dtype):
     streamed_model = copy.deepcopy(tiny[0]).to(dtype)
     reference_model = copy.deepcopy(streamed_model)
     reference = run_perturber(reference_model, cfg)
-    return run_perturber(streamed_model, cfg), reference, _ReferenceAdam(cfg.evolution.optimizer, cfg.evolution.lr, cfg.evolution.weight_decay)
+    return (
+        run_perturber(streamed_model, cfg),
+        reference,
+        _ReferenceAdam(cfg.evolution.optimizer, cfg.evolution.lr, cfg.evolution.weight_decay),
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -105,7 +118,9 @@ def test_streamed_update_is_bit_identical_to_the_one_shot_update(tiny, case):
     for epoch, fitness in enumerate(FITNESS):
         streamed.update(fitness, epoch)
         one_shot_update(reference, optimizer, fitness, epoch)
-    assert any(not torch.equal(before[n], p) for n, p in streamed.params.items()), "the update changed nothing: a vacuous comparison"
+    assert any(not torch.equal(before[n], p) for n, p in streamed.params.items()), (
+        "the update changed nothing: a vacuous comparison"
+    )
     different = [n for n, p in streamed.params.items() if not torch.equal(p, reference.params[n])]
     assert not different, f"{len(different)} tensor(s) differ, e.g. {different[:3]}"
 
@@ -114,7 +129,9 @@ def test_clipped_streamed_update_matches_the_one_shot_update_up_to_the_clip_fact
     """The streamed clip takes each LORA norm from the factors (fp32 Gram matrices); the reference sums the
     materialized directions in float64. The clip factors agree to ~1e-6 relative, so the weights agree to
     that relative precision, not bit for bit."""
-    streamed, reference, optimizer = _pair(tiny, {"optimizer": "sgd", "lr": 0.5, "max_update_norm": 0.05}, torch.float32)
+    streamed, reference, optimizer = _pair(
+        tiny, {"optimizer": "sgd", "lr": 0.5, "max_update_norm": 0.05}, torch.float32
+    )
     for epoch, fitness in enumerate(FITNESS):
         stats = streamed.update(fitness, epoch)
         reference_clip = one_shot_update(reference, optimizer, fitness, epoch)
@@ -132,7 +149,10 @@ from ERO_EGGROLL.memory.measure import measured_peak_rss_bytes, start_rss_measur
 from ERO_EGGROLL.model.qwen import run_perturber
 from ERO_EGGROLL.model.random_model import TextShape, random_model
 
-cfg = load_config(ROOT / "configs" / "smoke.yaml", ["evolution.population_size=8", "evolution.sigma_mode=absolute", "evolution.sigma=0.02"])
+cfg = load_config(
+    ROOT / "configs" / "smoke.yaml",
+    ["evolution.population_size=8", "evolution.sigma_mode=absolute", "evolution.sigma=0.02"],
+)
 fitness = [float((3 * i) % 5) for i in range(8)]
 
 def update_growth(layers):

@@ -73,8 +73,10 @@ def penalised_copy(tiny_model_dir, tmp_path):
 
 def test_greedy_default_ignores_the_checkpoints_generation_config(tiny, penalised_copy):
     model, processor = tiny
-    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["data.task_ids=[b1fc8b8e]", f"model.path={penalised_copy}",
-                                                        "evaluation.max_new_tokens_cap=24"])
+    cfg = load_config(
+        ROOT / "configs" / "smoke.yaml",
+        ["data.task_ids=[b1fc8b8e]", f"model.path={penalised_copy}", "evaluation.max_new_tokens_cap=24"],
+    )
     prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "test"), processor, cfg)
     penalised_model, _ = load_model_from_dir(penalised_copy)
     assert penalised_model.generation_config.repetition_penalty == 3.0
@@ -82,7 +84,13 @@ def test_greedy_default_ignores_the_checkpoints_generation_config(tiny, penalise
     assert [a.text for a in evaluate(penalised_model, processor, prepared, cfg).answers] == reference
     # the ero preset decodes as the checkpoint says, and the penalty changes the answers (so the line above can fail)
     cfg.evaluation.decoding.preset = "ero"
-    assert resolved_decoding(cfg) == {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 3.0}
+    assert resolved_decoding(cfg) == {
+        "do_sample": False,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 50,
+        "repetition_penalty": 3.0,
+    }
     assert [a.text for a in evaluate(penalised_model, processor, prepared, cfg).answers] != reference
 
 
@@ -97,7 +105,10 @@ def test_sampled_answers_are_a_function_of_seed_stream_and_question(setup):
     cfg.evaluation.decoding.do_sample, cfg.evaluation.max_new_tokens_cap = True, 24
     prepared = prepare(questions_for(tasks, cfg, "test"), processor, cfg)
     before = torch.get_rng_state()
-    answers = lambda stream: [a.text for a in evaluate(model, processor, prepared, cfg, stream).answers]
+
+    def answers(stream):
+        return [a.text for a in evaluate(model, processor, prepared, cfg, stream).answers]
+
     first = answers((0, 1, 2))
     assert torch.equal(torch.get_rng_state(), before)  # the caller's generator is left alone
     assert answers((0, 1, 2)) == first

@@ -1,5 +1,6 @@
 """Outputs never destroy: replay --export/--out and the evaluator's --out write only into a new path or over an
-earlier output of their own kind; everything else is refused in one line (exit 2) before any work, and left as it was."""
+earlier output of their own kind; everything else is refused in one line (exit 2) before any work,
+and left as it was."""
 
 from __future__ import annotations
 
@@ -15,16 +16,26 @@ from ERO_EGGROLL.io.disk import OutputError, WriteError, check_output, mark_outp
 from ERO_EGGROLL.model.export import EXPORT_KIND, earlier_export
 from ERO_EGGROLL.storage.checkpoints import RunState, save_checkpoint
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small nets; the thread count is restored after
 
 
 @pytest.fixture
 def run_folder(tmp_path, tiny_model_dir) -> Path:
-    """A run's checkpoint folder (a run record without tensors) whose config points at the tiny model, under tmp_path."""
+    """A run's checkpoint folder (a run record without tensors) whose config points at the tiny model,
+    under tmp_path."""
     cfg = Config()
-    cfg.run.name, cfg.run.checkpoint_dir, cfg.run.output_dir = "r", str(tmp_path / "checkpoints"), str(tmp_path / "results")
+    cfg.run.name, cfg.run.checkpoint_dir, cfg.run.output_dir = (
+        "r",
+        str(tmp_path / "checkpoints"),
+        str(tmp_path / "results"),
+    )
     cfg.model.path = str(tiny_model_dir)
-    base = {"epoch": 0, "mean_model_fitness": 0.5, "new_best": True, "rolled_back": False}  # epoch 0 only: a consistent record
+    base = {
+        "epoch": 0,
+        "mean_model_fitness": 0.5,
+        "new_best": True,
+        "rolled_back": False,
+    }  # epoch 0 only: a consistent record
     state = RunState(config=cfg.to_dict(), history=[base], best_fitness=0.5, best_epoch=0, weight_digests=["a"])
     save_checkpoint(cfg.checkpoint_path, {}, {}, state, keep=True, best=False)
     return cfg.checkpoint_path
@@ -60,10 +71,17 @@ def test_an_export_never_replaces_what_it_did_not_write(run_folder, tiny_model_d
     plain = tmp_path / "file.txt"
     plain.write_text("keep me too")
     before = snapshot(tmp_path), snapshot(tiny_model_dir)
-    cases = {str(user): "did not write", str(link): "symlink", str(run_folder): "run or base model folder",
-             str(tiny_model_dir): "run or base model folder", str(tiny_model_dir / "sub"): "run or base model folder",
-             str(plain): "a file that this command did not write", "/dev/null": "device or special file",
-             "": "not '' or '.'", ".": "not '' or '.'"}
+    cases = {
+        str(user): "did not write",
+        str(link): "symlink",
+        str(run_folder): "run or base model folder",
+        str(tiny_model_dir): "run or base model folder",
+        str(tiny_model_dir / "sub"): "run or base model folder",
+        str(plain): "a file that this command did not write",
+        "/dev/null": "device or special file",
+        "": "not '' or '.'",
+        ".": "not '' or '.'",
+    }
     for target, message in cases.items():
         assert message in refused(capsys, str(run_folder), "--export", target), target
         assert message in refused(capsys, str(run_folder), "--out", target), target

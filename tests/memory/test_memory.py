@@ -39,11 +39,22 @@ def test_kv_cache_component_matches_generate(setup):
     model, _, cfg, arch, specs = setup
     ids = torch.randint(0, 100, (2, 50))
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
-                             return_dict_in_generate=True, do_sample=False)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            min_new_tokens=8,
+            return_dict_in_generate=True,
+            do_sample=False,
+        )
     cache = out.past_key_values
-    measured = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size() for layer in cache.layers)
-    est = estimate(cfg, arch, specs, Workload(prompt_tokens=50, new_tokens=8, image_patches=0, batch=2), "float32", on_gpu=False)
+    measured = sum(
+        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        for layer in cache.layers
+    )
+    est = estimate(
+        cfg, arch, specs, Workload(prompt_tokens=50, new_tokens=8, image_patches=0, batch=2), "float32", on_gpu=False
+    )
     assert measured == est.evaluation["KV cache"]  # the memory model's own component, against generate's real cache
 
 
@@ -69,8 +80,12 @@ def test_eggroll_memory_is_flat_in_population_and_below_full_rank(setup):
 
 
 def test_cli_for_the_7b_without_weights():
-    done = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.memory", "--config", str(ROOT / "configs" / "qwen2_5_vl_7b.yaml")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "ERO_EGGROLL.memory", "--config", str(ROOT / "configs" / "qwen2_5_vl_7b.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "peak on the device" in done.stdout and "full-rank ES" in done.stdout
 
@@ -89,10 +104,14 @@ rss_before = psutil.Process().memory_info().rss
 model = random_30m_model(ROOT / "checkpoints" / "tiny-qwen2.5-vl")
 ids = torch.randint(0, 300, (2, 400))
 with torch.no_grad():
-    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32, do_sample=False
+    )
 measured = measured_peak_rss_bytes() - rss_before
 cfg = load_config(ROOT / "configs" / "smoke.yaml", ["evolution.sigma_mode=absolute", "evolution.sigma=0.02"])
-est = estimate(cfg, model.config.to_dict(), classify_model(model, cfg), Workload(400, 32, 0, 2), "float32", on_gpu=False)
+est = estimate(
+    cfg, model.config.to_dict(), classify_model(model, cfg), Workload(400, 32, 0, 2), "float32", on_gpu=False
+)
 print(json.dumps({{"measured": measured, "predicted": sum(est.resident.values()) + est.evaluation_total}}))
 """
 
@@ -102,7 +121,12 @@ def test_predicted_peak_matches_measured_rss_growth(tiny_model_dir):
 
     Measured when written: 174 MB against 144 MB predicted (1.21x); the rest is allocator and library overhead.
     """
-    done = subprocess.run([sys.executable, "-c", _RSS_CHILD.format(scripts=str(ROOT / "scripts"))], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD.format(scripts=str(ROOT / "scripts"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert 0.8 <= out["measured"] / out["predicted"] <= 1.5, out
@@ -134,8 +158,16 @@ def test_the_training_script_refuses_before_loading_anything(tmp_path, monkeypat
     from ERO_EGGROLL.cli.train import main
 
     monkeypatch.setattr(memory_check, "free_memory_bytes", lambda on_gpu: (1 << 20, "a 1 MiB test device"))
-    code = main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run.output_dir={tmp_path}/results",
-                 "--set", f"run.checkpoint_dir={tmp_path}/checkpoints"])
+    code = main(
+        [
+            "--config",
+            str(ROOT / "configs" / "smoke.yaml"),
+            "--set",
+            f"run.output_dir={tmp_path}/results",
+            "--set",
+            f"run.checkpoint_dir={tmp_path}/checkpoints",
+        ]
+    )
     assert code == 2
     assert "does not fit the 0.00 GiB free on a 1 MiB test device" in capsys.readouterr().err
     assert not (tmp_path / "checkpoints").exists()  # nothing was started
@@ -152,16 +184,46 @@ def test_jax_on_the_gpu_keeps_its_largest_computation_resident(setup):
 
 
 def test_ero_search_member_noise_and_restore_copies_match_the_real_tensors(setup):
-    """ERO's search (ero_search_config: full-rank members in place) predicted per phase against what its Perturber holds."""
+    """ERO's search (ero_search_config: full-rank members in place) predicted per phase
+    against what its Perturber holds."""
     from ERO_EGGROLL.memory.model import ero_search_config
 
     model, _, cfg, arch, specs = setup
     ero = ero_search_config(cfg)
-    est = estimate(ero, arch, specs, Workload(prompt_tokens=100, new_tokens=10, image_patches=0, batch=1), "float32", on_gpu=True)
+    est = estimate(
+        ero, arch, specs, Workload(prompt_tokens=100, new_tokens=10, image_patches=0, batch=1), "float32", on_gpu=True
+    )
     perturber = run_perturber(model, ero, specs)
     _, full = perturber.member_noise(0, 0)
     perturber.remove_hooks()
     evolving = sum(p.numel() for p in perturber.params.values()) * 4
-    assert est.evaluation["member noise (LORA factors, FULL noise)"] == sum(e.numel() for e in full.values()) * 4 == evolving
-    assert est.host["saved copies for exact restore (pinned host memory)"] == evolving  # every tensor is noised in place
+    assert (
+        est.evaluation["member noise (LORA factors, FULL noise)"]
+        == sum(e.numel() for e in full.values()) * 4
+        == evolving
+    )
+    assert (
+        est.host["saved copies for exact restore (pinned host memory)"] == evolving
+    )  # every tensor is noised in place
     assert est.host["base weights for ERO's reset-to-base (host copy)"] == evolving
+
+
+def test_a_cpu_bf16_run_pays_a_copy_of_the_output_head_per_row_and_a_gpu_or_fp32_run_none():
+    """Measured at the 7B's shapes (scripts/bench_memory.py 7b@2:bfloat16:sgd): with 4 rows the CPU's bf16 matmul copied
+    the 152,064 x 3584 head 4 times, 4.06 GiB of the 4.19 GiB the evaluation phase took;
+    the model missed it by 14x before."""
+    from ERO_EGGROLL.memory.model import CPU_UPCAST
+    from ERO_EGGROLL.model.qwen import classify, meta_model_from_config_json
+
+    cfg = load_config(ROOT / "configs" / "qwen2_5_vl_7b.yaml")
+    source = ROOT / "configs" / "qwen2_5_vl_7b_config.json"
+    specs = classify(((n, p.shape) for n, p in meta_model_from_config_json(source).named_parameters()), cfg)
+    arch, work = json.loads(source.read_text()), Workload(prompt_tokens=384, new_tokens=8, image_patches=0, batch=4)
+    assert estimate(cfg, arch, specs, work, "bfloat16", on_gpu=False).evaluation[CPU_UPCAST] == 4 * 152064 * 3584 * 2
+    one_row = Workload(prompt_tokens=384, new_tokens=8, image_patches=0, batch=1)
+    assert (
+        estimate(cfg, arch, specs, one_row, "bfloat16", on_gpu=False, members=2).evaluation[CPU_UPCAST]
+        == 2 * 152064 * 3584 * 2
+    )
+    assert estimate(cfg, arch, specs, work, "bfloat16", on_gpu=True).evaluation[CPU_UPCAST] == 0
+    assert estimate(cfg, arch, specs, work, "float32", on_gpu=False).evaluation[CPU_UPCAST] == 0

@@ -24,7 +24,8 @@ from ERO_EGGROLL.model.loading import STANDARD_PROCESSOR_CLASS, load_model_from_
 from ERO_EGGROLL.storage.model_card import model_card
 
 EVOLVED = "model.language_model.layers.0.mlp.down_proj.weight"  # the model's name
-STORED = "model.layers.0.mlp.down_proj.weight"  # the same tensor's name in the checkpoint files (transformers renames at load)
+# the same tensor's name in the checkpoint files (transformers renames at load)
+STORED = "model.layers.0.mlp.down_proj.weight"
 
 
 @contextlib.contextmanager
@@ -44,13 +45,16 @@ def files(folder: Path) -> dict[str, bytes]:
 
 
 def sharded_bf16_base(src: Path, out: Path, processor) -> Path:
-    """The tiny model as a downloaded 7B looks: bf16, two shards and an index, processor files saved by the project's processor."""
+    """The tiny model as a downloaded 7B looks: bf16, two shards and an index,
+    processor files saved by the project's processor."""
     out.mkdir()
     for f in src.iterdir():
         if not f.name.endswith(".safetensors") and f.name not in ("processor_config.json", "tokenizer_config.json"):
             shutil.copyfile(f, out / f.name)
     processor.save_pretrained(out)
-    (out / "config.json").write_text((src / "config.json").read_text().replace('"dtype": "float32"', '"dtype": "bfloat16"'))
+    (out / "config.json").write_text(
+        (src / "config.json").read_text().replace('"dtype": "float32"', '"dtype": "bfloat16"')
+    )
     tensors = {k: v.to(torch.bfloat16) for k, v in load_file(src / "model.safetensors").items()}
     names = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
@@ -96,13 +100,18 @@ def test_a_sharded_bf16_base_keeps_its_layout_and_dtype(bf16_base, tmp_path):
         report = export_model(model, base, tmp_path / "best_model", lambda r: "card\n")
     out = tmp_path / "best_model"
     assert report.cast and report.written_dtype is None and report.kept_elements > 0.5 * report.changed_elements > 0
-    assert {n: d for n, d in files(out).items() if not n.endswith(".safetensors") and n not in (CARD, OUTPUT_MARK)} == \
-        {n: d for n, d in files(base).items() if not n.endswith(".safetensors")}  # index and config too, byte for byte
+    assert {n: d for n, d in files(out).items() if not n.endswith(".safetensors") and n not in (CARD, OUTPUT_MARK)} == {
+        n: d for n, d in files(base).items() if not n.endswith(".safetensors")
+    }  # index and config too, byte for byte
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         with safe_open(out / shard, framework="pt") as new, safe_open(base / shard, framework="pt") as old:
             assert sorted(new.keys()) == sorted(old.keys()) and new.metadata() == old.metadata()
-            assert all(new.get_tensor(k).dtype == torch.bfloat16 and new.get_tensor(k).equal(expected[k]) for k in new.keys())
-    exported_model, exported_processor = load_model_from_dir(out)  # the project's own loader: weights and the image-only processor
+            assert all(
+                new.get_tensor(k).dtype == torch.bfloat16 and new.get_tensor(k).equal(expected[k]) for k in new.keys()
+            )
+    exported_model, exported_processor = load_model_from_dir(
+        out
+    )  # the project's own loader: weights and the image-only processor
     assert dict(exported_model.named_parameters())[EVOLVED].equal(expected[STORED].float())
     assert exported_processor.tokenizer.chat_template == processor.tokenizer.chat_template
 
@@ -117,10 +126,16 @@ def test_a_cast_that_would_erase_the_evolution_keeps_the_run_dtype(bf16_base, tm
     out = tmp_path / "best_model"
     assert report.written_dtype == "float32" and report.kept_elements < 0.5 * report.changed_elements
     config = (out / "config.json").read_text()
-    assert config == (base / "config.json").read_text().replace('"dtype": "bfloat16"', '"dtype": "float32"') != (base / "config.json").read_text()
+    assert (
+        config
+        == (base / "config.json").read_text().replace('"dtype": "bfloat16"', '"dtype": "float32"')
+        != (base / "config.json").read_text()
+    )
     index = json.loads((out / INDEX).read_text())
     assert index["weight_map"] == json.loads((base / INDEX).read_text())["weight_map"]
-    assert index["metadata"]["total_size"] == 2 * json.loads((base / INDEX).read_text())["metadata"]["total_size"]  # fp32: twice bf16
+    assert (
+        index["metadata"]["total_size"] == 2 * json.loads((base / INDEX).read_text())["metadata"]["total_size"]
+    )  # fp32: twice bf16
     loaded = dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32).named_parameters())
     assert loaded[EVOLVED].equal(expected)
 
@@ -128,30 +143,79 @@ def test_a_cast_that_would_erase_the_evolution_keeps_the_run_dtype(bf16_base, tm
 def test_model_card_front_matter_metrics_curve_and_replay_command(tmp_path):
     cfg = Config()
     cfg.data.fitness_source = "train_loo"
-    answers = [AnswerRecord(task_id="b1fc8b8e", score=0.5, text="[[0]]", char_similarity=0.75, exact=0.0, cell_accuracy=0.25,
-                            answer_logprob=-1.5, prompt_tokens=10, new_tokens=5)]  # distinct values: a swapped column shows
-    history = [{"epoch": 0, "mean_model_fitness": 0.25, "mean_model_test_score": 0.3, "mean_model_cell_accuracy": 0.0},
-               {"epoch": 1, "fitness": [0.2, 0.4], "member_mean": 0.3, "member_min": 0.2, "member_max": 0.4,
-                "mean_model_fitness": 0.5, "mean_model_test_score": 0.5, "mean_model_cell_accuracy": 0.25}]
+    answers = [
+        AnswerRecord(
+            task_id="b1fc8b8e",
+            score=0.5,
+            text="[[0]]",
+            char_similarity=0.75,
+            exact=0.0,
+            cell_accuracy=0.25,
+            answer_logprob=-1.5,
+            prompt_tokens=10,
+            new_tokens=5,
+        )
+    ]  # distinct values: a swapped column shows
+    history = [
+        {"epoch": 0, "mean_model_fitness": 0.25, "mean_model_test_score": 0.3, "mean_model_cell_accuracy": 0.0},
+        {
+            "epoch": 1,
+            "fitness": [0.2, 0.4],
+            "member_mean": 0.3,
+            "member_min": 0.2,
+            "member_max": 0.4,
+            "mean_model_fitness": 0.5,
+            "mean_model_test_score": 0.5,
+            "mean_model_cell_accuracy": 0.25,
+        },
+    ]
     from ERO_EGGROLL.model.export import WeightsReport
 
-    report = WeightsReport(["bfloat16"], "float32", cast=True, changed_elements=10, kept_elements=9, shards=["model.safetensors"])
-    card = model_card(cfg, ["b1fc8b8e"], history, 1, EvalResult({"b1fc8b8e": 0.5}, answers), tmp_path / "ckpt",
-                      tmp_path / "fitness_curve.png", report)
+    report = WeightsReport(
+        ["bfloat16"], "float32", cast=True, changed_elements=10, kept_elements=9, shards=["model.safetensors"]
+    )
+    card = model_card(
+        cfg,
+        ["b1fc8b8e"],
+        history,
+        1,
+        EvalResult({"b1fc8b8e": 0.5}, answers),
+        tmp_path / "ckpt",
+        tmp_path / "fitness_curve.png",
+        report,
+    )
     _, front, body = card.split("---\n", 2)
-    assert yaml.safe_load(front)["base_model"] == cfg.model.path and yaml.safe_load(front)["library_name"] == "transformers"
+    assert (
+        yaml.safe_load(front)["base_model"] == cfg.model.path
+        and yaml.safe_load(front)["library_name"] == "transformers"
+    )
     assert "## Results (held out)" in body and "| T1 | b1fc8b8e | 0.7500 | 0.2500 | 0.0000 |" in body
     assert "| 1 | 0.5000 | 0.5000 | 0.2500 | 0.3000 [0.2000, 0.4000] |" in body and "fitness_curve.png" in body
     assert "cast to the base's bfloat16" in body and "9 of the 10" in body
     assert f"python -m ERO_EGGROLL.replay {tmp_path / 'ckpt'} --check" in body
     cfg.data.fitness_source = "test"
-    assert "## Results (test-time search)" in model_card(cfg, ["b1fc8b8e"], history, 1, EvalResult({"b1fc8b8e": 0.5}, answers),
-                                                          tmp_path / "ckpt", tmp_path / "plot.png", report)
+    assert "## Results (test-time search)" in model_card(
+        cfg,
+        ["b1fc8b8e"],
+        history,
+        1,
+        EvalResult({"b1fc8b8e": 0.5}, answers),
+        tmp_path / "ckpt",
+        tmp_path / "plot.png",
+        report,
+    )
+    # replay's export: rebuilt, not evaluated, no plot; the card says how to score it and lists the whole split
+    replayed = model_card(cfg, [], history, 1, None, tmp_path / "ckpt", None, report)
+    assert "Not scored in this export" in replayed and f"--checkpoint {tmp_path / 'ckpt'}" in replayed
+    assert "## Results (" not in replayed and "every task of the evaluation split" in replayed
+    assert "| 1 | 0.5000 | 0.5000 | 0.2500 | 0.3000 [0.2000, 0.4000] |" in replayed
 
 
 def test_the_embedded_tiny_model_names_the_stock_processor(tiny_model_dir):
     """A standard Qwen2.5-VL folder: AutoProcessor elsewhere builds the stock processor (tiny_model.py saves it so)."""
     for name in ("processor_config.json", "tokenizer_config.json"):
         found = json.loads((tiny_model_dir / name).read_text()).get("processor_class")
-        assert found == STANDARD_PROCESSOR_CLASS, (f"{tiny_model_dir / name} names {found}: the tiny model was built before "
-                                                    "#18; rebuild it with `python scripts/build_tiny_model.py` (same weights)")
+        assert found == STANDARD_PROCESSOR_CLASS, (
+            f"{tiny_model_dir / name} names {found}: the tiny model was built before "
+            "#18; rebuild it with `python scripts/build_tiny_model.py` (same weights)"
+        )

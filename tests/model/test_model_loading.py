@@ -8,7 +8,13 @@ import torch
 
 from ERO_EGGROLL.cli import doctor
 from ERO_EGGROLL.config import ROOT, Config
-from ERO_EGGROLL.model.loading import ModelLoadError, check_checkpoint_dir, check_weight_files, load_model, load_model_from_dir
+from ERO_EGGROLL.model.loading import (
+    ModelLoadError,
+    check_checkpoint_dir,
+    check_weight_files,
+    load_model,
+    load_model_from_dir,
+)
 
 
 def test_embedded_model_loads_through_load_model(tiny_model_dir):

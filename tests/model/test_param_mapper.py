@@ -16,7 +16,9 @@ def specs_7b():
 
 
 def test_rules_on_the_7b(specs_7b):
-    cls = lambda name: specs_7b[name].cls
+    def cls(name):
+        return specs_7b[name].cls
+
     layer = "model.language_model.layers.3."
     assert cls(layer + "self_attn.q_proj.weight") is ParamClass.LORA
     assert cls(layer + "mlp.down_proj.weight") is ParamClass.LORA
@@ -65,7 +67,10 @@ def test_summary_counts_noise_bytes(specs_7b):
 
 
 def test_cli_runs_for_the_7b_without_weights():
-    done = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.qwen_param_mapper", "--config", str(ROOT / "configs/qwen2_5_vl_7b.yaml")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "ERO_EGGROLL.qwen_param_mapper", "--config", str(ROOT / "configs/qwen2_5_vl_7b.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert "LORA | 196 |" in done.stdout

@@ -31,7 +31,9 @@ def ray_address():
 
 def distributed_run(tmp, name: str, address: str, fault: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **({FAULT_ENV: fault} if fault else {})}
-    args = run_args(tmp, name, "distributed.workers=2", "distributed.cpus_per_worker=1", f"distributed.address={address}")
+    args = run_args(
+        tmp, name, "distributed.workers=2", "distributed.cpus_per_worker=1", f"distributed.address={address}"
+    )
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
 
 
@@ -51,24 +53,42 @@ def test_two_workers_equal_the_single_process_run(reference, tmp_path, ray_addre
 
 
 def test_a_worker_lost_mid_epoch_changes_nothing(reference, tmp_path, ray_address):
-    done = distributed_run(tmp_path, "lost", ray_address, fault="exit:1:1")  # worker 1 exits when asked for its 2nd member
+    done = distributed_run(
+        tmp_path, "lost", ray_address, fault="exit:1:1"
+    )  # worker 1 exits when asked for its 2nd member
     assert done.returncode == 0, done.stderr[-3000:]
     assert "worker 1 lost in epoch" in done.stderr
     workers = assert_same_run(tmp_path, "lost", reference)
     assert workers[-1][1]["restarts"] == 1 and workers[-1][0]["restarts"] == 0
 
 
-ERO_RUN = ["evolution.search=ero", "evolution.antithetic=false", "evolution.elites=2", "evolution.reset_after=1",
-           "evolution.clamp=10.0", "evolution.epochs=4", "evaluation.max_new_tokens_cap=16"]
+ERO_RUN = [
+    "evolution.search=ero",
+    "evolution.antithetic=false",
+    "evolution.elites=2",
+    "evolution.reset_after=1",
+    "evolution.clamp=10.0",
+    "evolution.epochs=4",
+    "evaluation.max_new_tokens_cap=16",
+]
 
 
-def test_ero_search_on_two_workers_through_a_reset_then_resumed_by_replay_is_the_same_run(tmp_path, tiny_model_dir, ray_address):
+def test_ero_search_on_two_workers_through_a_reset_then_resumed_by_replay_is_the_same_run(
+    tmp_path, tiny_model_dir, ray_address
+):
     """ERO's search (evolution.search: ero) is exact as EGGROLL's is. On 2 Ray workers: each applies the driver's rows
     through the epoch step and is checked against the driver's weights after every epoch (a drift stops the run, test
     below), so a finished run means bit-identical weights. Then, in one process, gone back to epoch 3: replay rebuilds
     epochs 1-3 (a reset to base among them; rebuild checks the recorded digest) and epoch 4 must draw the moved seed's
     noise again, as the first line did."""
-    args = run_args(tmp_path, "ero", *ERO_RUN, "distributed.workers=2", "distributed.cpus_per_worker=1", f"distributed.address={ray_address}")
+    args = run_args(
+        tmp_path,
+        "ero",
+        *ERO_RUN,
+        "distributed.workers=2",
+        "distributed.cpus_per_worker=1",
+        f"distributed.address={ray_address}",
+    )
     done = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     first = record(tmp_path / "checkpoints" / "ero")
@@ -83,19 +103,24 @@ def test_ero_search_on_two_workers_through_a_reset_then_resumed_by_replay_is_the
 
 
 def test_a_worker_whose_weights_drift_stops_the_run(tmp_path, tiny_model_dir, ray_address):
-    done = distributed_run(tmp_path, "drift", ray_address, fault="drift:0:1")  # one ulp in one tensor after epoch 1's step
+    done = distributed_run(
+        tmp_path, "drift", ray_address, fault="drift:0:1"
+    )  # one ulp in one tensor after epoch 1's step
     assert done.returncode == 2, done.stderr[-3000:]
     assert "error: worker 0 disagrees with the driver after epoch 1: tensor " in done.stderr
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("workers", 0, "distributed.workers must be between 1"),
-    ("workers", 6, "and evolution.population_size 4"),
-    ("address", "http://head", "distributed.address must be null"),
-    ("cpus_per_worker", 0, "distributed.cpus_per_worker must be >= 1"),
-    ("gpus_per_worker", 0, "distributed.gpus_per_worker must be > 0"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("workers", 0, "distributed.workers must be between 1"),
+        ("workers", 6, "and evolution.population_size 4"),
+        ("address", "http://head", "distributed.address must be null"),
+        ("cpus_per_worker", 0, "distributed.cpus_per_worker must be >= 1"),
+        ("gpus_per_worker", 0, "distributed.gpus_per_worker must be > 0"),
+    ],
+)
 def test_distributed_settings_are_validated(key, value, message):
     data = Config().to_dict()
     data["evolution"]["population_size"] = 4

@@ -48,42 +48,71 @@ def assert_same_weights(a: dict[str, str], b: dict[str, str]):
 
 
 def test_smoke_script(tmp_path, tiny_model_dir):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "smoke_test.py"), "--set", f"run.output_dir={tmp_path / 'r'}",
-                           "--set", f"run.checkpoint_dir={tmp_path / 'c'}"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "smoke_test.py"),
+            "--set",
+            f"run.output_dir={tmp_path / 'r'}",
+            "--set",
+            f"run.checkpoint_dir={tmp_path / 'c'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "smoke test passed" in done.stdout
 
 
 def test_same_seed_same_numbers_across_processes(reference):
-    assert metrics(reference, "reference")[1]["member_max"] > metrics(reference, "reference")[1]["member_min"]  # a real update happened
-    assert metrics(reference, "reference")[0]["decoding"] == {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-                                                         "repetition_penalty": 1.0}  # recorded with the run
+    assert (
+        metrics(reference, "reference")[1]["member_max"] > metrics(reference, "reference")[1]["member_min"]
+    )  # a real update happened
+    assert metrics(reference, "reference")[0]["decoding"] == {
+        "do_sample": False,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "repetition_penalty": 1.0,
+    }  # recorded with the run
     done = run(reference, "again", "run.loggers=[tensorboard,wandb]")  # loggers report the numbers, never change them
     assert metrics(reference, "again") == metrics(reference, "reference")
     assert list((reference / "results" / "again" / "tensorboard").glob("events.out.tfevents.*"))
     assert list((reference / "results" / "again" / "wandb").glob("offline-run-*/run-*.wandb"))
     # output to a pipe: no bars, one summary line per epoch (progress.py)
-    assert [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("epoch ")] == ["epoch 0 (base model)", "epoch 1/2", "epoch 2/2"]
+    assert [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("epoch ")] == [
+        "epoch 0 (base model)",
+        "epoch 1/2",
+        "epoch 2/2",
+    ]
     assert "members" not in done.stderr and "again epochs" not in done.stderr
     assert_same_weights(final_weights(reference, "again"), final_weights(reference, "reference"))
 
 
 def test_different_seed_differs(reference):
     run(reference, "seed1", "seed=1")
-    assert [r["member_mean"] for r in metrics(reference, "seed1")[1:]] != [r["member_mean"] for r in metrics(reference, "reference")[1:]]
+    assert [r["member_mean"] for r in metrics(reference, "seed1")[1:]] != [
+        r["member_mean"] for r in metrics(reference, "reference")[1:]
+    ]
     a, b = final_weights(reference, "seed1"), final_weights(reference, "reference")
     assert a.keys() == b.keys() and any(a[k] != b[k] for k in a)
 
 
 def test_replay_rebuilds_the_checkpoint_bit_for_bit(reference):
-    done = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.replay", str(reference / "checkpoints" / "reference"), "--check"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "ERO_EGGROLL.replay", str(reference / "checkpoints" / "reference"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "bit-identical" in done.stdout
 
 
 def stopped_after_epoch_1(args: list[str], checkpoint: Path) -> str:
-    """Run the training command `args` and send SIGTERM once `checkpoint` holds epoch 1; its stderr (exit code 130 checked)."""
+    """Run the training command `args` and send SIGTERM once `checkpoint` holds epoch 1;
+    its stderr (exit code 130 checked)."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while read_latest_name(checkpoint) != "epoch_0001" and time.time() < deadline:
@@ -99,16 +128,25 @@ def test_sigterm_then_resume_equals_uninterrupted(reference, tmp_path):
     stderr = stopped_after_epoch_1(run_args(tmp_path, "reference"), ckpt)
     assert "stopped by SIGTERM" in stderr and "--resume" in stderr
     assert read_latest_name(ckpt) in ("epoch_0001", "epoch_0002")
-    resumed = subprocess.run([sys.executable, str(SCRIPT), "--resume", str(ckpt)], capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--resume", str(ckpt)], capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert metrics(tmp_path, "reference") == metrics(reference, "reference")
     assert_same_weights(final_weights(tmp_path, "reference"), final_weights(reference, "reference"))
 
 
 def test_resume_refuses_a_changed_config(reference):
-    done = subprocess.run(run_args(reference, "reference", "evolution.rank=3") + ["--resume", str(reference / "checkpoints" / "reference")],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "cannot resume exactly: evolution.rank differs (the run has 2, now 3)" in done.stderr
+    done = subprocess.run(
+        run_args(reference, "reference", "evolution.rank=3")
+        + ["--resume", str(reference / "checkpoints" / "reference")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        done.returncode == 2 and "cannot resume exactly: evolution.rank differs (the run has 2, now 3)" in done.stderr
+    )
     assert "Traceback" not in done.stderr
 
 
@@ -125,7 +163,9 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_intact(tmp_pat
     assert read_latest_name(ckpt) == "epoch_0000"
     state = load_checkpoint(ckpt)[2]
     assert state.epoch == 0 and len(state.weight_digests) == 1  # the run record of epoch 0, intact
-    resumed = subprocess.run([sys.executable, str(SCRIPT), "--resume", str(ckpt)], capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--resume", str(ckpt)], capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert load_checkpoint(ckpt)[2].epoch == 2
 
@@ -138,9 +178,16 @@ def test_exported_best_model_loads_with_transformers(reference, tiny_model_dir):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(export)
     state = load_checkpoint(reference / "checkpoints" / "reference")[2]
     params = dict(model.named_parameters())  # the best epoch's weights, as the run record's digest of that epoch says
-    assert combined_digest(tensor_digests({n: params[n] for n in state.tensor_digests})) == state.weight_digests[state.best_epoch]
+    assert (
+        combined_digest(tensor_digests({n: params[n] for n in state.tensor_digests}))
+        == state.weight_digests[state.best_epoch]
+    )
     base = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.name != "model.safetensors"}
-    exported = {p.name: p.read_bytes() for p in export.iterdir() if p.name not in ("model.safetensors", "README.md", OUTPUT_MARK)}
+    exported = {
+        p.name: p.read_bytes()
+        for p in export.iterdir()
+        if p.name not in ("model.safetensors", "README.md", OUTPUT_MARK)
+    }
     assert exported == base  # config, generation config, tokenizer, chat template, processor config: byte for byte
     card = (export / "README.md").read_text()
     best_epoch = state.best_epoch
@@ -151,26 +198,56 @@ def test_exported_best_model_loads_with_transformers(reference, tiny_model_dir):
 
 def test_evaluator_cli_on_an_evolved_checkpoint(reference):
     out = reference / "eval"
-    done = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.arc_evaluator", "--config", str(ROOT / "configs" / "smoke.yaml"),
-                           "--set", "data.task_ids=[b1fc8b8e]", "--set", "evaluation.max_new_tokens_cap=48",
-                           "--checkpoint", str(reference / "checkpoints" / "reference"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ERO_EGGROLL.arc_evaluator",
+            "--config",
+            str(ROOT / "configs" / "smoke.yaml"),
+            "--set",
+            "data.task_ids=[b1fc8b8e]",
+            "--set",
+            "evaluation.max_new_tokens_cap=48",
+            "--checkpoint",
+            str(reference / "checkpoints" / "reference"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| T1 | b1fc8b8e |" in (out.with_suffix(".md")).read_text()
 
 
 def test_per_task_mode_with_degeneration_guard_replays_exactly(tmp_path, tiny_model_dir):
     """ERO's protocol: an independent evolution per task; the guard's rollbacks are replayed too."""
-    run(tmp_path, "pertask", "evolution.mode=per_task", "data.task_ids=[b1fc8b8e,e6de6e8f]", "evolution.population_size=2",
-        "evolution.epochs=3", "run.degeneration_patience=1", "evaluation.max_new_tokens_cap=16")
+    run(
+        tmp_path,
+        "pertask",
+        "evolution.mode=per_task",
+        "data.task_ids=[b1fc8b8e,e6de6e8f]",
+        "evolution.population_size=2",
+        "evolution.epochs=3",
+        "run.degeneration_patience=1",
+        "evaluation.max_new_tokens_cap=16",
+    )
     table = (tmp_path / "results" / "pertask" / "final_table.md").read_text()
     assert "| T1 | b1fc8b8e |" in table and "| T2 | e6de6e8f |" in table
     for task in ("b1fc8b8e", "e6de6e8f"):
         rows = metrics(tmp_path, f"pertask/{task}")
         assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
-        assert all(r["rolled_back"] for r in rows[1:] if not r["new_best"])  # patience 1: every non-improving epoch rolls back
-        done = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.replay", str(tmp_path / "checkpoints" / "pertask" / task), "--check"],
-                              capture_output=True, text=True, timeout=300)
+        assert all(
+            r["rolled_back"] for r in rows[1:] if not r["new_best"]
+        )  # patience 1: every non-improving epoch rolls back
+        done = subprocess.run(
+            [sys.executable, "-m", "ERO_EGGROLL.replay", str(tmp_path / "checkpoints" / "pertask" / task), "--check"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0 and "bit-identical" in done.stdout, done.stdout + done.stderr
 
 

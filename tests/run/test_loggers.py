@@ -13,12 +13,33 @@ from ERO_EGGROLL.run.loggers import Loggers, check_available
 from ERO_EGGROLL.storage.identity import ALLOWED_TO_CHANGE
 
 HISTORY = [
-    {"epoch": 0, "mean_model_fitness": 0.25, "mean_model_test_score": 0.3, "new_best": True, "peak_memory_scope": "process",
-     "decoding": {"do_sample": False}, "answers": ["[[0]]"]},
-    {"epoch": 1, "fitness": [0.1, 0.3, 0.2, 0.6], "member_mean": 0.3, "mean_model_fitness": 0.5, "mean_model_test_score": 0.5,
-     "update_norm": float("nan"), "new_best": True},
-    {"epoch": 2, "fitness": [0.4, 0.5, 0.5, 0.7], "member_mean": 0.525, "mean_model_fitness": 0.75, "mean_model_test_score": 0.7,
-     "update_norm": 0.125, "new_best": False},
+    {
+        "epoch": 0,
+        "mean_model_fitness": 0.25,
+        "mean_model_test_score": 0.3,
+        "new_best": True,
+        "peak_memory_scope": "process",
+        "decoding": {"do_sample": False},
+        "answers": ["[[0]]"],
+    },
+    {
+        "epoch": 1,
+        "fitness": [0.1, 0.3, 0.2, 0.6],
+        "member_mean": 0.3,
+        "mean_model_fitness": 0.5,
+        "mean_model_test_score": 0.5,
+        "update_norm": float("nan"),
+        "new_best": True,
+    },
+    {
+        "epoch": 2,
+        "fitness": [0.4, 0.5, 0.5, 0.7],
+        "member_mean": 0.525,
+        "mean_model_fitness": 0.75,
+        "mean_model_test_score": 0.7,
+        "update_norm": 0.125,
+        "new_best": False,
+    },
 ]
 CONFIG = {"seed": 0, "evolution": {"population_size": 4}}
 
@@ -34,9 +55,14 @@ def test_tensorboard_event_files_read_back(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log_history(["tensorboard"], tmp_path)
-    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"histograms": 0, "scalars": 0, "tensors": 0})
+    events = EventAccumulator(
+        str(tmp_path / "tensorboard"), size_guidance={"histograms": 0, "scalars": 0, "tensors": 0}
+    )
     events.Reload()
-    read = lambda tag: [(e.step, e.value) for e in events.Scalars(tag)]
+
+    def read(tag):
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
     assert read("mean_model_fitness") == [(0, 0.25), (1, 0.5), (2, 0.75)]
     assert read("new_best") == [(0, 1.0), (1, 1.0), (2, 0.0)]
     assert read("update_norm") == [(2, 0.125)]  # the NaN is left out, as metrics.jsonl writes null
@@ -48,7 +74,8 @@ def test_tensorboard_event_files_read_back(tmp_path):
 
 
 def wandb_records(path: Path):
-    """The protobuf records of an offline .wandb file (a LevelDB-style log: 32 KiB blocks of CRC, length, type, data)."""
+    """The protobuf records of an offline .wandb file
+    (a LevelDB-style log: 32 KiB blocks of CRC, length, type, data)."""
     from wandb.proto.wandb_internal_pb2 import Record
 
     data = path.read_bytes()
@@ -58,8 +85,8 @@ def wandb_records(path: Path):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
             pos += 32768 - pos % 32768
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        pending += data[pos + 7:pos + 7 + length]
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last piece of one
             record = Record()
@@ -74,7 +101,8 @@ def test_wandb_writes_an_offline_run_without_an_account(tmp_path, monkeypatch):
     import wandb
 
     log_history(["wandb"], tmp_path)
-    wandb.teardown()  # finish() may return before wandb-core has written the last records (seen 2 times in 6); exit does this
+    # finish() may return before wandb-core has written the last records (seen 2 times in 6); exit does this
+    wandb.teardown()
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     history, config = {}, {}
     for record in wandb_records(run_file):
@@ -98,9 +126,14 @@ def test_nothing_is_written_before_the_first_row(tmp_path):
 
 def test_a_missing_package_is_named_with_what_to_install(monkeypatch):
     real = loggers_module.importlib.util.find_spec
-    monkeypatch.setattr(loggers_module.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    monkeypatch.setattr(
+        loggers_module.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name)
+    )
     check_available(["tensorboard"])
-    with pytest.raises(ConfigError, match=r"run.loggers names wandb, but the package is not installed here: pip install wandb==0\.31\.0"):
+    with pytest.raises(
+        ConfigError,
+        match=r"run.loggers names wandb, but the package is not installed here: pip install wandb==0\.31\.0",
+    ):
         check_available(["tensorboard", "wandb"])
 
 

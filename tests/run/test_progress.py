@@ -52,7 +52,9 @@ def test_the_population_loop_writes_nothing_when_stderr_is_not_a_terminal(monkey
         def member(self, epoch, i):
             return contextlib.nullcontext()
 
-    monkeypatch.setattr(population, "evaluate", lambda model, processor, prepared, cfg, stream: SimpleNamespace(fitness=0.25))
+    monkeypatch.setattr(
+        population, "evaluate", lambda model, processor, prepared, cfg, stream: SimpleNamespace(fitness=0.25)
+    )
     cfg = Config()
     cfg.evolution.population_size = 6
     fitness = population.evaluate_population(Perturber(), None, None, [], cfg, 0, 1, StopFlag())

@@ -24,9 +24,14 @@ def test_a_logger_whose_folder_is_a_file_or_that_does_not_import_is_refused_befo
     with pytest.raises(ConfigError, match=r"its folder .*tensorboard cannot be written: .*tensorboard is not a folder"):
         check_available(["tensorboard"], tmp_path)
     real = loggers_module.importlib.import_module
-    monkeypatch.setattr(loggers_module.importlib, "import_module",
-                        lambda name: (_ for _ in ()).throw(OSError("broken install")) if name == "wandb" else real(name))
-    with pytest.raises(ConfigError, match=r"run.loggers names wandb, but it does not import here \(OSError: broken install\)"):
+    monkeypatch.setattr(
+        loggers_module.importlib,
+        "import_module",
+        lambda name: (_ for _ in ()).throw(OSError("broken install")) if name == "wandb" else real(name),
+    )
+    with pytest.raises(
+        ConfigError, match=r"run.loggers names wandb, but it does not import here \(OSError: broken install\)"
+    ):
         check_available(["wandb"], tmp_path / "fresh")
 
 
@@ -47,7 +52,12 @@ def test_a_logger_that_fails_later_is_switched_off_with_one_warning(tmp_path, mo
     for epoch in range(3):
         loggers.log({"epoch": epoch})
     loggers.close()
-    assert capsys.readouterr().err.count("warning: logger tensorboard failed (OSError: [Errno 28] No space left on device)") == 1
+    assert (
+        capsys.readouterr().err.count(
+            "warning: logger tensorboard failed (OSError: [Errno 28] No space left on device)"
+        )
+        == 1
+    )
 
 
 def test_joining_an_unreachable_ray_cluster_fails_in_bounded_time():
@@ -58,7 +68,9 @@ def test_joining_an_unreachable_ray_cluster_fails_in_bounded_time():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again below: nothing answers there
     start = time.monotonic()
-    with pytest.raises(DistributedError, match=f"nothing answers at the Ray cluster address '127.0.0.1:{port}' after 1 s"):
+    with pytest.raises(
+        DistributedError, match=f"nothing answers at the Ray cluster address '127.0.0.1:{port}' after 1 s"
+    ):
         connect(DistributedConfig(workers=2, address=f"127.0.0.1:{port}", connect_timeout_s=1.0))
     assert time.monotonic() - start < 10
 
@@ -101,9 +113,21 @@ def test_overwrite_never_moves_a_live_run(tmp_path, capsys, spelling):
     try:
         live_lock(live_ckpt, holder)
         live_lock(live_results, holder)
-        rc = train.main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run.name={name}", "--set",
-                         f"run.checkpoint_dir={ckpt_root}", "--set", f"run.output_dir={tmp_path / 'results'}",
-                         "--set", "run.memory_check=false", "--overwrite"])
+        rc = train.main(
+            [
+                "--config",
+                str(ROOT / "configs" / "smoke.yaml"),
+                "--set",
+                f"run.name={name}",
+                "--set",
+                f"run.checkpoint_dir={ckpt_root}",
+                "--set",
+                f"run.output_dir={tmp_path / 'results'}",
+                "--set",
+                "run.memory_check=false",
+                "--overwrite",
+            ]
+        )
     finally:
         holder.kill()
         holder.wait()
@@ -119,8 +143,14 @@ def test_the_evaluator_refuses_a_checkpoint_of_other_base_weights(tmp_path, tiny
     cfg = Config()
     cfg.model.path = str(tiny_model_dir)
     row = {"epoch": 0, "mean_model_fitness": 0.5, "new_best": True, "rolled_back": False}
-    state = RunState(identity={"base_weights": "other bytes"}, config=cfg.to_dict(), history=[row], best_fitness=0.5,
-                     best_epoch=0, weight_digests=["a"])
+    state = RunState(
+        identity={"base_weights": "other bytes"},
+        config=cfg.to_dict(),
+        history=[row],
+        best_fitness=0.5,
+        best_epoch=0,
+        weight_digests=["a"],
+    )
     save_checkpoint(tmp_path / "run", {}, {}, state, keep=True, best=False, store_tensors=False)
     with pytest.raises(IdentityError, match="cannot evaluate exactly: base_weights differs"):
         load_evaluated_model(cfg, str(tmp_path / "run"))

@@ -34,7 +34,9 @@ def setup(tiny):
 def test_a_model_that_answers_nothing_scores_zero(setup, monkeypatch):
     model, processor, cfg, prepared = setup
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    monkeypatch.setattr(model, "generate", lambda input_ids, **kw: torch.cat([input_ids, torch.full((input_ids.shape[0], 3), end)], 1))
+    monkeypatch.setattr(
+        model, "generate", lambda input_ids, **kw: torch.cat([input_ids, torch.full((input_ids.shape[0], 3), end)], 1)
+    )
     result = evaluate(model, processor, prepared, cfg)
     assert result.fitness == 0.0 and all(a.text == "" and a.new_tokens == 0 for a in result.answers)
 
@@ -74,7 +76,10 @@ def test_a_failing_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, co
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(checkpointing, "save_file", failing)
-    with pytest.raises(WriteError, match=f"could not write {tmp_path / 'epoch_0002'}: {os.strerror(code)} .*previous checkpoint is intact"):
+    with pytest.raises(
+        WriteError,
+        match=f"could not write {tmp_path / 'epoch_0002'}: {os.strerror(code)} .*previous checkpoint is intact",
+    ):
         save_checkpoint(tmp_path, {"w": torch.zeros(3)}, {}, RunState(epoch=2), keep=False, best=False)
     saved, _, state = load_checkpoint(tmp_path)
     assert state.epoch == 1 and torch.equal(saved["w"], torch.ones(3))
@@ -100,7 +105,10 @@ def test_run_name_cannot_escape_the_output_directory(tmp_path):
         (["--config", "configs/nope.yaml"], "does not exist"),
         (["--config", "configs/smoke.yaml", "--set", "evolution.population_size=5"], "population_size must be even"),
         (["--config", "configs/smoke.yaml", "--set", "data.task_ids=[zzzz]"], "unknown task id 'zzzz'"),
-        (["--config", "configs/smoke.yaml", "--set", "model.path=/no/such/model"], "does not exist; put a Qwen2.5-VL checkpoint there"),
+        (
+            ["--config", "configs/smoke.yaml", "--set", "model.path=/no/such/model"],
+            "does not exist; put a Qwen2.5-VL checkpoint there",
+        ),
         (["--resume", "/no/such/run"], "holds no checkpoint"),
     ],
 )
@@ -111,8 +119,12 @@ def test_training_script_bad_input_exits_2_without_traceback(args, message, tiny
 
 
 def test_doctor_reports_every_check(tiny_model_dir):
-    done = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.doctor", "--config", str(ROOT / "configs" / "smoke.yaml")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "ERO_EGGROLL.doctor", "--config", str(ROOT / "configs" / "smoke.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     for check in ("versions", "devices", "DLPack: zero-copy both ways", "model", "ARC data", "memory"):
         assert f"] {check}" in done.stdout
@@ -120,6 +132,19 @@ def test_doctor_reports_every_check(tiny_model_dir):
 
 def test_save_every_keeps_marked_epochs_and_the_latest(tmp_path):
     for epoch in range(1, 6):
-        save_checkpoint(tmp_path, {"w": torch.full((2,), float(epoch))}, {}, RunState(epoch=epoch), keep=epoch % 2 == 0, best=epoch == 3)
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["LATEST", "best", "epoch_0002", "epoch_0004", "epoch_0005"]
+        save_checkpoint(
+            tmp_path,
+            {"w": torch.full((2,), float(epoch))},
+            {},
+            RunState(epoch=epoch),
+            keep=epoch % 2 == 0,
+            best=epoch == 3,
+        )
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "LATEST",
+        "best",
+        "epoch_0002",
+        "epoch_0004",
+        "epoch_0005",
+    ]
     assert load_checkpoint(tmp_path)[2].epoch == 5 and load_checkpoint(tmp_path / "best")[2].epoch == 3

@@ -27,7 +27,13 @@ from ERO_EGGROLL.storage.metrics import TIMING_FIELDS
 
 GUARDED = ["evolution.population_size=2", "evaluation.max_new_tokens_cap=16", "run.degeneration_patience=1"]
 JOINT = [*GUARDED, "evolution.epochs=4"]  # SGD
-PER_TASK = [*GUARDED, "evolution.mode=per_task", "data.task_ids=[b1fc8b8e,e6de6e8f]", "evolution.epochs=2", "evolution.optimizer=adam"]
+PER_TASK = [
+    *GUARDED,
+    "evolution.mode=per_task",
+    "data.task_ids=[b1fc8b8e,e6de6e8f]",
+    "evolution.epochs=2",
+    "evolution.optimizer=adam",
+]
 
 
 def run(tmp: Path, name: str, *overrides: str) -> None:
@@ -36,8 +42,12 @@ def run(tmp: Path, name: str, *overrides: str) -> None:
 
 
 def resume(checkpoint: Path, *overrides: str) -> None:
-    done = subprocess.run([sys.executable, str(SCRIPT), "--resume", str(checkpoint), *[a for o in overrides for a in ("--set", o)]],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--resume", str(checkpoint), *[a for o in overrides for a in ("--set", o)]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0 and "resumed" in done.stdout, done.stderr[-2000:]
 
 
@@ -56,7 +66,8 @@ def record(folder: Path) -> RunState:
 
 
 def guard_firings(state: RunState) -> int:
-    """How often the guard fired; a rolled-back epoch must end with exactly the best epoch's weights (the record's digests)."""
+    """How often the guard fired; a rolled-back epoch must end with exactly the best epoch's weights
+    (the record's digests)."""
     best, fired = 0, 0
     for row in state.history[1:]:
         if row["new_best"]:
@@ -97,19 +108,38 @@ def test_per_task_resumed_by_replay_equals_uninterrupted_with_the_guard_firing(r
     fired = 0
     for task in ("b1fc8b8e", "e6de6e8f"):
         assert metrics(runs, f"per_task_resumed/{task}") == metrics(runs, f"per_task/{task}")
-        done, again = record(runs / "checkpoints" / "per_task" / task), record(runs / "checkpoints" / "per_task_resumed" / task)
+        done, again = (
+            record(runs / "checkpoints" / "per_task" / task),
+            record(runs / "checkpoints" / "per_task_resumed" / task),
+        )
         assert done.weight_digests == again.weight_digests and done.tensor_digests == again.tensor_digests
         fired += guard_firings(done)
-        assert (digests(runs / "checkpoints" / "per_task" / task / "best_model" / "model.safetensors")
-                == digests(runs / "checkpoints" / "per_task_resumed" / task / "best_model" / "model.safetensors"))
+        assert digests(runs / "checkpoints" / "per_task" / task / "best_model" / "model.safetensors") == digests(
+            runs / "checkpoints" / "per_task_resumed" / task / "best_model" / "model.safetensors"
+        )
     assert fired, "the guard never fired: the replayed best weights were not exercised"
 
 
 def test_the_record_is_the_weights_replay_rebuilds_and_the_export_matches(runs, tmp_path):
-    """The record's per-tensor digests are those of the tensors replay writes, and replay --export is the run's own export."""
+    """The record's per-tensor digests are those of the tensors replay writes,
+    and replay --export is the run's own export."""
     ckpt = runs / "checkpoints" / "per_task" / "e6de6e8f"
-    done = subprocess.run([sys.executable, "-m", "ERO_EGGROLL.replay", str(ckpt), "--check", "--out", str(tmp_path / "w.safetensors"),
-                           "--export", str(tmp_path / "export")], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ERO_EGGROLL.replay",
+            str(ckpt),
+            "--check",
+            "--out",
+            str(tmp_path / "w.safetensors"),
+            "--export",
+            str(tmp_path / "export"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0 and "bit-identical to the run record" in done.stdout, done.stdout + done.stderr
     assert digests(tmp_path / "w.safetensors") == record(ckpt).tensor_digests
     assert digests(tmp_path / "export" / "model.safetensors") == digests(ckpt / "best_model" / "model.safetensors")
@@ -136,16 +166,31 @@ def test_a_tampered_fitness_is_caught_by_the_checksum_at_resume(reference, tmp_p
     state = json.loads(state_file.read_text())
     state["history"][1]["fitness"][0] += 0.25
     state_file.write_text(json.dumps(state))
-    done = subprocess.run([sys.executable, str(SCRIPT), "--resume", str(tmp_path / "checkpoints" / "reference"), "--set", "evolution.epochs=3",
-                           "--set", f"run.checkpoint_dir={tmp_path / 'checkpoints'}", "--set", f"run.output_dir={tmp_path / 'results'}"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--resume",
+            str(tmp_path / "checkpoints" / "reference"),
+            "--set",
+            "evolution.epochs=3",
+            "--set",
+            f"run.checkpoint_dir={tmp_path / 'checkpoints'}",
+            "--set",
+            f"run.output_dir={tmp_path / 'results'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "epoch 2: the weights rebuilt by replay do not match the run record's checksum" in done.stderr
     assert "Traceback" not in done.stderr
 
 
 def test_base_weights_read_from_disk_are_the_loaded_ones_and_a_snapshot_resumes_the_same(tiny, runs):
-    """per_task's base weights come from the model files exactly; a replay from a snapshot reaches the record's digest."""
+    """per_task's base weights come from the model files exactly;
+    a replay from a snapshot reaches the record's digest."""
     model = copy.deepcopy(tiny[0])
     ckpt = runs / "checkpoints" / "joint"
     state = record(ckpt)
@@ -155,14 +200,19 @@ def test_base_weights_read_from_disk_are_the_loaded_ones_and_a_snapshot_resumes_
     params = dict(model.named_parameters())
     assert all(t.equal(params[n]) for n, t in base_evolvable(model, base_dir, names).items())
     assert nearest_snapshot(ckpt, 3) == ckpt / "epoch_0002"  # run.snapshot_every=2
-    rebuild(run_perturber(model, cfg), state, 3, ReplayedBest(base_dir, ckpt, cfg.run.degeneration_patience))  # checks the digest
+    rebuild(
+        run_perturber(model, cfg), state, 3, ReplayedBest(base_dir, ckpt, cfg.run.degeneration_patience)
+    )  # checks the digest
 
 
-@pytest.mark.parametrize("override,message", [
-    ("run.checkpoint=copies", "run.checkpoint"),
-    ("run.snapshot_every=-1", "run.snapshot_every must be >= 0"),
-    ("run.export_best=mean", "run.export_best"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("run.checkpoint=copies", "run.checkpoint"),
+        ("run.snapshot_every=-1", "run.snapshot_every must be >= 0"),
+        ("run.export_best=mean", "run.export_best"),
+    ],
+)
 def test_the_new_run_keys_are_checked_where_they_enter(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(ROOT / "configs" / "smoke.yaml", [override])

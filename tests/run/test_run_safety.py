@@ -70,6 +70,7 @@ def weights_of(path: Path) -> dict[str, str]:
 
 # --- 1, 2: a run folder belongs to one run -------------------------------------------------------
 
+
 def test_rerun_of_an_existing_name_is_refused_and_nothing_changes(copy_of_reference, signals, capsys):
     ckpt = copy_of_reference / "checkpoints" / "reference"
     before = sorted(p.name for p in ckpt.iterdir())
@@ -122,6 +123,7 @@ def test_the_training_script_refuses_a_run_locked_by_a_live_process(copy_of_refe
 
 # --- 3, 7, 8: resume is exact or refused ---------------------------------------------------------
 
+
 def test_resume_without_any_complete_checkpoint_is_refused(tmp_path):
     save_checkpoint(tmp_path, {"w": torch.ones(2)}, {}, RunState(epoch=1), keep=False, best=False)
     (tmp_path / "LATEST").write_text("garbage")
@@ -132,7 +134,9 @@ def test_resume_without_any_complete_checkpoint_is_refused(tmp_path):
         latest_dir(tmp_path)
 
 
-def test_resume_rebuilds_latest_extends_with_set_and_goes_back_moving_later_epochs_aside(copy_of_reference, signals, capsys):
+def test_resume_rebuilds_latest_extends_with_set_and_goes_back_moving_later_epochs_aside(
+    copy_of_reference, signals, capsys
+):
     """Reproductions 3, 7 and 8 on one copy of the reference run (each step is one resume)."""
     ckpt, results = copy_of_reference / "checkpoints" / "reference", copy_of_reference / "results" / "reference"
     (ckpt / "LATEST").unlink()
@@ -142,7 +146,9 @@ def test_resume_rebuilds_latest_extends_with_set_and_goes_back_moving_later_epoc
     config_yaml = (results / "config.yaml").stat().st_mtime_ns
     assert main(copy_of_reference, "--resume", str(ckpt)) == 0  # a no-op: finished, same config
     assert "already finished" in capsys.readouterr().out
-    assert (results / "config.yaml").stat().st_mtime_ns == config_yaml and "epochs: 2" in (results / "config.yaml").read_text()
+    assert (results / "config.yaml").stat().st_mtime_ns == config_yaml and "epochs: 2" in (
+        results / "config.yaml"
+    ).read_text()
 
     assert main(copy_of_reference, "--resume", str(ckpt), "--set", "evolution.rank=3") == 2
     assert "cannot resume exactly: evolution.rank differs (the run has 2, now 3)" in capsys.readouterr().err
@@ -164,9 +170,16 @@ def test_resume_rebuilds_latest_extends_with_set_and_goes_back_moving_later_epoc
 
 # --- 4: one identity, refused by name ------------------------------------------------------------
 
+
 def _identity(cfg, model, **changes):
     param = next(model.parameters())
-    resolved = {"device_type": param.device.type, "dtype": param.dtype, "members_per_batch": 1, "base_weights": "abc", **changes}
+    resolved = {
+        "device_type": param.device.type,
+        "dtype": param.dtype,
+        "members_per_batch": 1,
+        "base_weights": "abc",
+        **changes,
+    }
     return identity_of(cfg, classify_model(model, cfg), **resolved)
 
 
@@ -176,15 +189,24 @@ def test_identity_covers_every_field_but_the_allow_list(tiny):
     reference = _identity(base, model)
     for key in ALLOWED_TO_CHANGE:
         assert key not in reference
-    changed = {"seed": "seed=1", "evolution.rank": "evolution.rank=3", "data.task_ids": "data.task_ids=[e6de6e8f]",
-               "evaluation.batch_size": "evaluation.batch_size=1", "run.degeneration_patience": "run.degeneration_patience=2",
-               "model.attn_implementation": "model.attn_implementation=eager",
-               "evaluation.decoding": "evaluation.decoding.repetition_penalty=1.1"}
+    changed = {
+        "seed": "seed=1",
+        "evolution.rank": "evolution.rank=3",
+        "data.task_ids": "data.task_ids=[e6de6e8f]",
+        "evaluation.batch_size": "evaluation.batch_size=1",
+        "run.degeneration_patience": "run.degeneration_patience=2",
+        "model.attn_implementation": "model.attn_implementation=eager",
+        "evaluation.decoding": "evaluation.decoding.repetition_penalty=1.1",
+    }
     for field, override in changed.items():
         with pytest.raises(IdentityError, match=f"cannot resume exactly: {field} differs"):
-            check_identity(reference, _identity(load_config(ROOT / "configs" / "smoke.yaml", [override]), model), "run", "resume")
-    allowed = load_config(ROOT / "configs" / "smoke.yaml", ["evolution.epochs=9", "run.save_every=3", "model.device=auto",
-                                                             "evaluation.members_per_batch=2"])
+            check_identity(
+                reference, _identity(load_config(ROOT / "configs" / "smoke.yaml", [override]), model), "run", "resume"
+            )
+    allowed = load_config(
+        ROOT / "configs" / "smoke.yaml",
+        ["evolution.epochs=9", "run.save_every=3", "model.device=auto", "evaluation.members_per_batch=2"],
+    )
     check_identity(reference, _identity(allowed, model), "run", "resume")  # fp32: batching changes speed only
     flat_fields = {f"{s}.{k}" for s, v in base.to_dict().items() if isinstance(v, dict) for k in v} | {"seed"}
     assert flat_fields - set(ALLOWED_TO_CHANGE) - {"evaluation.members_per_batch"} <= set(reference)
@@ -207,6 +229,7 @@ def test_identity_refuses_another_dtype_device_type_or_base_weights(tiny):
 
 # --- 5: non-finite values and flipped bytes ------------------------------------------------------
 
+
 def test_tensor_digest_sees_every_byte():
     t = torch.tensor([0.0, 1.0])
     assert tensor_digest(t) == tensor_digest(t.clone())
@@ -216,24 +239,33 @@ def test_tensor_digest_sees_every_byte():
 
 def test_flipped_bytes_are_named_with_the_epoch_to_fall_back_to(tmp_path):
     for epoch in (1, 2):
-        save_checkpoint(tmp_path, {"a": torch.ones(64), "b": torch.zeros(64)}, {}, RunState(epoch=epoch), keep=True, best=False)
+        save_checkpoint(
+            tmp_path, {"a": torch.ones(64), "b": torch.zeros(64)}, {}, RunState(epoch=epoch), keep=True, best=False
+        )
     weights = tmp_path / "epoch_0002" / "evolvable.safetensors"
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF  # inside b's bytes, the last tensor: the file still parses
     weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=f"tensor b does not match the hash saved with it .*--resume {tmp_path / 'epoch_0001'}"):
+    with pytest.raises(
+        CheckpointError, match=f"tensor b does not match the hash saved with it .*--resume {tmp_path / 'epoch_0001'}"
+    ):
         load_checkpoint(tmp_path)
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):
     save_checkpoint(tmp_path, {"w": torch.ones(2)}, {}, RunState(epoch=1), keep=False, best=False)
     with pytest.raises(CheckpointError, match="epoch 2: tensor w is not finite .*epoch_0001 is intact"):
-        save_checkpoint(tmp_path, {"w": torch.tensor([1.0, float("nan")])}, {}, RunState(epoch=2), keep=False, best=False)
+        save_checkpoint(
+            tmp_path, {"w": torch.tensor([1.0, float("nan")])}, {}, RunState(epoch=2), keep=False, best=False
+        )
     assert read_latest_name(tmp_path) == "epoch_0001" and not (tmp_path / "epoch_0002").exists()
 
 
 def test_metrics_jsonl_is_strict_json(tmp_path):
-    rewrite_metrics(tmp_path, [{"epoch": 1, "fitness": [0.5], "update_norm": float("inf"), "answers": ["x"], "member_mean": float("nan")}])
+    rewrite_metrics(
+        tmp_path,
+        [{"epoch": 1, "fitness": [0.5], "update_norm": float("inf"), "answers": ["x"], "member_mean": float("nan")}],
+    )
 
     def refuse(constant):
         raise ValueError(constant)
@@ -256,6 +288,7 @@ def test_loading_weights_checks_presence_shape_and_dtype(tiny):
 
 # --- atomic replacement --------------------------------------------------------------------------
 
+
 def test_publishing_a_directory_is_atomic(tmp_path, monkeypatch):
     def version(text: str) -> Path:
         staging = tmp_path / f".staging-{text}"
@@ -276,7 +309,9 @@ def test_publishing_a_directory_is_atomic(tmp_path, monkeypatch):
     assert (tmp_path / "best" / "f").read_text() == "two"  # the reader still sees a complete version
     monkeypatch.undo()
     publish_dir(version("four"), tmp_path / "best")
-    assert (tmp_path / "best" / "f").read_text() == "four" and len(list(tmp_path.glob(".best.v*"))) == 1  # the crash's orphan is gone
+    assert (tmp_path / "best" / "f").read_text() == "four" and len(
+        list(tmp_path.glob(".best.v*"))
+    ) == 1  # the crash's orphan is gone
 
 
 def test_a_failed_export_leaves_the_previous_best_model(tmp_path, tiny, tiny_model_dir, monkeypatch):
@@ -294,6 +329,7 @@ def test_a_failed_export_leaves_the_previous_best_model(tmp_path, tiny, tiny_mod
 
 
 # --- 6: write failures are one line, exit 2 ------------------------------------------------------
+
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 def test_results_write_failure_names_the_path(tmp_path, monkeypatch, code):
@@ -315,17 +351,27 @@ def test_disk_full_during_a_run_is_one_line_and_exit_2(copy_of_reference, signal
     assert main(copy_of_reference, "--resume", str(ckpt), "--set", "evolution.epochs=3") == 2
     err = capsys.readouterr().err
     line = next(line for line in err.splitlines() if line.startswith("error:"))
-    assert f"could not write {ckpt / 'epoch_0003'}: No space left on device" in line and "previous checkpoint is intact" in line
+    assert (
+        f"could not write {ckpt / 'epoch_0003'}: No space left on device" in line
+        and "previous checkpoint is intact" in line
+    )
     assert "Traceback" not in err and read_latest_name(ckpt) == "epoch_0002"
 
 
 # --- 7: bad input gets one line before the model loads -------------------------------------------
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"*": "FROZEN"}, "every tensor is FROZEN.* nothing would evolve"),
-    ({"model.language_model.norm.weight": "LORA"}, "model.language_model.norm.weight .* is classified LORA, but low-rank noise needs "
-                                                   "a tensor of 2 or more dimensions"),
-])
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"*": "FROZEN"}, "every tensor is FROZEN.* nothing would evolve"),
+        (
+            {"model.language_model.norm.weight": "LORA"},
+            "model.language_model.norm.weight .* is classified LORA, but low-rank noise needs "
+            "a tensor of 2 or more dimensions",
+        ),
+    ],
+)
 def test_classifications_that_cannot_evolve_are_refused(tiny, overrides, message):
     model, _ = tiny
     cfg = load_config(ROOT / "configs" / "smoke.yaml")
@@ -336,7 +382,14 @@ def test_classifications_that_cannot_evolve_are_refused(tiny, overrides, message
 
 
 def test_task_errors_come_before_the_model_loads(tmp_path, signals, capsys):
-    args = ["--config", str(ROOT / "configs" / "smoke.yaml"), "--set", "data.task_ids=[zzzz]", "--set", "model.path=/no/such/model"]
+    args = [
+        "--config",
+        str(ROOT / "configs" / "smoke.yaml"),
+        "--set",
+        "data.task_ids=[zzzz]",
+        "--set",
+        "model.path=/no/such/model",
+    ]
     assert main(tmp_path, *args) == 2
     err = capsys.readouterr().err
     assert "unknown task id 'zzzz'" in err and "model" not in err.split("unknown task id")[0].lower()

@@ -20,10 +20,28 @@ def record(fitness: str = "char_similarity", epochs: int = 2) -> RunState:
     cfg.evolution.epochs, cfg.evaluation.fitness = epochs, fitness
     values = [-2.0, -1.5, -1.8] if fitness == "answer_logprob" else [0.5, 0.6, 0.55]
     history = [{"epoch": 0, "mean_model_fitness": values[0], "new_best": True, "rolled_back": False}]
-    history += [{"epoch": e, "fitness": [min(values), max(values)] * 16, "mean_model_fitness": values[e], "new_best": e == 1,
-                 "rolled_back": False} for e in (1, 2)]
-    return RunState(epoch=2, identity={"seed": 0}, config=cfg.to_dict(), history=history, best_fitness=values[1], best_epoch=1,
-                    epochs_since_best=1, optimizer_step=2, finished=True, weight_digests=["a", "b", "c"])
+    history += [
+        {
+            "epoch": e,
+            "fitness": [min(values), max(values)] * 16,
+            "mean_model_fitness": values[e],
+            "new_best": e == 1,
+            "rolled_back": False,
+        }
+        for e in (1, 2)
+    ]
+    return RunState(
+        epoch=2,
+        identity={"seed": 0},
+        config=cfg.to_dict(),
+        history=history,
+        best_fitness=values[1],
+        best_epoch=1,
+        epochs_since_best=1,
+        optimizer_step=2,
+        finished=True,
+        weight_digests=["a", "b", "c"],
+    )
 
 
 def test_an_ero_run_that_stopped_on_its_best_elite_is_finished():
@@ -48,16 +66,22 @@ def test_a_consistent_record_passes():
     check_record(record("answer_logprob"), "run")
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda s: setattr(s, "best_epoch", 2), "best_epoch is 2, the history gives 1"),
-    (lambda s: setattr(s, "best_fitness", 0.9), "best_fitness is 0.9, the history gives 0.6"),
-    (lambda s: setattr(s, "finished", False), "finished is False"),
-    (lambda s: s.history[2].update(new_best=True), "epoch 2: new_best is True, its fitness gives False"),
-    (lambda s: s.history[1].update(mean_model_fitness=5.0), r"epoch 1: mean_model_fitness 5.0 is not a finite char_similarity"),
-    (lambda s: s.history[2]["fitness"].pop(), "epoch 2: fitness holds 31 value.s., the population is 32"),
-    (lambda s: s.history[2]["fitness"].__setitem__(3, None), "epoch 2: fitness holds 31 finite"),
-    (lambda s: s.history.pop(), "epoch is 2 but the history holds 2 row"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda s: setattr(s, "best_epoch", 2), "best_epoch is 2, the history gives 1"),
+        (lambda s: setattr(s, "best_fitness", 0.9), "best_fitness is 0.9, the history gives 0.6"),
+        (lambda s: setattr(s, "finished", False), "finished is False"),
+        (lambda s: s.history[2].update(new_best=True), "epoch 2: new_best is True, its fitness gives False"),
+        (
+            lambda s: s.history[1].update(mean_model_fitness=5.0),
+            r"epoch 1: mean_model_fitness 5.0 is not a finite char_similarity",
+        ),
+        (lambda s: s.history[2]["fitness"].pop(), "epoch 2: fitness holds 31 value.s., the population is 32"),
+        (lambda s: s.history[2]["fitness"].__setitem__(3, None), "epoch 2: fitness holds 31 finite"),
+        (lambda s: s.history.pop(), "epoch is 2 but the history holds 2 row"),
+    ],
+)
 def test_an_edited_record_is_refused_by_field_and_epoch(change, message):
     with pytest.raises(CheckpointError, match=message):
         check_record(edited(change), "run")
@@ -67,16 +91,21 @@ def test_an_impossible_log_prob_is_refused():
     """5.0 is no mean log-probability: refused, where it used to make a resumed run 'already finished'."""
     state = record("answer_logprob")
     state.history[2]["mean_model_fitness"] = 5.0
-    with pytest.raises(CheckpointError, match=r"epoch 2: mean_model_fitness 5.0 is not a finite answer_logprob value in \[-inf, 0.0\]"):
+    with pytest.raises(
+        CheckpointError, match=r"epoch 2: mean_model_fitness 5.0 is not a finite answer_logprob value in \[-inf, 0.0\]"
+    ):
         check_record(state, "run")
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("best_epoch", "1", "best_epoch must be an integer >= -1, got '1'"),
-    ("finished", "yes", "finished must be true or false"),
-    ("history", [1, 2], "history must be a list of objects"),
-    ("sigma", {"w": None}, "sigma must be an object of positive numbers"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("best_epoch", "1", "best_epoch must be an integer >= -1, got '1'"),
+        ("finished", "yes", "finished must be true or false"),
+        ("history", [1, 2], "history must be a list of objects"),
+        ("sigma", {"w": None}, "sigma must be an object of positive numbers"),
+    ],
+)
 def test_a_wrong_typed_field_is_refused_on_load(tmp_path, field, value, message):
     save_checkpoint(tmp_path / "run", {}, {}, record(), keep=True, best=False)
     path = tmp_path / "run" / "epoch_0002" / "state.json"
@@ -88,12 +117,17 @@ def test_a_wrong_typed_field_is_refused_on_load(tmp_path, field, value, message)
 
 
 def test_a_refused_rewind_moves_nothing(tmp_path):
-    """--resume <run>/epoch_0001 with evolution.epochs below it: refused before later epochs, best_model/ or LATEST move."""
+    """--resume <run>/epoch_0001 with evolution.epochs below it:
+    refused before later epochs, best_model/ or LATEST move."""
     run = tmp_path / "run"
     full = record()
     for epoch in range(3):
         state = copy.deepcopy(full)
-        state.epoch, state.history, state.weight_digests = epoch, full.history[: epoch + 1], full.weight_digests[: epoch + 1]
+        state.epoch, state.history, state.weight_digests = (
+            epoch,
+            full.history[: epoch + 1],
+            full.weight_digests[: epoch + 1],
+        )
         state.best_epoch, state.best_fitness = (0, 0.5) if epoch == 0 else (1, 0.6)
         state.epochs_since_best, state.finished = int(epoch == 2), epoch == 2
         save_checkpoint(run, {}, {}, state, keep=True, best=False, store_tensors=False)

@@ -6,8 +6,8 @@ noise so the two are comparable member for member.
 
 from __future__ import annotations
 
-from .updates import full_update
 from .noise import full_noise
+from .updates import full_update
 
 
 def fullrank_noise(key, shape, *, epoch, member, sigma, noise_reuse: int = 1):

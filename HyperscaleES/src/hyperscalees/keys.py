@@ -17,9 +17,8 @@ def make_key(seed: int, impl: str = "philox4x32") -> jax.Array:
     """Typed JAX key for `seed` with a counter-based PRNG implementation."""
     if impl in NON_COUNTER_BASED_IMPLS:
         raise ValueError(
-            f"PRNG implementation {impl!r} is not counter-based: its bits change under vmap and "
-            f"across devices, so member noise could not be regenerated exactly. "
-            f"Use one of {', '.join(COUNTER_BASED_IMPLS)}."
+            f"PRNG implementation {impl!r} is not counter-based: its bits change under vmap and across devices, so "
+            f"member noise could not be regenerated exactly. Use one of {', '.join(COUNTER_BASED_IMPLS)}."
         )
     if impl not in COUNTER_BASED_IMPLS:
         raise ValueError(f"Unknown PRNG implementation {impl!r}; choose one of {', '.join(COUNTER_BASED_IMPLS)}.")

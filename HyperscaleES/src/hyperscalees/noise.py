@@ -55,7 +55,8 @@ def _normal(key, epoch, member, shape, noise_reuse):
 
 
 def lowrank_factors_pure(key, epoch, member, scale, *, shape, rank, noise_reuse):
-    """Traceable core of `lowrank_factors` (for use inside other jitted code); `scale` is `lowrank_scale(sigma, rank)`."""
+    """Traceable core of `lowrank_factors` (for use inside other jitted code);
+    `scale` is `lowrank_scale(sigma, rank)`."""
     m, n = shape
     z = _normal(key, epoch, member, (m + n, rank), noise_reuse)
     return z[n:] * _signed(member, scale), z[:n]
@@ -68,7 +69,9 @@ def lowrank_factors(key, shape, *, epoch, member, rank: int, sigma, noise_reuse:
     """
     shape = _check_matrix_shape(shape)
     _check_rank_sigma(rank, sigma)
-    return _lowrank_factors_jit(key, epoch, member, lowrank_scale(sigma, rank), shape=shape, rank=rank, noise_reuse=noise_reuse)
+    return _lowrank_factors_jit(
+        key, epoch, member, lowrank_scale(sigma, rank), shape=shape, rank=rank, noise_reuse=noise_reuse
+    )
 
 
 def population_lowrank_factors_pure(key, epoch, members, scale, *, shape, rank, noise_reuse):
@@ -82,7 +85,9 @@ def population_lowrank_factors(key, shape, *, epoch, members, rank: int, sigma, 
     shape = _check_matrix_shape(shape)
     _check_rank_sigma(rank, sigma)
     members = jnp.asarray(members, dtype=jnp.int32)
-    return _population_lowrank_factors_jit(key, epoch, members, lowrank_scale(sigma, rank), shape=shape, rank=rank, noise_reuse=noise_reuse)
+    return _population_lowrank_factors_jit(
+        key, epoch, members, lowrank_scale(sigma, rank), shape=shape, rank=rank, noise_reuse=noise_reuse
+    )
 
 
 def full_noise_pure(key, epoch, member, sigma, *, shape, noise_reuse):
@@ -91,14 +96,18 @@ def full_noise_pure(key, epoch, member, sigma, *, shape, noise_reuse):
 
 
 _lowrank_factors_jit = jax.jit(lowrank_factors_pure, static_argnames=("shape", "rank", "noise_reuse"))
-_population_lowrank_factors_jit = jax.jit(population_lowrank_factors_pure, static_argnames=("shape", "rank", "noise_reuse"))
+_population_lowrank_factors_jit = jax.jit(
+    population_lowrank_factors_pure, static_argnames=("shape", "rank", "noise_reuse")
+)
 _full_noise_jit = jax.jit(full_noise_pure, static_argnames=("shape", "noise_reuse"))
 
 
 def full_noise(key, shape, *, epoch, member, sigma, noise_reuse: int = 1):
     """Dense noise s_i * sigma * normal(k_{W,e,p}, shape) for FULL-class tensors (float32)."""
     _check_rank_sigma(1, sigma)
-    return _full_noise_jit(key, epoch, member, jnp.float32(sigma), shape=tuple(int(d) for d in shape), noise_reuse=noise_reuse)
+    return _full_noise_jit(
+        key, epoch, member, jnp.float32(sigma), shape=tuple(int(d) for d in shape), noise_reuse=noise_reuse
+    )
 
 
 def _stacked_lowrank_pure(keys, epoch, member, scales, *, shape, rank, noise_reuse):
@@ -124,7 +133,9 @@ def stacked_lowrank_factors(keys, shape, *, epoch, member, rank: int, sigmas, no
     """
     shape = _check_matrix_shape(shape)
     _check_rank_sigma(rank, 1.0)
-    return _stacked_lowrank_jit(keys, epoch, member, lowrank_scale(sigmas, rank), shape=shape, rank=rank, noise_reuse=noise_reuse)
+    return _stacked_lowrank_jit(
+        keys, epoch, member, lowrank_scale(sigmas, rank), shape=shape, rank=rank, noise_reuse=noise_reuse
+    )
 
 
 def stacked_full_noise(keys, shape, *, epoch, member, sigmas, noise_reuse: int = 1):

@@ -12,7 +12,13 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from .noise import _check_matrix_shape, _check_rank_sigma, full_noise_pure, lowrank_scale, population_lowrank_factors_pure
+from .noise import (
+    _check_matrix_shape,
+    _check_rank_sigma,
+    full_noise_pure,
+    lowrank_scale,
+    population_lowrank_factors_pure,
+)
 
 
 def _as_fitness(fitness) -> jax.Array:
@@ -25,7 +31,9 @@ def _as_fitness(fitness) -> jax.Array:
 @partial(jax.jit, static_argnames=("shape", "rank", "noise_reuse"))
 def _lowrank_update(key, fitness, epoch, scale, *, shape, rank, noise_reuse):
     members = jnp.arange(fitness.shape[0], dtype=jnp.int32)
-    a_scaled, b = population_lowrank_factors_pure(key, epoch, members, scale, shape=shape, rank=rank, noise_reuse=noise_reuse)
+    a_scaled, b = population_lowrank_factors_pure(
+        key, epoch, members, scale, shape=shape, rank=rank, noise_reuse=noise_reuse
+    )
     weighted = fitness[:, None, None] * a_scaled
     return jnp.einsum("nir,njr->ij", weighted, b) / math.sqrt(fitness.shape[0])
 
@@ -34,7 +42,9 @@ def lowrank_update(key, shape, fitness, *, epoch, rank: int, sigma, noise_reuse:
     """Delta W = (1/sqrt(N)) sum_i f_i s_i (sigma/sqrt(r)) A_i B_i^T as ONE contraction (float32, (m, n))."""
     shape = _check_matrix_shape(shape)
     _check_rank_sigma(rank, sigma)
-    return _lowrank_update(key, _as_fitness(fitness), epoch, lowrank_scale(sigma, rank), shape=shape, rank=rank, noise_reuse=noise_reuse)
+    return _lowrank_update(
+        key, _as_fitness(fitness), epoch, lowrank_scale(sigma, rank), shape=shape, rank=rank, noise_reuse=noise_reuse
+    )
 
 
 @partial(jax.jit, static_argnames=("shape", "rank", "noise_reuse"))
@@ -42,7 +52,9 @@ def _lowrank_update_sq_norm(key, fitness, epoch, scale, *, shape, rank, noise_re
     # antithetic pair k shares B and has A negated: its two terms fold into (f_2k - f_2k+1) A_2k B_2k^T,
     # so tied pairs contribute exactly 0 instead of a float32 cancellation residue
     firsts = jnp.arange(0, fitness.shape[0], 2, dtype=jnp.int32)
-    a_scaled, b = population_lowrank_factors_pure(key, epoch, firsts, scale, shape=shape, rank=rank, noise_reuse=noise_reuse)
+    a_scaled, b = population_lowrank_factors_pure(
+        key, epoch, firsts, scale, shape=shape, rank=rank, noise_reuse=noise_reuse
+    )
     weighted = (fitness[0::2] - fitness[1::2])[:, None, None] * a_scaled  # (N/2, m, r)
     highest = jax.lax.Precision.HIGHEST
     gram_a = jnp.einsum("nir,pis->nrps", weighted, weighted, precision=highest)  # A'^T A', (N r / 2)^2 entries
@@ -61,7 +73,9 @@ def lowrank_update_sq_norm(key, shape, fitness, *, epoch, rank: int, sigma, nois
     _check_rank_sigma(rank, sigma)
     if len(fitness) % 2:
         raise ValueError(f"the population must be even (antithetic pairs), got {len(fitness)} fitness values")
-    sq = _lowrank_update_sq_norm(key, _as_fitness(fitness), epoch, lowrank_scale(sigma, rank), shape=shape, rank=rank, noise_reuse=noise_reuse)
+    sq = _lowrank_update_sq_norm(
+        key, _as_fitness(fitness), epoch, lowrank_scale(sigma, rank), shape=shape, rank=rank, noise_reuse=noise_reuse
+    )
     return jnp.maximum(sq, 0.0)
 
 

@@ -1,0 +1,40 @@
+"""scripts/gpu_check.py --cpu: every part a CPU can run, end to end, into one JSON report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ERO_EGGROLL.config import ROOT
+
+
+def test_gpu_check_runs_end_to_end_on_the_cpu_and_its_cuda_tests_skip_with_a_reason(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    parts = json.loads(out.read_text())["parts"]
+    assert list(parts) == ["jax_beside_torch", "rehearsal", "cuda_tests", "population_benchmark"]
+    assert parts["jax_beside_torch"]["data"][0]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    rehearsal = parts["rehearsal"]["data"]
+    assert {p["name"] for p in rehearsal["phases"]} == {"resident", "evaluation", "update"} and rehearsal["fits"]
+    assert (
+        "SKIPPED [" in parts["cuda_tests"]["output_tail"] and "needs a CUDA GPU" in parts["cuda_tests"]["output_tail"]
+    )
+    assert any("ratio to ceiling" in row for row in parts["population_benchmark"]["data"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: without --cpu the check would run in full")
+def test_gpu_check_without_a_gpu_says_so_in_one_line():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--cpu" in done.stderr
