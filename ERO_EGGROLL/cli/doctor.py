@@ -14,7 +14,7 @@ import platform
 import sys
 from collections.abc import Callable, Sequence
 
-from ERO_EGGROLL.cli.rehearse import rehearse
+from ERO_EGGROLL.cli import rehearse as rehearsal
 from ERO_EGGROLL.config import ROOT, Config, load_config
 from ERO_EGGROLL.core.errors import EggrollError
 
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("rehearsal skipped: fix the failed checks first")
         return 1
     try:
-        result = rehearse(cfg)
+        result = rehearsal.rehearse(cfg)
     except EggrollError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
