@@ -184,3 +184,18 @@ def test_relative_sigma_does_not_depend_on_the_thread_count(mode):
         assert tensor_sigma(weight, evo) == two
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_run_seed_reaches_every_members_noise(model):
+    """Same seed, same noise in any process; another seed, other noise for every tensor (a run's seed is its noise)."""
+    noise = {}
+    for seed in (0, 0, 1):
+        cfg = small_config(sigma=0.5, sigma_mode="relative")
+        cfg.seed = seed
+        perturber = run_perturber(model, cfg)
+        lora, full = perturber.member_noise(0, 1)
+        perturber.remove_hooks()
+        noise.setdefault(seed, []).append({**{n: a for n, (a, _) in lora.items()}, **full})
+    first, again, other = noise[0][0], noise[0][1], noise[1][0]
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert all(not torch.equal(first[n], other[n]) for n in first)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 from conftest import run_args
 
 from ERO_EGGROLL.config import ROOT
@@ -65,7 +65,9 @@ def test_smoke_script(tmp_path, tiny_model_dir):
     assert "smoke test passed" in done.stdout
 
 
-def test_same_seed_same_numbers_across_processes(reference):
+def test_same_seed_same_numbers_in_another_process_with_loggers_and_batched_members(reference):
+    """A second process with the same config and seed gives the same numbers, even with the loggers on (they report
+    numbers, never change them) and members_per_batch auto (K > 1 members per generate call: speed, never numbers)."""
     assert (
         metrics(reference, "reference")[1]["member_max"] > metrics(reference, "reference")[1]["member_min"]
     )  # a real update happened
@@ -76,27 +78,13 @@ def test_same_seed_same_numbers_across_processes(reference):
         "top_k": 0,
         "repetition_penalty": 1.0,
     }  # recorded with the run
-    done = run(reference, "again", "run.loggers=[tensorboard,wandb]")  # loggers report the numbers, never change them
+    done = run(reference, "again", "run.loggers=[tensorboard,wandb]", "evaluation.members_per_batch=auto")
+    chosen = re.search(r"evaluation.members_per_batch auto: (\d+) member", done.stdout)
+    assert chosen and int(chosen.group(1)) > 1, done.stdout
     assert metrics(reference, "again") == metrics(reference, "reference")
+    assert_same_weights(final_weights(reference, "again"), final_weights(reference, "reference"))
     assert list((reference / "results" / "again" / "tensorboard").glob("events.out.tfevents.*"))
     assert list((reference / "results" / "again" / "wandb").glob("offline-run-*/run-*.wandb"))
-    # output to a pipe: no bars, one summary line per epoch (progress.py)
-    assert [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("epoch ")] == [
-        "epoch 0 (base model)",
-        "epoch 1/2",
-        "epoch 2/2",
-    ]
-    assert "members" not in done.stderr and "again epochs" not in done.stderr
-    assert_same_weights(final_weights(reference, "again"), final_weights(reference, "reference"))
-
-
-def test_different_seed_differs(reference):
-    run(reference, "seed1", "seed=1")
-    assert [r["member_mean"] for r in metrics(reference, "seed1")[1:]] != [
-        r["member_mean"] for r in metrics(reference, "reference")[1:]
-    ]
-    a, b = final_weights(reference, "seed1"), final_weights(reference, "reference")
-    assert a.keys() == b.keys() and any(a[k] != b[k] for k in a)
 
 
 def test_replay_rebuilds_the_checkpoint_bit_for_bit(reference):
@@ -220,42 +208,3 @@ def test_evaluator_cli_on_an_evolved_checkpoint(reference):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| T1 | b1fc8b8e |" in (out.with_suffix(".md")).read_text()
-
-
-def test_per_task_mode_with_degeneration_guard_replays_exactly(tmp_path, tiny_model_dir):
-    """ERO's protocol: an independent evolution per task; the guard's rollbacks are replayed too."""
-    run(
-        tmp_path,
-        "pertask",
-        "evolution.mode=per_task",
-        "data.task_ids=[b1fc8b8e,e6de6e8f]",
-        "evolution.population_size=2",
-        "evolution.epochs=3",
-        "run.degeneration_patience=1",
-        "evaluation.max_new_tokens_cap=16",
-    )
-    table = (tmp_path / "results" / "pertask" / "final_table.md").read_text()
-    assert "| T1 | b1fc8b8e |" in table and "| T2 | e6de6e8f |" in table
-    for task in ("b1fc8b8e", "e6de6e8f"):
-        rows = metrics(tmp_path, f"pertask/{task}")
-        assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
-        assert all(
-            r["rolled_back"] for r in rows[1:] if not r["new_best"]
-        )  # patience 1: every non-improving epoch rolls back
-        done = subprocess.run(
-            [sys.executable, "-m", "ERO_EGGROLL.replay", str(tmp_path / "checkpoints" / "pertask" / task), "--check"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0 and "bit-identical" in done.stdout, done.stdout + done.stderr
-
-
-@pytest.mark.parametrize("k", ["2", "auto"])
-def test_batched_population_run_equals_the_sequential_run(reference, k):
-    """evaluation.members_per_batch changes the speed, never the numbers."""
-    done = run(reference, f"batched{k}", f"evaluation.members_per_batch={k}")
-    if k == "auto":
-        assert "evaluation.members_per_batch auto:" in done.stdout
-    assert metrics(reference, f"batched{k}") == metrics(reference, "reference")
-    assert_same_weights(final_weights(reference, f"batched{k}"), final_weights(reference, "reference"))

@@ -120,6 +120,20 @@ def test_per_task_resumed_by_replay_equals_uninterrupted_with_the_guard_firing(r
     assert fired, "the guard never fired: the replayed best weights were not exercised"
 
 
+def test_per_task_mode_tabulates_every_task_and_replay_checks_each_bit_for_bit(runs):
+    """ERO's protocol: an independent evolution per task, one table row per task; replay rebuilds a task's weights
+    (its guard's rollbacks included) from the record alone."""
+    table = (runs / "results" / "per_task" / "final_table.md").read_text()
+    assert "| T1 | b1fc8b8e |" in table and "| T2 | e6de6e8f |" in table
+    done = subprocess.run(
+        [sys.executable, "-m", "ERO_EGGROLL.replay", str(runs / "checkpoints" / "per_task" / "e6de6e8f"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "bit-identical" in done.stdout, done.stdout + done.stderr
+
+
 def test_the_record_is_the_weights_replay_rebuilds_and_the_export_matches(runs, tmp_path):
     """The record's per-tensor digests are those of the tensors replay writes,
     and replay --export is the run's own export."""
