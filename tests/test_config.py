@@ -1,11 +1,9 @@
 """Config loading: every bad input names the file, the key and what to do."""
 
-import subprocess
-import sys
 import typing
 
 import pytest
-from conftest import write_config
+from conftest import run_module, write_config
 
 from ERO_EGGROLL.arc.fitness import METRICS
 from ERO_EGGROLL.config import ROOT, ConfigError, EvaluationConfig, load_config
@@ -133,18 +131,10 @@ def test_bad_override_syntax():
 
 
 def test_cli_prints_resolved_config_and_fails_cleanly(tmp_path):
-    ok = subprocess.run(
-        [sys.executable, "-m", "ERO_EGGROLL.config", "--config", str(ROOT / "configs/smoke.yaml")],
-        capture_output=True,
-        text=True,
-    )
-    assert ok.returncode == 0 and "population_size: 4" in ok.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "ERO_EGGROLL.config", "--config", str(write_config(tmp_path, "seed: x\n"))],
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 2 and "seed: expected int" in bad.stderr and "Traceback" not in bad.stderr
+    code, out, _ = run_module("ERO_EGGROLL.config", "--config", str(ROOT / "configs/smoke.yaml"))
+    assert code == 0 and "population_size: 4" in out
+    code, _, err = run_module("ERO_EGGROLL.config", "--config", str(write_config(tmp_path, "seed: x\n")))
+    assert code == 2 and "seed: expected int" in err and "Traceback" not in err
 
 
 def test_scientific_notation_is_a_number(tmp_path):

@@ -2,10 +2,9 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_module
 
 from ERO_EGGROLL.arc.tasks import ERO_TASK_IDS, PALETTE, ArcDataError, grid_to_text, load_tasks, render_grid
 from ERO_EGGROLL.config import ROOT, load_config
@@ -94,19 +93,11 @@ def test_render_respects_max_pixels_without_resizing():
 
 
 def test_render_cli_writes_a_png(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "ERO_EGGROLL.arc_task", "--render", "e6de6e8f", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
+    code, _, err = run_module("ERO_EGGROLL.arc_task", "--render", "e6de6e8f", "--out", str(tmp_path))
+    assert code == 0, err
     assert (tmp_path / "e6de6e8f.png").stat().st_size > 1000
-    bad = subprocess.run(
-        [sys.executable, "-m", "ERO_EGGROLL.arc_task", "--render", "zzzz", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 2 and "unknown task id" in bad.stderr and "Traceback" not in bad.stderr
+    code, _, err = run_module("ERO_EGGROLL.arc_task", "--render", "zzzz", "--out", str(tmp_path))
+    assert code == 2 and "unknown task id" in err and "Traceback" not in err
 
 
 def test_a_task_file_that_is_not_utf8(tmp_path):

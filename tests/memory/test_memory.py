@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import run_module
 
 from ERO_EGGROLL.config import ROOT, load_config
 from ERO_EGGROLL.memory.check import DoesNotFit, check_fits
@@ -80,14 +81,9 @@ def test_eggroll_memory_is_flat_in_population_and_below_full_rank(setup):
 
 
 def test_cli_for_the_7b_without_weights():
-    done = subprocess.run(
-        [sys.executable, "-m", "ERO_EGGROLL.memory", "--config", str(ROOT / "configs" / "qwen2_5_vl_7b.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "peak on the device" in done.stdout and "full-rank ES" in done.stdout
+    code, out, err = run_module("ERO_EGGROLL.memory", "--config", str(ROOT / "configs" / "qwen2_5_vl_7b.yaml"))
+    assert code == 0, err
+    assert "peak on the device" in out and "full-rank ES" in out
 
 
 _RSS_CHILD = """

@@ -1,9 +1,7 @@
 """FROZEN / LORA / FULL classes on the tiny model and, without weights, on the real 7B."""
 
-import subprocess
-import sys
-
 import pytest
+from conftest import run_module
 
 from ERO_EGGROLL.config import ROOT, Config, ConfigError, load_config
 from ERO_EGGROLL.model.qwen import ParamClass, classify, classify_model, meta_model_from_config_json, summarize
@@ -67,10 +65,6 @@ def test_summary_counts_noise_bytes(specs_7b):
 
 
 def test_cli_runs_for_the_7b_without_weights():
-    done = subprocess.run(
-        [sys.executable, "-m", "ERO_EGGROLL.qwen_param_mapper", "--config", str(ROOT / "configs/qwen2_5_vl_7b.yaml")],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "LORA | 196 |" in done.stdout
+    code, out, err = run_module("ERO_EGGROLL.qwen_param_mapper", "--config", str(ROOT / "configs/qwen2_5_vl_7b.yaml"))
+    assert code == 0, err
+    assert "LORA | 196 |" in out

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_args
+from conftest import run_args, run_module
 from safetensors.torch import load_file
 from test_evolution_run import SCRIPT, metrics, stopped_after_epoch_1
 
@@ -125,13 +125,8 @@ def test_per_task_mode_tabulates_every_task_and_replay_checks_each_bit_for_bit(r
     (its guard's rollbacks included) from the record alone."""
     table = (runs / "results" / "per_task" / "final_table.md").read_text()
     assert "| T1 | b1fc8b8e |" in table and "| T2 | e6de6e8f |" in table
-    done = subprocess.run(
-        [sys.executable, "-m", "ERO_EGGROLL.replay", str(runs / "checkpoints" / "per_task" / "e6de6e8f"), "--check"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0 and "bit-identical" in done.stdout, done.stdout + done.stderr
+    code, out, err = run_module("ERO_EGGROLL.replay", str(runs / "checkpoints" / "per_task" / "e6de6e8f"), "--check")
+    assert code == 0 and "bit-identical" in out, out + err
 
 
 def test_the_record_is_the_weights_replay_rebuilds_and_the_export_matches(runs, tmp_path):
