@@ -43,23 +43,32 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def run_module(module: str, *args: str) -> tuple[int, str, str]:
-    """`python -m module args...` in this process (the entry module runs as __main__; torch and JAX are loaded
-    already): its exit code, stdout and stderr."""
+def _as_main(run, name: str, args: tuple[str, ...]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     argv = sys.argv
-    sys.argv = [module, *args]
+    sys.argv = [name, *args]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module was imported before, as a library
             try:
-                runpy.run_module(module, run_name="__main__", alter_sys=True)
+                run()
                 code = 0
             except SystemExit as stop:
                 code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     finally:
         sys.argv = argv
     return code, out.getvalue(), err.getvalue()
+
+
+def run_module(module: str, *args: str) -> tuple[int, str, str]:
+    """`python -m module args...` in this process (the entry module runs as __main__; torch and JAX are loaded
+    already): its exit code, stdout and stderr."""
+    return _as_main(lambda: runpy.run_module(module, run_name="__main__", alter_sys=True), module, args)
+
+
+def run_script(path: Path, *args: str) -> tuple[int, str, str]:
+    """`python path args...` in this process, as run_module does for a module."""
+    return _as_main(lambda: runpy.run_path(str(path), run_name="__main__"), str(path), args)
 
 
 def write_config(tmp_path: Path, text: str) -> Path:

@@ -8,19 +8,15 @@ import sys
 
 import pytest
 import torch
+from conftest import run_script
 
 from ERO_EGGROLL.config import ROOT
 
 
 def test_gpu_check_runs_end_to_end_on_the_cpu_and_its_cuda_tests_skip_with_a_reason(tmp_path):
     out = tmp_path / "gpu_check.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    code, printed, err = run_script(ROOT / "scripts" / "gpu_check.py", "--cpu", "--out", str(out))
+    assert code == 0, printed[-4000:] + err[-2000:]
     parts = json.loads(out.read_text())["parts"]
     assert list(parts) == ["jax_beside_torch", "rehearsal", "cuda_tests", "population_benchmark"]
     assert parts["jax_beside_torch"]["data"][0]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"

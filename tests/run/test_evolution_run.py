@@ -177,25 +177,18 @@ def test_exported_best_model_loads_with_transformers(reference, tiny_model_dir):
 
 def test_evaluator_cli_on_an_evolved_checkpoint(reference):
     out = reference / "eval"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ERO_EGGROLL.arc_evaluator",
-            "--config",
-            str(ROOT / "configs" / "smoke.yaml"),
-            "--set",
-            "data.task_ids=[b1fc8b8e]",
-            "--set",
-            "evaluation.max_new_tokens_cap=48",
-            "--checkpoint",
-            str(reference / "checkpoints" / "reference"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    code, _, err = run_module(
+        "ERO_EGGROLL.arc_evaluator",
+        "--config",
+        str(ROOT / "configs" / "smoke.yaml"),
+        "--set",
+        "data.task_ids=[b1fc8b8e]",
+        "--set",
+        "evaluation.max_new_tokens_cap=48",
+        "--checkpoint",
+        str(reference / "checkpoints" / "reference"),
+        "--out",
+        str(out),
     )
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert code == 0, err[-2000:]
     assert "| T1 | b1fc8b8e |" in (out.with_suffix(".md")).read_text()

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import small_config, write_config
+from conftest import run_module, small_config, write_config
 
 from ERO_EGGROLL.arc.tasks import load_tasks
 from ERO_EGGROLL.config import ROOT, ConfigError, load_config
@@ -133,15 +133,10 @@ def test_training_script_bad_input_exits_2_with_one_line(args, message, tiny_mod
 
 
 def test_doctor_reports_every_check(tiny_model_dir):
-    done = subprocess.run(
-        [sys.executable, "-m", "ERO_EGGROLL.doctor", "--config", str(ROOT / "configs" / "smoke.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    code, out, err = run_module("ERO_EGGROLL.doctor", "--config", str(ROOT / "configs" / "smoke.yaml"))
+    assert code == 0, out + err
     for check in ("versions", "devices", "DLPack: zero-copy both ways", "model", "ARC data", "memory"):
-        assert f"] {check}" in done.stdout
+        assert f"] {check}" in out
 
 
 def test_save_every_keeps_marked_epochs_and_the_latest(tmp_path):
