@@ -30,6 +30,7 @@ from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, load_config
 from ERO_EGGROLL.core.digest import combined_digest, tensor_digests
 from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.evaluation.evaluator import prepare, questions_for
+from ERO_EGGROLL.io.disk import check_output
 from ERO_EGGROLL.memory.check import advice_for, free_memory_bytes, workload_of
 from ERO_EGGROLL.memory.measure import (
     current_rss_bytes,
@@ -288,11 +289,20 @@ def rehearse(cfg: Config, random_layers: int | None = None) -> Rehearsal:
     )
 
 
+JSON_KIND = "ero_eggroll rehearsal"  # in every report --json writes: a later --json may replace such a file
+
+
+def _earlier_report(path: Path) -> bool:
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("kind") == JSON_KIND
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
 def write_json(result: Rehearsal, path: Path) -> None:
     fits, line = result.verdict()
-    path.write_text(
-        json.dumps({**asdict(result), "measured_peak": result.measured_peak, "fits": fits, "verdict": line}, indent=2)
-    )
+    report = {"kind": JSON_KIND, **asdict(result), "measured_peak": result.measured_peak, "fits": fits, "verdict": line}
+    path.write_text(json.dumps(report, indent=2))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -310,7 +320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     try:
-        result = rehearse(load_config(args.config, args.set), args.random_layers)
+        cfg = load_config(args.config, args.set)
+        if args.json:  # checked before minutes of work: never over the model, a run, or a file of someone else's
+            protected = [cfg.resolve_path(cfg.model.path), cfg.checkpoint_path, cfg.run_dir]
+            check_output(args.json, "--json", _earlier_report, protected)
+        result = rehearse(cfg, args.random_layers)
     except EggrollError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

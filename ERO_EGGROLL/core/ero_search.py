@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
 
+import hyperscalees as hs
 from ERO_EGGROLL.core.settings import EvolutionSettings
 
 ERO_FIELDS = (
@@ -82,7 +83,7 @@ class EroSelection:
     def select(self, raw_fitness: ArrayLike) -> tuple[NDArray[np.float32] | None, dict[str, Any]]:
         """The update weights of this epoch (None when ERO's rule resets the mean to the base) and what was decided."""
         evo = self.evo
-        f = np.asarray(raw_fitness, dtype=np.float64)
+        f = hs.fitness._checked(raw_fitness)  # a NaN would otherwise stay its group's elite
         if f.size != evo.population_size:
             raise ValueError(f"got {f.size} fitness values for a population of {evo.population_size}")
         ids = round_robin_elites(f, evo.elites, evo.elite_ties)

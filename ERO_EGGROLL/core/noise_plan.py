@@ -115,7 +115,7 @@ class NoisePlan:
             for cls, groups in self.groups.items()
         }
 
-    def _drawn(self, member: int) -> int:
+    def drawn_member(self, member: int) -> int:
         """The keyed member whose noise member `member` gets: itself, or without antithetic pairs the even 2 x member
         (every member its own independent draw, as ERO samples)."""
         return member if self.antithetic else 2 * member
@@ -142,7 +142,7 @@ class NoisePlan:
     def member_noise(self, epoch: int, member: int) -> tuple[LowRank, Dense]:
         """LORA factors (A_scaled, B) in the weights' dtype and device, and FULL noise in float32 on their
         device (FULL noise is added in fp32 and rounded once into the weight)."""
-        scale, member = self.sigma_scale(epoch), self._drawn(member)
+        scale, member = self.sigma_scale(epoch), self.drawn_member(member)
         lora: LowRank = {}
         full: Dense = {}
         with self._jax_placement():

@@ -146,7 +146,8 @@ class Perturber:
         0.01) diverge there. sigma is each element's standard deviation, as in full-rank ES, but rank-r
         noise puts it into r directions, so the perturbation's operator norm is far larger than a
         full-rank one's of the same sigma: start in 0.0005-0.005 (or sigma_mode='relative', 0.05-0.2).
-        With search='ero' the step is the move to the elites' average, so lr and optimizer default to 1.0 and SGD."""
+        With search='ero' the step is the move to the elites' average, so lr and optimizer default to 1.0 and SGD,
+        and antithetic to False."""
         known = {f.name for f in fields(EvolutionSettings)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -154,6 +155,8 @@ class Perturber:
         ero = options.get("search") == "ero"
         lr = lr if lr is not None else (1.0 if ero else 0.002)
         optimizer = optimizer if optimizer is not None else ("sgd" if ero else "adam")
+        if ero:  # every member its own draw, as ERO samples: two elites of one antithetic pair would cancel
+            options.setdefault("antithetic", False)
         evo = EvolutionSettings(
             population_size=population_size,
             sigma=sigma,
@@ -284,10 +287,14 @@ class Perturber:
             self._hooks.remove()
 
     def _fingerprint(self) -> dict[str, Any]:
-        """What makes a saved state this Perturber's: the evolving tensors, their classes and shapes, the seed."""
+        """What makes a saved state this Perturber's: the evolving tensors, their classes and shapes, the seed, and
+        the settings that decide what the saved optimizer state means."""
+        evo = self.evo
         return {
             "seed": self.seed,
-            "optimizer": self.evo.optimizer,
+            "optimizer": evo.optimizer,
+            "search": [evo.search, evo.noise, evo.antithetic, evo.elites, evo.reset_after],
+            "population": [evo.population_size, evo.rank],
             "tensors": {n: [self.classes[n].value, list(p.shape)] for n, p in self.params.items()},
         }
 
@@ -301,6 +308,8 @@ class Perturber:
             "last_update": self._last_update,
             "optimizer": {k: t.detach().clone() for k, t in self.optimizer.state_tensors().items()},
             "sigmas": dict(self.plan.sigma),
+            # ERO's reset-to-base goes back to these: a Perturber built on already-evolved weights must not use its own
+            "base": {n: t.clone() for n, t in self._base.items()} if self._base is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -315,6 +324,9 @@ class Perturber:
         self.optimizer.load_state(int(state["step"]), state["optimizer"])
         self.plan.set_sigmas(state["sigmas"])
         self._last_update = state.get("last_update")  # a resumed loop may not apply a saved epoch twice either
+        if self._base is not None:
+            for name, tensor in self._base.items():
+                tensor.copy_(state["base"][name])
 
     def evolvable_state(self) -> dict[str, torch.Tensor]:
         """The evolvable tensors (what a checkpoint must hold), detached and contiguous."""

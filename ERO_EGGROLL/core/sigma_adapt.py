@@ -39,7 +39,8 @@ def _full_magnitudes(
 
 def noise_magnitudes(plan: NoisePlan, name: str, epoch: int, population: int) -> np.ndarray:
     """q_i = ||E_i||^2 / (sigma^2 numel) for every member of one tensor, from keys alone (float64)."""
-    spec, members = plan.specs[name], np.arange(population)
+    # the keyed draws the members really get (without antithetic pairs, member i draws 2i)
+    spec, members = plan.specs[name], np.array([plan.drawn_member(i) for i in range(population)])
     with plan._jax_placement():
         if spec.cls is ParamClass.LORA:
             a, b = hs.population_lowrank_factors(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -139,6 +140,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _own_version(link: Path) -> Path | None:
+    """The hidden version folder that `link` points at when publish_dir made the link, else None (a link of someone
+    else's: never followed to move or delete what it points at)."""
+    if not link.is_symlink():
+        return None
+    pointed = os.readlink(link)
+    return link.parent / pointed if re.fullmatch(rf"\.{re.escape(link.name)}\.v\d+(-old)?", pointed) else None
+
+
 def publish_dir(staging: Path, target: Path, previous_to: Path | None = None, then: str = CHECKPOINT_INTACT) -> None:
     """Make the complete directory `staging` visible as `target` in one atomic step.
 
@@ -148,13 +158,18 @@ def publish_dir(staging: Path, target: Path, previous_to: Path | None = None, th
     Versions orphaned by a crash before an earlier swap are removed. The run lock makes this the only writer.
     `then`: what a failure leaves intact (writing).
     """
+    if target.is_symlink() and _own_version(target) is None:
+        raise OutputError(
+            f"{target} is a symlink to {os.readlink(target)} that this command did not make; nothing is written "
+            "through it (what it points at stays as it is): remove the link, or give the run another name"
+        )
     version = target.with_name(f".{target.name}.v{time.time_ns()}")
     with writing(target, then):
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp made it private; the published directory gets the usual permissions
         staging.rename(version)
-        previous = target.resolve() if target.is_symlink() else None
+        previous = _own_version(target)
         if target.exists() and not target.is_symlink():
             previous = target.rename(target.with_name(f".{target.name}.v{time.time_ns()}-old"))
         link = target.with_name(f".{target.name}.link-tmp")
@@ -186,10 +201,10 @@ def move_aside(path: Path, into: Path | None = None) -> Path:
         dest = dest.with_name(f"{dest.name.split('~')[0]}~{n}")
     with writing(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_symlink():  # a published directory: move the version it points at, under the visible name
-            target = path.resolve()
-            target.rename(dest)
+        version = _own_version(path)
+        if version is not None:  # a published directory: move the version it points at, under the visible name
+            version.rename(dest)
             path.unlink()
-        else:
+        else:  # a folder, a file, or someone else's link (moved as a link; what it points at stays)
             path.rename(dest)
     return dest

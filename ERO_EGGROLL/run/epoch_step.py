@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from ERO_EGGROLL.core.ero_search import ERO_FIELDS
 from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.storage.checkpoints import CheckpointError, RunState
 
@@ -74,7 +75,14 @@ class EpochStep:
         if not row.get("fitness"):
             self.begin(row["mean_model_fitness"])  # epoch 0: the base model
             return
-        self.update(row["fitness"], row["epoch"] - 1)
+        stats = self.update(row["fitness"], row["epoch"] - 1)
+        recorded = {k: row[k] for k in ERO_FIELDS if k in row}  # ERO's own decisions, where the row carries them
+        replayed = {k: stats[k] for k in recorded}
+        if replayed != recorded:
+            raise CheckpointError(
+                f"epoch {row['epoch']} of the saved history records ERO's {recorded}, but its fitness gives "
+                f"{replayed}: the history was altered"
+            )
         decision = self.conclude(row["epoch"], row["mean_model_fitness"])
         if (decision.new_best, decision.rolled_back) != (row["new_best"], row["rolled_back"]):
             raise CheckpointError(

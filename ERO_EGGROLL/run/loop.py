@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ERO_EGGROLL.config import Config
-from ERO_EGGROLL.core.ero_search import ERO_FIELDS, stop_score
+from ERO_EGGROLL.core.ero_search import ERO_FIELDS
 from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.core.tensor_classes import ParamSpec
 from ERO_EGGROLL.evaluation.evaluator import evaluate, prepare, questions_for, resolved_decoding
@@ -30,6 +30,7 @@ from ERO_EGGROLL.run.stop_signals import StopFlag
 from ERO_EGGROLL.storage.checkpoints import RunState, run_started, save_checkpoint
 from ERO_EGGROLL.storage.identity import identity_of
 from ERO_EGGROLL.storage.metrics import plot_fitness, rewrite_metrics, write_resolved_config
+from ERO_EGGROLL.storage.record_check import is_finished
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -143,8 +144,7 @@ class Evolution:
             row.update(
                 workers=self.workers.advance(row, self.perturber.evolvable_state()), seconds=time.perf_counter() - start
             )
-        reached = stop_score(evo.search, row) >= cfg.run.target_fitness
-        self.state.finished = self.state.epoch == evo.epochs or reached
+        self.state.finished = is_finished(self.state, evo, cfg.run.target_fitness)
         return row
 
     def save(self, row: dict) -> Path:

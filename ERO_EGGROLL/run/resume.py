@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 from ERO_EGGROLL.config import Config, ConfigError
-from ERO_EGGROLL.core.ero_search import stop_score
 from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.run.record import ClonedBest, ReplayedBest, check_sigma, rebuild
 from ERO_EGGROLL.storage.checkpoints import (
@@ -24,7 +23,7 @@ from ERO_EGGROLL.storage.checkpoints import (
     rewind,
 )
 from ERO_EGGROLL.storage.identity import check_identity
-from ERO_EGGROLL.storage.record_check import check_record
+from ERO_EGGROLL.storage.record_check import check_record, is_finished
 
 
 def resume(
@@ -57,7 +56,7 @@ def resume(
     if resume_from != ckpt_dir:
         rewind(ckpt_dir, resume_from)
     state.config = cfg.to_dict()  # e.g. more epochs: later resumes and replays see the config in force
-    state.finished = state.epoch == evo.epochs or stop_score(evo.search, state.history[-1]) >= cfg.run.target_fitness
+    state.finished = is_finished(state, evo, cfg.run.target_fitness)
     if isinstance(best, ReplayedBest):
         rebuild(perturber, state, state.epoch, best)
     else:

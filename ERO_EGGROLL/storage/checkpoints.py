@@ -103,8 +103,9 @@ STATE_TYPES = {
     "weight_digests": (lambda v: isinstance(v, list) and all(isinstance(d, str) for d in v), "a list of strings"),
     "tensor_digests": (lambda v: _str_map(v) and all(isinstance(d, str) for d in v.values()), "an object of strings"),
     "sigma": (
-        lambda v: _str_map(v) and all(_is_number(x) and math.isfinite(x) and x > 0 for x in v.values()),
-        "an object of positive numbers",
+        # 0 is a real sigma: signed_mean gives it to a tensor whose mean is exactly 0 (ERO does not move it)
+        lambda v: _str_map(v) and all(_is_number(x) and math.isfinite(x) and x >= 0 for x in v.values()),
+        "an object of numbers >= 0",
     ),
 }
 

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from typing_extensions import TypeIs
 
-from ERO_EGGROLL.config import config_from_dict
+from ERO_EGGROLL.config import EvolutionConfig, config_from_dict
 from ERO_EGGROLL.core.ero_search import stop_score
 from ERO_EGGROLL.evaluation.evaluator import fitness_range
 from ERO_EGGROLL.storage.checkpoints import CheckpointError, RunState
@@ -22,6 +22,13 @@ from ERO_EGGROLL.storage.checkpoints import CheckpointError, RunState
 
 def _number(value: object) -> TypeIs[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_finished(state: RunState, evolution: EvolutionConfig, target_fitness: float) -> bool:
+    """Whether a run is done: all epochs ran, or an epoch (never the base model's evaluation) reached the target by
+    the search's stop rule. The loop, resume and the record check decide it here, alike."""
+    reached = stop_score(evolution.search, state.history[-1]) >= target_fitness
+    return state.epoch >= 1 and (state.epoch == evolution.epochs or reached)
 
 
 def check_record(state: RunState, where: str) -> None:
@@ -81,8 +88,7 @@ def check_record(state: RunState, where: str) -> None:
     for field, value in (("best_epoch", best_epoch), ("best_fitness", best_fitness), ("epochs_since_best", since)):
         if getattr(state, field) != value:
             refuse(f"{field} is {getattr(state, field)!r}, the history gives {value!r}")
-    reached = stop_score(cfg.evolution.search, state.history[-1]) >= cfg.run.target_fitness
-    finished = state.epoch >= 1 and (state.epoch == cfg.evolution.epochs or reached)
+    finished = is_finished(state, cfg.evolution, cfg.run.target_fitness)
     if state.finished != finished:
         refuse(
             f"finished is {state.finished}, epoch {state.epoch} of {cfg.evolution.epochs} with target fitness "

@@ -114,3 +114,10 @@ def test_doctor_rehearse_prints_the_rehearsal_and_fails_when_it_does_not_fit(mon
     code = doctor.main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--rehearse"])
     out = capsys.readouterr().out
     assert code == 1 and "| evaluation | 10240 | 10240 | 1.00 |" in out and "VERDICT: DOES NOT FIT" in out
+
+
+def test_json_never_overwrites_the_model_or_a_file_it_did_not_write(tiny_model_dir, capsys):
+    target = tiny_model_dir / "config.json"
+    before = target.read_bytes()
+    code = rehearse.main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--json", str(target)])
+    assert code == 2 and "--json" in capsys.readouterr().err and target.read_bytes() == before

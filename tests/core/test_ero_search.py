@@ -149,7 +149,7 @@ def test_ero_search_refuses_a_non_sgd_optimizer():
     defaults = Perturber.for_module(
         net(), population_size=4, sigma=0.1, search="ero"
     ).evo  # for_module's Adam is EGGROLL's
-    assert (defaults.optimizer, defaults.lr) == ("sgd", 1.0)
+    assert (defaults.optimizer, defaults.lr, defaults.antithetic) == ("sgd", 1.0, False)
 
 
 def test_early_stop_reads_the_best_elite_so_far_under_ero_and_the_mean_model_under_eggroll():
@@ -162,3 +162,32 @@ def test_early_stop_reads_the_best_elite_so_far_under_ero_and_the_mean_model_und
         stop_score("ero", {**p.update([0.2, 0.1, 0.3, 0.1], 1), "mean_model_fitness": 0.4}) == 1.0
     )  # the best so far, not this epoch's
     assert stop_score("eggroll", {**stats, "mean_model_fitness": 0.4}) == 0.4
+
+
+def test_replay_refuses_a_record_whose_ero_decisions_were_edited():
+    """The epoch step replays ERO's selection from the recorded fitness and compares its decisions with the row's."""
+    from ERO_EGGROLL.core.ero_search import ERO_FIELDS
+    from ERO_EGGROLL.run.epoch_step import EpochStep
+    from ERO_EGGROLL.run.record import ClonedBest
+    from ERO_EGGROLL.storage.checkpoints import CheckpointError, RunState
+
+    options = {"population_size": 4, "sigma": 0.1, "search": "ero", "elites": 2}
+    fitness = [0.2, 1.0, 0.3, 0.1]
+    stats = Perturber.for_module(net(), **options).update(fitness, 0)
+    base = {"epoch": 0, "mean_model_fitness": 0.5, "new_best": True, "rolled_back": False}
+    row = {
+        "epoch": 1,
+        "fitness": fitness,
+        "mean_model_fitness": 0.6,
+        "new_best": True,
+        "rolled_back": False,
+        **{k: stats[k] for k in ERO_FIELDS},
+    }
+    for edit, refused in (({}, False), ({"best_elite_so_far": 0.9}, True)):
+        step = EpochStep(Perturber.for_module(net(), **options), RunState(), 0, ClonedBest())
+        step.apply(base)
+        if refused:
+            with pytest.raises(CheckpointError, match="ERO's"):
+                step.apply({**row, **edit})
+        else:
+            step.apply({**row, **edit})

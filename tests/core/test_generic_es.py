@@ -117,9 +117,11 @@ def test_clipup_follows_its_formula():
     )  # clipped by now
 
 
-def test_noise_magnitudes_match_the_members_noise():
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_noise_magnitudes_match_the_members_noise(antithetic):
+    """Without antithetic pairs member i draws keyed member 2i: the magnitudes must be those of the noise it gets."""
     net = _net()
-    p = Perturber.for_module(net, population_size=8, sigma=0.05, lr=0.01, rank=2)
+    p = Perturber.for_module(net, population_size=8, sigma=0.05, lr=0.01, rank=2, antithetic=antithetic)
     for name in ("0.weight", "0.bias"):
         q = noise_magnitudes(p.plan, name, epoch=3, population=8)
         expected = []
@@ -128,7 +130,8 @@ def test_noise_magnitudes_match_the_members_noise():
             e = lora[name][0] @ lora[name][1].T if name in lora else full[name]
             expected.append(float(e.double().pow(2).sum()) / (0.05**2 * e.numel()))
         np.testing.assert_allclose(q, expected, rtol=1e-5)
-        np.testing.assert_array_equal(q[0::2], q[1::2])  # antithetic pairs share a magnitude
+        if antithetic:
+            np.testing.assert_array_equal(q[0::2], q[1::2])  # antithetic pairs share a magnitude
 
 
 def test_sigma_grows_where_larger_noise_scores_better():
@@ -151,3 +154,30 @@ def test_a_run_config_refuses_an_adaptive_sigma():
 
     with pytest.raises(ConfigError, match="sigma_lr must be 0 in a run"):
         load_config(ROOT / "configs" / "default.yaml", ["evolution.sigma_lr=0.1"])
+
+
+def test_a_resumed_ero_search_resets_to_the_original_base_not_to_the_weights_it_was_built_on():
+    """ERO's reset-to-base after a resume: the Perturber is built on the evolved weights, its base comes from the
+    state_dict. Fitness [1, 0, 0, 0] sets the best elite; then all zeros is worse, so reset_after=1 resets."""
+    options = {"population_size": 4, "sigma": 0.1, "search": "ero", "elites": 2, "reset_after": 1}
+    net = _net()
+    original = {k: v.clone() for k, v in net.state_dict().items()}
+    p = Perturber.for_module(net, **options)
+    p.update([1.0, 0.0, 0.0, 0.0], 0)
+    saved = {"net": {k: v.clone() for k, v in net.state_dict().items()}, "es": p.state_dict()}
+    assert any(not torch.equal(saved["net"][k], original[k]) for k in original)  # the mean moved
+    resumed = _net(seed=1)
+    resumed.load_state_dict(saved["net"])
+    p2 = Perturber.for_module(resumed, **options)
+    p2.load_state_dict(saved["es"])
+    stats = p2.update([0.0, 0.0, 0.0, 0.0], 1)
+    assert stats["reset_to_base"]
+    assert all(torch.equal(resumed.state_dict()[k], original[k]) for k in original)
+
+
+def test_a_state_of_other_settings_or_nan_fitness_is_refused():
+    ero = Perturber.for_module(_net(), population_size=4, sigma=0.1, search="ero", elites=2)
+    with pytest.raises(ConfigError, match="differs in .*search"):
+        Perturber.for_module(_net(), population_size=4, sigma=0.1, optimizer="sgd").load_state_dict(ero.state_dict())
+    with pytest.raises(ValueError, match="not finite"):
+        ero.update([float("nan"), 0.0, 0.0, 0.0], 0)

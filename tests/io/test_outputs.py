@@ -124,3 +124,29 @@ def test_the_evaluator_refuses_a_table_over_a_foreign_file(tmp_path, capsys):
         evaluate.main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--out", str(tmp_path / "t")])
     assert exit_.value.code == 2 and "did not write" in capsys.readouterr().err
     assert (tmp_path / "t.md").read_text() == "my notes\n"
+
+
+def test_a_published_folder_never_follows_a_link_it_did_not_make(tmp_path):
+    """best_model/ or best/ re-pointed by a user at their own folder: publishing refuses (the folder stays), and
+    moving the run aside moves the link, not what it points at."""
+    from ERO_EGGROLL.io.disk import move_aside
+
+    mine = tmp_path / "model-store"
+    mine.mkdir()
+    (mine / "weights.bin").write_text("mine")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best_model").symlink_to(mine)
+    staging = run / ".staging"
+    staging.mkdir()
+    with pytest.raises(OutputError, match="symlink to .* that this command did not make"):
+        publish_dir(staging, run / "best_model")
+    moved = move_aside(run / "best_model")
+    assert moved.is_symlink() and (mine / "weights.bin").read_text() == "mine"
+    published = run / "best"  # a link publish_dir made is replaced, its earlier version removed
+    for content in ("first", "second"):
+        stage = run / f".stage-{content}"
+        stage.mkdir()
+        (stage / "f.txt").write_text(content)
+        publish_dir(stage, published)
+    assert (published / "f.txt").read_text() == "second" and len(list(run.glob(".best.v*"))) == 1

@@ -103,7 +103,7 @@ def test_an_impossible_log_prob_is_refused():
         ("best_epoch", "1", "best_epoch must be an integer >= -1, got '1'"),
         ("finished", "yes", "finished must be true or false"),
         ("history", [1, 2], "history must be a list of objects"),
-        ("sigma", {"w": None}, "sigma must be an object of positive numbers"),
+        ("sigma", {"w": None}, "sigma must be an object of numbers >= 0"),
     ],
 )
 def test_a_wrong_typed_field_is_refused_on_load(tmp_path, field, value, message):
@@ -151,3 +151,16 @@ def test_replay_refuses_an_edited_best_epoch(tmp_path, capsys):
         replay.main([str(tmp_path / "run"), "--export", str(tmp_path / "out")])
     assert exit_.value.code == 2 and "best_epoch is 2, the history gives 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_base_models_evaluation_never_finishes_a_run():
+    """A run killed after epoch 0 whose base model already scores above run.target_fitness has not trained yet:
+    resume (and the loop, and the record check) must call it unfinished."""
+    from ERO_EGGROLL.config import EvolutionConfig
+    from ERO_EGGROLL.storage.record_check import is_finished
+
+    row = {"epoch": 0, "mean_model_fitness": 0.9, "new_best": True, "rolled_back": False}
+    assert not is_finished(RunState(epoch=0, history=[row]), EvolutionConfig(epochs=5), target_fitness=0.5)
+    assert is_finished(
+        RunState(epoch=1, history=[row, {**row, "epoch": 1}]), EvolutionConfig(epochs=5), target_fitness=0.5
+    )
