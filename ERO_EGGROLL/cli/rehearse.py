@@ -134,7 +134,7 @@ class Rehearsal:
         s, pr = self.seconds, self.projection
         lines += [
             f"seconds per member {s['member']:.2f} (first batch {s['first_batch']:.1f} s with compilation); per update "
-            f"{s['update']:.2f} (first {s['first_update']:.1f} s); mean-model evaluation {s['mean_model']:.1f}",
+            f"{s['update']:.2f} (first {s['first_update']:.1f} s); mean-model evaluation {s['mean_model']:.1f} s",
             f"projected: {_duration(pr['epoch_seconds'])} per epoch (all tasks), {_duration(pr['run_seconds'])} per "
             f"run ({pr['epochs']:.0f} epochs; one process; checkpoints not counted)",
             f"VERDICT: {self.verdict()[1]}",
