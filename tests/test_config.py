@@ -120,9 +120,10 @@ def test_bad_configs_name_file_key_and_fix(tmp_path, text, message):
     assert str(path) in str(info.value)
 
 
-def test_missing_config_file(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+def test_missing_config_file_names_every_shipped_config(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist") as info:
         load_config(tmp_path / "nope.yaml")
+    assert all(p.name in str(info.value) for p in (ROOT / "configs").glob("*.yaml"))
 
 
 def test_bad_override_syntax():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from ERO_EGGROLL.config.schema import Config
+from ERO_EGGROLL.config.schema import ROOT, Config
 from ERO_EGGROLL.config.typed import build
 from ERO_EGGROLL.config.validation import validate
 from ERO_EGGROLL.core.errors import ConfigError
@@ -67,9 +67,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Read, override, type-check and validate a YAML config."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(
-            f"config file {path} does not exist (configs/ holds default.yaml, smoke.yaml, qwen2_5_vl_7b.yaml)"
-        )
+        shipped = ", ".join(sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+        raise ConfigError(f"config file {path} does not exist (configs/ holds {shipped})")
     try:
         data = _yaml_load(path.read_text(encoding="utf-8"))
     except ConfigError as err:
