@@ -22,6 +22,16 @@ def median_seconds(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times)
 
 
+def save_plot(fig, out: Path, dpi: int = 110) -> None:
+    """Lay out `fig`, write it to `out` (its folder made if needed) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+
+
 def write_results(name: str, data, quick: bool) -> Path:
     out = ROOT / "results" / "bench" / (f"{name}_quick.json" if quick else f"{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "scripts" / "examples"))
 
 import torch  # noqa: E402
-from bench_common import write_results  # noqa: E402
+from bench_common import save_plot, write_results  # noqa: E402
 from mlp_regression import make_batch  # noqa: E402
 
 from ERO_EGGROLL.arc.tasks import load_tasks  # noqa: E402
@@ -177,10 +177,7 @@ def plot(rows: list[dict], out: Path) -> None:
     ax.set_title("EGGROLL against ERO's search, tiny Qwen2.5-VL (CPU)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_plot(fig, out)
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
-from bench_common import write_results  # noqa: E402
+from bench_common import save_plot, write_results  # noqa: E402
 
 from ERO_EGGROLL.arc.tasks import load_tasks  # noqa: E402
 from ERO_EGGROLL.config import Config, load_config  # noqa: E402
@@ -106,10 +106,7 @@ def plot(results: list[dict], out: Path, budget: int) -> None:
     ax.set_title(f"EGGROLL vs backprop, tiny Qwen2.5-VL, LORA-class tensors, budget {budget}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_plot(fig, out)
 
 
 def main() -> int:
