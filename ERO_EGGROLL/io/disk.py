@@ -146,7 +146,7 @@ def _own_version(link: Path) -> Path | None:
     if not link.is_symlink():
         return None
     pointed = os.readlink(link)
-    return link.parent / pointed if re.fullmatch(rf"\.{re.escape(link.name)}\.v\d+(-old)?", pointed) else None
+    return link.parent / pointed if re.fullmatch(rf"\.{re.escape(link.name)}\.v\d+", pointed) else None
 
 
 def publish_dir(staging: Path, target: Path, previous_to: Path | None = None, then: str = CHECKPOINT_INTACT) -> None:
@@ -154,7 +154,7 @@ def publish_dir(staging: Path, target: Path, previous_to: Path | None = None, th
 
     `target` is a symlink to a hidden version directory beside it; the new symlink replaces the old
     one with os.replace (atomic), then the previous version is deleted, or moved to `previous_to`.
-    A target that is still a plain directory (an older layout) is first moved aside as a version.
+    A plain folder or file at `target` (an older layout, or not ours) is moved aside, kept, never deleted.
     Versions orphaned by a crash before an earlier swap are removed. The run lock makes this the only writer.
     `then`: what a failure leaves intact (writing).
     """
@@ -170,8 +170,8 @@ def publish_dir(staging: Path, target: Path, previous_to: Path | None = None, th
         staging.chmod(0o777 & ~umask)  # mkdtemp made it private; the published directory gets the usual permissions
         staging.rename(version)
         previous = _own_version(target)
-        if target.exists() and not target.is_symlink():
-            previous = target.rename(target.with_name(f".{target.name}.v{time.time_ns()}-old"))
+        if target.exists() and not target.is_symlink():  # not ours (or an older layout): kept beside, never deleted
+            move_aside(target)
         link = target.with_name(f".{target.name}.link-tmp")
         link.unlink(missing_ok=True)
         link.symlink_to(version.name)

@@ -235,6 +235,6 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, pretrain_steps: int = 1
         )
         earlier = move_aside(out_dir) if out_dir.exists() else None  # a rebuild: the earlier build is never half gone
         staging.rename(out_dir)
-    if earlier is not None:
+    if earlier is not None and _an_earlier_build(earlier):  # what appeared there during the build is kept aside
         shutil.rmtree(earlier, ignore_errors=True)
     return out_dir

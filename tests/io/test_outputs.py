@@ -150,3 +150,16 @@ def test_a_published_folder_never_follows_a_link_it_did_not_make(tmp_path):
         (stage / "f.txt").write_text(content)
         publish_dir(stage, published)
     assert (published / "f.txt").read_text() == "second" and len(list(run.glob(".best.v*"))) == 1
+
+
+def test_a_plain_folder_at_a_published_path_is_kept_aside_not_deleted(tmp_path):
+    run = tmp_path / "run"
+    (run / "best_model").mkdir(parents=True)
+    (run / "best_model" / "notes.txt").write_text("mine")
+    stage = run / ".stage"
+    stage.mkdir()
+    (stage / "f.txt").write_text("new")
+    publish_dir(stage, run / "best_model")
+    assert (run / "best_model" / "f.txt").read_text() == "new"
+    kept = [p for p in run.iterdir() if p.name.startswith("best_model.old-")]
+    assert len(kept) == 1 and (kept[0] / "notes.txt").read_text() == "mine"
