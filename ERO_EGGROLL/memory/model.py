@@ -132,7 +132,6 @@ def _shapes(arch: dict, specs: list[ParamSpec], noise: str = "lowrank") -> _Shap
 #                                about 17 min of an epoch of 1000 members on copies alone)
 #   subtracting regenerated noise  no copy at all, but (w + eps) - eps is not w in bf16 (each add rounds), so the mean
 #                                drifts member by member; refused here, where every epoch must replay bit for bit
-RESTORE_METHODS = ("saved copy on the device", "host copy written back", "subtracting regenerated noise")
 
 
 JAX_POOL = "JAX's GPU pool (kept after the update's contraction)"
