@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ERO_EGGROLL.arc.tasks import ERO_TASK_IDS
+from ERO_EGGROLL.cli.common import command
 from ERO_EGGROLL.config import config_from_dict
 from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.core.perturber import Perturber
@@ -80,6 +81,7 @@ def save_out(tensors: dict[str, torch.Tensor], path: Path) -> None:
         staging.replace(path)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Rebuild a run's evolved weights from base model + config + fitness history."

@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from ERO_EGGROLL.arc.tasks import load_tasks
-from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, config_from_dict, load_config
-from ERO_EGGROLL.core.errors import EggrollError
+from ERO_EGGROLL.cli.common import add_config_arguments, command, config_of
+from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, config_from_dict
 from ERO_EGGROLL.core.tensor_classes import ParamClass
 from ERO_EGGROLL.evaluation.evaluator import EvalResult, results_table, write_table
 from ERO_EGGROLL.evaluation.prepared import questions_for
@@ -181,12 +182,10 @@ def _run_folder_of(resume: Path, cfg: Config) -> Path:
     return resume.parent if resume.parent.resolve() == cfg.checkpoint_path.resolve() else resume.parent.parent
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Evolve Qwen2.5-VL on ARC-1 with EGGROLL.")
-    parser.add_argument("--config", help="YAML config (configs/default.yaml, smoke.yaml, qwen2_5_vl_7b.yaml)")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value"
-    )
+    add_config_arguments(parser, required=False)
     parser.add_argument(
         "--resume",
         metavar="CHECKPOINT_DIR",
@@ -205,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     resume = Path(args.resume) if args.resume else None
     try:
         if args.config:
-            cfg = load_config(args.config, args.set)
+            cfg = config_of(args)
         elif resume:
             cfg = config_from_dict(_saved_state(resume).config, f"{resume} (saved config)", args.set)
         else:
@@ -220,7 +219,4 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except EggrollError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     return 0

@@ -8,14 +8,12 @@ weights are downloaded:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ERO_EGGROLL.config import Config, ConfigError, load_config
+from ERO_EGGROLL.config import Config
 from ERO_EGGROLL.core.tensor_classes import ParamClass, ParamSpec
 from ERO_EGGROLL.model.qwen import architecture_json, classify, meta_model_from_config_json
 
@@ -365,19 +363,3 @@ def report(cfg: Config) -> str:
         "phase grows with N, by a few N(m+n)r x 4 bytes of the largest tensor",
     ]
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Predict a run's peak memory (no weights needed).")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = parser.parse_args(argv)
-    try:
-        print(report(load_config(args.config, args.set)))
-    except ConfigError as err:
-        parser.exit(2, f"error: {err}\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
