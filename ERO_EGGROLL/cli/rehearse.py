@@ -48,7 +48,7 @@ from ERO_EGGROLL.run.population import evaluate_batch, evaluate_mean_model, memb
 
 GIB = 2**30
 MARGIN = 0.10  # a run whose measured peak leaves less than this fraction of the memory free is called tight
-TOLERANCE = 0.20  # the memory model's target accuracy per phase (scripts/bench_memory.py)
+TOLERANCE = 0.20  # the memory model's target accuracy per phase (scripts/bench/bench_memory.py)
 OVERHEAD = (
     256 * 2**20
 )  # libraries' pages, JAX's compilation: what no formula of the shapes covers (tens of MiB, measured)
