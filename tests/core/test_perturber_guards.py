@@ -295,3 +295,11 @@ def test_load_state_dict_refuses_changed_settings_unless_asked_to_keep_its_own()
     rebuilt = Perturber.for_module(net(), seed=state["fingerprint"]["seed"], **state["settings"])
     rebuilt.load_state_dict(state)  # the state's own settings rebuild its Perturber
     assert rebuilt.plan.sigma == state["sigmas"]
+
+
+def test_a_rank_no_matrix_can_use_is_refused():
+    """Rank-r noise on an m x n matrix has at most min(m, n) directions: the widest LORA matrix here is 4 x 3."""
+    with pytest.raises(EggrollError, match=r"rank 4 is more than .* the widest, 0.weight \(4, 3\), has at most 3"):
+        make(net(), rank=4)
+    assert make(net(), rank=3).plan.rank == 3
+    assert make(net(), rank=4, noise="full", search="ero", elites=2).plan.rank == 4  # no low-rank noise at all
