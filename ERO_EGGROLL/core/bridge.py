@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import torch
 
+from ERO_EGGROLL.core.errors import EggrollError
+
 DLPACK_ALIGNMENT = 64
 
 
@@ -83,7 +85,7 @@ def torch_to_jax(t: torch.Tensor, *, strict: bool = False) -> jax.Array:
         raise TypeError(f"torch_to_jax expects a torch.Tensor, got {type(t).__name__}")
     t = t.detach()
     if t.device.type == "cuda" and not any(d.platform == "gpu" for d in jax.devices()):
-        raise ValueError(
+        raise EggrollError(
             f"tensor is on {t.device} but JAX sees no GPU ({jax.devices()}); install jax[cuda] or move the tensor to "
             "the CPU"
         )
@@ -102,7 +104,7 @@ def torch_to_jax(t: torch.Tensor, *, strict: bool = False) -> jax.Array:
         reason = copied_reason or (misaligned if t.data_ptr() % DLPACK_ALIGNMENT else "JAX could not alias this layout")
         message = f"torch_to_jax copied {t.numel() * t.element_size()} bytes: {reason}"
         if strict:
-            raise ValueError(message + " (strict=True)")
+            raise EggrollError(message + " (strict=True)")
         warnings.warn(message, BridgeCopyWarning, stacklevel=2)
     return x
 

@@ -14,15 +14,17 @@ streamed update, so its state (best, counter, resets) is saved, resumed and repl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
 
-import hyperscalees as hs
-from ERO_EGGROLL.core.settings import EvolutionSettings
+from ERO_EGGROLL.core.errors import ConfigError
+from ERO_EGGROLL.core.fitness import checked_fitness
+from ERO_EGGROLL.core.saved_state import checked_tensor, refuse, same_keys
+from ERO_EGGROLL.core.settings import MAX_SEED, EvolutionSettings
 
 ERO_FIELDS = (
     "elites",
@@ -39,6 +41,21 @@ def stop_score(search: str, row: dict[str, Any]) -> float:
     far (a member; none yet in the base model's row); EGGROLL on the mean model."""
     score: float = row.get("best_elite_so_far", -math.inf) if search == "ero" else row["mean_model_fitness"]
     return score
+
+
+def reset_seed(seed: int, resets: int, reseed_step: int) -> int:
+    """The noise seed after `resets` of ERO's resets: seed + resets x reseed_step, as ERO moves it.
+
+    Refused past 2**32-1: a key holds 32 bits, so the seed would wrap onto another seed's noise (seed 2**32-1 plus
+    ERO's 1919810 draws exactly seed 1919809's), or onto the run's own earlier noise."""
+    moved = seed + resets * reseed_step
+    if moved > MAX_SEED:
+        raise ConfigError(
+            f"ERO's reset number {resets} would move the noise seed to {seed} + {resets} x reseed_step {reseed_step} = "
+            f"{moved}, past {MAX_SEED}, where a key wraps onto another seed's noise; {resets - 1} reset(s) fit: use a "
+            "smaller seed or reseed_step, or a larger reset_after"
+        )
+    return moved
 
 
 def round_robin_elites(fitness: ArrayLike, elites: int, ties: str = "later") -> list[int]:
@@ -83,19 +100,15 @@ class EroSelection:
     def select(self, raw_fitness: ArrayLike) -> tuple[NDArray[np.float32] | None, dict[str, Any]]:
         """The update weights of this epoch (None when ERO's rule resets the mean to the base) and what was decided."""
         evo = self.evo
-        f = hs.fitness._checked(raw_fitness)  # a NaN would otherwise stay its group's elite
-        if f.size != evo.population_size:
-            raise ValueError(f"got {f.size} fitness values for a population of {evo.population_size}")
+        f = checked_fitness(raw_fitness, evo.population_size)  # a NaN would otherwise stay its group's elite
         ids = round_robin_elites(f, evo.elites, evo.elite_ties)
         top = float(f[ids[0]])
-        if top >= self.best:
-            self.best, self.counter = top, 0
-        else:
-            self.counter += 1
-        reset = bool(evo.reset_after) and self.counter >= evo.reset_after
+        best, counter = (top, 0) if top >= self.best else (self.best, self.counter + 1)
+        reset = bool(evo.reset_after) and counter >= evo.reset_after
         if reset:
-            self.counter, self.resets = 0, self.resets + 1
-            self._reseed(self.resets)
+            self._reseed(self.resets + 1)  # a seed past the key range is refused before any state changes
+            counter, self.resets = 0, self.resets + 1
+        self.best, self.counter = best, counter
         info = {
             "elites": ids,
             "elite_best": top,
@@ -116,12 +129,29 @@ class EroSelection:
             "ero/counter_resets": torch.tensor([self.counter, self.resets], dtype=torch.int64),
         }
 
+    def check_state(self, step_count: int, tensors: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Refuse saved selection state (StateError naming the key) that no run of these settings could reach: the
+        best elite NaN or +inf (or -inf after a step), a counter or reset count below 0 or above the step count, a
+        counter at or past reset_after. `shapes` (the evolving tensors) is the optimizers' common signature."""
+        same_keys(tensors, {"ero/best", "ero/counter_resets"}, "state['optimizer']", "ERO's selection state")
+        best = float(
+            checked_tensor(
+                tensors["ero/best"], "state['optimizer']['ero/best']", (1,), torch.float64, allow_minus_inf=True
+            )[0]
+        )
+        field = "state['optimizer']['ero/counter_resets']"
+        counter, resets = checked_tensor(tensors["ero/counter_resets"], field, (2,), torch.int64).tolist()
+        limit = min(step_count, self.evo.reset_after - 1) if self.evo.reset_after else step_count
+        if not (0 <= counter <= limit and 0 <= resets <= step_count) or (step_count > 0) == (best == -math.inf):
+            raise refuse(
+                f"{field} {[counter, resets]} with best elite {best} after {step_count} step(s) is no state that "
+                f"ERO's selection reaches (reset_after {self.evo.reset_after}); the state was edited or damaged"
+            )
+
     def load_state(self, step_count: int, tensors: dict[str, torch.Tensor]) -> None:
         """`tensors` as saved by state_tensors, or {} for a fresh start (epoch 0)."""
-        self.step_count = step_count
-        self.best = float(tensors["ero/best"][0]) if "ero/best" in tensors else -math.inf
+        best = float(tensors["ero/best"][0]) if "ero/best" in tensors else -math.inf
         counter_resets = tensors.get("ero/counter_resets")
-        self.counter, self.resets = (
-            (int(counter_resets[0]), int(counter_resets[1])) if counter_resets is not None else (0, 0)
-        )
-        self._reseed(self.resets)
+        counter, resets = (int(counter_resets[0]), int(counter_resets[1])) if counter_resets is not None else (0, 0)
+        self._reseed(resets)  # a seed past the key range is refused before any state changes
+        self.step_count, self.best, self.counter, self.resets = step_count, best, counter, resets

@@ -7,10 +7,15 @@ keeps that loss unbiased, and `lost_update_fraction` measures it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+
+from ERO_EGGROLL.core.errors import ConfigError
+from ERO_EGGROLL.core.saved_state import checked_tensor, refuse, same_keys
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -27,7 +32,7 @@ class EsOptimizer:
 
     def __init__(self, kind: str, lr: float, weight_decay: float = 0.0):
         if kind not in ("sgd", "adam", "adamw", "clipup"):
-            raise ValueError(f"unknown optimizer {kind!r}; choose sgd, adam, adamw or clipup")
+            raise ConfigError(f"unknown optimizer {kind!r}; choose sgd, adam, adamw or clipup")
         self.kind, self.lr, self.weight_decay = kind, lr, weight_decay
         self.step_count = 0
         self.moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -93,6 +98,27 @@ class EsOptimizer:
         for name, v in self.velocity.items():
             out[f"velocity/{name}"] = v.contiguous()
         return out
+
+    def expected_state(self, step_count: int, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """The keys of state_tensors (each an fp32 tensor of its weight's shape) after `step_count` steps on tensors
+        of `shapes`: every tensor's moments (Adam) or velocity (ClipUp) once a step ran, none before."""
+        prefixes = {
+            "sgd": (),
+            "adam": ("adam_m/", "adam_v/"),
+            "adamw": ("adam_m/", "adam_v/"),
+            "clipup": ("velocity/",),
+        }
+        return {p + n: shape for p in prefixes[self.kind] for n, shape in shapes.items()} if step_count else {}
+
+    def check_state(self, step_count: int, tensors: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Refuse saved optimizer tensors (StateError naming the key) that `load_state` could not continue from."""
+        expected = self.expected_state(step_count, shapes)
+        same_keys(tensors, set(expected), "state['optimizer']", f"the {self.kind} state after {step_count} step(s)")
+        for key, shape in expected.items():
+            field = f"state['optimizer'][{key!r}]"
+            tensor = checked_tensor(tensors[key], field, shape, torch.float32)
+            if key.startswith("adam_v/") and bool((tensor < 0).any()):
+                raise refuse(f"{field} holds negative values; Adam's second moment is never negative")
 
     def load_state(self, step_count: int, tensors: dict[str, torch.Tensor]) -> None:
         self.step_count = step_count

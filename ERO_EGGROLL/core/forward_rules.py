@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.core.tensor_classes import CONV_TYPES, LOW_RANK_TYPES, declare_norm
 
 # Names of sibling Linears (children of one module) that the model calls on the same input tensor, so that one
@@ -94,7 +95,7 @@ def check_lowrank_module(module: nn.Module, name: str, parent: nn.Module | None)
 def per_member_blocks(t: torch.Tensor, k: int) -> torch.Tensor:
     """(K*P, ...) rows, member-major, as (K, P, ...). Dimension 0 must be the batch."""
     if t.dim() == 0 or t.shape[0] % k:
-        raise ValueError(
+        raise EggrollError(
             f"{k} members share this batch, but a module's input has shape {tuple(t.shape)}: its first dimension "
             "must be the batch, K equal blocks of rows (member-major)"
         )
@@ -135,8 +136,8 @@ def _group_norm(module: nn.Module, x: torch.Tensor, values: dict[str, torch.Tens
 
 def _batch_norm(module: nn.Module, x: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
     module = cast(nn.modules.batchnorm._BatchNorm, module)  # its ROW_RULES type
-    if module.training or module.running_mean is None:
-        raise ValueError(
+    if module.training or module.running_mean is None:  # members() refuses it by name first (batchnorm_in_training)
+        raise EggrollError(
             "several members per batch need BatchNorm in eval mode (batch statistics would mix the members)"
         )
     return F.batch_norm(
@@ -196,6 +197,12 @@ def row_rule(module: nn.Module, attrs: list[str], parent: nn.Module | None = Non
     if attrs == ["bias"] and type(module).forward in _PLAIN_FORWARDS:  # a subclass may compute otherwise
         return _member_bias
     return None
+
+
+def batchnorm_in_training(module: nn.Module) -> bool:
+    """A BatchNorm that would normalise with batch statistics (training mode, or no running statistics): several
+    members' rows in one batch would mix."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or module.running_mean is None)
 
 
 def is_bias_rule(rule: RowRule | None) -> bool:

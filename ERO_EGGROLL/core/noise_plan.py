@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import torch
 
 import hyperscalees as hs
 from ERO_EGGROLL.core.bridge import jax_device_for, jax_to_torch
+from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.core.settings import EvolutionSettings
 from ERO_EGGROLL.core.tensor_classes import ParamClass, ParamSpec
 
@@ -33,7 +35,8 @@ Dense = dict[str, torch.Tensor]  # name -> FULL noise, float32
 def tensor_sigma(weight: torch.Tensor, evo: EvolutionSettings) -> float:
     """Absolute sigma; relative: sigma x std(W) of the base weight (rms(W) when std is 0, e.g. fresh norms);
     signed_mean: sigma x |mean(W)| (ERO's std.json read as per-tensor means; the sign of a scale on symmetric
-    noise only swaps a member with its antithetic partner, so the magnitude is the whole rule)."""
+    noise only swaps a member with its antithetic partner, so the magnitude is the whole rule). An all-zero tensor
+    (a fresh LayerNorm bias) has no scale to be relative to: its sigma is 0, so it stays as it is (NoisePlan warns)."""
     if evo.sigma_mode == "absolute":
         return evo.sigma
     # float64 on the host in NumPy's fixed summation order: torch's reductions split the work by thread count, so the
@@ -44,11 +47,24 @@ def tensor_sigma(weight: torch.Tensor, evo: EvolutionSettings) -> float:
     scale = float(w.std(ddof=1)) if w.size > 1 else 0.0
     if scale == 0.0:
         scale = float(np.sqrt(np.mean(np.square(w))))
-    if scale == 0.0:
-        raise ValueError(
-            "relative sigma needs a non-zero weight; this tensor is all zeros (use an absolute sigma or freeze it)"
-        )
     return evo.sigma * scale
+
+
+class StillTensorWarning(UserWarning):
+    """Tensors whose scaled sigma is 0 (all zeros under sigma_mode relative, a zero mean under signed_mean): they are
+    never perturbed and never move."""
+
+
+def _warn_still(sigmas: dict[str, float], mode: str) -> None:
+    still = [name for name, sigma in sigmas.items() if sigma == 0.0]
+    if still:
+        shown = ", ".join(still[:5]) + (f" and {len(still) - 5} more" if len(still) > 5 else "")
+        warnings.warn(
+            f"sigma_mode {mode!r} gives {shown} a sigma of 0 ({'all zeros' if mode == 'relative' else 'a zero mean'}: "
+            "nothing to scale by), so they stay as they are; use an absolute sigma to evolve them, or make them FROZEN",
+            StillTensorWarning,
+            stacklevel=4,
+        )
 
 
 @dataclass
@@ -77,6 +93,7 @@ class NoisePlan:
         self.specs = {s.name: s for s in specs if s.cls is not ParamClass.FROZEN}
         self.keys = self._keys(seed)
         self.sigma = {name: tensor_sigma(weights[name], evo) for name in self.specs}  # from the BASE weights, once
+        _warn_still(self.sigma, evo.sigma_mode)
         self.dtypes = {name: weights[name].dtype for name in self.specs}
         self.device = next(iter(weights.values())).device if weights else torch.device("cpu")
         grouped: dict[tuple[ParamClass, tuple[int, ...]], list[str]] = defaultdict(list)
@@ -94,7 +111,7 @@ class NoisePlan:
         """New base sigmas (adapted ones, or a checkpoint's), for the noise and the update alike."""
         unknown = set(sigmas) - set(self.specs)
         if unknown:
-            raise ValueError(f"sigmas for tensors this plan does not evolve: {sorted(unknown)}")
+            raise EggrollError(f"sigmas for tensors this plan does not evolve: {sorted(unknown)}")
         self.sigma.update({name: float(value) for name, value in sigmas.items()})
         for groups in self.groups.values():
             for g in groups:
@@ -186,7 +203,7 @@ class NoisePlan:
         cross to the device and torch contracts them there, never moving an (m, n) buffer."""
         spec, key, sigma = self.specs[name], self.keys[name], self.sigma[name] * self.sigma_scale(epoch)
         fitness = self._weights_for_draws(fitness)
-        if sigma == 0.0:  # signed_mean of a zero-mean tensor: never perturbed, never moved
+        if sigma == 0.0:  # a zero-mean (signed_mean) or all-zero (relative) tensor: never perturbed, never moved
             return torch.zeros(spec.shape, dtype=torch.float32, device=self.device)
         with self._jax_placement():
             if spec.cls is ParamClass.LORA and self.contract_in_torch:

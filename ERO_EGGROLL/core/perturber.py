@@ -5,7 +5,7 @@
     with perturber.member(epoch, i):  loss_i = ...                      # the model as W + E_i, exact restore on exit
     with perturber.members(epoch, [0, 1, 2, 3]):  ...                  # 4 members as blocks of batch rows
     stats = perturber.update(fitness, epoch)                            # the streamed ES update
-    state = perturber.state_dict(); perturber.load_state_dict(state)    # checkpoint and exact resume
+    state = perturber.state_dict(); perturber.load_state_dict(state)    # checkpoint and exact resume (checked first)
 
 It composes the parts, each with one job: noise_plan (which tensors, keys, sigmas, noise and
 directions), strategies (noise on the model, exact restore), streamed_update (the update step and
@@ -18,30 +18,35 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import fields, replace
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from numpy.typing import ArrayLike
 from torch import nn
 
-from ERO_EGGROLL.core.ero_search import EroSelection
+from ERO_EGGROLL.core.ero_search import EroSelection, reset_seed
 from ERO_EGGROLL.core.errors import ConfigError, EggrollError
 from ERO_EGGROLL.core.es_optimizer import EsOptimizer
 from ERO_EGGROLL.core.noise_plan import Dense, LowRank, NoisePlan
+from ERO_EGGROLL.core.saved_state import STATE_FIELDS, checked_sigma, checked_tensor, mapping, refuse, same_keys
+from ERO_EGGROLL.core.saved_state import checked_int as saved_int
 from ERO_EGGROLL.core.settings import (
+    ADJUSTABLE_SETTINGS,
     MAX_EPOCH,
     MAX_SEED,
     EvolutionSettings,
     OptimizerName,
     check_settings,
     checked_int,
+    default_antithetic,
     is_int,
+    settings_dict,
 )
 from ERO_EGGROLL.core.strategies import ForwardHooks, SavedInPlace
 from ERO_EGGROLL.core.streamed_update import StreamedUpdate
-from ERO_EGGROLL.core.tensor_classes import Classifier, ParamClass, ParamSpec, classify_module
+from ERO_EGGROLL.core.tensor_classes import Classifier, ParamClass, ParamSpec, classify_module, rank_problem
 
 
 class PerturberUsageError(EggrollError):
@@ -68,6 +73,9 @@ class Perturber:
         ):  # ERO's sampling: dense noise for every matrix too (applied in place, restored from a copy)
             specs = [replace(s, cls=ParamClass.FULL) if s.cls is ParamClass.LORA else s for s in specs]
         self.model, self.specs, self.seed = model, specs, checked_int(seed, "seed", 0, MAX_SEED)
+        too_wide = rank_problem(specs, evo.rank)
+        if too_wide is not None:
+            raise ConfigError(too_wide)
         self._inside_member = False
         self._last_update: int | None = (
             None  # the epoch of the last update, so that one is not applied twice by mistake
@@ -86,7 +94,9 @@ class Perturber:
                 f"the evolving tensors are on {len(devices)} devices ({', '.join(sorted(map(str, devices)))}); "
                 "EGGROLL here needs them on one device (load the model without device_map='auto', or freeze the rest)"
             )
-        self.plan = NoisePlan(specs, self.params, evo, seed)
+        if evo.search == "ero" and evo.reset_after:
+            reset_seed(self.seed, 1, evo.reseed_step)  # not even one reset fits the key range: refused now
+        self.plan = NoisePlan(specs, self.params, evo, self.seed)
         self.lora_names, self.full_names = self.plan.names(ParamClass.LORA), self.plan.names(ParamClass.FULL)
         # ERO's reset-to-base needs the base weights: one host copy of the evolving tensors, taken once
         self._base = (
@@ -94,7 +104,7 @@ class Perturber:
             if evo.search == "ero" and evo.reset_after
             else None
         )
-        self._update = StreamedUpdate(self.plan, self.params, evo, seed, self._base)
+        self._update = StreamedUpdate(self.plan, self.params, evo, self.seed, self._base)
         self._hooks = ForwardHooks(model, self.lora_names, self.full_names) if evo.strategy == "forward" else None
         if self._hooks is not None:
             self._refuse_shared_in_forward()
@@ -155,8 +165,7 @@ class Perturber:
         ero = options.get("search") == "ero"
         lr = lr if lr is not None else (1.0 if ero else 0.002)
         optimizer = optimizer if optimizer is not None else ("sgd" if ero else "adam")
-        if ero:  # every member its own draw, as ERO samples: two elites of one antithetic pair would cancel
-            options.setdefault("antithetic", False)
+        options.setdefault("antithetic", default_antithetic(options.get("search", "eggroll")))
         evo = EvolutionSettings(
             population_size=population_size,
             sigma=sigma,
@@ -271,6 +280,8 @@ class Perturber:
         An epoch at or before the last one updated is refused (a loop that calls update twice would apply the step
         twice) unless `again`: a caller that has set the weights back (a replay) applies earlier epochs again."""
         checked_int(epoch, "epoch", 0, MAX_EPOCH)
+        if not isinstance(again, bool):
+            raise PerturberUsageError(f"update(again=...) must be True or False, got {again!r}")
         if self._last_update is not None and epoch <= self._last_update and not again:
             raise PerturberUsageError(
                 f"update for epoch {epoch} after epoch {self._last_update} was applied: the step would be "
@@ -287,23 +298,20 @@ class Perturber:
             self._hooks.remove()
 
     def _fingerprint(self) -> dict[str, Any]:
-        """What makes a saved state this Perturber's: the evolving tensors, their classes and shapes, the seed, and
-        the settings that decide what the saved optimizer state means."""
-        evo = self.evo
+        """What makes a saved state this module's: the seed and the evolving tensors with their classes and shapes."""
         return {
             "seed": self.seed,
-            "optimizer": evo.optimizer,
-            "search": [evo.search, evo.noise, evo.antithetic, evo.elites, evo.reset_after],
-            "population": [evo.population_size, evo.rank],
             "tensors": {n: [self.classes[n].value, list(p.shape)] for n, p in self.params.items()},
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """The ES state a user's loop checkpoints beside `module.state_dict()`: the optimizer's step and tensors
-        (Adam moments, ClipUp velocity, cloned), every tensor's sigma (adapted, or relative sigma from the base
-        weights), and a fingerprint of the module it was made for. torch.save writes it as it is."""
+        """The ES state a user's loop checkpoints beside `module.state_dict()`: the settings it was made with, the
+        optimizer's step and tensors (Adam moments, ClipUp velocity, cloned), every tensor's sigma (adapted, or relative
+        sigma from the base weights), and a fingerprint of the module it was made for. torch.save writes it as it is.
+        `Perturber.for_module(net, seed=state["fingerprint"]["seed"], **state["settings"])` rebuilds its Perturber."""
         return {
             "fingerprint": self._fingerprint(),
+            "settings": settings_dict(self.evo),
             "step": self.optimizer.step_count,
             "last_update": self._last_update,
             "optimizer": {k: t.detach().clone() for k, t in self.optimizer.state_tensors().items()},
@@ -312,21 +320,101 @@ class Perturber:
             "base": {n: t.clone() for n, t in self._base.items()} if self._base is not None else None,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from `state_dict()`: the next update continues exactly as the saved run would have."""
-        mine, theirs = self._fingerprint(), state.get("fingerprint")
-        if theirs != mine:
-            diff = sorted(k for k in mine if theirs is None or theirs.get(k) != mine[k])
-            raise ConfigError(
-                f"Perturber.load_state_dict: the state was made for another module or settings (differs in {diff}); "
-                "load it into a Perturber built the same way on the same architecture"
-            )
-        self.optimizer.load_state(int(state["step"]), state["optimizer"])
-        self.plan.set_sigmas(state["sigmas"])
-        self._last_update = state.get("last_update")  # a resumed loop may not apply a saved epoch twice either
-        if self._base is not None:
+    def load_state_dict(self, state: Mapping[str, Any], *, settings: Literal["match", "mine"] = "match") -> None:
+        """Resume from `state_dict()`: the next update continues exactly as the saved run would have.
+
+        Every field is checked before anything changes (one StateError line naming it). The state's settings must
+        match this Perturber's; `settings="mine"` continues with this Perturber's own values of the settings that
+        only steer later steps (ADJUSTABLE_SETTINGS: lr, sigma, decays, ...; a changed sigma scales the saved
+        sigmas by new / saved). The others (seed, rank, population, optimizer, ERO's search, ...) always must match."""
+        if settings not in ("match", "mine"):
+            raise refuse(f"settings must be 'match' or 'mine', got {settings!r}")
+        state = mapping(state, "state")
+        same_keys(state, set(STATE_FIELDS), "state", f"the fields of a state_dict() ({', '.join(STATE_FIELDS)})")
+        self._check_fingerprint(mapping(state["fingerprint"], "state['fingerprint']"))
+        saved_sigma = self._check_settings(mapping(state["settings"], "state['settings']"), settings)
+        step = saved_int(state["step"], "state['step']", 0, MAX_EPOCH + 1)
+        last_update = state["last_update"]
+        if last_update is not None:
+            saved_int(last_update, "state['last_update']", 0, MAX_EPOCH)
+        shapes = {n: tuple(p.shape) for n, p in self.params.items()}
+        optimizer_tensors = mapping(state["optimizer"], "state['optimizer']")
+        self.optimizer.check_state(step, optimizer_tensors, shapes)
+        sigmas = self._checked_sigmas(mapping(state["sigmas"], "state['sigmas']"), saved_sigma)
+        base = self._checked_base(state["base"])
+        # every check passed: the state is taken whole (ERO's seed move is refused before the optimizer changes)
+        self.optimizer.load_state(step, {k: v.clone() for k, v in optimizer_tensors.items()})
+        self.plan.set_sigmas(sigmas)
+        self._last_update = last_update  # a resumed loop may not apply a saved epoch twice either
+        if self._base is not None and base is not None:
             for name, tensor in self._base.items():
-                tensor.copy_(state["base"][name])
+                tensor.copy_(base[name])
+
+    def _check_fingerprint(self, theirs: Mapping[str, Any]) -> None:
+        mine = self._fingerprint()
+        same_keys(theirs, set(mine), "state['fingerprint']", "the seed and the evolving tensors")
+        if theirs["seed"] != mine["seed"]:
+            raise refuse(
+                f"the state was made with seed {theirs['seed']!r:.40}, this Perturber has seed {self.seed}: its "
+                "noise would differ; build the Perturber with the state's seed"
+            )
+        tensors = mapping(theirs["tensors"], "state['fingerprint']['tensors']")
+        differ = next(
+            (n for n in sorted({*tensors, *mine["tensors"]}) if tensors.get(n) != mine["tensors"].get(n)), None
+        )
+        if differ is not None:
+            there, here = tensors.get(differ, "not evolving"), mine["tensors"].get(differ, "not evolving")
+            raise refuse(
+                f"the state was made for another module or classification: tensor {differ} is {there!r:.60} there, "
+                f"{here!r:.60} here; load it into a Perturber built the same way on the same architecture"
+            )
+
+    def _check_settings(self, theirs: Mapping[str, Any], settings: str) -> float:
+        """Refuse settings that differ (those of ADJUSTABLE_SETTINGS only unless `settings` is 'mine'); returns the
+        state's sigma setting, which its saved sigmas were made with."""
+        mine = settings_dict(self.evo)
+        same_keys(theirs, set(mine), "state['settings']", "every field of EvolutionSettings")
+        differ = [k for k in mine if theirs[k] != mine[k]]
+        fixed = [k for k in differ if k not in ADJUSTABLE_SETTINGS]
+        if fixed or (differ and settings == "match"):
+            listed = ", ".join(f"{k} {theirs[k]!r:.40} there, {mine[k]!r:.40} here" for k in fixed or differ)
+            how = (
+                "these decide what the saved state means: build the Perturber with the state's settings"
+                if fixed
+                else "pass settings='mine' to continue with this Perturber's values, or build it with the state's"
+            )
+            raise refuse(f"the state was made with other settings ({listed}); {how}")
+        return checked_sigma(theirs["sigma"], "state['settings']['sigma']", allow_zero=False)
+
+    def _checked_sigmas(self, sigmas: Mapping[str, Any], saved_sigma: float) -> dict[str, float]:
+        """Every evolving tensor's saved sigma: finite and > 0 (>= 0 in the sigma modes that give still tensors 0), and
+        with an absolute sigma that does not adapt, the state's sigma itself; scaled by this Perturber's sigma over the
+        state's (settings='mine' with another sigma)."""
+        same_keys(sigmas, set(self.params), "state['sigmas']", "one sigma per evolving tensor")
+        still = self.evo.sigma_mode != "absolute"
+        saved = {n: checked_sigma(sigmas[n], f"state['sigmas'][{n!r}]", allow_zero=still) for n in self.params}
+        if self.evo.sigma_mode == "absolute" and self.evo.sigma_lr == 0:
+            differ = next((n for n in saved if saved[n] != saved_sigma), None)
+            if differ is not None:
+                raise refuse(
+                    f"state['sigmas'][{differ!r}] is {saved[differ]!r}, but an absolute sigma that does not adapt "
+                    f"(sigma_lr 0) gives every tensor the state's sigma {saved_sigma}; the state was edited or damaged"
+                )
+            return dict(self.plan.sigma)  # this Perturber's own sigma, exactly
+        scale = float(self.evo.sigma) / saved_sigma
+        return {n: s if scale == 1.0 else s * scale for n, s in saved.items()}
+
+    def _checked_base(self, base: Any) -> dict[str, torch.Tensor] | None:
+        """ERO's saved base weights (search ero, reset_after > 0): the evolving tensors' shapes and dtypes, finite."""
+        if self._base is None:
+            if base is not None:
+                raise refuse("state['base'] holds base weights, but this Perturber never resets to a base (None)")
+            return None
+        base = mapping(base, "state['base']")
+        same_keys(base, set(self._base), "state['base']", "the base weights of every evolving tensor")
+        return {
+            n: checked_tensor(base[n], f"state['base'][{n!r}]", tuple(t.shape), t.dtype) for n, t in self._base.items()
+        }
 
     def evolvable_state(self) -> dict[str, torch.Tensor]:
         """The evolvable tensors (what a checkpoint must hold), detached and contiguous."""

@@ -55,6 +55,32 @@ class EvolutionSettings:
     clamp: float | None = None  # clamp the mean to [-clamp, clamp] after each update (ERO: 10; null: never)
 
 
+# Settings that only steer the steps still to come, so a saved Perturber state (state_dict) stays meaningful when one
+# of them changes: load_state_dict(state, settings="mine") continues with this Perturber's values. Every other
+# setting decides what the saved state means (its moments' tensors, ERO's counters, which noise the epochs drew) and
+# must match. A new field is of that second kind until it is listed here.
+ADJUSTABLE_SETTINGS = (
+    "sigma",
+    "lr",
+    "lr_decay",
+    "sigma_decay",
+    "weight_decay",
+    "max_update_norm",
+    "stochastic_rounding",
+    "fitness_shaping",
+    "group_size",
+    "sigma_lr",
+    "elite_ties",
+    "clamp",
+    "strategy",
+)
+
+
+def settings_dict(evo: EvolutionSettings) -> dict[str, Any]:
+    """The core's settings as plain values (a run's EvolutionConfig holds more: its own fields are left out)."""
+    return {f.name: getattr(evo, f.name) for f in dataclasses.fields(EvolutionSettings)}
+
+
 def literal_choices(section: type) -> dict[str, tuple[Any, ...]]:
     """The allowed values of a dataclass's Literal fields (a YAML loader checks them too; code callers need this)."""
     hints = typing.get_type_hints(section)
@@ -67,8 +93,16 @@ def literal_choices(section: type) -> dict[str, tuple[Any, ...]]:
 
 MAX_SEED = 2**32 - 1  # keys are made from a uint32 seed
 MAX_EPOCH = 2**31 - 1  # epochs and members are folded into the keys as int32
-INT_FIELDS = ("population_size", "rank", "noise_reuse", "group_size")
-REAL_FIELDS = ("sigma", "lr", "lr_decay", "sigma_decay", "weight_decay", "max_update_norm")
+INT_FIELDS = ("population_size", "rank", "noise_reuse", "group_size", "elites", "reset_after", "reseed_step")
+REAL_FIELDS = ("sigma", "lr", "lr_decay", "sigma_decay", "weight_decay", "sigma_lr", "max_update_norm", "clamp")
+OPTIONAL_FIELDS = ("max_update_norm", "clamp")  # None: off
+BOOL_FIELDS = ("stochastic_rounding", "antithetic")  # 'no' is truthy to Python: only True or False are taken
+
+
+def default_antithetic(search: str) -> bool:
+    """Antithetic pairs unless the search is ERO's, which samples every member its own draw: two elites of one
+    antithetic pair would cancel. A run config and `Perturber.for_module` both take this default."""
+    return search != "ero"
 
 
 def is_int(value: object) -> bool:
@@ -96,16 +130,15 @@ def _type_problems(evo: EvolutionSettings, prefix: str) -> list[tuple[bool, str]
         ]
         + [
             (
-                real(getattr(evo, key)) or (key == "max_update_norm" and getattr(evo, key) is None),
-                f"{prefix}{key} must be a finite number, got {getattr(evo, key)!r}",
+                real(getattr(evo, key)) or (key in OPTIONAL_FIELDS and getattr(evo, key) is None),
+                f"{prefix}{key} must be a finite number{' or None' if key in OPTIONAL_FIELDS else ''}, "
+                f"got {getattr(evo, key)!r}",
             )
             for key in REAL_FIELDS
         ]
         + [
-            (
-                isinstance(evo.stochastic_rounding, bool),
-                f"{prefix}stochastic_rounding must be true or false, got {evo.stochastic_rounding!r}",
-            )
+            (isinstance(getattr(evo, key), bool), f"{prefix}{key} must be True or False, got {getattr(evo, key)!r}")
+            for key in BOOL_FIELDS
         ]
     )
 
@@ -142,6 +175,11 @@ def settings_problems(evo: EvolutionSettings, prefix: str = "evolution.") -> lis
             f"{prefix}elites must be >= 1 and at most {prefix}population_size, got {evo.elites}",
         ),
         (evo.reset_after >= 0, f"{prefix}reset_after must be >= 0 (0: never), got {evo.reset_after}"),
+        (
+            1 <= evo.reseed_step <= MAX_SEED,
+            f"{prefix}reseed_step must be in 1..{MAX_SEED} (the noise seed moves by it at each of ERO's resets; 0 or a "
+            f"multiple of 2**32 would draw the same noise again), got {evo.reseed_step}",
+        ),
         (evo.clamp is None or evo.clamp > 0, f"{prefix}clamp must be > 0 or null, got {evo.clamp}"),
         (
             evo.search == "eggroll" or evo.optimizer == "sgd",

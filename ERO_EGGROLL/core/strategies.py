@@ -25,6 +25,7 @@ from ERO_EGGROLL.core.errors import ConfigError
 from ERO_EGGROLL.core.forward_rules import (
     RowRule,
     add_lowrank_rows,
+    batchnorm_in_training,
     check_lowrank_module,
     is_bias_rule,
     lowrank_delta,
@@ -230,12 +231,20 @@ class ForwardHooks:
         return self._installed([(lora, biases)], self._bias_modules)
 
     def check_batchable(self) -> None:
-        """Refuse several members per batch where a FULL tensor's module has no per-row rule."""
+        """Refuse several members per batch where a FULL tensor's module has no per-row rule, or is a BatchNorm in
+        training mode (its batch statistics would mix the members)."""
         if self.unbatchable:
             raise ConfigError(
                 f"FULL tensor {self.unbatchable} belongs to a module with no per-row rule (forward_rules.ROW_RULES), "
                 "so several members cannot share a batch through it; freeze it (params.overrides), declare a "
                 "rule with forward_rules.declare_row_rule, or use evaluation.members_per_batch: 1"
+            )
+        training = next((m for m in self._full_attrs if batchnorm_in_training(self._modules[m])), None)
+        if training is not None:
+            raise ConfigError(
+                f"{training or 'the model'} is a {type(self._modules[training]).__name__} in training mode (or without "
+                "running statistics): several members in one batch would share its batch statistics; call "
+                "model.eval() before members(), or evaluate one member at a time with member()"
             )
 
     def rows(self, noises: list[tuple[LowRank, Dense]]) -> contextlib.AbstractContextManager[None]:

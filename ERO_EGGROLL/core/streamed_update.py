@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
-import hyperscalees as hs
-from ERO_EGGROLL.core.ero_search import EroSelection
+from ERO_EGGROLL.core.ero_search import EroSelection, reset_seed
 from ERO_EGGROLL.core.es_optimizer import EsOptimizer, apply_change, clip_scale, rounding_generator
+from ERO_EGGROLL.core.fitness import shaped_fitness
 from ERO_EGGROLL.core.noise_plan import NoisePlan
 from ERO_EGGROLL.core.settings import EvolutionSettings
 from ERO_EGGROLL.core.sigma_adapt import adapted_sigmas
@@ -43,7 +43,7 @@ class StreamedUpdate:
         """`base`: host copies of the base weights, which ERO's reset-to-base needs (search: ero, reset_after > 0)."""
         self.plan, self.params, self.evo, self.seed, self.base = plan, params, evo, seed, base
         self.optimizer = (
-            EroSelection(evo, lambda resets: plan.reseed(seed + resets * evo.reseed_step))
+            EroSelection(evo, lambda resets: plan.reseed(reset_seed(seed, resets, evo.reseed_step)))
             if evo.search == "ero"
             else EsOptimizer(evo.optimizer, evo.lr, evo.weight_decay)
         )
@@ -67,9 +67,7 @@ class StreamedUpdate:
             if fitness is None:
                 return self._reset_to_base(epoch, ero)
         else:
-            fitness = hs.shape_fitness(raw_fitness, evo.fitness_shaping, evo.group_size)
-        if len(fitness) != evo.population_size:
-            raise ValueError(f"got {len(fitness)} fitness values for a population of {evo.population_size}")
+            fitness = shaped_fitness(raw_fitness, evo)
         clipup = evo.optimizer == "clipup"  # ERO's search needs sgd (settings)
         norm, clip = None, 1.0  # without a global norm to know first, the norm is summed as the directions stream by
         if evo.max_update_norm is not None or clipup:

@@ -68,6 +68,24 @@ def make_specs(named: list[tuple[str, tuple[int, ...], ParamClass]]) -> list[Par
     return specs
 
 
+def rank_problem(specs: list[ParamSpec], rank: int) -> str | None:
+    """Why `rank` is more than any LORA matrix here can use (None: it is not). Rank-r noise on an m x n matrix has at
+    most min(m, n) independent directions, so a larger rank only costs memory (factors of N members, per batch row
+    projections): evolution.rank 100000 on a 7B passed a memory check that did not count it and was killed."""
+    lora = [s for s in specs if s.cls is ParamClass.LORA]
+    if not lora:
+        return None
+    widest = max(lora, key=lambda s: min(s.matrix_shape))
+    limit = min(widest.matrix_shape)
+    if rank <= limit:
+        return None
+    return (
+        f"rank {rank} is more than any LORA matrix here can use: the widest, {widest.name} {widest.matrix_shape}, has "
+        f"at most {limit} independent directions (min(m, n)); a larger rank adds none and costs memory; use a rank "
+        f"of at most {limit}"
+    )
+
+
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LOW_RANK_TYPES = (nn.Linear, nn.Embedding, *CONV_TYPES)  # weights the forward strategy perturbs without touching them
 NORM_TYPES: list[type] = [nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase]

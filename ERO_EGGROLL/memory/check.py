@@ -23,7 +23,10 @@ def advice_for(component: str) -> str:
         "KV cache": "lower evaluation.batch_size, evaluation.members_per_batch or evaluation.max_new_tokens_cap, "
         "or data.max_train_examples",
         "prefill": "lower evaluation.batch_size or evaluation.members_per_batch, or use data.input_mode: text",
-        "update": "evolve fewer or smaller tensors (params.overrides) or lower evolution.population_size",
+        "update": "lower evolution.rank or evolution.population_size, or evolve fewer or smaller tensors "
+        "(params.overrides)",
+        "members' factors": "lower evolution.rank or evaluation.members_per_batch",
+        "low-rank projections": "lower evolution.rank, evaluation.batch_size or evaluation.members_per_batch",
         "saved": "use evolution.strategy: forward",
         "image": "use data.input_mode: text or lower data.max_pixels",
         "copies of the output head": "a CPU's bf16 matmul copies the head per row (a GPU does not): lower "

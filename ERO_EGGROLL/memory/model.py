@@ -13,8 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ERO_EGGROLL.config import Config
-from ERO_EGGROLL.core.tensor_classes import ParamClass, ParamSpec
+from ERO_EGGROLL.config import Config, ConfigError
+from ERO_EGGROLL.core.forward_rules import shared_input_groups
+from ERO_EGGROLL.core.tensor_classes import ParamClass, ParamSpec, rank_problem
 from ERO_EGGROLL.model.qwen import architecture_json, classify, meta_model_from_config_json
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -181,8 +182,16 @@ def evaluation_phase(
     factor_bytes = FP32 + (b if b != FP32 else 0)
     per_member = sum(sum(s.matrix_shape) * r for s in sh.lora) * factor_bytes + sum(s.numel for s in sh.full) * FP32
     eager_scores = cfg.model.attn_implementation == "eager"  # sdpa never materializes the (T, T) scores
+    forward = cfg.evolution.strategy == "forward"
+    # the forward hooks stack the K members' factors (a copy even for one member) and lay each shared-input group's B
+    # side by side (strategies.ForwardHooks), then every hooked Linear computes x B per batch row: rows x tokens x r
+    # per sibling of the widest group, one layer at a time (forward_rules.project_rows)
+    stacked = sum((sum(s.matrix_shape) + s.matrix_shape[1]) * r for s in sh.lora) * b * members if forward else 0
+    group = max((len(g) for g in shared_input_groups({s.name: s.shape[-1] for s in sh.lora})), default=0)
     return {
         "member noise (LORA factors, FULL noise)": per_member * members * (2 if members > 1 else 1),
+        LOWRANK_STACKED: stacked,
+        LOWRANK_PROJECTIONS: rows * work.prompt_tokens * r * group * b if forward else 0,
         "KV cache": 2
         * text["num_hidden_layers"]
         * kv_heads
@@ -204,28 +213,38 @@ def evaluation_phase(
 
 
 UPDATE_FACTOR_COPIES = 4
+LOWRANK_STACKED = "members' factors stacked for the forward hooks (A, B, B per shared-input group)"
+LOWRANK_PROJECTIONS = "low-rank projections x B per batch row (one layer at a time)"
+UPDATE_CONTRACTION = "update step 1: JAX contraction (all members' factors + direction)"
 
 
 def update_phase(cfg: Config, sh: _Shapes, b: int) -> dict[str, int]:
-    """The streamed update holds one tensor's work at a time, so the largest evolvable tensor decides.
+    """The streamed update holds one tensor's work at a time, so the costliest evolvable tensor decides.
 
-    Two steps that do not overlap: JAX's contraction (all members' factors, their fitness-weighted
-    copy and both operands laid out again for the einsum, plus the fp32 direction it returns), then
-    torch's optimizer and apply (direction + change for SGD; Adam adds the gradient and two moment
-    temporaries; reduced-precision weights add the stochastic-rounding noise), plus a 1-byte mask.
+    Steps that do not overlap (a global norm first, for max_update_norm or ClipUp, regenerates half the factors;
+    XLA fuses its Gram products (jax's memory_analysis on the CPU), so the contraction is the larger): JAX's
+    contraction (all members' factors, their fitness-weighted copy and both operands laid out again for the
+    einsum, plus the fp32 direction it returns); then torch's optimizer and apply (direction + change for SGD;
+    Adam adds the gradient and two moment temporaries; reduced-precision weights add the stochastic-rounding
+    noise), plus a 1-byte mask. Without antithetic pairs member i draws keyed member 2i, so the update
+    regenerates 2N members.
     """
     evo = cfg.evolution
     if not sh.lora and not sh.full:
         return {}
     largest = max(sh.lora + sh.full, key=lambda s: s.numel)
     buffers = (2 if evo.optimizer == "sgd" else 4) + (1 if b != FP32 else 0)
-    factors = 0
-    if largest in sh.lora:
-        factors = UPDATE_FACTOR_COPIES * evo.population_size * sum(largest.matrix_shape) * evo.rank * FP32
-    return {
-        "update step 1: JAX contraction (all members' factors + direction)": factors + largest.numel * FP32,
+    draws = evo.population_size * (1 if evo.antithetic else 2)
+
+    def contraction(s: ParamSpec) -> int:
+        factors = UPDATE_FACTOR_COPIES * draws * sum(s.matrix_shape) * evo.rank * FP32 if s in sh.lora else 0
+        return factors + s.numel * FP32
+
+    phase = {
+        UPDATE_CONTRACTION: max(map(contraction, sh.lora + sh.full)),
         "update step 2: optimizer + apply (fp32 buffers)": largest.numel * (buffers * FP32 + 1),
     }
+    return phase
 
 
 def estimate(
@@ -245,10 +264,15 @@ def estimate(
     sh = _shapes(arch, specs, cfg.evolution.noise)
     b = DTYPE_BYTES[dtype]
     resident, host = resident_phase(cfg, sh, b, on_gpu)
+    update = update_phase(cfg, sh, b)
     if jax_on_device:
-        resident[JAX_POOL] = next(iter(update_phase(cfg, sh, b).values()), 0)
+        resident[JAX_POOL] = update.get(UPDATE_CONTRACTION, 0)
     evaluation = evaluation_phase(cfg, sh, work, b, members, on_gpu)
-    kv_and_activations = sum(v for k, v in evaluation.items() if not k.startswith("member noise"))
+    kv_and_activations = sum(
+        v
+        for k, v in evaluation.items()
+        if not k.startswith("member noise") and k not in (LOWRANK_STACKED, LOWRANK_PROJECTIONS)
+    )
     lora_numel = sum(s.numel for s in sh.lora)
     fullrank = {
         "weights": resident["weights"],
@@ -258,7 +282,7 @@ def estimate(
         "update accumulator (fp32)": sh.evolvable * FP32,
         "evaluation (KV cache + activations)": kv_and_activations,
     }
-    return MemoryEstimate(resident, evaluation, update_phase(cfg, sh, b), host, fullrank)
+    return MemoryEstimate(resident, evaluation, update, host, fullrank)
 
 
 def ero_search_config(cfg: Config) -> Config:
@@ -317,6 +341,9 @@ def plan_run(cfg: Config, tasks) -> RunPlan:
 
     source = architecture_json(cfg)
     specs = classify(((name, p.shape) for name, p in meta_model_from_config_json(source).named_parameters()), cfg)
+    too_wide = rank_problem(specs, cfg.evolution.rank) if cfg.evolution.noise == "lowrank" else None
+    if too_wide is not None:  # before any weights load (the Perturber refuses it too, once they have)
+        raise ConfigError(f"evolution.{too_wide}")
     on_gpu = cfg.model.device == "cuda" or cfg.model.device == "auto" and torch.cuda.is_available()
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     k = cfg.evaluation.members_per_batch

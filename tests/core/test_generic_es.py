@@ -11,7 +11,7 @@ import torch
 
 import hyperscalees as hs
 from ERO_EGGROLL import Perturber
-from ERO_EGGROLL.core.errors import ConfigError
+from ERO_EGGROLL.core.errors import ConfigError, EggrollError
 from ERO_EGGROLL.core.es_optimizer import EsOptimizer
 from ERO_EGGROLL.core.perturber import PerturberUsageError
 from ERO_EGGROLL.core.sigma_adapt import log_sigma_step, noise_magnitudes
@@ -77,9 +77,9 @@ def test_load_state_dict_refuses_another_module():
 
 
 def _reference_centered_ranks(f: list[float]) -> list[float]:
-    """Rank = members scoring lower, plus equal scores earlier in the list; then onto [-0.5, 0.5]."""
+    """Rank = members scoring lower, plus half of the other members scoring the same; then onto [-0.5, 0.5]."""
     n = len(f)
-    ranks = [sum(fj < fi for fj in f) + sum(f[j] == fi for j in range(i)) for i, fi in enumerate(f)]
+    ranks = [sum(fj < fi for fj in f) + (sum(fj == fi for fj in f) - 1) / 2 for fi in f]
     return [r / (n - 1) - 0.5 for r in ranks]
 
 
@@ -95,6 +95,19 @@ def test_fitness_shaping_rules():
     np.testing.assert_array_equal(hs.shape_fitness(f, "raw"), np.float32(f))
     with pytest.raises(ValueError, match="not finite"):
         hs.shape_fitness([1.0, float("nan")], "centered_rank")
+
+
+@pytest.mark.parametrize("shaping", ["centered_rank", "zscore"])
+def test_equal_fitness_moves_nothing(shaping):
+    """Tied members share their rank: all-equal scores weigh every member 0, so the SGD step is exactly zero
+    (docs/troubleshooting.md), whatever the member order."""
+    assert hs.shape_fitness([2.0, 2.0, 0.0, 5.0], "centered_rank").tolist() == [0.0, 0.0, -0.5, 0.5]
+    net = _net()
+    before = [t.detach().clone() for t in net.parameters()]
+    p = Perturber.for_module(net, population_size=8, sigma=0.1, lr=0.5, optimizer="sgd", fitness_shaping=shaping)
+    stats = p.update([0.25] * 8, 0)
+    assert stats["normalized_fitness"] == [0.0] * 8 and stats["update_norm"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
 def test_clipup_follows_its_formula():
@@ -177,7 +190,7 @@ def test_a_resumed_ero_search_resets_to_the_original_base_not_to_the_weights_it_
 
 def test_a_state_of_other_settings_or_nan_fitness_is_refused():
     ero = Perturber.for_module(_net(), population_size=4, sigma=0.1, search="ero", elites=2)
-    with pytest.raises(ConfigError, match="differs in .*search"):
+    with pytest.raises(ConfigError, match=r"made with other settings \(search 'ero' there, 'eggroll' here"):
         Perturber.for_module(_net(), population_size=4, sigma=0.1, optimizer="sgd").load_state_dict(ero.state_dict())
-    with pytest.raises(ValueError, match="not finite"):
+    with pytest.raises(EggrollError, match=r"fitness: fitness of member\(s\) \[0\] is not finite"):
         ero.update([float("nan"), 0.0, 0.0, 0.0], 0)

@@ -222,3 +222,27 @@ def test_a_cpu_bf16_run_pays_a_copy_of_the_output_head_per_row_and_a_gpu_or_fp32
     )
     assert estimate(cfg, arch, specs, work, "bfloat16", on_gpu=True).evaluation[CPU_UPCAST] == 0
     assert estimate(cfg, arch, specs, work, "float32", on_gpu=False).evaluation[CPU_UPCAST] == 0
+
+
+def test_the_rank_is_bounded_by_the_matrices_and_its_cost_counted():
+    """evolution.rank 100000 passed the check and was killed: it is refused by the matrices' sizes before anything
+    loads, and the parts that grow with the rank are counted: the stacked factors and per-row projections of the
+    forward hooks, and without antithetic pairs the 2N members' factors that the update regenerates."""
+    from ERO_EGGROLL.arc.tasks import load_tasks
+    from ERO_EGGROLL.config import ConfigError
+    from ERO_EGGROLL.memory.model import LOWRANK_PROJECTIONS, LOWRANK_STACKED, UPDATE_CONTRACTION
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["evolution.rank=100000"])
+    tasks = load_tasks(cfg.data.source, cfg.data.split, ["351d6448"])
+    with pytest.raises(ConfigError, match=r"evolution.rank 100000 is more than any LORA matrix .* at most \d+"):
+        plan_run(cfg, tasks)
+    cfg.evolution.rank = 8
+    plan = plan_run(cfg, tasks)
+    low = plan.estimate(cfg)
+    cfg.evolution.rank = 16
+    high = plan.estimate(cfg)
+    for part in (LOWRANK_STACKED, LOWRANK_PROJECTIONS):
+        assert 0 < low.evaluation[part] and high.evaluation[part] == 2 * low.evaluation[part]
+    cfg.evolution.antithetic = False
+    unpaired = plan.estimate(cfg)
+    assert unpaired.update[UPDATE_CONTRACTION] > high.update[UPDATE_CONTRACTION]  # 2N draws' factors

@@ -1,8 +1,9 @@
 """Fitness shaping: raw scores -> the weights of the update. Each rule is a pure function of the scores.
 
 zscore (the default, EGGROLL's): (f - mean) / std. centered_rank (OpenAI-ES, PGPE): each member's
-rank mapped linearly onto [-0.5, 0.5], so one outlier cannot dominate a step. raw: the scores as
-they are (antithetic pairs cancel any constant offset).
+rank mapped linearly onto [-0.5, 0.5] (tied members share their average rank), so one outlier cannot
+dominate a step. raw: the scores as they are (antithetic pairs cancel any constant offset, up to
+float32 rounding). zscore and centered_rank give all-equal scores weights of exactly 0.
 """
 
 from __future__ import annotations
@@ -39,12 +40,17 @@ def _groups(f: np.ndarray, group_size: int) -> np.ndarray:
 
 
 def centered_ranks(raw, group_size: int = 0) -> np.ndarray:
-    """Rank r in 0..n-1 (ties by member order, so replays agree) mapped to r / (n - 1) - 0.5, within each group."""
+    """Rank r in 0..n-1 mapped to r / (n - 1) - 0.5, within each group. Tied members share the average of their
+    ranks, so equal scores get equal weights whatever the member order: all-equal scores give exactly 0 (no step)."""
     rows = _groups(_checked(raw), group_size)
     n = rows.shape[1]
-    ranks = np.empty_like(rows)
-    np.put_along_axis(ranks, np.argsort(rows, axis=1, kind="stable"), np.arange(n, dtype=np.float64)[None, :], axis=1)
-    return (ranks / max(n - 1, 1) - 0.5).ravel().astype(np.float32)
+    ordered = np.sort(rows, axis=1)
+    below = np.stack([np.searchsorted(o, r, side="left") for o, r in zip(ordered, rows)])  # members scoring lower
+    not_above = np.stack([np.searchsorted(o, r, side="right") for o, r in zip(ordered, rows)])
+    ranks = (below + not_above - 1) / 2.0  # the average of the ranks below..not_above-1 that the ties share
+    if n == 1:  # a group of one member has no rank among others: no weight
+        return np.zeros(rows.size, dtype=np.float32)
+    return (ranks / (n - 1) - 0.5).ravel().astype(np.float32)
 
 
 def shape_fitness(raw, rule: str = "zscore", group_size: int = 0) -> np.ndarray:
