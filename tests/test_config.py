@@ -1,6 +1,7 @@
 """Config loading: every bad input names the file, the key and what to do."""
 
 import typing
+from pathlib import Path
 
 import pytest
 from conftest import run_module, write_config
@@ -111,6 +112,12 @@ def test_overrides_are_typed(tmp_path):
         ("", r"the file is empty"),
         ("# only a comment\n", r"the file is empty"),
         (f"run:\n  name: {'x' * 300}\n", r"run.name must be printable with at most 128 characters"),
+        ("distributed:\n  connect_timeout_s: 1e308\n", r"connect_timeout_s must be > 0 and at most 86400 s"),
+        ("run:\n  name: epoch_0001\n", r"run.name 'epoch_0001': no folder of it may be named like what a run"),
+        ("run:\n  name: .pa.lock\n", r"run.name '.pa.lock': no folder"),
+        ("run:\n  name: a/moved_aside-20250101\n", r"run.name 'a/moved_aside-20250101': no folder"),
+        ("run:\n  name: a/best_model\n", r"no folder of it may be named"),
+        ("run:\n  name: pa.lock\n", r"no folder of it may be named"),
     ],
 )
 def test_bad_configs_name_file_key_and_fix(tmp_path, text, message):
@@ -152,3 +159,36 @@ def test_a_config_that_is_not_utf8(tmp_path):
     path.write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="not UTF-8 text"):
         load_config(path)
+
+
+def _alias_bomb(tmp_path, levels: int = 9) -> Path:
+    """data.task_ids as nested YAML aliases: a few hundred bytes that expand to 9**levels strings."""
+    lines = ["data:", "  task_ids:", "    - &a0 [" + ",".join(["lol"] * 9) + "]"]
+    lines += [f"    - &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels - 1)]
+    lines.append("    - [" + ",".join([f"*a{levels - 2}"] * 9) + "]")
+    return write_config(tmp_path, "\n".join(lines) + "\n")
+
+
+def test_a_yaml_alias_bomb_is_refused_in_little_memory(tmp_path):
+    """482 bytes of aliases expand to 9**9 strings; the old message printed them all (> 6 GB). With the address space
+    capped at 512 MiB more than now, loading must end in one short ConfigError."""
+    import resource
+
+    bomb = _alias_bomb(tmp_path)
+    vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm + 512 * 2**20, hard))
+    try:
+        with pytest.raises(ConfigError, match="expands to more than 100000 values") as info:
+            load_config(bomb)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert len(str(info.value)) < 400
+
+
+def test_messages_cut_long_values(tmp_path):
+    """A wrong value of thousands of items (no aliases) is shown cut, never whole."""
+    path = write_config(tmp_path, "data:\n  task_ids: [" + ", ".join(["[x]"] * 1000) + "]\n")
+    with pytest.raises(ConfigError, match=r"data.task_ids: expected str or list\[str\], got list \[\['x'\], ") as info:
+        load_config(path)
+    assert len(str(info.value)) < 400

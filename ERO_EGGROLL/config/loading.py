@@ -42,8 +42,31 @@ _StrictLoader.add_implicit_resolver(
 )
 
 
+MAX_VALUES = 100_000  # scalars, lists and mappings in a config once YAML aliases are expanded; real configs hold < 1000
+
+
+def _expanded_size(value, budget: int) -> int:
+    """How many values `value` holds with every alias expanded, counting no further than `budget` (an alias bomb
+    of a few hundred bytes expands to billions: it is counted only up to the budget, never expanded)."""
+    count, todo = 0, [value]
+    while todo and count <= budget:
+        item = todo.pop()
+        count += 1
+        if isinstance(item, dict):
+            todo += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            todo += item
+    return count
+
+
 def _yaml_load(text: str):
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    if _expanded_size(data, MAX_VALUES) > MAX_VALUES:
+        raise ConfigError(
+            f"the YAML expands to more than {MAX_VALUES} values (aliases repeated inside aliases?); write the "
+            "values out, a config needs far fewer"
+        )
+    return data
 
 
 # --- building dataclasses from plain data, with precise errors ------------------------------------
