@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ERO_EGGROLL.config import Config, ConfigError, load_config
+from ERO_EGGROLL.config import Config, load_config
+from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.core.tensor_classes import ParamClass, ParamSpec
 from ERO_EGGROLL.model.qwen import architecture_json, classify, meta_model_from_config_json
 
@@ -374,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(report(load_config(args.config, args.set)))
-    except ConfigError as err:
+    except EggrollError as err:  # a config error, or an unknown task id, an unreadable model folder
         parser.exit(2, f"error: {err}\n")
     return 0
 
