@@ -74,7 +74,7 @@ def export_best_model(model, cfg: Config, task_ids: list[str], evolved: dict, ck
             report,
         )
 
-    export_model(model, cfg.resolve_path(cfg.model.path), ckpt_dir / "best_model", card)
+    export_model(model, cfg.resolve_path(cfg.model.path), ckpt_dir / "best_model", card, owner=str(ckpt_dir.resolve()))
 
 
 def run(cfg: Config, resume: Path | None, overwrite: bool, stop: StopFlag) -> Path:

@@ -317,14 +317,14 @@ def test_publishing_a_directory_is_atomic(tmp_path, monkeypatch):
 def test_a_failed_export_leaves_the_previous_best_model(tmp_path, tiny, tiny_model_dir, monkeypatch):
     model, _ = tiny
     out = tmp_path / "best_model"
-    export.export_model(model, tiny_model_dir, out, lambda report: "first\n")
+    export.export_model(model, tiny_model_dir, out, lambda report: "first\n", owner="run")
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(export, "save_file", disk_full)
     with pytest.raises(WriteError, match="No space left on device.*previous checkpoint is intact"):
-        export.export_model(model, tiny_model_dir, out, lambda report: "second\n")
+        export.export_model(model, tiny_model_dir, out, lambda report: "second\n", owner="run")
     assert (out / "README.md").read_text() == "first\n" and not list(tmp_path.glob(".best_model.tmp-*"))
 
 
