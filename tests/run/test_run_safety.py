@@ -92,6 +92,24 @@ def test_overwrite_moves_the_earlier_run_aside_never_deletes(tmp_path):
     assert [(p / "saved").read_text() for p in moved] == ["earlier run"] * 2 and all(".old-" in p.name for p in moved)
 
 
+def test_a_folder_holding_a_nested_live_runs_lock_is_never_moved(tmp_path):
+    """run.name=a/b still writing inside checkpoints/a: a new run `a` with --overwrite (or if_exists: move_aside)
+    moved a aside, and b died. Its lock (checkpoints/a/.b.lock) is live, so nothing moves; a stale one does not
+    block."""
+    from ERO_EGGROLL.storage.run_folder import RunLock
+
+    ckpt, results = tmp_path / "checkpoints" / "a", tmp_path / "results" / "a"
+    for folder in (ckpt / "b", results / "b"):
+        folder.mkdir(parents=True)
+        (folder / "saved").write_text("run a/b")
+    with RunLock(ckpt / "b"):
+        with pytest.raises(RunFolderError, match=r"holds the lock .*\.b\.lock of a run that is still being written"):
+            claim_run_folders(ckpt, results, move_earlier=True)
+        assert (ckpt / "b" / "saved").is_file() and (results / "b" / "saved").is_file()
+    (ckpt / ".b.lock").write_text('{"pid": 999999999, "host": "%s"}' % __import__("socket").gethostname())
+    assert len(claim_run_folders(ckpt, results, move_earlier=True)) == 2  # a dead process's lock: moved with a
+
+
 def test_the_default_config_moves_its_earlier_run_aside():
     """A newcomer's second `make run` just works: the earlier default run is kept under another name."""
     assert load_config(ROOT / "configs" / "default.yaml").run.if_exists == "move_aside"
