@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -106,7 +107,7 @@ def test_a_folder_holding_a_nested_live_runs_lock_is_never_moved(tmp_path):
         with pytest.raises(RunFolderError, match=r"holds the lock .*\.b\.lock of a run that is still being written"):
             claim_run_folders(ckpt, results, move_earlier=True)
         assert (ckpt / "b" / "saved").is_file() and (results / "b" / "saved").is_file()
-    (ckpt / ".b.lock").write_text('{"pid": 999999999, "host": "%s"}' % __import__("socket").gethostname())
+    (ckpt / ".b.lock").write_text(json.dumps({"pid": 999999999, "host": socket.gethostname()}))
     assert len(claim_run_folders(ckpt, results, move_earlier=True)) == 2  # a dead process's lock: moved with a
 
 
