@@ -187,6 +187,18 @@ def test_resume_rebuilds_latest_extends_with_set_and_goes_back_moving_later_epoc
     assert weights_of(aside / "epoch_0003") == extended  # and the moved epochs are intact
 
 
+def test_resuming_an_epoch_that_was_moved_aside_is_refused(copy_of_reference, signals, capsys):
+    """--resume of an epoch inside moved_aside-*/ silently resumed the run's newest checkpoint instead."""
+    ckpt = copy_of_reference / "checkpoints" / "reference"
+    aside = ckpt / "moved_aside-20250101-000000"
+    shutil.copytree(ckpt / "epoch_0001", aside / "epoch_0001")
+    latest = read_latest_name(ckpt)
+    assert main(copy_of_reference, "--resume", str(aside / "epoch_0001")) == 2
+    err = capsys.readouterr().err
+    assert "that epoch was moved aside (in moved_aside-20250101-000000/)" in err and err.count("\n") == 1, err
+    assert read_latest_name(ckpt) == latest
+
+
 # --- 4: one identity, refused by name ------------------------------------------------------------
 
 
