@@ -192,3 +192,19 @@ def test_messages_cut_long_values(tmp_path):
     with pytest.raises(ConfigError, match=r"data.task_ids: expected str or list\[str\], got list \[\['x'\], ") as info:
         load_config(path)
     assert len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("seed=" + "9" * 5000, r"a YAML value cannot be read: Exceeds the limit"),
+        ("data.task_ids=*nope", r"malformed YAML at line 1, column 1: found undefined alias 'nope'"),
+        ("data.task_ids=" + "[" * 3000 + "]" * 3000, r"nests lists or mappings too deeply"),
+        ("data.task_ids=!!python/object:os.system ls", r"could not determine a constructor"),
+    ],
+)
+def test_bad_override_values_are_one_short_line(override, message):
+    """Each of these was a traceback (ValueError, ComposerError, RecursionError, ConstructorError)."""
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(ROOT / "configs" / "smoke.yaml", [override])
+    assert len(str(info.value)) < 400
