@@ -1,6 +1,7 @@
 """Config loading: every bad input names the file, the key and what to do."""
 
 import typing
+from pathlib import Path
 
 import pytest
 from conftest import run_module, write_config
@@ -117,6 +118,12 @@ def test_overrides_are_typed(tmp_path):
             "seed: 4294967295\nevolution:\n  search: ero\n  optimizer: sgd\n  reset_after: 3\n",
             r"seed 4294967295 \+ up to 4 of ERO's resets \(12 epochs, evolution.reset_after 3\) .* passes 2\*\*32-1",
         ),
+        ("distributed:\n  connect_timeout_s: 1e308\n", r"connect_timeout_s must be > 0 and at most 86400 s"),
+        ("run:\n  name: epoch_0001\n", r"run.name 'epoch_0001': no folder of it may be named like what a run"),
+        ("run:\n  name: .pa.lock\n", r"run.name '.pa.lock': no folder"),
+        ("run:\n  name: a/moved_aside-20250101\n", r"run.name 'a/moved_aside-20250101': no folder"),
+        ("run:\n  name: a/best_model\n", r"no folder of it may be named"),
+        ("run:\n  name: pa.lock\n", r"no folder of it may be named"),
     ],
 )
 def test_bad_configs_name_file_key_and_fix(tmp_path, text, message):
@@ -166,3 +173,52 @@ def test_antithetic_defaults_by_the_search_as_in_for_module(tmp_path):
     assert load_config(ROOT / "configs" / "smoke.yaml", ero).evolution.antithetic is False
     assert load_config(ROOT / "configs" / "smoke.yaml", [*ero, "evolution.antithetic=true"]).evolution.antithetic
     assert load_config(ROOT / "configs" / "smoke.yaml").evolution.antithetic is True
+
+
+def _alias_bomb(tmp_path, levels: int = 9) -> Path:
+    """data.task_ids as nested YAML aliases: a few hundred bytes that expand to 9**levels strings."""
+    lines = ["data:", "  task_ids:", "    - &a0 [" + ",".join(["lol"] * 9) + "]"]
+    lines += [f"    - &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels - 1)]
+    lines.append("    - [" + ",".join([f"*a{levels - 2}"] * 9) + "]")
+    return write_config(tmp_path, "\n".join(lines) + "\n")
+
+
+def test_a_yaml_alias_bomb_is_refused_in_little_memory(tmp_path):
+    """482 bytes of aliases expand to 9**9 strings; the old message printed them all (> 6 GB). With the address space
+    capped at 512 MiB more than now, loading must end in one short ConfigError."""
+    import resource
+
+    bomb = _alias_bomb(tmp_path)
+    vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm + 512 * 2**20, hard))
+    try:
+        with pytest.raises(ConfigError, match="expands to more than 100000 values") as info:
+            load_config(bomb)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert len(str(info.value)) < 400
+
+
+def test_messages_cut_long_values(tmp_path):
+    """A wrong value of thousands of items (no aliases) is shown cut, never whole."""
+    path = write_config(tmp_path, "data:\n  task_ids: [" + ", ".join(["[x]"] * 1000) + "]\n")
+    with pytest.raises(ConfigError, match=r"data.task_ids: expected str or list\[str\], got list \[\['x'\], ") as info:
+        load_config(path)
+    assert len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("seed=" + "9" * 5000, r"a YAML value cannot be read: Exceeds the limit"),
+        ("data.task_ids=*nope", r"malformed YAML at line 1, column 1: found undefined alias 'nope'"),
+        ("data.task_ids=" + "[" * 3000 + "]" * 3000, r"nests lists or mappings too deeply"),
+        ("data.task_ids=!!python/object:os.system ls", r"could not determine a constructor"),
+    ],
+)
+def test_bad_override_values_are_one_short_line(override, message):
+    """Each of these was a traceback (ValueError, ComposerError, RecursionError, ConstructorError)."""
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(ROOT / "configs" / "smoke.yaml", [override])
+    assert len(str(info.value)) < 400

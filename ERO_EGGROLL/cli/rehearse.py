@@ -31,7 +31,7 @@ from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, load_config
 from ERO_EGGROLL.core.digest import combined_digest, tensor_digests
 from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.evaluation.evaluator import prepare, questions_for
-from ERO_EGGROLL.io.disk import check_output
+from ERO_EGGROLL.io.disk import check_output, write_files
 from ERO_EGGROLL.memory.check import advice_for, free_memory_bytes, workload_of
 from ERO_EGGROLL.memory.measure import (
     current_rss_bytes,
@@ -303,7 +303,7 @@ def _earlier_report(path: Path) -> bool:
 def write_json(result: Rehearsal, path: Path) -> None:
     fits, line = result.verdict()
     report = {"kind": JSON_KIND, **asdict(result), "measured_peak": result.measured_peak, "fits": fits, "verdict": line}
-    path.write_text(json.dumps(report, indent=2))
+    write_files({path: lambda staging: staging.write_text(json.dumps(report, indent=2))})
 
 
 @command
@@ -332,7 +332,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(result.report())
     if args.json:
-        write_json(result, args.json)
+        try:
+            write_json(result, args.json)
+        except EggrollError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     return 0 if result.verdict()[0] else 1
 
 

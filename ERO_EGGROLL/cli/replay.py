@@ -22,8 +22,8 @@ from ERO_EGGROLL.cli.common import command
 from ERO_EGGROLL.config import config_from_dict
 from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.core.perturber import Perturber
-from ERO_EGGROLL.io.disk import NOTHING_ELSE_CHANGED, check_output, writing
-from ERO_EGGROLL.model.export import earlier_export, export_model
+from ERO_EGGROLL.io.disk import NOTHING_ELSE_CHANGED, OutputError, check_output, write_files
+from ERO_EGGROLL.model.export import earlier_export, export_model, export_owner
 from ERO_EGGROLL.model.loading import load_model
 from ERO_EGGROLL.model.qwen import classify_model, run_perturber
 from ERO_EGGROLL.run.record import ReplayedBest, check_sigma, rebuild
@@ -72,13 +72,28 @@ def save_out(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """The rebuilt tensors, marked as replay's, written beside `path` and renamed over it (never half a file)."""
     from safetensors.torch import save_file
 
-    staging = path.with_name(f".{path.name}.tmp")
-    with writing(path, NOTHING_ELSE_CHANGED):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.cpu().contiguous() for k, v in tensors.items()}, staging, metadata={"ero_eggroll_output": OUT_KIND}
-        )
-        staging.replace(path)
+    cpu = {k: v.cpu().contiguous() for k, v in tensors.items()}
+    write_files({path: lambda staging: save_file(cpu, staging, metadata={"ero_eggroll_output": OUT_KIND})})
+
+
+def check_other_run(export: Path, run_folder: Path, replace_other_run: bool) -> None:
+    """An export (or a run's best_model/) made for another run, or marked before marks named their run, is replaced
+    only with --replace-other-run."""
+    owner = export_owner(export)
+    if owner is None or owner == str(run_folder) or replace_other_run:
+        return
+    made_for = f"run {owner}" if owner else "a run it does not name (marked by an older version)"
+    raise OutputError(
+        f"--export {export} holds the exported model of {made_for}, not of {run_folder}; give a new path, or pass "
+        "--replace-other-run to replace it (the earlier one is kept aside)"
+    )
+
+
+def check_apart(export: Path, out: Path) -> None:
+    """--export and --out at one path (or one inside the other) would overwrite each other."""
+    a, b = export.resolve(), out.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise OutputError(f"--export {export} and --out {out} are one path or one inside the other; give two apart")
 
 
 @command
@@ -92,6 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--export", metavar="DIR", help="write the best epoch's model as the standard exported folder (export.py)"
     )
+    parser.add_argument(
+        "--replace-other-run",
+        action="store_true",
+        help="--export may replace an export (or best_model/) of another run; the earlier one is kept aside",
+    )
     args = parser.parse_args(argv)
     try:
         saved, _, state = load_checkpoint(Path(args.checkpoint))
@@ -100,10 +120,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         given = Path(args.checkpoint).resolve()
         protected = [given, cfg.resolve_path(cfg.model.path), cfg.checkpoint_path, cfg.run_dir]
         protected += [given.parent] if EPOCH_DIR.fullmatch(given.name) else []
+        run_folder = given.parent if EPOCH_DIR.fullmatch(given.name) else given
         if args.export is not None:
+            check_other_run(Path(args.export), run_folder, args.replace_other_run)
             check_output(args.export, "--export", earlier_export, protected)
         if args.out is not None:
             check_output(args.out, "--out", earlier_out, protected)
+        if args.export is not None and args.out is not None:
+            check_apart(Path(args.export), Path(args.out))
         model, _ = load_model(cfg)
         param = next(model.parameters())
         # replay evaluates nothing, so the run's own members_per_batch stands
@@ -139,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     None,
                     report,
                 ),
+                owner=str(run_folder),
                 then=NOTHING_ELSE_CHANGED,
             )
             print(f"exported epoch {state.best_epoch} (the best) to {args.export}")

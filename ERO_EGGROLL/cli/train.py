@@ -36,6 +36,7 @@ from ERO_EGGROLL.run.record import base_evolvable
 from ERO_EGGROLL.run.resume import disk_bytes
 from ERO_EGGROLL.run.stop_signals import RunInterrupted, StopFlag
 from ERO_EGGROLL.storage.checkpoints import (
+    ASIDE_PREFIX,
     EPOCH_DIR,
     CheckpointError,
     RunState,
@@ -75,7 +76,13 @@ def export_best_model(cfg: Config, model, target: EvolutionTarget, evolved: Evol
             report,
         )
 
-    export_model(model, cfg.resolve_path(cfg.model.path), target.ckpt_dir / "best_model", card)
+    export_model(
+        model,
+        cfg.resolve_path(cfg.model.path),
+        target.ckpt_dir / "best_model",
+        card,
+        owner=str(target.ckpt_dir.resolve()),
+    )
 
 
 def run(cfg: Config, resume: Path | None, overwrite: bool, stop: StopFlag) -> Path:
@@ -169,6 +176,12 @@ def _run_folder_of(resume: Path, cfg: Config) -> Path:
     epoch_NNNN/."""
     if not EPOCH_DIR.fullmatch(resume.name):
         return resume
+    if resume.parent.name.startswith(ASIDE_PREFIX):  # resuming the run's newest checkpoint instead would be silent
+        raise CheckpointError(
+            f"--resume {resume}: that epoch was moved aside (in {resume.parent.name}/), out of the run's line of "
+            f"epochs, so it cannot be resumed in place; move it back into {resume.parent.parent} yourself (and the "
+            "epochs after it aside), or --resume an epoch_NNNN/ of the run folder"
+        )
     return resume.parent if resume.parent.resolve() == cfg.checkpoint_path.resolve() else resume.parent.parent
 
 

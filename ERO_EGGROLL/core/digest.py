@@ -8,10 +8,13 @@ check) compares it.
 from __future__ import annotations
 
 import hashlib
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+
+from ERO_EGGROLL.core.errors import EggrollError
 
 CHUNK = 1 << 24  # 16 MiB reads when hashing files
 
@@ -29,6 +32,8 @@ def files_digest(paths: Iterable[Path]) -> str:
     h = hashlib.sha256()
     for path in sorted(Path(p) for p in paths):
         h.update(path.name.encode() + b"\0")
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or a device would block the read for ever
+            raise EggrollError(f"{path} is not a regular file (a FIFO or a device?); its bytes cannot be hashed")
         with open(path, "rb") as f:
             while chunk := f.read(CHUNK):
                 h.update(chunk)

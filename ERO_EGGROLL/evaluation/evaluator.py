@@ -23,6 +23,7 @@ from ERO_EGGROLL.evaluation.decoding import resolved_decoding
 from ERO_EGGROLL.evaluation.generation import generate_answers
 from ERO_EGGROLL.evaluation.likelihood import answer_logprobs
 from ERO_EGGROLL.evaluation.prepared import EvaluationError, PreparedQuestion, prepare, questions_for
+from ERO_EGGROLL.io.disk import write_files
 
 __all__ = [
     "evaluate",
@@ -220,17 +221,21 @@ def table_paths(out_stem: Path) -> tuple[Path, Path]:
 
 
 def write_table(rows: list[dict], out_stem: Path) -> tuple[Path, Path]:
-    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    """The table as `out_stem`.csv and .md, both staged and renamed together (disk.write_files): after a failure both
+    are as before."""
     csv_path, md_path = table_paths(out_stem)
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+
+    def write_csv(path: Path) -> None:
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
     lines = [MD_HEADER, "|---|---|---|---|---|---|"]
     lines += [
         f"| {r['task']} | {r['id']} | {r['char_similarity']:.4f} | {r['cell_accuracy']:.4f} | {r['exact']:.4f} | "
         f"{r['answer_logprob']:.4f} |"
         for r in rows
     ]
-    md_path.write_text("\n".join(lines) + "\n")
+    write_files({csv_path: write_csv, md_path: lambda path: path.write_text("\n".join(lines) + "\n")})
     return csv_path, md_path

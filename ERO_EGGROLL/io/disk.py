@@ -66,23 +66,68 @@ def staged_dir(target: Path, then: str = CHECKPOINT_INTACT) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def mark_output(folder: Path, kind: str) -> None:
-    """Mark `folder` (being written by a command) as an output of `kind`, which a later command of that kind may
-    replace."""
-    (folder / OUTPUT_MARK).write_text(json.dumps({"kind": kind}) + "\n")
-
-
-def marked_output(path: Path, kind: str) -> bool:
-    """Whether `path` is a folder marked as an output of `kind`: a plain folder, or the symlink `publish_dir` made
-    (to a hidden version folder beside it)."""
-    if path.is_symlink():
-        link = os.readlink(path)
-        if not (link.startswith(f".{path.name}.v") and "/" not in link):
-            return False
+def write_files(writers: dict[Path, Callable[[Path], object]], then: str = NOTHING_ELSE_CHANGED) -> None:
+    """Write each file (`writers[target](staging_path)`) beside its target under a hidden name, then rename them all
+    into place; when any write or rename fails, the targets already renamed get their old files back, so the files
+    are all new or all as before, and a failure is one WriteError line. What is left of the staging is removed."""
+    staged = {target: target.with_name(f".{target.name}.tmp-{os.getpid()}") for target in writers}
+    kept: dict[Path, Path] = {}  # target -> its old file, renamed aside until every new file is in place
+    placed: list[Path] = []
     try:
-        return json.loads((path / OUTPUT_MARK).read_text()).get("kind") == kind
-    except (OSError, ValueError, AttributeError):
-        return False
+        with writing(next(iter(writers)), then):
+            for target, write in writers.items():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write(staged[target])
+            try:
+                for target in writers:
+                    if target.exists():
+                        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                        os.replace(target, old)
+                        kept[target] = old
+                    os.replace(staged[target], target)
+                    placed.append(target)
+            except OSError:
+                for target in placed:
+                    target.unlink(missing_ok=True)
+                for target, old in kept.items():
+                    os.replace(old, target)
+                raise
+    finally:
+        for path in [*staged.values(), *kept.values()]:
+            path.unlink(missing_ok=True)
+
+
+def mark_output(folder: Path, kind: str, owner: str) -> None:
+    """Mark `folder` (being written by a command, complete but for this mark) as an output of `kind` made for
+    `owner` (the run it holds, a resolved path), listing the entries written, so that a later command knows what it
+    may replace and what a user added since."""
+    entries = sorted(p.name for p in folder.iterdir()) + [OUTPUT_MARK]
+    (folder / OUTPUT_MARK).write_text(json.dumps({"kind": kind, "owner": owner, "entries": entries}) + "\n")
+
+
+def output_mark(path: Path, kind: str) -> dict | None:
+    """The mark of `path` when it is a folder marked as an output of `kind` (a plain folder, or the symlink
+    `publish_dir` made to a hidden version beside it); None otherwise. A mark written before marks named their owner
+    has owner ''."""
+    if path.is_symlink() and _own_version(path) is None:
+        return None
+    try:
+        mark = json.loads((path / OUTPUT_MARK).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(mark, dict) or mark.get("kind") != kind:
+        return None
+    return {"owner": str(mark.get("owner") or ""), "entries": mark.get("entries")}
+
+
+def added_entries(folder: Path, mark: dict) -> list[str]:
+    """Entries of a marked output folder that its command did not write (a user's notes): all of them when the mark
+    predates the list of entries, since what was written then is unknown."""
+    entries = mark.get("entries")
+    present = sorted(p.name for p in folder.iterdir())
+    if not isinstance(entries, list):
+        return [p for p in present if p != OUTPUT_MARK]
+    return [p for p in present if p not in entries]
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -146,7 +191,13 @@ def _own_version(link: Path) -> Path | None:
     if not link.is_symlink():
         return None
     pointed = os.readlink(link)
-    return link.parent / pointed if re.fullmatch(rf"\.{re.escape(link.name)}\.v\d+", pointed) else None
+    return link.parent / pointed if _version_name(link, pointed) else None
+
+
+def _version_name(target: Path, name: str) -> bool:
+    """Whether `name` is exactly what publish_dir names a version of `target`: `.NAME.v<time in ns>`, nothing else
+    (a user's `.NAME.v2-mine` is not ours)."""
+    return re.fullmatch(rf"\.{re.escape(target.name)}\.v\d{{19}}", name) is not None
 
 
 def publish_dir(staging: Path, target: Path, previous_to: Path | None = None, then: str = CHECKPOINT_INTACT) -> None:
@@ -183,22 +234,26 @@ def publish_dir(staging: Path, target: Path, previous_to: Path | None = None, th
                 previous.rename(previous_to)
             else:
                 shutil.rmtree(previous, ignore_errors=True)
-        for orphan in target.parent.glob(
-            f".{target.name}.v*"
-        ):  # left by a crash before a swap: never visible, never needed
-            if orphan != version:
+        for orphan in target.parent.iterdir():  # left by a crash before a swap: never visible, never needed
+            if orphan != version and _version_name(target, orphan.name) and not orphan.is_symlink():
                 shutil.rmtree(orphan, ignore_errors=True)
 
 
-def move_aside(path: Path, into: Path | None = None) -> Path:
-    """Rename `path` to `<path>.old-<UTC time>` (or into the folder `into`), never deleting anything; return the new
-    path."""
+def aside_name(path: Path, into: Path | None = None) -> Path:
+    """A free name to keep `path` under: `<path>.old-<UTC time>` (or `into`/NAME), with `~N` when that is taken."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     dest = (into / path.name) if into is not None else path.with_name(f"{path.name}.old-{stamp}")
     n = 1
     while dest.exists() or dest.is_symlink():
         n += 1
         dest = dest.with_name(f"{dest.name.split('~')[0]}~{n}")
+    return dest
+
+
+def move_aside(path: Path, into: Path | None = None) -> Path:
+    """Rename `path` to `<path>.old-<UTC time>` (or into the folder `into`), never deleting anything; return the new
+    path."""
+    dest = aside_name(path, into)
     with writing(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
         version = _own_version(path)

@@ -17,6 +17,7 @@ import fnmatch
 import json
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ERO_EGGROLL.core.errors import EggrollError
-from ERO_EGGROLL.io.disk import CHECKPOINT_INTACT, mark_output, marked_output, publish_dir, staged_dir, writing
+from ERO_EGGROLL.io.disk import (
+    CHECKPOINT_INTACT,
+    added_entries,
+    aside_name,
+    mark_output,
+    output_mark,
+    publish_dir,
+    staged_dir,
+    writing,
+)
 
 INDEX = "model.safetensors.index.json"
 CARD, BASE_CARD = "README.md", "BASE_MODEL_README.md"
@@ -170,12 +180,37 @@ def set_config_dtype(config_file: Path, base: str, new: str) -> None:
 
 
 def earlier_export(path: Path) -> bool:
-    """Whether `path` is a model folder an export wrote (so another export may replace it)."""
-    return marked_output(path, EXPORT_KIND)
+    """Whether `path` is a model folder an export wrote (which an export for the same run may replace)."""
+    return export_owner(path) is not None
 
 
-def export_model(model, base_dir: Path, out_dir: Path, card, then: str = CHECKPOINT_INTACT) -> WeightsReport:
-    """Build the folder in a staging directory and publish it atomically as `out_dir`.
+def export_owner(path: Path) -> str | None:
+    """The run (its checkpoint folder, resolved) that the export at `path` was made for; '' for an export marked
+    before marks named their run; None when `path` is no export."""
+    mark = output_mark(path, EXPORT_KIND)
+    return None if mark is None else mark["owner"]
+
+
+def _keep_earlier(out_dir: Path, owner: str) -> Path | None:
+    """Where the export being replaced goes instead of being deleted: aside when it holds a file its export did not
+    write (a user's notes) or was made for another run; None (deleted, as it was ours) otherwise."""
+    mark = output_mark(out_dir, EXPORT_KIND)
+    if mark is None:
+        return None
+    added = added_entries(out_dir, mark)
+    if not added and mark["owner"] == owner:
+        return None
+    aside = aside_name(out_dir)
+    why = f"it holds {', '.join(added[:5])}, which no export wrote" if added else f"it was made for {mark['owner']}"
+    print(f"note: the earlier {out_dir} is kept at {aside}: {why}", file=sys.stderr)
+    return aside
+
+
+def export_model(
+    model, base_dir: Path, out_dir: Path, card, *, owner: str, then: str = CHECKPOINT_INTACT
+) -> WeightsReport:
+    """Build the folder in a staging directory and publish it atomically as `out_dir`, marked as made for `owner`
+    (the run's checkpoint folder, resolved).
 
     `card(report) -> str` writes the model card once the weights are known; `then`: what a failed write leaves
     intact."""
@@ -191,6 +226,6 @@ def export_model(model, base_dir: Path, out_dir: Path, card, then: str = CHECKPO
                     report.written_dtype,
                 )
             (staging / CARD).write_text(card(report), encoding="utf-8")
-            mark_output(staging, EXPORT_KIND)
-        publish_dir(staging, out_dir, then=then)
+            mark_output(staging, EXPORT_KIND, owner)
+        publish_dir(staging, out_dir, previous_to=_keep_earlier(out_dir, owner), then=then)
     return report

@@ -8,6 +8,7 @@ which has no CPU build here.
 from __future__ import annotations
 
 import json
+import stat
 import struct
 from pathlib import Path
 
@@ -81,12 +82,31 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def special_file(path: Path) -> str | None:
+    """What `path` is (links followed) when it is neither a regular file nor a folder: a FIFO, a device, a
+    socket; None otherwise (a missing path or a dangling link included: reading it fails at once, never blocks)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+
+
 def check_checkpoint_dir(path: Path) -> None:
     """Raise ModelLoadError unless `path` looks like a Qwen2.5-VL checkpoint directory."""
     if not path.exists():
         raise ModelLoadError(f"model directory {path} does not exist; {DOWNLOAD_HINT}")
     if not path.is_dir():
         raise ModelLoadError(f"model path {path} is a file, not a checkpoint directory; {DOWNLOAD_HINT}")
+    for entry in path.iterdir():  # opening a FIFO or a device blocks for ever (doctor, load, digest): refuse it first
+        kind = special_file(entry)
+        if kind:
+            raise ModelLoadError(
+                f"{entry} in the model folder is {kind}, not a regular file or folder; replace it with the file "
+                f"itself; {DOWNLOAD_HINT}"
+            )
     config_file = path / "config.json"
     found = sorted(p.name for p in path.iterdir())[:12]
     if not config_file.is_file():

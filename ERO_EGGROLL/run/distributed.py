@@ -50,14 +50,17 @@ def _ray():
     return ray
 
 
-def _wait_for(address: str, timeout_s: float) -> None:
-    """Raise DistributedError unless something answers at host:port within `timeout_s` (Ray itself retries forever)."""
+def _wait_for(address: str, timeout_s: float, stop: StopFlag | None = None) -> None:
+    """Raise DistributedError unless something answers at host:port within `timeout_s` (Ray itself retries forever);
+    SIGINT/SIGTERM (`stop`) end the wait between tries, each at most a second or so."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     deadline = time.monotonic() + timeout_s
     while True:
+        if stop is not None:
+            stop.check()
         try:
             socket.create_connection(
-                (host.strip("[]"), int(port)), timeout=max(0.1, min(5.0, deadline - time.monotonic()))
+                (host.strip("[]"), int(port)), timeout=max(0.1, min(1.0, deadline - time.monotonic()))
             ).close()
             return
         except OSError as err:
@@ -70,11 +73,11 @@ def _wait_for(address: str, timeout_s: float) -> None:
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
-def connect(dist: DistributedConfig) -> None:
+def connect(dist: DistributedConfig, stop: StopFlag | None = None) -> None:
     """Start a small local Ray instance (address null) or join a running cluster within distributed.connect_timeout_s;
     once per process."""
     if dist.address not in (None, "auto"):
-        _wait_for(dist.address, dist.connect_timeout_s)
+        _wait_for(dist.address, dist.connect_timeout_s, stop)
     ray = _ray()
     if ray.is_initialized():
         return
@@ -125,8 +128,9 @@ class WorkerPool:
         identity: dict,
         history: list[dict],
         weights: dict[str, torch.Tensor],
+        stop: StopFlag | None = None,
     ):
-        connect(cfg.distributed)
+        connect(cfg.distributed, stop)
         ray = self.ray = _ray()
         dist, cuda = cfg.distributed, next(iter(weights.values())).device.type == "cuda"
         need = {

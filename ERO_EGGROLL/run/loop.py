@@ -269,7 +269,7 @@ def evolve(cfg: Config, loaded: LoadedModel, target: EvolutionTarget, stop: Stop
     try:
         if cfg.distributed.workers > 1 and not state.finished:  # Ray actors evaluate the members (distributed.py)
             run.workers = WorkerPool(
-                cfg, [t.id for t in tasks], run.k, state.identity, state.history, run.perturber.evolvable_state()
+                cfg, [t.id for t in tasks], run.k, state.identity, state.history, run.perturber.evolvable_state(), stop
             )
         write_resolved_config(run_dir, cfg.to_dict())
         if state.finished:

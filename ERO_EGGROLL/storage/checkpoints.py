@@ -41,6 +41,7 @@ STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, LATEST = (
 CHECKPOINT_FILES = (STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE)
 KEEP_MARK = ".keep"  # epoch directories with it survive pruning (save_every, the last, the first)
 EPOCH_DIR = re.compile(r"epoch_(\d{4,})")
+ASIDE_PREFIX = "moved_aside-"  # + UTC time: epochs set aside by a resume from an earlier epoch
 
 
 def epoch_number(epoch_dir: Path) -> int:
@@ -313,7 +314,7 @@ def read_state(path: Path) -> RunState:
 
 def _aside_folder(run_ckpt_dir: Path) -> Path:
     """Where checkpoints that no longer belong to the run's line of epochs are kept."""
-    return run_ckpt_dir / f"moved_aside-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    return run_ckpt_dir / f"{ASIDE_PREFIX}{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
 def rewind(run_ckpt_dir: Path, epoch_dir: Path) -> Path | None:

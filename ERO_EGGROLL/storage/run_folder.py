@@ -4,7 +4,8 @@
   (`--overwrite`, or `run.if_exists: move_aside` as in configs/default.yaml): it is renamed, never deleted.
 * One process at a time writes a run: `RunLock` creates `.<run>.lock` beside the checkpoint folder and
   beside the results folder (outside them, so moving a folder aside does not move its lock) holding the
-  owner's pid and host; a new run takes both before it moves anything, so it never moves a live run's folders.
+  owner's pid and host; a new run takes both before it moves anything, so it never moves a live run's folders,
+  nor a folder holding another live run's lock at any depth (a run nested in it, `run.name=a/b` inside `a`).
   A lock whose process is gone on this host is reported and taken over.
 """
 
@@ -37,11 +38,39 @@ def claim_run_folders(ckpt_dir: Path, run_dir: Path, *, move_earlier: bool) -> l
             f"{occupied[0]} already holds a run; continue it with --resume {ckpt_dir}, pick another run.name "
             "(--set run.name=...), or pass --overwrite to move the earlier run aside (nothing is deleted)"
         )
+    for path in occupied:
+        live = live_lock_inside(path)
+        if live is not None:
+            raise RunFolderError(
+                f"{path} holds the lock {live} of a run that is still being written (a run nested in it, "
+                "run.name=<this>/<other>?); it is never moved while that run goes on: wait for it, or pick another "
+                "run.name"
+            )
     moved = []
     for path in occupied:
         moved.append(move_aside(path))
         print(f"moved the earlier run aside: {path} -> {moved[-1]}")
     return moved
+
+
+def live_lock_inside(folder: Path) -> Path | None:
+    """A RunLock file at any depth under `folder` whose process may still run (on another host, alive here, or
+    unreadable: unknown counts as live); None when there is none. Moving `folder` would pull that run's files away."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if not (name.startswith(".") and name.endswith(".lock")):
+                continue
+            lock = Path(root) / name
+            try:
+                holder = json.loads(lock.read_text())
+                pid, host = int(holder["pid"]), str(holder["host"])
+            except FileNotFoundError:
+                continue  # released meanwhile
+            except (ValueError, KeyError, TypeError, OSError):
+                return lock
+            if host != socket.gethostname() or _alive(pid):
+                return lock
+    return None
 
 
 def _alive(pid: int) -> bool:

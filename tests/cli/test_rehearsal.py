@@ -121,3 +121,23 @@ def test_json_never_overwrites_the_model_or_a_file_it_did_not_write(tiny_model_d
     before = target.read_bytes()
     code = rehearse.main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--json", str(target)])
     assert code == 2 and "--json" in capsys.readouterr().err and target.read_bytes() == before
+
+
+def test_json_that_cannot_be_written_is_one_line_and_the_earlier_report_stays(monkeypatch, tmp_path, capsys):
+    """--json on a full disk (a write that fails) after the whole rehearsal: one line, exit 2, the earlier report
+    whole (the new one is staged beside it and renamed)."""
+    monkeypatch.setattr(rehearse, "rehearse", lambda cfg, layers: _result(2**30, 2**30, 2**30, 100 * 2**30))
+    out = tmp_path / "r.json"
+    assert rehearse.main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--json", str(out)]) == 0
+    before = out.read_bytes()
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    code = rehearse.main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--json", str(out)])
+    err = capsys.readouterr().err
+    assert (
+        code == 2 and err.startswith(f"error: could not write {out}: No space left on device") and err.count("\n") == 1
+    )
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

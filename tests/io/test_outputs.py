@@ -99,12 +99,12 @@ def test_an_earlier_export_or_out_may_be_replaced(tmp_path):
     """What a command wrote (an export published as a symlink, an --out file) is recognised; a look-alike is not."""
     staging = tmp_path / "staging"
     staging.mkdir()
-    mark_output(staging, EXPORT_KIND)
+    mark_output(staging, EXPORT_KIND, "run")
     publish_dir(staging, tmp_path / "export")
     assert check_output(tmp_path / "export", "--export", earlier_export) == tmp_path / "export"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    mark_output(elsewhere, EXPORT_KIND)
+    mark_output(elsewhere, EXPORT_KIND, "run")
     (tmp_path / "pointer").symlink_to(elsewhere)  # marked, but a symlink to a folder the export did not publish
     with pytest.raises(OutputError, match="symlink"):
         check_output(tmp_path / "pointer", "--export", earlier_export)
@@ -163,3 +163,124 @@ def test_a_plain_folder_at_a_published_path_is_kept_aside_not_deleted(tmp_path):
     assert (run / "best_model" / "f.txt").read_text() == "new"
     kept = [p for p in run.iterdir() if p.name.startswith("best_model.old-")]
     assert len(kept) == 1 and (kept[0] / "notes.txt").read_text() == "mine"
+
+
+def _published_export(folder: Path, owner: str | None, files: dict[str, str]) -> None:
+    """An export as publish_dir leaves it, marked for `owner` (None: a mark from before marks named their run)."""
+    import json
+
+    from ERO_EGGROLL.io.disk import OUTPUT_MARK
+
+    staging = folder.with_name(f".{folder.name}.staging")
+    staging.mkdir(parents=True)
+    for name, text in files.items():
+        (staging / name).write_text(text)
+    if owner is None:
+        (staging / OUTPUT_MARK).write_text(json.dumps({"kind": EXPORT_KIND}) + "\n")
+    else:
+        mark_output(staging, EXPORT_KIND, owner)
+    publish_dir(staging, folder)
+
+
+def test_an_export_of_another_run_is_replaced_only_when_asked_and_then_kept_aside(run_folder, tmp_path, capsys):
+    """replay checkpoints/A --export checkpoints/B/best_model deleted run B's model: each export now names its run,
+    and another run's (or an unnamed older mark's) is refused unless --replace-other-run, which keeps it aside."""
+    b_model = tmp_path / "checkpoints" / "B" / "best_model"
+    _published_export(b_model, str((tmp_path / "checkpoints" / "B").resolve()), {"README.md": "run B\n"})
+    old = tmp_path / "old_export"
+    _published_export(old, None, {"README.md": "old\n"})
+    before = snapshot(tmp_path / "checkpoints" / "B"), snapshot(old)
+    assert f"holds the exported model of run {b_model.parent.resolve()}, not of " in refused(
+        capsys, str(run_folder), "--export", str(b_model)
+    )
+    assert "a run it does not name (marked by an older version)" in refused(
+        capsys, str(run_folder), "--export", str(old)
+    )
+    assert (snapshot(tmp_path / "checkpoints" / "B"), snapshot(old)) == before
+    from ERO_EGGROLL.model.export import _keep_earlier
+
+    replay.check_other_run(b_model, run_folder.resolve(), replace_other_run=True)  # asked: allowed
+    kept = _keep_earlier(b_model, str(run_folder.resolve()))  # where export_model puts run B's model meanwhile
+    assert kept is not None and kept.name.startswith("best_model.old-") and "it was made for" in capsys.readouterr().err
+    replay.check_other_run(b_model, b_model.parent.resolve(), replace_other_run=False)  # run B's own: no flag needed
+
+
+def test_a_users_file_in_an_earlier_export_is_kept_aside(tmp_path, capsys):
+    """D/NOTES.md, put by a user into an export, was deleted when the next export replaced D."""
+    from ERO_EGGROLL.model.export import _keep_earlier
+
+    out = tmp_path / "D"
+    _published_export(out, "run", {"README.md": "first\n"})
+    assert _keep_earlier(out, "run") is None  # nothing added: the earlier version is ours to delete
+    (out / "NOTES.md").write_text("my notes\n")
+    kept = _keep_earlier(out, "run")
+    assert kept is not None and "it holds NOTES.md, which no export wrote" in capsys.readouterr().err
+    _published_export_again = tmp_path / ".D.next"
+    _published_export_again.mkdir()
+    publish_dir(_published_export_again, out, previous_to=kept)
+    assert (kept / "NOTES.md").read_text() == "my notes\n" and not (out / "NOTES.md").exists()
+
+
+def test_the_clean_up_removes_only_its_own_version_names(tmp_path):
+    """A hidden `.NAME.v<anything>` folder beside the target was deleted with the leftover versions."""
+    target = tmp_path / "export"
+    mine = [tmp_path / ".export.v2-mine", tmp_path / ".export.v1", tmp_path / ".export.vault"]
+    for folder in mine:
+        folder.mkdir()
+        (folder / "keep.txt").write_text("mine")
+    orphan = tmp_path / f".export.v{10**18 + 7}"  # what a crash before a swap leaves: publish_dir's own name
+    orphan.mkdir()
+    staging = tmp_path / ".staging"
+    staging.mkdir()
+    publish_dir(staging, target)
+    assert all((folder / "keep.txt").read_text() == "mine" for folder in mine) and not orphan.exists()
+
+
+def test_export_and_out_at_one_path_are_refused(run_folder, tmp_path, capsys):
+    same = tmp_path / "D" / "same"
+    assert "are one path or one inside the other" in refused(
+        capsys, str(run_folder), "--export", str(same), "--out", str(same)
+    )
+    assert "one inside the other" in refused(
+        capsys, str(run_folder), "--export", str(same), "--out", str(same / "w.safetensors")
+    )
+    assert not (tmp_path / "D").exists()
+
+
+def test_the_evaluators_two_tables_are_both_new_or_both_as_before(tmp_path, monkeypatch):
+    """arc_evaluator --out wrote the .csv in place, then failed on the .md: a new .csv beside an old .md."""
+    from ERO_EGGROLL.evaluation.evaluator import write_table
+
+    row = {"task": "t", "id": "x", "char_similarity": 0.5, "cell_accuracy": 0.5, "exact": 0.0, "answer_logprob": -1.0}
+    csv_path, md_path = write_table([row], tmp_path / "table")
+    before = csv_path.read_bytes(), md_path.read_bytes()
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)  # the .md's write fails, after the .csv's
+    with pytest.raises(WriteError, match="No space left on device"):
+        write_table([dict(row, exact=1.0)], tmp_path / "table")
+    assert (csv_path.read_bytes(), md_path.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv", "table.md"]
+
+
+def test_a_failed_rename_puts_back_the_files_already_renamed(tmp_path, monkeypatch):
+    """write_files: when the second rename fails, the first target gets its old file back."""
+    from ERO_EGGROLL.io import disk
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("old a")
+    b.write_text("old b")
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if Path(dst) == b and ".tmp-" in str(src):  # the new b cannot be put in place
+            raise OSError(30, "Read-only file system")
+        real(src, dst)
+
+    monkeypatch.setattr(disk.os, "replace", replace)
+    with pytest.raises(WriteError, match="Read-only file system"):
+        disk.write_files({a: lambda p: p.write_text("new a"), b: lambda p: p.write_text("new b")})
+    assert (a.read_text(), b.read_text()) == ("old a", "old b") and sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt"]

@@ -86,6 +86,13 @@ def test_cli_for_the_7b_without_weights():
     assert "peak on the device" in out and "full-rank ES" in out
 
 
+def test_cli_an_unknown_task_id_is_one_line():
+    code, out, err = run_module(
+        "ERO_EGGROLL.memory", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", "data.task_ids=[nope]"
+    )
+    assert code == 2 and err.startswith("error: ") and "unknown task id 'nope'" in err and err.count("\n") == 1, err
+
+
 _RSS_CHILD = """
 import json, sys
 import psutil, torch

@@ -72,7 +72,7 @@ def test_export_of_the_embedded_model_is_its_folder_with_new_weights(tiny, tiny_
     model, _ = tiny
     with evolved(model, 0.5):
         expected = {k: v.detach().clone() for k, v in model.named_parameters()}
-        report = export_model(model, tiny_model_dir, tmp_path / "best_model", lambda r: "card\n")
+        report = export_model(model, tiny_model_dir, tmp_path / "best_model", lambda r: "card\n", owner="run")
     out = tmp_path / "best_model"
     base_files = files(tiny_model_dir)
     exported = files(out)
@@ -97,7 +97,7 @@ def test_a_sharded_bf16_base_keeps_its_layout_and_dtype(bf16_base, tmp_path):
     assert json.loads((base / "tokenizer_config.json").read_text())["processor_class"] == STANDARD_PROCESSOR_CLASS
     with evolved(model, 0.5):
         expected = {k: v.to(torch.bfloat16) for k, v in saved_tensors(model).items()}
-        report = export_model(model, base, tmp_path / "best_model", lambda r: "card\n")
+        report = export_model(model, base, tmp_path / "best_model", lambda r: "card\n", owner="run")
     out = tmp_path / "best_model"
     assert report.cast and report.written_dtype is None and report.kept_elements > 0.5 * report.changed_elements > 0
     assert {n: d for n, d in files(out).items() if not n.endswith(".safetensors") and n not in (CARD, OUTPUT_MARK)} == {
@@ -122,7 +122,7 @@ def test_a_cast_that_would_erase_the_evolution_keeps_the_run_dtype(bf16_base, tm
     base, model, _ = bf16_base
     with evolved(model, 1e-5):  # far below one bf16 step: the cast would give the base back
         expected = saved_tensors(model)[STORED].clone()
-        report = export_model(model, base, tmp_path / "best_model", lambda r: "card\n")
+        report = export_model(model, base, tmp_path / "best_model", lambda r: "card\n", owner="run")
     out = tmp_path / "best_model"
     assert report.written_dtype == "float32" and report.kept_elements < 0.5 * report.changed_elements
     config = (out / "config.json").read_text()

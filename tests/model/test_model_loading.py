@@ -89,3 +89,47 @@ def test_doctor_takes_set_and_fails_a_model_without_tokenizer(tiny_model_dir, tm
     (copy / "tokenizer_config.json").unlink()
     assert doctor.main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"model.path={copy}"]) == 1
     assert "[FAIL] model: ModelLoadError" in capsys.readouterr().out
+
+
+@pytest.fixture
+def fifo_model(tiny_model_dir, tmp_path):
+    """The tiny model's folder (links to its files) with a FIFO where model.safetensors should be. While the test
+    runs, a helper thread keeps opening the FIFO for writing (and closing it), so that code which wrongly reads it
+    gets an empty file instead of blocking for ever."""
+    import os
+    import threading
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for entry in tiny_model_dir.iterdir():
+        if entry.name != "model.safetensors":
+            (folder / entry.name).symlink_to(entry)
+    fifo = folder / "model.safetensors"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def unblock_readers() -> None:
+        while not done.wait(0.2):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass  # no reader at the moment
+
+    thread = threading.Thread(target=unblock_readers, daemon=True)
+    thread.start()
+    yield folder
+    done.set()
+    thread.join()
+
+
+def test_a_fifo_in_the_model_folder_is_refused_before_anything_reads_it(fifo_model, capsys):
+    """The doctor used to block for ever on a FIFO where a model file should be; the weights' hash likewise."""
+    from ERO_EGGROLL.core.digest import files_digest
+    from ERO_EGGROLL.core.errors import EggrollError
+
+    with pytest.raises(ModelLoadError, match=r"model.safetensors in the model folder is a FIFO, not a regular file"):
+        check_checkpoint_dir(fifo_model)
+    with pytest.raises(EggrollError, match="is not a regular file"):
+        files_digest([fifo_model / "model.safetensors"])
+    assert doctor.main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"model.path={fifo_model}"]) == 1
+    assert "[FAIL] model: ModelLoadError" in capsys.readouterr().out

@@ -75,6 +75,36 @@ def test_joining_an_unreachable_ray_cluster_fails_in_bounded_time():
     assert time.monotonic() - start < 10
 
 
+def test_sigterm_ends_the_wait_for_a_ray_cluster():
+    """distributed.connect_timeout_s long, nothing answering: SIGTERM used to be ignored for the whole wait. Now the
+    run's stop flag ends it within about a second (the timeout here is 20 s, so a regression fails, never hangs)."""
+    import os
+    import signal
+    import threading
+
+    from ERO_EGGROLL.config import DistributedConfig
+    from ERO_EGGROLL.run.distributed import connect
+    from ERO_EGGROLL.run.stop_signals import RunInterrupted, StopFlag
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = StopFlag()
+    stop.install()
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    start = time.monotonic()
+    try:
+        timer.start()
+        with pytest.raises(RunInterrupted, match="SIGTERM"):
+            connect(DistributedConfig(workers=2, address=f"127.0.0.1:{port}", connect_timeout_s=20.0), stop)
+    finally:
+        timer.cancel()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert time.monotonic() - start < 5
+
+
 def test_train_loo_refuses_a_task_with_one_training_pair():
     from ERO_EGGROLL.evaluation.prepared import questions_for
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,24 @@ def test_overwrite_moves_the_earlier_run_aside_never_deletes(tmp_path):
     assert [(p / "saved").read_text() for p in moved] == ["earlier run"] * 2 and all(".old-" in p.name for p in moved)
 
 
+def test_a_folder_holding_a_nested_live_runs_lock_is_never_moved(tmp_path):
+    """run.name=a/b still writing inside checkpoints/a: a new run `a` with --overwrite (or if_exists: move_aside)
+    moved a aside, and b died. Its lock (checkpoints/a/.b.lock) is live, so nothing moves; a stale one does not
+    block."""
+    from ERO_EGGROLL.storage.run_folder import RunLock
+
+    ckpt, results = tmp_path / "checkpoints" / "a", tmp_path / "results" / "a"
+    for folder in (ckpt / "b", results / "b"):
+        folder.mkdir(parents=True)
+        (folder / "saved").write_text("run a/b")
+    with RunLock(ckpt / "b"):
+        with pytest.raises(RunFolderError, match=r"holds the lock .*\.b\.lock of a run that is still being written"):
+            claim_run_folders(ckpt, results, move_earlier=True)
+        assert (ckpt / "b" / "saved").is_file() and (results / "b" / "saved").is_file()
+    (ckpt / ".b.lock").write_text(json.dumps({"pid": 999999999, "host": socket.gethostname()}))
+    assert len(claim_run_folders(ckpt, results, move_earlier=True)) == 2  # a dead process's lock: moved with a
+
+
 def test_the_default_config_moves_its_earlier_run_aside():
     """A newcomer's second `make run` just works: the earlier default run is kept under another name."""
     assert load_config(ROOT / "configs" / "default.yaml").run.if_exists == "move_aside"
@@ -166,6 +185,18 @@ def test_resume_rebuilds_latest_extends_with_set_and_goes_back_moving_later_epoc
     redone = weights_of(ckpt)
     assert extended and redone == extended  # going back and forth is exact (the resume checked the record's digest)
     assert weights_of(aside / "epoch_0003") == extended  # and the moved epochs are intact
+
+
+def test_resuming_an_epoch_that_was_moved_aside_is_refused(copy_of_reference, signals, capsys):
+    """--resume of an epoch inside moved_aside-*/ silently resumed the run's newest checkpoint instead."""
+    ckpt = copy_of_reference / "checkpoints" / "reference"
+    aside = ckpt / "moved_aside-20250101-000000"
+    shutil.copytree(ckpt / "epoch_0001", aside / "epoch_0001")
+    latest = read_latest_name(ckpt)
+    assert main(copy_of_reference, "--resume", str(aside / "epoch_0001")) == 2
+    err = capsys.readouterr().err
+    assert "that epoch was moved aside (in moved_aside-20250101-000000/)" in err and err.count("\n") == 1, err
+    assert read_latest_name(ckpt) == latest
 
 
 # --- 4: one identity, refused by name ------------------------------------------------------------
@@ -317,14 +348,14 @@ def test_publishing_a_directory_is_atomic(tmp_path, monkeypatch):
 def test_a_failed_export_leaves_the_previous_best_model(tmp_path, tiny, tiny_model_dir, monkeypatch):
     model, _ = tiny
     out = tmp_path / "best_model"
-    export.export_model(model, tiny_model_dir, out, lambda report: "first\n")
+    export.export_model(model, tiny_model_dir, out, lambda report: "first\n", owner="run")
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(export, "save_file", disk_full)
     with pytest.raises(WriteError, match="No space left on device.*previous checkpoint is intact"):
-        export.export_model(model, tiny_model_dir, out, lambda report: "second\n")
+        export.export_model(model, tiny_model_dir, out, lambda report: "second\n", owner="run")
     assert (out / "README.md").read_text() == "first\n" and not list(tmp_path.glob(".best_model.tmp-*"))
 
 
