@@ -72,6 +72,7 @@ def export_best_model(model, cfg: Config, task_ids: list[str], evolved: dict, ck
             ckpt_dir,
             run_dir / "fitness_curve.png",
             report,
+            evolved["elite"],
         )
 
     export_model(model, cfg.resolve_path(cfg.model.path), ckpt_dir / "best_model", card)
