@@ -112,8 +112,9 @@ def broken_seal(record: dict[str, Any]) -> str | None:
         if saved["state"].get(name) != now["state"].get(name):
             return f"{name} does not match the record's seal" + ("" if name in record else " (removed)")
     for field in PER_EPOCH:
-        if len(saved.get(field, [])) != len(now[field]):
-            return f"the seal covers {len(saved.get(field, []))} epoch(s) of {field}, the record holds {len(now[field])}"
+        covered = len(saved.get(field, []))
+        if covered != len(now[field]):
+            return f"the seal covers {covered} epoch(s) of {field}, the record holds {len(now[field])}"
     for epoch, (sealed, found) in enumerate(zip(saved.get("history", []), now["history"])):
         for name in sorted(sealed.keys() | found.keys()):
             if sealed.get(name) != found.get(name):
