@@ -97,6 +97,14 @@ def scaled(epoch: int, field: str) -> Callable[[dict], object]:
     return lambda data: data["history"][epoch].update({field: data["history"][epoch][field] * 2 + 1e-3})
 
 
+def member_fitness_changed(data: dict) -> None:
+    """A forger's edit of one member's fitness that keeps the members' mean, max and min consistent with it."""
+    r = data["history"][1]
+    r["fitness"][0] += 0.25
+    f = r["fitness"]
+    r.update(member_mean=sum(f) / len(f), member_max=max(f), member_min=min(f))
+
+
 REFERENCE_EDITS = [  # (edit, re-sealed, the one line's words)
     (row(1, mean_model_test_score=5.0), False, "epoch 1: mean_model_test_score does not match the record's seal"),
     (row(1, mean_model_cell_accuracy=1.0), False, "epoch 1: mean_model_cell_accuracy does not match"),
@@ -111,7 +119,7 @@ REFERENCE_EDITS = [  # (edit, re-sealed, the one line's words)
     (lambda d: d["weight_digests"].__setitem__(0, "0" * 32), False, "epoch 0: weight_digests[0] does not match"),
     (lambda d: d["weight_digests"].__setitem__(1, "0" * 32), True, "epoch 1: the weights rebuilt by replay do not"),
     (lambda d: d["tensor_digests"].update({next(iter(d["tensor_digests"])): "0" * 32}), True, "epoch 2: tensor_dig"),
-    (lambda d: d["history"][1]["fitness"].__setitem__(0, 0.0), True, "epoch 1: the weights rebuilt by replay do not"),
+    (member_fitness_changed, True, "epoch 1: the saved history records update_norm"),  # the update moved
 ]
 
 
@@ -126,7 +134,8 @@ def test_an_edited_replay_record_is_refused_by_replay_and_resume(reference, tmp_
 ERO_EDITS = [
     (lambda d: d["history"][1].pop("elites"), True, "epoch 1: ERO's decision field elites is missing"),
     (lambda d: d["history"][1].pop("reset_to_base"), True, "epoch 1: ERO's decision field reset_to_base is missing"),
-    (row(1, degeneration_counter=3), True, "epoch 1 of the saved history records ERO's"),
+    (row(1, degeneration_counter=3), False, "epoch 1: degeneration_counter does not match the record's seal"),
+    (row(1, degeneration_counter=3), True, "degeneration_counter"),  # replay: ERO's recomputed; resume: saved state
     (lambda d: d.update(optimizer_step=7), False, "optimizer_step is 7, epoch 1 gives 1"),
     (lambda d: d.update(optimizer_step=7), True, "optimizer_step is 7, epoch 1 gives 1"),
 ]
