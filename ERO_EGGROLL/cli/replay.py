@@ -5,44 +5,98 @@ All noise is regenerated from keys, so a run's whole history is a few kilobytes:
     python -m ERO_EGGROLL.replay checkpoints/<run> [--check]
 
 `--check` compares the rebuilt tensors with the checkpoint bit for bit (a run record without tensors,
-`run.checkpoint: replay`: with its digest); `--export DIR` writes the best epoch's model as the
-standard exported folder, made on demand from the base model and the run record.
+`run.checkpoint: replay`: with its digest), after the replay has compared every epoch's weights, update
+statistics and decisions with the record; `--check --full` also evaluates every epoch's mean model again
+and compares its recorded scores. `--export DIR` writes the best model (the best epoch's, or the elite an
+ERO-search run stopped on) as the standard exported folder, made on demand from the base model and the record.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from ERO_EGGROLL.arc.tasks import ERO_TASK_IDS
+from ERO_EGGROLL.arc.tasks import ERO_TASK_IDS, load_tasks
 from ERO_EGGROLL.cli.common import command
-from ERO_EGGROLL.config import config_from_dict
+from ERO_EGGROLL.config import Config, config_from_dict
+from ERO_EGGROLL.core.digest import tensor_digests
 from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.core.perturber import Perturber
+from ERO_EGGROLL.evaluation.prepared import prepare, questions_for
 from ERO_EGGROLL.io.disk import NOTHING_ELSE_CHANGED, OutputError, check_output, write_files
 from ERO_EGGROLL.model.export import earlier_export, export_model, export_owner
 from ERO_EGGROLL.model.loading import load_model
 from ERO_EGGROLL.model.qwen import classify_model, run_perturber
-from ERO_EGGROLL.run.record import ReplayedBest, check_sigma, rebuild
-from ERO_EGGROLL.storage.checkpoints import EPOCH_DIR, RunState, load_checkpoint
+from ERO_EGGROLL.run.population import evaluate_mean_model
+from ERO_EGGROLL.run.record import ReplayedBest, check_sigma, elite_into, rebuild
+from ERO_EGGROLL.storage.checkpoints import EPOCH_DIR, CheckpointError, RunState, load_checkpoint
 from ERO_EGGROLL.storage.identity import base_weights_digest, check_identity, identity_of
 from ERO_EGGROLL.storage.model_card import model_card
-from ERO_EGGROLL.storage.record_check import check_record
+from ERO_EGGROLL.storage.record_check import check_record, stopped_elite
 
 
 def replay_weights(
-    perturber: Perturber, state: RunState, base_dir: Path, upto: int, patience: int
+    perturber: Perturber,
+    state: RunState,
+    base_dir: Path,
+    upto: int,
+    patience: int,
+    evaluated: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Set the weights to those after epoch `upto`, replayed from the base weights through the training's own epoch step
     (run/record.rebuild; never from a snapshot, so that --check proves the replay); return the evolvable tensors.
 
     The step's decisions (new best, degeneration-guard rollback) are recomputed from the recorded mean-model
     fitness and must equal the recorded ones, and the rebuilt weights must match the record's digest."""
-    rebuild(perturber, state, upto, ReplayedBest(base_dir, None, patience))
+    rebuild(perturber, state, upto, ReplayedBest(base_dir, None, patience), evaluated)
     return {k: v.detach().clone() for k, v in perturber.evolvable_state().items()}
+
+
+SCORES = (
+    "mean_model_fitness",
+    "mean_model_test_score",
+    "mean_model_exact",
+    "mean_model_cell_accuracy",
+    "mean_model_char_similarity",
+    "mean_model_answer_logprob",
+    "answers",
+)  # what run/population.evaluate_mean_model gives a metrics row
+
+
+def run_folder(given: Path) -> Path:
+    """The run (or per_task task) folder of a checkpoint argument: itself, or the folder of an epoch_NNNN/."""
+    return given.parent if EPOCH_DIR.fullmatch(given.name) else given
+
+
+def scores_compared(model, processor, cfg: Config, state: RunState, folder: Path) -> Callable[[int], None]:
+    """replay --check --full: a callback that evaluates a replayed epoch's mean model on the questions the record's
+    config names (in per_task mode, the task its folder is named after) and refuses a score that differs."""
+    tasks = load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)
+    if cfg.evolution.mode == "per_task":
+        tasks = [t for t in tasks if t.id == folder.name]
+        if not tasks:
+            raise CheckpointError(
+                f"{folder}: --full needs the task of a per_task run: give its checkpoints/<run>/<task> folder"
+            )
+    fitness_q = prepare(questions_for(tasks, cfg, "fitness"), processor, cfg)
+    test_q = (
+        fitness_q if cfg.data.fitness_source == "test" else prepare(questions_for(tasks, cfg, "test"), processor, cfg)
+    )
+
+    def compare(epoch: int) -> None:
+        row = state.history[epoch]
+        again = evaluate_mean_model(model, processor, fitness_q, test_q, cfg, epoch)
+        for name in SCORES:
+            if row.get(name) != again[name]:
+                raise CheckpointError(
+                    f"epoch {epoch}: {name} is {row.get(name)!r:.60}, the mean model scores {again[name]!r:.60} "
+                    "when evaluated again (edited, or another model, library or hardware?)"
+                )
+
+    return compare
 
 
 def card_task_ids(task_ids: str | list[str]) -> list[str]:
@@ -103,6 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("checkpoint", help="a run's checkpoint folder (checkpoints/<run>) or an epoch_NNNN/ directory")
     parser.add_argument("--check", action="store_true", help="compare with the checkpoint's tensors bit for bit")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="with --check: also evaluate every epoch's mean model again and compare its recorded scores",
+    )
     parser.add_argument("--out", help="write the rebuilt tensors to this safetensors file")
     parser.add_argument(
         "--export", metavar="DIR", help="write the best epoch's model as the standard exported folder (export.py)"
@@ -113,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="--export may replace an export (or best_model/) of another run; the earlier one is kept aside",
     )
     args = parser.parse_args(argv)
+    if args.full and not args.check:
+        parser.error("--full adds to --check: give --check --full")
     try:
         saved, _, state = load_checkpoint(Path(args.checkpoint))
         check_record(state, args.checkpoint)  # the best epoch and the history as checked, never as written
@@ -120,15 +181,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         given = Path(args.checkpoint).resolve()
         protected = [given, cfg.resolve_path(cfg.model.path), cfg.checkpoint_path, cfg.run_dir]
         protected += [given.parent] if EPOCH_DIR.fullmatch(given.name) else []
-        run_folder = given.parent if EPOCH_DIR.fullmatch(given.name) else given
+        folder = run_folder(given)
         if args.export is not None:
-            check_other_run(Path(args.export), run_folder, args.replace_other_run)
+            check_other_run(Path(args.export), folder, args.replace_other_run)
             check_output(args.export, "--export", earlier_export, protected)
         if args.out is not None:
             check_output(args.out, "--out", earlier_out, protected)
         if args.export is not None and args.out is not None:
             check_apart(Path(args.export), Path(args.out))
-        model, _ = load_model(cfg)
+        model, processor = load_model(cfg)
         param = next(model.parameters())
         # replay evaluates nothing, so the run's own members_per_batch stands
         current = identity_of(
@@ -146,9 +207,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         perturber = run_perturber(model, cfg)  # sigma from the base weights: the model is the base model here
         check_sigma(perturber, state, args.checkpoint)
-        rebuilt = replay_weights(perturber, state, base_dir, state.epoch, cfg.run.degeneration_patience)
-        if args.export:
+        evaluated = scores_compared(model, processor, cfg, state, folder) if args.full else None
+        rebuilt = replay_weights(perturber, state, base_dir, state.epoch, cfg.run.degeneration_patience, evaluated)
+        different = [n for n, d in tensor_digests(rebuilt).items() if state.tensor_digests.get(n, d) != d]
+        if different:
+            raise CheckpointError(
+                f"{args.checkpoint}: epoch {state.epoch}: tensor_digests of {different[0]} is not the digest of its "
+                "rebuilt weights (edited?)"
+            )
+        elite = stopped_elite(state, cfg)
+        if args.export and elite is not None:
+            elite_into(perturber, state, elite, base_dir, cfg.run.degeneration_patience)
+        elif args.export:
             replay_weights(perturber, state, base_dir, state.best_epoch, cfg.run.degeneration_patience)
+        if args.export:
             export_model(
                 model,
                 base_dir,
@@ -162,11 +234,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     Path(args.checkpoint),
                     None,
                     report,
+                    elite,
                 ),
-                owner=str(run_folder),
+                owner=str(folder),
                 then=NOTHING_ELSE_CHANGED,
             )
-            print(f"exported epoch {state.best_epoch} (the best) to {args.export}")
+            what = (
+                f"ERO's best elite (member {elite.member} of epoch {elite.epoch})"
+                if elite
+                else f"epoch {state.best_epoch} (the best)"
+            )
+            print(f"exported {what} to {args.export}")
         updates = sum(1 for r in state.history if r.get("fitness"))
         print(f"replayed {updates} update(s) of {cfg.run.name} from {len(rebuilt)} evolvable tensors")
         if args.out:
@@ -174,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {args.out}")
     except EggrollError as err:
         parser.exit(2, f"error: {err}\n")
+    if args.full:
+        print(f"every epoch's mean model scored again as recorded ({len(state.history)} evaluations)")
     if args.check and not saved:  # a run record: the rebuilt weights matched its digest (run/record.rebuild checked it)
         print(f"bit-identical to the run record's digest of epoch {state.epoch}")
     elif args.check:

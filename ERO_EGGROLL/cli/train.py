@@ -74,6 +74,7 @@ def export_best_model(cfg: Config, model, target: EvolutionTarget, evolved: Evol
             target.ckpt_dir,
             target.run_dir / "fitness_curve.png",
             report,
+            evolved.elite,
         )
 
     export_model(

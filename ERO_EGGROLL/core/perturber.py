@@ -246,6 +246,14 @@ class Perturber:
                 with self._in_place.applied({}, in_place), self._hooks.member(lora, biases):
                     yield self.model
 
+    def member_weights(self, epoch: int, member: int) -> dict[str, torch.Tensor]:
+        """Member `member` of `epoch` as plain tensors (W + noise, rounded once as the in-place strategy applies it),
+        e.g. to export one member: it is regenerated from its keys, never stored."""
+        self._check_member(epoch, member)
+        lora, full = self.member_noise(epoch, member)
+        with self._one_at_a_time(), SavedInPlace(self.params).applied(lora, full):
+            return {name: p.detach().clone() for name, p in self.params.items()}
+
     def check_batchable(self) -> None:
         """Whether several members can share a batch (the forward strategy, a per-row rule for every FULL tensor's
         module):

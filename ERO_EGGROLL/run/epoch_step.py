@@ -12,6 +12,7 @@ or a replay to the best epoch (`replay`), so training, replay and the guard shar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,6 +25,9 @@ from ERO_EGGROLL.storage.checkpoints import CheckpointError, RunState
 class Decision:
     new_best: bool
     rolled_back: bool
+
+
+UPDATE_FIELDS = ("lr", "sigma_scale", "update_norm", "fraction_changed", "lost_update_fraction")  # in a metrics row
 
 
 class BestWeights(Protocol):
@@ -69,19 +73,31 @@ class EpochStep:
             return Decision(new_best=False, rolled_back=True)
         return Decision(new_best=False, rolled_back=False)
 
-    def apply(self, row: dict) -> None:
+    def apply(self, row: dict, evaluated: Callable[[int], None] | None = None) -> None:
         """Apply one recorded epoch (a metrics row): epoch 0 begins, later rows update and conclude. The decisions are
-        recomputed from the recorded mean-model fitness and must equal the recorded ones (else CheckpointError)."""
+        recomputed from the recorded mean-model fitness and must equal the recorded ones (else CheckpointError).
+
+        `evaluated(epoch)` runs where the training evaluated the mean model: after the update, before the guard."""
         if not row.get("fitness"):
             self.begin(row["mean_model_fitness"])  # epoch 0: the base model
+            if evaluated:
+                evaluated(0)
             return
         stats = self.update(row["fitness"], row["epoch"] - 1)
+        if evaluated:
+            evaluated(row["epoch"])
         recorded = {k: row[k] for k in ERO_FIELDS if k in row}  # ERO's own decisions, where the row carries them
         replayed = {k: stats[k] for k in recorded}
         if replayed != recorded:
             raise CheckpointError(
                 f"epoch {row['epoch']} of the saved history records ERO's {recorded}, but its fitness gives "
                 f"{replayed}: the history was altered"
+            )
+        different = [k for k in UPDATE_FIELDS if k in row and row[k] != stats[k]]  # (a worker's rows carry none)
+        if different:
+            raise CheckpointError(
+                f"epoch {row['epoch']}: the saved history records {different[0]} {row[different[0]]!r}, its replayed "
+                f"update gives {stats[different[0]]!r}: the history was altered"
             )
         decision = self.conclude(row["epoch"], row["mean_model_fitness"])
         if (decision.new_best, decision.rolled_back) != (row["new_best"], row["rolled_back"]):

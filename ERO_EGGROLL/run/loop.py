@@ -22,16 +22,16 @@ from ERO_EGGROLL.io.progress import bar, summary
 from ERO_EGGROLL.memory.measure import measured_peak_rss_bytes, peak_memory_scope, reset_peak_memory
 from ERO_EGGROLL.model.qwen import run_perturber
 from ERO_EGGROLL.run.distributed import WorkerPool
-from ERO_EGGROLL.run.epoch_step import EpochStep
+from ERO_EGGROLL.run.epoch_step import UPDATE_FIELDS, EpochStep
 from ERO_EGGROLL.run.loggers import Loggers
 from ERO_EGGROLL.run.population import BEST_MODEL_STREAM, evaluate_mean_model, evaluate_population, members_per_batch
-from ERO_EGGROLL.run.record import ClonedBest, ReplayedBest, check_sigma, record_weights
+from ERO_EGGROLL.run.record import ClonedBest, ReplayedBest, check_sigma, elite_into, record_weights
 from ERO_EGGROLL.run.resume import disk_bytes, resume
 from ERO_EGGROLL.run.stop_signals import StopFlag
 from ERO_EGGROLL.storage.checkpoints import RunState, run_started, save_checkpoint
 from ERO_EGGROLL.storage.identity import identity_of
 from ERO_EGGROLL.storage.metrics import plot_fitness, rewrite_metrics, write_resolved_config
-from ERO_EGGROLL.storage.record_check import is_finished
+from ERO_EGGROLL.storage.record_check import Elite, is_finished, stopped_elite
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -175,9 +175,6 @@ class Evolution:
         self.loggers.close()
 
 
-UPDATE_FIELDS = ("lr", "sigma_scale", "update_norm", "fraction_changed", "lost_update_fraction")
-
-
 def epoch_line(row: dict, epochs: int, saved: Path) -> str:
     """The one line a finished epoch prints."""
     return (
@@ -218,6 +215,7 @@ class EvolutionResult:
     best_epoch: int
     best_result: EvalResult
     history: list[dict]
+    elite: Elite | None = None  # ERO's best elite when the run stopped on it: then that member is the best model
 
 
 def prepare_evolution(cfg: Config, loaded: LoadedModel, target: EvolutionTarget) -> Evolution:
@@ -292,6 +290,10 @@ def evolve(cfg: Config, loaded: LoadedModel, target: EvolutionTarget, stop: Stop
         run.close()
     rewrite_metrics(run_dir, state.history)
     plot_fitness(run_dir, state.history, f"{cfg.run.name}: {', '.join(t.id for t in tasks)}")
-    run.best.restore(run.perturber, state)  # the best epoch's weights, for the final evaluation and the export
+    elite = stopped_elite(state, cfg)
+    if elite is None:
+        run.best.restore(run.perturber, state)  # the best epoch's weights, for the final evaluation and the export
+    else:  # ERO stopped on its best elite: that member is the run's best model
+        elite_into(run.perturber, state, elite, cfg.resolve_path(cfg.model.path), cfg.run.degeneration_patience)
     best_test = evaluate(loaded.model, loaded.processor, run.test_q, cfg, (BEST_MODEL_STREAM,), report=True)
-    return EvolutionResult(state.best_epoch, best_test, state.history)
+    return EvolutionResult(state.best_epoch, best_test, state.history, elite)

@@ -9,6 +9,7 @@ epoch step, from the base weights or the nearest weight snapshot, and checks the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from ERO_EGGROLL.storage.checkpoints import (
 )
 from ERO_EGGROLL.storage.identity import IdentityError, base_weights_digest
 from ERO_EGGROLL.storage.identity import hint as identity_hint
-from ERO_EGGROLL.storage.record_check import check_record
+from ERO_EGGROLL.storage.record_check import Elite, check_record
 
 
 def record_weights(state: RunState, perturber: Perturber) -> None:
@@ -127,12 +128,20 @@ class ReplayedBest:
         rebuild(perturber.with_fresh_optimizer(), state, epoch, self)
 
 
-def rebuild(perturber: Perturber, state: RunState, upto: int, best: ReplayedBest) -> RunState:
+def rebuild(
+    perturber: Perturber,
+    state: RunState,
+    upto: int,
+    best: ReplayedBest,
+    evaluated: Callable[[int], None] | None = None,
+) -> RunState:
     """Set the perturber's weights (and optimizer state) to those after epoch `upto` of `state`'s record.
 
     Starts from the nearest snapshot at or before `upto` (else the base weights read from disk), replays the
-    later epochs through the epoch step, refuses decisions that disagree with the record and checks the digest
-    of the rebuilt weights. Returns the replayed bookkeeping (best epoch, guard counter, optimizer step) at `upto`."""
+    later epochs through the epoch step, refuses decisions (and update statistics) that disagree with the record and
+    checks the digest of the rebuilt weights after every epoch. Returns the replayed bookkeeping (best epoch, guard
+    counter, optimizer step) at `upto`. `evaluated(epoch)`: called with each replayed epoch's mean model as the
+    training evaluated it (replay --check --full)."""
     if upto >= len(state.weight_digests):
         raise CheckpointError(
             f"epoch {upto}: the run record holds no weight digest for it (written by an older version?)"
@@ -163,15 +172,23 @@ def rebuild(perturber: Perturber, state: RunState, upto: int, best: ReplayedBest
         )
     step = EpochStep(perturber, record, best.patience, best)
     for row in state.history[start : upto + 1]:
-        step.apply(row)
-    digests = tensor_digests(perturber.evolvable_state())
-    if combined_digest(digests) != state.weight_digests[upto]:
-        raise CheckpointError(
-            f"epoch {upto}: the weights rebuilt by replay do not match the run record's checksum (the record's "
-            "fitness or config was altered, or the base model, libraries or hardware differ); resume from a "
-            "snapshot before it, or start the run again"
-        )
+        step.apply(row, evaluated)
+        epoch = row["epoch"]  # every epoch's weights against its digest, not only the last one's
+        if combined_digest(tensor_digests(perturber.evolvable_state())) != state.weight_digests[epoch]:
+            raise CheckpointError(
+                f"epoch {epoch}: the weights rebuilt by replay do not match the run record's checksum "
+                f"(weight_digests[{epoch}]; the record's fitness, digests or config were altered, or the base model, "
+                "libraries or hardware differ); resume from a snapshot before it, or start the run again"
+            )
     return record
+
+
+def elite_into(perturber: Perturber, state: RunState, elite: Elite, base_dir: Path, patience: int) -> None:
+    """Give the model ERO's best elite `elite`: the mean model of the epoch before it, rebuilt by replay (checked
+    against the record's digests), plus that member's noise from its keys. No copy of it is ever stored."""
+    view = perturber.with_fresh_optimizer()  # its own noise plan: ERO's reseeds in this replay move only the view's
+    rebuild(view, state, elite.epoch - 1, ReplayedBest(base_dir, None, patience))
+    assign_weights(perturber.model, view.member_weights(elite.epoch - 1, elite.member), "ERO's best elite")
 
 
 def replay_into(model: torch.nn.Module, state: RunState, base_dir: Path) -> None:

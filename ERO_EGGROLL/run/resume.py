@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from ERO_EGGROLL.config import Config, ConfigError
+from ERO_EGGROLL.core.ero_search import EroSelection
 from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.run.record import ClonedBest, ReplayedBest, check_sigma, rebuild
 from ERO_EGGROLL.storage.checkpoints import (
@@ -62,9 +63,24 @@ def resume(
     else:
         assign_weights(perturber.model, weights, str(ckpt_dir), expected=perturber.evolvable_state())
         perturber.optimizer.load_state(state.optimizer_step, optimizer_tensors)
+        check_ero_state(perturber, state, str(resume_from))
         best.weights = best_weights_for(ckpt_dir, state)
     print(f"resumed {ckpt_dir} after epoch {state.epoch}")
     return state
+
+
+def check_ero_state(perturber: Perturber, state: RunState, where: str) -> None:
+    """run.checkpoint: full replays nothing, so ERO's last decisions in the record must be its saved selection state
+    (earlier rows are checked by replay)."""
+    selection, last = perturber.optimizer, state.history[-1]
+    if not isinstance(selection, EroSelection) or state.epoch == 0:
+        return
+    for field, value in (("best_elite_so_far", selection.best), ("degeneration_counter", selection.counter)):
+        if last.get(field) != value:
+            raise CheckpointError(
+                f"{where}: epoch {state.epoch}: {field} is {last.get(field)!r}, the saved ERO selection state gives "
+                f"{value!r} (edited?)"
+            )
 
 
 def disk_bytes(path: Path) -> int:

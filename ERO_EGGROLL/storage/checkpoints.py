@@ -28,9 +28,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ERO_EGGROLL.core.digest import tensor_digest
+from ERO_EGGROLL.core.digest import combined_digest, tensor_digest, tensor_digests
 from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.io.disk import fsync_dir, move_aside, publish_dir, staged_dir, writing
+from ERO_EGGROLL.storage.record_fields import seal_of
 
 STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, LATEST = (
     "state.json",
@@ -71,6 +72,10 @@ class RunState:
     weight_digests: list[str] = field(default_factory=list)
     tensor_digests: dict[str, str] = field(default_factory=dict)
     sigma: dict[str, float] = field(default_factory=dict)
+    # the combined digest of the optimizer tensors saved beside this state ("" when none are saved), and the seal of
+    # every field (storage/record_fields.py; {} in a record written before seals)
+    optimizer_digest: str = ""
+    seal: dict = field(default_factory=dict)
 
 
 def _is_int(v) -> bool:
@@ -103,6 +108,8 @@ STATE_TYPES = {
         lambda v: _str_map(v) and all(_is_number(x) and math.isfinite(x) and x >= 0 for x in v.values()),
         "an object of numbers >= 0",
     ),
+    "optimizer_digest": (lambda v: isinstance(v, str), "a string"),
+    "seal": (_str_map, "an object"),
 }
 
 
@@ -125,6 +132,8 @@ def _write_checkpoint_files(
     with writing(target):
         _save_tensors(weights, folder / WEIGHTS_FILE)
         _save_tensors(optimizer, folder / OPTIMIZER_FILE)
+        state.optimizer_digest = combined_digest(tensor_digests(optimizer)) if optimizer else ""
+        state.seal = seal_of({**state.__dict__, "seal": {}})
         (folder / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
         if keep:
             (folder / KEEP_MARK).touch()  # exempt from pruning, decided before the directory becomes visible
@@ -261,9 +270,29 @@ def _load_tensors(path: Path, checkpoint: Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], RunState]:
     """(weights, optimizer tensors, state) from a checkpoint directory or a run's checkpoint folder (via LATEST).
 
-    Every tensor's bytes are checked against the hash saved with it."""
+    Every tensor's bytes are checked against the hash saved with it, and the tensors against the run record: the
+    weights against its digest of that epoch, the optimizer state (Adam's moments, ERO's counters) against its
+    optimizer_digest."""
     path = checkpoint_dir(path)
-    return _load_tensors(path / WEIGHTS_FILE, path), _load_tensors(path / OPTIMIZER_FILE, path), read_state(path)
+    weights, optimizer = _load_tensors(path / WEIGHTS_FILE, path), _load_tensors(path / OPTIMIZER_FILE, path)
+    state = read_state(path)
+    recorded = state.weight_digests[state.epoch] if state.epoch < len(state.weight_digests) else None
+    if weights and recorded is not None and combined_digest(tensor_digests(weights)) != recorded:
+        raise CheckpointError(
+            f"{path}: epoch {state.epoch}: its weights do not match the run record's weight_digests[{state.epoch}] "
+            f"(edited, or from another run?); {_fallback(path)}"
+        )
+    sealed = bool(state.seal)  # a record written before seals has no optimizer_digest
+    if (
+        sealed
+        and (optimizer or state.optimizer_digest)
+        and combined_digest(tensor_digests(optimizer)) != (state.optimizer_digest)
+    ):
+        raise CheckpointError(
+            f"{path}: epoch {state.epoch}: the optimizer state in {OPTIMIZER_FILE} does not match the run record's "
+            f"optimizer_digest (edited, or from another run?); {_fallback(path)}"
+        )
+    return weights, optimizer, state
 
 
 def checkpoint_dir(path: Path) -> Path:

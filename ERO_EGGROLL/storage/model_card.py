@@ -9,9 +9,10 @@ from pathlib import Path
 
 import yaml
 
-from ERO_EGGROLL.config import ROOT, Config
+from ERO_EGGROLL.config import ROOT, Config, EvolutionConfig
 from ERO_EGGROLL.evaluation.evaluator import EvalResult, results_table
 from ERO_EGGROLL.model.export import BASE_CARD, WeightsReport
+from ERO_EGGROLL.storage.record_check import Elite
 
 PROTOCOL = {
     "test": (
@@ -70,6 +71,27 @@ def _weights_section(report: WeightsReport) -> list[str]:
     return lines
 
 
+def method(evo: EvolutionConfig) -> str:
+    """The search, noise and rank that ran, as a card names them."""
+    noise = "full-rank Gaussian noise" if evo.noise == "full" else f"low-rank noise of rank {evo.rank}"
+    if evo.search == "ero":
+        return (
+            f"ERO's search (round-robin elites of {evo.elites} groups averaged, reset to the base after "
+            f"{evo.reset_after} epochs without a better elite) with {noise}"
+        )
+    return f"EGGROLL evolution strategies with {noise}"
+
+
+def _weights_line(best_epoch: int, last_epoch: int, elite: Elite | None, target: float) -> str:
+    if elite is None:
+        return f"the best mean model, epoch {best_epoch} of {last_epoch}"
+    return (
+        f"ERO's best elite: member {elite.member} of epoch {elite.epoch}'s population, fitness {elite.fitness:.4f}, "
+        f"which reached run.target_fitness {target} and stopped the run; regenerated from its keys as the mean model "
+        f"of epoch {elite.epoch - 1} plus that member's noise"
+    )
+
+
 def model_card(
     cfg: Config,
     task_ids: list[str],
@@ -79,9 +101,11 @@ def model_card(
     ckpt_dir: Path,
     plot: Path | None,
     report: WeightsReport,
+    elite: Elite | None = None,
 ) -> str:
     """The README.md text of an exported best model. `best`: its test evaluation, or None for an export that replay
-    rebuilt without evaluating (the card then says how to score it); `plot`: the run's fitness curve, if any."""
+    rebuilt without evaluating (the card then says how to score it); `plot`: the run's fitness curve, if any;
+    `elite`: the member an ERO-search run stopped on, when that is the exported model (storage/record_check)."""
     base_dir = cfg.resolve_path(cfg.model.path)
     front: dict[str, object] = {
         "base_model": cfg.model.path,
@@ -98,16 +122,16 @@ def model_card(
         yaml.safe_dump(front, sort_keys=False).rstrip(),
         "---",
         "",
-        f"# {cfg.run.name}: Qwen2.5-VL evolved with EGGROLL on ARC-1",
+        f"# {cfg.run.name}: Qwen2.5-VL evolved with {'ERO' if evo.search == 'ero' else 'EGGROLL'} on ARC-1",
         "",
-        f"Base model: `{cfg.model.path}` with new weights (the best mean model, epoch {best_epoch} of "
-        f"{history[-1]['epoch']})."
+        f"Base model: `{cfg.model.path}` with new weights "
+        f"({_weights_line(best_epoch, history[-1]['epoch'], elite, cfg.run.target_fitness)})."
         + (f" The base model's own card is kept as {BASE_CARD}." if (base_dir / "README.md").is_file() else ""),
         "",
         *[part for line in _weights_section(report) for part in (line, "")],
         "## Method",
         "",
-        f"EGGROLL low-rank evolution strategies (ERO_EGGROLL): population {evo.population_size}, rank {evo.rank}, "
+        f"{method(evo)} (ERO_EGGROLL): population {evo.population_size}, "
         f"sigma {evo.sigma} ({evo.sigma_mode}), optimizer {evo.optimizer}, lr {evo.lr}, {evo.mode} mode, fitness "
         f"`{cfg.evaluation.fitness}`, seed {cfg.seed}, {cfg.data.input_mode} input, decoding as in the config below.",
         "",
@@ -171,7 +195,7 @@ def _results_section(
     return [
         f"## Results ({protocol})",
         "",
-        f"The best model's scores on the tasks' test outputs; {why}.",
+        f"The exported model's scores on the tasks' test outputs; {why}.",
         "",
         "| task | id | char similarity | cell accuracy | exact |",
         "|---|---|---|---|---|",

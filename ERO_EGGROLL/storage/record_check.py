@@ -2,22 +2,34 @@
 
 state.json's fields are type-checked when read (checkpoints.read_state); here the history is checked against
 the run's own config: one row per epoch, the population's fitness values finite and in the metric's range,
-and the best epoch, best fitness, guard counter, each row's new_best/rolled_back and `finished` recomputed
-from the mean model's fitness exactly as the epoch step decides them. Resume, replay and the evaluator call
-`check_record` before they use a record, so an edited one is refused, naming the field and the epoch.
+the members' mean/max/min, ERO's decision fields present in every row, the best epoch, best fitness, guard
+counter, optimizer step, each row's new_best/rolled_back and `finished` recomputed from the mean model's fitness
+exactly as the epoch step decides them, the per-tensor digests against the last weight digest, and then the seal
+of every field (storage/record_fields.py). Resume, replay and the evaluator call `check_record` before they use
+a record, so an edited one is refused, naming the field and the epoch. What only replay can recompute (the
+weights of every epoch, the update's statistics, ERO's selection) is checked by run/record.rebuild.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from dataclasses import dataclass
 from typing import NoReturn
 
 from typing_extensions import TypeIs
 
-from ERO_EGGROLL.config import EvolutionConfig, config_from_dict
-from ERO_EGGROLL.core.ero_search import stop_score
+from ERO_EGGROLL.config import Config, EvolutionConfig, config_from_dict
+from ERO_EGGROLL.core.digest import combined_digest
+from ERO_EGGROLL.core.ero_search import ERO_FIELDS, stop_score
 from ERO_EGGROLL.evaluation.evaluator import fitness_range
 from ERO_EGGROLL.storage.checkpoints import CheckpointError, RunState
+from ERO_EGGROLL.storage.record_fields import FULL, ROW_FIELDS, SEALED, broken_seal
+
+UNSEALED_NOTE = (
+    "{where}: a run record written before records were sealed: {fields} cannot be checked here "
+    "(replay --check --full recomputes the mean model's scores), nor the optimizer state against the record"
+)
 
 
 def _number(value: object) -> TypeIs[float]:
@@ -75,6 +87,16 @@ def check_record(state: RunState, where: str) -> None:
                     f"epoch {index}: fitness holds {finite} finite {cfg.evaluation.fitness} value(s) in "
                     f"[{low}, {high}] of {population}"
                 )
+            for column, value in (
+                ("member_mean", sum(fitness) / len(fitness)),
+                ("member_max", max(fitness)),
+                ("member_min", min(fitness)),
+            ):
+                if column in row and row[column] != value:
+                    refuse(f"epoch {index}: {column} is {row[column]!r}, its fitness gives {value!r}")
+            missing = [f for f in ERO_FIELDS if f not in row] if cfg.evolution.search == "ero" else []
+            if missing:
+                refuse(f"epoch {index}: ERO's decision field {missing[0]} is missing (evolution.search: ero)")
             new_best, rolled_back = mean > best_fitness, False
         if new_best:
             best_fitness, best_epoch, since = mean, index, 0
@@ -88,9 +110,49 @@ def check_record(state: RunState, where: str) -> None:
     for field, value in (("best_epoch", best_epoch), ("best_fitness", best_fitness), ("epochs_since_best", since)):
         if getattr(state, field) != value:
             refuse(f"{field} is {getattr(state, field)!r}, the history gives {value!r}")
+    if state.optimizer_step != state.epoch:
+        refuse(f"optimizer_step is {state.optimizer_step}, epoch {state.epoch} gives {state.epoch} (one step an epoch)")
     finished = is_finished(state, cfg.evolution, cfg.run.target_fitness)
     if state.finished != finished:
         refuse(
             f"finished is {state.finished}, epoch {state.epoch} of {cfg.evolution.epochs} with target fitness "
             f"{cfg.run.target_fitness} gives {finished}"
         )
+    if state.tensor_digests and combined_digest(state.tensor_digests) != state.weight_digests[-1]:
+        refuse(f"epoch {state.epoch}: tensor_digests do not give weight_digests[{state.epoch}]")
+    if not state.seal:
+        unchecked = [name for name, (kind, _) in ROW_FIELDS.items() if kind in (FULL, SEALED)]
+        print("note: " + UNSEALED_NOTE.format(where=where, fields=", ".join(unchecked)), file=sys.stderr)
+        return
+    broken = broken_seal(state.__dict__)
+    if broken:
+        refuse(broken)
+
+
+@dataclass(frozen=True)
+class Elite:
+    """ERO's best elite: member `member` of the population evaluated in epoch `epoch` (1-based, as the history), i.e.
+    the mean model of epoch `epoch` - 1 plus that member's noise, regenerated from its keys."""
+
+    epoch: int
+    member: int
+    fitness: float
+
+
+def stopped_elite(state: RunState, cfg: Config) -> Elite | None:
+    """The elite an ERO-search run stopped on (its best elite so far reached run.target_fitness), which is then the
+    run's best model; None for any other run (its best model is the best mean model). Read from a checked record."""
+    last = state.history[-1] if state.history else {}
+    if cfg.evolution.search != "ero" or state.epoch < 1 or stop_score("ero", last) < cfg.run.target_fitness:
+        return None
+    best = last["best_elite_so_far"]
+    row = next((r for r in reversed(state.history[1:]) if r["elite_best"] == best), None)  # a later equal one wins
+    if row is None:
+        raise CheckpointError(f"best_elite_so_far {best!r} is no epoch's elite_best (edited or damaged?)")
+    member = row["elites"][0]  # the elites come best first
+    if row["fitness"][member] != best:
+        raise CheckpointError(
+            f"epoch {row['epoch']}: ERO's best elite is member {member}, whose fitness {row['fitness'][member]!r} is "
+            f"not its elite_best {best!r} (edited or damaged?)"
+        )
+    return Elite(row["epoch"], member, best)

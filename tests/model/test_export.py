@@ -192,6 +192,7 @@ def test_model_card_front_matter_metrics_curve_and_replay_command(tmp_path):
     assert "## Results (held out)" in body and "| T1 | b1fc8b8e | 0.7500 | 0.2500 | 0.0000 |" in body
     assert "| 1 | 0.5000 | 0.5000 | 0.2500 | 0.3000 [0.2000, 0.4000] |" in body and "fitness_curve.png" in body
     assert "cast to the base's bfloat16" in body and "9 of the 10" in body
+    assert f"EGGROLL evolution strategies with low-rank noise of rank {cfg.evolution.rank}" in body
     assert f"python -m ERO_EGGROLL.replay {tmp_path / 'ckpt'} --check" in body
     cfg.data.fitness_source = "test"
     assert "## Results (test-time search)" in model_card(

@@ -24,6 +24,7 @@ from ERO_EGGROLL.run.record import ReplayedBest, base_evolvable, nearest_snapsho
 from ERO_EGGROLL.run.resume import disk_bytes
 from ERO_EGGROLL.storage.checkpoints import RunState, load_checkpoint
 from ERO_EGGROLL.storage.metrics import TIMING_FIELDS
+from ERO_EGGROLL.storage.record_fields import seal_of
 
 GUARDED = ["evolution.population_size=2", "evaluation.max_new_tokens_cap=16", "run.degeneration_patience=1"]
 JOINT = [*GUARDED, "evolution.epochs=4"]  # SGD
@@ -167,13 +168,18 @@ def test_a_smoke_run_record_is_kilobytes(runs, tiny):
 
 
 def test_a_tampered_fitness_is_caught_by_the_checksum_at_resume(reference, tmp_path):
-    """A changed member fitness leaves every decision as recorded: only the digest of the rebuilt weights can catch it.
-    (The shared reference run has no guard, so every epoch's fitness reaches the final weights.)"""
+    """A changed member fitness (with the members' mean, max and min to match) leaves every decision as recorded, and
+    a re-sealed record hides it from the seal: only replay can catch it, at the epoch it changed, where the replayed
+    update differs from the recorded one (the weights' digest of that epoch would be next)."""
     for part in ("checkpoints", "results"):
         shutil.copytree(reference / part / "reference", tmp_path / part / "reference", symlinks=True)
     state_file = tmp_path / "checkpoints" / "reference" / "epoch_0002" / "state.json"
     state = json.loads(state_file.read_text())
-    state["history"][1]["fitness"][0] += 0.25
+    row = state["history"][1]
+    row["fitness"][0] += 0.25
+    row.update(member_mean=sum(row["fitness"]) / len(row["fitness"]), member_max=max(row["fitness"]))
+    row.update(member_min=min(row["fitness"]))
+    state["seal"] = seal_of(state)  # as a user who reruns the sealing code
     state_file.write_text(json.dumps(state))
     done = subprocess.run(
         [
@@ -193,7 +199,7 @@ def test_a_tampered_fitness_is_caught_by_the_checksum_at_resume(reference, tmp_p
         timeout=300,
     )
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "epoch 2: the weights rebuilt by replay do not match the run record's checksum" in done.stderr
+    assert "epoch 1: the saved history records update_norm" in done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -48,6 +48,8 @@ def test_an_ero_run_that_stopped_on_its_best_elite_is_finished():
     """ERO's search stops when its best elite so far reaches the target, whatever the mean model scores."""
     state = record(epochs=5)
     state.config["evolution"]["search"], state.config["evolution"]["optimizer"] = "ero", "sgd"
+    for row in state.history[1:]:
+        row.update(elites=[1, 0], elite_best=0.6, best_elite_so_far=0.6, degeneration_counter=0, reset_to_base=False)
     state.history[2]["best_elite_so_far"] = 1.0
     check_record(state, "run")  # finished at epoch 2 of 5: the best elite reached run.target_fitness 1.0
     state.history[2]["best_elite_so_far"] = 0.9
@@ -129,7 +131,7 @@ def test_a_refused_rewind_moves_nothing(tmp_path):
             full.weight_digests[: epoch + 1],
         )
         state.best_epoch, state.best_fitness = (0, 0.5) if epoch == 0 else (1, 0.6)
-        state.epochs_since_best, state.finished = int(epoch == 2), epoch == 2
+        state.epochs_since_best, state.finished, state.optimizer_step = int(epoch == 2), epoch == 2, epoch
         save_checkpoint(run, {}, {}, state, keep=True, best=False, store_tensors=False)
     (run / "best_model").mkdir()
     before = sorted(p.name for p in run.iterdir())
