@@ -119,6 +119,64 @@ def unparsed_share(texts: Iterable[str]) -> float:
     return sum(parse_grid(t) is None for t in texts) / len(texts) if texts else 0.0
 
 
+def verdict_of(
+    spread: float,
+    noise: float,
+    mean_fitness: float,
+    base_fitness: float,
+    differ: float | None = None,
+    unparsed: float | None = None,
+    base_unparsed: float | None = None,
+) -> str:
+    """'collapse' (answers no longer grids, or the members' fitness far below the base's), 'no signal' (answers
+    identical to the base's, or a fitness spread within the evaluation's noise) or 'ok'."""
+    if (
+        unparsed is not None and unparsed - (base_unparsed or 0.0) >= UNPARSED
+    ) or base_fitness - mean_fitness > DROP * abs(base_fitness):
+        return "collapse"
+    if (differ is not None and differ == 0.0) or spread <= SIGNAL * noise:
+        return "no signal"
+    return "ok"
+
+
+def epoch_signs(row: dict, base_row: dict, fitness_name: str) -> dict:
+    """The cheap signs of one epoch, from what its metrics row already holds: the members' fitness spread, and under
+    a generated fitness the share of members scoring exactly the base model's fitness (greedy: the same answers)
+    and the share of the mean model's answers that are not grids; then the verdict they give."""
+    fitness = row["fitness"]
+    signs: dict = {"fitness_spread": statistics.pstdev(fitness)}
+    differ = unparsed = base_unparsed = None
+    if fitness_name != LIKELIHOOD_FITNESS:
+        base = base_row["mean_model_fitness"]
+        signs["members_at_base_fitness"] = sum(f == base for f in fitness) / len(fitness)
+        signs["answers_unparsed"] = unparsed = unparsed_share(row.get("answers") or [])
+        differ = 1.0 - signs["members_at_base_fitness"]
+        base_unparsed = unparsed_share(base_row.get("answers") or [])
+    signs["signal"] = verdict_of(
+        signs["fitness_spread"],
+        NOISE_FLOOR,
+        statistics.fmean(fitness),
+        base_row["mean_model_fitness"],
+        differ,
+        unparsed,
+        base_unparsed,
+    )
+    return signs
+
+
+def bad_signal_run(history: Sequence[dict], fitness_name: str) -> tuple[str, int]:
+    """(verdict, epochs): the verdict of the newest epoch and for how many epochs in a row it has held."""
+    if len(history) < 2:
+        return "ok", 0
+    verdicts = [epoch_signs(row, history[0], fitness_name)["signal"] for row in history[1:]]
+    last, count = verdicts[-1], 0
+    for v in reversed(verdicts):
+        if v != last:
+            break
+        count += 1
+    return last, count
+
+
 @dataclass
 class Divergence:
     """A set of members at one sigma against the base: the figures the verdict reads."""
@@ -149,17 +207,15 @@ class Divergence:
         return None if None in values else statistics.fmean(values)
 
     def verdict(self) -> str:
-        """'collapse' (answers no longer grids, or fitness far below the base), 'no signal' (answers identical to the
-        base's, or a spread within the evaluation's noise) or 'ok'."""
-        unparsed, differ = self.share("unparsed"), self.share("differ")
-        drop = self.base_fitness - self.mean_fitness
-        if (unparsed is not None and unparsed - (self.base_unparsed or 0.0) >= UNPARSED) or drop > DROP * abs(
-            self.base_fitness
-        ):
-            return "collapse"
-        if (differ is not None and differ == 0.0) or self.spread <= SIGNAL * self.noise:
-            return "no signal"
-        return "ok"
+        return verdict_of(
+            self.spread,
+            self.noise,
+            self.mean_fitness,
+            self.base_fitness,
+            self.share("differ"),
+            self.share("unparsed"),
+            self.base_unparsed,
+        )
 
     def line(self) -> str:
         """One line of figures (the rehearsal's scan, calibration's probes)."""
