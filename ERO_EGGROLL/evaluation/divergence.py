@@ -191,7 +191,8 @@ class Divergence:
 
     @property
     def kl(self) -> float:
-        return statistics.fmean(m.kl for m in self.members)
+        """The members' median KL: the quantity calibration targets (one member's varies several-fold)."""
+        return statistics.median(m.kl for m in self.members)
 
     @property
     def spread(self) -> float:
@@ -220,7 +221,7 @@ class Divergence:
     def line(self) -> str:
         """One line of figures (the rehearsal's scan, calibration's probes)."""
         parts = [
-            f"sigma {self.sigma:.4g}: KL {self.kl:.3g} nats/token",
+            f"sigma {self.sigma:.4g}: median KL {self.kl:.3g} nats/token",
             f"spread {self.spread:.3g} (noise {self.noise:.2g})",
             f"members' mean fitness {self.mean_fitness:.4f} (base {self.base_fitness:.4f})",
         ]
@@ -264,12 +265,12 @@ def members_kl(
     members: Sequence[int],
     epoch: int = CALIBRATION_EPOCH,
 ) -> float:
-    """The mean KL alone (no fitness, no generation): what calibration searches on."""
+    """The members' median KL alone (no fitness, no generation): what calibration searches on."""
     values = []
     for m in members:
         with perturber.member(epoch, m):
             values.append(mean_kl(model, processor, prepared, cfg, reference))
-    return statistics.fmean(values)
+    return statistics.median(values)
 
 
 def suggested_sigma(points: Sequence[tuple[float, float]], target_kl: float) -> float:
