@@ -91,7 +91,9 @@ class CalibrationConfig:
     # the members' median per-token KL(base || member), teacher-forced on the reference answers; 0.01 is what
     # configs/default.yaml's hand-tuned sigma (relative 0.5, +0.18 answer log-prob in 8 epochs) gives the tiny model
     target_kl: float = 0.01
-    members: int = 4  # members per probe (antithetic pairs): the probes only bracket the target; the final measurement spends the rest of the budget
+    members: int = (
+        4  # directions per probe: probes bracket the target; the last measurement spends the rest of the budget
+    )
     budget_epochs: float = 2.0  # at most this many epochs' member evaluations (population_size each) in all
     start: float | None = None  # the first probe; null: 0.1 under sigma_mode relative, else 0.001
 

@@ -1,15 +1,16 @@
 """`evolution.sigma: auto`: the sigma whose members diverge from the base by a declared amount, measured.
 
 The quantity is the members' median per-token KL(base || member), teacher-forced on the fitness questions'
-reference answers (divergence.mean_kl): it needs no generation, it is smooth in sigma (about sigma squared for
-small noise), and it means the same on a tiny model and on a 7B (docs/calibration.md). The median over members,
-not the mean: one member's KL varies several-fold with its noise direction (heavy-tailed: rank-r noise), and
-the mean of 16 directions moved by 40% between draws where the median moved by 15% (tiny model, measured). The search is a
-log-space secant on a bracket: each probe measures `calibration.members` members (noise of an epoch no run
-reaches) and suggests sigma x sqrt(target / KL); a suggestion outside the bracket found so far is replaced by
-the bracket's geometric middle. It stops within 10% of the target, or when the next probe would exceed
-`calibration.budget_epochs` epochs' member evaluations. The choice is recorded in the run's config as the
-number `evolution.sigma`, so replay and resume use it without calibrating again.
+reference answers (divergence.mean_kl): it needs no generation, it grows smoothly with sigma (about as sigma
+squared for small noise), and it means the same on a tiny model and on a 7B (docs/calibration.md). The median,
+not the mean: one member's KL varies several-fold with its noise direction (heavy-tailed), and even the median
+of 16 directions moved by up to +-30% between draws on the tiny model.
+
+The search: probes of `calibration.members` directions (noise of epochs no run reaches) step sigma by
+sqrt(target / KL) inside the bracket found so far (its geometric middle when a step leaves it) until a probe is
+within 25% of the target; then all the budget left (`calibration.budget_epochs` epochs' member evaluations in
+all) measures fresh directions at that sigma, and the last step scales it by sqrt(target / KL). The choice is
+recorded in the run's config as the number `evolution.sigma`, so replay and resume use it without measuring again.
 """
 
 from __future__ import annotations
