@@ -49,8 +49,9 @@ def test_calibration_meets_its_target_on_held_out_questions_and_each_model_gets_
         achieved = check_kl(model, tiny[1], held_out, cfg, result.sigma, 32)  # other questions, other members
         assert abs(achieved / cfg.evolution.calibration.target_kl - 1) <= 0.25, (name, result, achieved)
         chosen[name] = result.sigma
-    # the trained tiny model and a random one need sigmas far apart: no rule that returns one constant passes
-    assert max(chosen.values()) / min(chosen.values()) > 3, chosen
+    # the trained tiny model and a random one need other sigmas: KL grows as sigma squared, so either model at the
+    # other's sigma would miss its target by more than 1.25**2 - 1 = 56%; a rule returning one constant fails here
+    assert max(chosen.values()) / min(chosen.values()) > 1.25, chosen
 
 
 @pytest.mark.parametrize(("sigma", "verdict"), [(20.0, "collapse"), (1e-5, "no signal"), (0.5, "ok")])
