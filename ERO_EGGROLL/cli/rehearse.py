@@ -30,6 +30,8 @@ from ERO_EGGROLL.cli.common import command
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, load_config
 from ERO_EGGROLL.core.digest import combined_digest, tensor_digests
 from ERO_EGGROLL.core.errors import EggrollError
+from ERO_EGGROLL.evaluation.calibration import resolve_sigma
+from ERO_EGGROLL.evaluation.divergence import MEASURE_STREAM, figures_of, measure, reference_of, suggested_sigma
 from ERO_EGGROLL.evaluation.evaluator import prepare, questions_for
 from ERO_EGGROLL.io.disk import check_output, write_files
 from ERO_EGGROLL.memory.check import advice_for, free_memory_bytes, workload_of
@@ -44,7 +46,14 @@ from ERO_EGGROLL.memory.model import JAX_POOL, MemoryEstimate, estimate
 from ERO_EGGROLL.model.loading import check_checkpoint_dir, load_model, load_processor, resolve_device, resolve_dtype
 from ERO_EGGROLL.model.qwen import architecture_json, run_perturber
 from ERO_EGGROLL.model.random_model import random_model_like
-from ERO_EGGROLL.run.population import evaluate_batch, evaluate_mean_model, member_batches, members_per_batch
+from ERO_EGGROLL.run.population import (
+    evaluate_batch,
+    evaluate_mean_model,
+    evaluate_population,
+    member_batches,
+    members_per_batch,
+)
+from ERO_EGGROLL.run.stop_signals import StopFlag
 
 GIB = 2**30
 MARGIN = 0.10  # a run whose measured peak leaves less than this fraction of the memory free is called tight
@@ -77,6 +86,7 @@ class Rehearsal:
     where: str
     seconds: dict[str, float] = field(default_factory=dict)
     projection: dict[str, float] = field(default_factory=dict)
+    signal: dict = field(default_factory=dict)  # judge_signal's figures: the noise and the step
 
     @property
     def measured_peak(self) -> int:
@@ -139,6 +149,7 @@ class Rehearsal:
             f"projected: {_duration(pr['epoch_seconds'])} per epoch (all tasks), {_duration(pr['run_seconds'])} per "
             f"run ({pr['epochs']:.0f} epochs; one process; checkpoints not counted)",
             f"VERDICT: {self.verdict()[1]}",
+            *self.signal.get("lines", []),
         ]
         return "\n".join(lines)
 
@@ -204,6 +215,55 @@ def _predicted(est: MemoryEstimate) -> list[tuple[str, int, str]]:
     return rows + ([("JAX GPU pool", est.resident[JAX_POOL], "update")] if JAX_POOL in est.resident else [])
 
 
+SCAN = (0.1, 0.3, 1.0, 3.0, 10.0)  # the scan's sigmas, as multiples of the configured one
+
+
+def judge_signal(cfg: Config, model, processor, perturber, fitness_q, fitness: list[float]) -> dict:
+    """The noise and the step judged on the run's fitness questions (evaluation/divergence.py): the members'
+    divergence at the configured sigma and on a log grid around it, a verdict and a suggested sigma; then one
+    update at the configured lr from `fitness` (the population's epoch-0 fitness), measured the same way and put
+    back exactly."""
+    evo, cal = cfg.evolution, cfg.evolution.calibration
+    sigma = float(evo.sigma)
+    reference = reference_of(model, processor, fitness_q, cfg)
+    members = range(min(cal.members, evo.population_size))
+    scan = []
+    for factor in SCAN:
+        probe = run_perturber(model, cfg.with_sigma(sigma * factor))
+        try:
+            scan.append(measure(probe, model, processor, fitness_q, cfg, reference, members))
+        finally:
+            probe.remove_hooks()
+    configured = scan[SCAN.index(1.0)]
+    suggested = suggested_sigma([(d.sigma, d.kl) for d in scan], cal.target_kl)
+    saved = {name: p.detach().to("cpu", copy=True) for name, p in perturber.params.items()}
+    digest = combined_digest(tensor_digests(saved))
+    perturber.update(fitness, 0, again=True)
+    step = figures_of(model, processor, fitness_q, cfg, reference, (MEASURE_STREAM, 0))
+    _restore(perturber.params, saved, digest)
+    verdict = configured.verdict()
+    larger = "LARGER than" if step.kl > configured.kl else "smaller than"
+    lines = [
+        f"noise: {len(members)} member(s) per sigma on the {len(fitness_q)} fitness questions, KL(base || member) "
+        f"per answer token, teacher-forced; spread = std of the members' fitness",
+        *[("* " if d is configured else "  ") + d.line() for d in scan],
+        f"step: one update at lr {evo.lr} moves the mean model by KL {step.kl:.3g} nats/token (fitness "
+        f"{step.fitness:.4f}, base {reference.fitness:.4f}): {larger} the members' own divergence {configured.kl:.3g}",
+        f"SIGNAL VERDICT: {verdict} at sigma {sigma:.4g} ({evo.sigma_mode}); suggested sigma {suggested:.4g} for the "
+        f"target KL {cal.target_kl:.3g} (evolution.calibration.target_kl; evolution.sigma: auto measures it)",
+    ]
+    return {
+        "verdict": verdict,
+        "sigma": sigma,
+        "suggested_sigma": suggested,
+        "scan": [{"sigma": d.sigma, "kl": d.kl, "spread": d.spread, "verdict": d.verdict()} for d in scan],
+        "step_kl": step.kl,
+        "member_kl": configured.kl,
+        "noise": reference.noise,
+        "lines": lines,
+    }
+
+
 def rehearse(cfg: Config, random_layers: int | None = None) -> Rehearsal:
     """Run the first member batches and one update as the run would; measure, time, project, restore."""
     tasks = load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)
@@ -213,10 +273,12 @@ def rehearse(cfg: Config, random_layers: int | None = None) -> Rehearsal:
         fix_mmap_threshold()
     base = phase_start(device)
     model, processor, what = _model(cfg, random_layers)
+    resident = (torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss_bytes()) - base
+    fitness_q = prepare(questions_for(tasks, cfg, "fitness"), processor, cfg)
+    if cfg.evolution.sigma == "auto":  # rehearsed at the sigma the run would choose
+        cfg = resolve_sigma(model, processor, fitness_q, cfg)[0]
     perturber = run_perturber(model, cfg)
     try:
-        resident = (torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss_bytes()) - base
-        fitness_q = prepare(questions_for(tasks, cfg, "fitness"), processor, cfg)
         test_q = (
             fitness_q
             if cfg.data.fitness_source == "test"
@@ -256,6 +318,8 @@ def rehearse(cfg: Config, random_layers: int | None = None) -> Rehearsal:
         # this Perturber and its optimizer state are thrown away
         second = _timed(lambda: perturber.update(fitness, 0, again=True))
         _restore(perturber.params, saved, digest)
+        population = evaluate_population(perturber, model, processor, fitness_q, cfg, 0, k, StopFlag())
+        signal = judge_signal(cfg, model, processor, perturber, fitness_q, population)
     finally:
         perturber.remove_hooks()
     measured = {
@@ -287,6 +351,7 @@ def rehearse(cfg: Config, random_layers: int | None = None) -> Rehearsal:
             "epoch_seconds": epoch,
             "run_seconds": cfg.evolution.epochs * epoch + mean_model,
         },
+        signal=signal,
     )
 
 

@@ -21,8 +21,9 @@ from ERO_EGGROLL.arc.tasks import load_tasks
 from ERO_EGGROLL.cli.common import add_config_arguments, command, config_of
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, config_from_dict
 from ERO_EGGROLL.core.tensor_classes import ParamClass
+from ERO_EGGROLL.evaluation.calibration import resolve_sigma
 from ERO_EGGROLL.evaluation.evaluator import EvalResult, results_table, write_table
-from ERO_EGGROLL.evaluation.prepared import questions_for
+from ERO_EGGROLL.evaluation.prepared import prepare, questions_for
 from ERO_EGGROLL.io.disk import writing
 from ERO_EGGROLL.io.progress import summary
 from ERO_EGGROLL.memory.check import preflight
@@ -109,6 +110,8 @@ def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: S
     if resume is None:
         claim_run_folders(ckpt_dir, run_dir, move_earlier=overwrite or cfg.run.if_exists == "move_aside")
     model, processor = load_model(cfg)
+    if cfg.evolution.sigma == "auto":
+        cfg = calibrated_config(cfg, model, processor, tasks, resume)
     loaded = LoadedModel(model, processor, classify_model(model, cfg), base_weights_digest(cfg))
     print(
         f"{cfg.run.name}: {len(tasks)} task(s), population {cfg.evolution.population_size}, rank {cfg.evolution.rank}, "
@@ -155,6 +158,19 @@ def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: S
         f"run.checkpoint: {cfg.run.checkpoint}); host RAM peak {measured_peak_rss_bytes() / 2**20:.0f} MiB"
     )
     return run_dir
+
+
+def calibrated_config(cfg: Config, model, processor, tasks, resume: Path | None) -> Config:
+    """`evolution.sigma: auto` resolved: a resumed run's recorded number (its config's evolution.sigma, never
+    measured again), or a new run's calibration on its fitness questions (all tasks', per_task mode too)."""
+    if resume is not None:
+        recorded = _saved_state(resume).config.get("evolution", {}).get("sigma")
+        if not isinstance(recorded, (int, float)) or isinstance(recorded, bool):
+            raise CheckpointError(f"{resume}: the run record holds no calibrated evolution.sigma (got {recorded!r})")
+        print(f"evolution.sigma auto: the run's calibrated sigma {recorded:.6g} (recorded, not measured again)")
+        return cfg.with_sigma(recorded)
+    prepared = prepare(questions_for(tasks, cfg, "fitness"), processor, cfg)
+    return resolve_sigma(model, processor, prepared, cfg)[0]
 
 
 def _saved_state(resume: Path) -> RunState:

@@ -85,9 +85,36 @@ class EvaluationConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """`evolution.sigma: auto`: sigma is measured on the run's model and fitness questions (evaluation/calibration.py,
+    docs/calibration.md)."""
+
+    # the members' median per-token KL(base || member), teacher-forced on the reference answers; 0.01 is what
+    # configs/default.yaml's hand-tuned sigma (relative 0.5, +0.18 answer log-prob in 8 epochs) gives the tiny model
+    target_kl: float = 0.01
+    members: int = (
+        4  # directions per probe: probes bracket the target; the last measurement spends the rest of the budget
+    )
+    budget_epochs: float = 2.0  # at most this many epochs' member evaluations (population_size each) in all
+    start: float | None = None  # the first probe; null: 0.1 under sigma_mode relative, else 0.001
+
+
+@dataclass
+class SignalCheckConfig:
+    """Each epoch's cheap signs of no signal or collapse (run/signal.py): a warning after `patience` epochs of it."""
+
+    patience: int = 3  # epochs in a row of no signal or collapse before the warning (0: never warn)
+    stop: bool = False  # also stop the run there (the record check recomputes the stop from the history)
+
+
+@dataclass
 class EvolutionConfig(EvolutionSettings):
     """The core's settings (core/settings.py) and the run's own: how many epochs, one model or one per task."""
 
+    # auto: measured before the run at calibration.target_kl and recorded in the run's config (evaluation/calibration)
+    sigma: float | Literal["auto"] = 0.01  # type: ignore[assignment]
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    signal_check: SignalCheckConfig = field(default_factory=SignalCheckConfig)
     mode: Literal["joint", "per_task"] = "joint"
     epochs: int = 12
     freeze_nonlora: bool = False  # norms and biases FROZEN instead of FULL (the Qwen classification)
@@ -152,6 +179,10 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def with_sigma(self, sigma: float) -> Config:
+        """This config with `evolution.sigma` set (a calibrated value replacing 'auto')."""
+        return dataclasses.replace(self, evolution=dataclasses.replace(self.evolution, sigma=float(sigma)))
 
     def resolve_path(self, path: str) -> Path:
         return repo_path(path)

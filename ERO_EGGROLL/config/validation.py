@@ -45,7 +45,30 @@ def _non_finite(values: dict, prefix: str = "") -> str | None:
 
 
 def evolution_checks(evo: EvolutionConfig) -> Checks:
-    return settings_problems(evo) + [
+    cal, auto = evo.calibration, evo.sigma == "auto"
+    settings = dataclasses.replace(evo, sigma=1.0) if auto else evo  # the core checks a number
+    return settings_problems(settings) + [
+        (cal.target_kl > 0, f"evolution.calibration.target_kl must be > 0, got {cal.target_kl}"),
+        (
+            2 <= cal.members <= evo.population_size and cal.members % 2 == 0,
+            "evolution.calibration.members must be even (antithetic pairs), >= 2 and at most "
+            f"evolution.population_size, got {cal.members}",
+        ),
+        (cal.budget_epochs > 0, f"evolution.calibration.budget_epochs must be > 0, got {cal.budget_epochs}"),
+        (cal.start is None or cal.start > 0, f"evolution.calibration.start must be > 0 or null, got {cal.start}"),
+        (
+            not auto or evo.sigma_mode != "signed_mean",
+            "evolution.sigma: auto calibrates an absolute or relative sigma; sigma_mode signed_mean is ERO's own "
+            "scales: set sigma to a number",
+        ),
+        (
+            evo.signal_check.patience >= 0,
+            f"evolution.signal_check.patience must be >= 0 (0: never warn), got {evo.signal_check.patience}",
+        ),
+        (
+            not evo.signal_check.stop or evo.signal_check.patience >= 1,
+            "evolution.signal_check.stop needs evolution.signal_check.patience >= 1",
+        ),
         (evo.epochs >= 1, f"evolution.epochs must be >= 1, got {evo.epochs}"),
         (
             evo.sigma_lr == 0,

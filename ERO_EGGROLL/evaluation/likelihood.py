@@ -20,8 +20,12 @@ from ERO_EGGROLL.evaluation.generation import OOM_ADVICE
 from ERO_EGGROLL.evaluation.prepared import EvaluationError, PreparedQuestion, collate, pad_id_of, replicate
 
 
-def _batch_logprobs(model, batch: Sequence[PreparedQuestion], pad_id: int, replicas: int) -> torch.Tensor:
-    """Mean answer-token log-probability of each row, (replicas * len(batch),), member-major like generation."""
+def answer_token_log_probs(
+    model, batch: Sequence[PreparedQuestion], pad_id: int, replicas: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log_probs, targets, in_answer) of one teacher-forced forward pass, rows member-major like generation:
+    the next-token log-distributions over the last positions (rows, keep - 1, vocab), the tokens that follow them
+    and which of those positions belong to the answer (the same code scores answer_logprob and the divergence)."""
     param = next(model.parameters())
     inputs = replicate(collate(batch, pad_id, param.device, answers=True), replicas, param.dtype)
     lengths = [len(p.answer_ids) for p in batch] * replicas
@@ -34,9 +38,15 @@ def _batch_logprobs(model, batch: Sequence[PreparedQuestion], pad_id: int, repli
         logits[:, :-1], dim=-1
     )  # (rows, keep - 1, vocab): predictions of the last keep - 1 tokens
     targets = inputs["input_ids"][:, -(keep - 1) :]
+    positions = torch.arange(keep - 1, device=log_probs.device)
+    in_answer = positions.unsqueeze(0) >= (keep - 1 - torch.tensor(lengths, device=log_probs.device)).unsqueeze(1)
+    return log_probs, targets, in_answer
+
+
+def _batch_logprobs(model, batch: Sequence[PreparedQuestion], pad_id: int, replicas: int) -> torch.Tensor:
+    """Mean answer-token log-probability of each row, (replicas * len(batch),), member-major like generation."""
+    log_probs, targets, in_answer = answer_token_log_probs(model, batch, pad_id, replicas)
     token_lp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    positions = torch.arange(keep - 1, device=token_lp.device)
-    in_answer = positions.unsqueeze(0) >= (keep - 1 - torch.tensor(lengths, device=token_lp.device)).unsqueeze(1)
     return (token_lp * in_answer).sum(1) / in_answer.sum(1)
 
 

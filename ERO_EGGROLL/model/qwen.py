@@ -77,6 +77,10 @@ def classify_model(model, cfg: Config) -> list[ParamSpec]:
 
 def run_perturber(model, cfg: Config, specs: list[ParamSpec] | None = None) -> Perturber:
     """The Perturber of a run: the Qwen classification (or `specs`), the run's evolution settings and seed."""
+    if cfg.evolution.sigma == "auto":
+        raise ConfigError(
+            "evolution.sigma auto must be calibrated before a Perturber is built (evaluation/calibration.resolve_sigma)"
+        )
     return Perturber(model, specs if specs is not None else classify_model(model, cfg), cfg.evolution, cfg.seed)
 
 

@@ -16,6 +16,7 @@ from ERO_EGGROLL.config import Config
 from ERO_EGGROLL.core.ero_search import ERO_FIELDS
 from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.core.tensor_classes import ParamSpec
+from ERO_EGGROLL.evaluation.divergence import bad_signal_run, epoch_signs
 from ERO_EGGROLL.evaluation.evaluator import EvalResult, evaluate, prepare, questions_for, resolved_decoding
 from ERO_EGGROLL.evaluation.likelihood import update_with_gradient_cosine
 from ERO_EGGROLL.io.progress import bar, summary
@@ -31,7 +32,7 @@ from ERO_EGGROLL.run.stop_signals import StopFlag
 from ERO_EGGROLL.storage.checkpoints import RunState, run_started, save_checkpoint
 from ERO_EGGROLL.storage.identity import identity_of
 from ERO_EGGROLL.storage.metrics import plot_fitness, rewrite_metrics, write_resolved_config
-from ERO_EGGROLL.storage.record_check import Elite, is_finished, stopped_elite
+from ERO_EGGROLL.storage.record_check import Elite, is_finished, signal_stop, stopped_elite
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -133,6 +134,7 @@ class Evolution:
             **({key: stats[key] for key in ERO_FIELDS} if evo.search == "ero" else {}),
             **({"gradient_cosine": stats["gradient_cosine"]} if "gradient_cosine" in stats else {}),
         }
+        row.update(epoch_signs(row, self.state.history[0], cfg.evaluation.fitness))
         decision = self.step.conclude(epoch + 1, row["mean_model_fitness"])
         row.update(
             new_best=decision.new_best,
@@ -181,11 +183,41 @@ def epoch_line(row: dict, epochs: int, saved: Path) -> str:
         f"epoch {row['epoch']}/{epochs}: members {row['member_mean']:.4f} [{row['member_min']:.4f}, "
         f"{row['member_max']:.4f}]  mean model {row['mean_model_fitness']:.4f}  test "
         f"{row['mean_model_test_score']:.4f}  cells {row['mean_model_cell_accuracy']:.4f}  answer log-prob "
-        f"{row['mean_model_answer_logprob']:.4f}  |direction| {row['update_norm']:.3g}  {row['seconds']:.1f}s  "
+        f"{row['mean_model_answer_logprob']:.4f}  |direction| {row['update_norm']:.3g}  spread "
+        f"{row['fitness_spread']:.3g}"
+        + (
+            f" (at base {row['members_at_base_fitness']:.0%}, not grids {row['answers_unparsed']:.0%})"
+            if "members_at_base_fitness" in row
+            else ""
+        )
+        + f"  {row['seconds']:.1f}s  "
         f"checkpoint {disk_bytes(saved)} B  host peak {measured_peak_rss_bytes() / 2**20:.0f} MiB"
         + ("  (new best)" if row["new_best"] else "")
         + ("  (rolled back to best)" if row["rolled_back"] else "")
     )
+
+
+def signal_warning(history: list[dict], cfg: Config) -> str | None:
+    """One line when the newest `evolution.signal_check.patience` epochs all had no signal, or all collapsed: the
+    figure and the change to make (printed once, at the epoch where the run of them reaches the patience)."""
+    check = cfg.evolution.signal_check
+    verdict, epochs = bad_signal_run(history, cfg.evaluation.fitness)
+    if verdict == "ok" or not check.patience or epochs != check.patience:
+        return None
+    row = history[-1]
+    figure = f"members' fitness spread {row['fitness_spread']:.3g}"
+    if "members_at_base_fitness" in row:
+        figure += (
+            f", {row['members_at_base_fitness']:.0%} of members at the base's fitness, {row['answers_unparsed']:.0%} "
+            "of answers not a grid"
+        )
+    change = (
+        "raise evolution.sigma (x3), or set evolution.sigma: auto; `python -m ERO_EGGROLL.doctor --rehearse` scans it"
+        if verdict == "no signal"
+        else "lower evolution.sigma (/3) or evolution.lr, or set evolution.sigma: auto"
+    )
+    stop = "; stopping (evolution.signal_check.stop)" if check.stop else ""
+    return f"warning: {verdict} for {epochs} epochs ({figure}): {change}{stop}"
 
 
 @dataclass(frozen=True)
@@ -282,9 +314,12 @@ def evolve(cfg: Config, loaded: LoadedModel, target: EvolutionTarget, stop: Stop
                 break
             row = run.epoch(epoch, stop)
             summary(epoch_line(row, epochs, run.save(row)))
+            warning = signal_warning(state.history, cfg)
+            if warning:
+                summary(warning)
             progress.set_postfix(fitness=f"{row['mean_model_fitness']:.3f}", best=f"{state.best_fitness:.3f}")
             stop.check()
-            if state.finished and state.epoch < epochs:
+            if state.finished and state.epoch < epochs and not signal_stop(state, cfg.evolution):
                 summary(f"target fitness {cfg.run.target_fitness} reached: stopping early")
     finally:
         run.close()

@@ -48,6 +48,8 @@ ALLOWED_TO_CHANGE: dict[str, str] = {
     "distributed.cpus_per_worker": "how many CPUs (and torch threads) a worker gets; its weights are verified "
     "bit-identical to the driver's every epoch",
     "distributed.connect_timeout_s": "how long joining a Ray cluster may take before the run is refused",
+    "evolution.signal_check": "when a run without signal warns (or stops early, like run.target_fitness), not what "
+    "an epoch computes",
     "evolution.log_gradient_cosine": "a logged diagnostic: one backward pass of the mean model, which changes no "
     "weight and draws no noise",
 }

@@ -19,9 +19,10 @@ from typing import NoReturn
 
 from typing_extensions import TypeIs
 
-from ERO_EGGROLL.config import Config, EvolutionConfig, config_from_dict
+from ERO_EGGROLL.config import Config, EvaluationConfig, EvolutionConfig, config_from_dict
 from ERO_EGGROLL.core.digest import combined_digest
 from ERO_EGGROLL.core.ero_search import ERO_FIELDS, stop_score
+from ERO_EGGROLL.evaluation.divergence import bad_signal_run
 from ERO_EGGROLL.evaluation.evaluator import fitness_range
 from ERO_EGGROLL.storage.checkpoints import CheckpointError, RunState
 from ERO_EGGROLL.storage.record_fields import FULL, ROW_FIELDS, SEALED, broken_seal
@@ -40,7 +41,18 @@ def is_finished(state: RunState, evolution: EvolutionConfig, target_fitness: flo
     """Whether a run is done: all epochs ran, or an epoch (never the base model's evaluation) reached the target by
     the search's stop rule. The loop, resume and the record check decide it here, alike."""
     reached = stop_score(evolution.search, state.history[-1]) >= target_fitness
-    return state.epoch >= 1 and (state.epoch == evolution.epochs or reached)
+    return state.epoch >= 1 and (state.epoch == evolution.epochs or reached or signal_stop(state, evolution))
+
+
+def signal_stop(state: RunState, evolution: EvolutionConfig) -> bool:
+    """evolution.signal_check.stop: the newest `patience` epochs all had no signal, or all collapsed (recomputed from
+    the history, so the record check accepts the stop and refuses a forged one)."""
+    check = evolution.signal_check
+    if not check.stop or not check.patience:
+        return False
+    fitness = state.config.get("evaluation", {}).get("fitness", EvaluationConfig.fitness)  # the run's own config
+    verdict, epochs = bad_signal_run(state.history, fitness)
+    return verdict != "ok" and epochs >= check.patience
 
 
 def check_record(state: RunState, where: str) -> None:

@@ -19,6 +19,7 @@ SMALL = [
     "evolution.strategy=forward",
     "evaluation.members_per_batch=2",
     "evolution.optimizer=adam",
+    "evolution.calibration.members=2",  # the signal scan: 2 members per sigma
 ]
 
 
@@ -61,6 +62,9 @@ def test_rehearsal_reports_every_phase_and_leaves_weights_model_folder_and_run_f
     assert {p["name"] for p in report["phases"]} == {"resident", "evaluation", "update"}
     assert all(p["measured"] > 0 and p["predicted"] > 0 for p in report["phases"])
     assert report["members_per_batch"] == 2 and report["fits"]
+    signal = report["signal"]  # the noise and the step judged beside the memory
+    assert f"SIGNAL VERDICT: {signal['verdict']}" in text and "step: one update at lr" in text
+    assert len(signal["scan"]) == 5 and signal["suggested_sigma"] > 0 and signal["step_kl"] > 0
     out.unlink()
     model = loaded[0][0]
     assert combined_digest(tensor_digests(dict(model.named_parameters()))) == combined_digest(
