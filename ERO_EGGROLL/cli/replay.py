@@ -6,21 +6,28 @@ All noise is regenerated from keys, so a run's whole history is a few kilobytes:
 
 `--check` compares the rebuilt tensors with the checkpoint bit for bit (a run record without tensors,
 `run.checkpoint: replay`: with its digest); `--export DIR` writes the best epoch's model as the
-standard exported folder, made on demand from the base model and the run record.
+standard exported folder, made on demand from the base model and the run record; `--export-adapter DIR
+[--rank K]` writes the best epoch's change from the base model as a PEFT LoRA adapter (io/adapter.py: rank K, or
+the rank that keeps 99% of each change's energy), printing each tensor's truncation error and the adapter's fitness
+beside the full change's.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from ERO_EGGROLL.arc.tasks import ERO_TASK_IDS
-from ERO_EGGROLL.config import config_from_dict
+from ERO_EGGROLL.arc.tasks import ERO_TASK_IDS, load_tasks
+from ERO_EGGROLL.config import Config, config_from_dict
 from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.core.perturber import Perturber
+from ERO_EGGROLL.evaluation.evaluator import evaluate
+from ERO_EGGROLL.evaluation.prepared import prepare, questions_for
+from ERO_EGGROLL.io.adapter import earlier_adapter, export_lora_adapter
 from ERO_EGGROLL.io.disk import NOTHING_ELSE_CHANGED, check_output, writing
 from ERO_EGGROLL.model.export import earlier_export, export_model
 from ERO_EGGROLL.model.loading import load_model
@@ -42,6 +49,13 @@ def replay_weights(
     fitness and must equal the recorded ones, and the rebuilt weights must match the record's digest."""
     rebuild(perturber, state, upto, ReplayedBest(base_dir, None, patience))
     return {k: v.detach().clone() for k, v in perturber.evolvable_state().items()}
+
+
+def run_fitness(cfg: Config, processor) -> Callable[[nn.Module], float]:
+    """The run's own fitness of a model (the questions the search scored members on), for the adapter's report."""
+    tasks = load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)
+    prepared = prepare(questions_for(tasks, cfg, "fitness"), processor, cfg)
+    return lambda model: evaluate(model, processor, prepared, cfg).fitness
 
 
 def card_task_ids(task_ids: str | list[str]) -> list[str]:
@@ -90,6 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--export", metavar="DIR", help="write the best epoch's model as the standard exported folder (export.py)"
     )
+    parser.add_argument(
+        "--export-adapter",
+        metavar="DIR",
+        help="write the best epoch's change from the base model as a PEFT LoRA adapter (truncated SVD)",
+    )
+    parser.add_argument(
+        "--rank", type=int, help="--export-adapter's rank per tensor (default: keep 99%% of each change's energy)"
+    )
     args = parser.parse_args(argv)
     try:
         saved, _, state = load_checkpoint(Path(args.checkpoint))
@@ -102,7 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_output(args.export, "--export", earlier_export, protected)
         if args.out is not None:
             check_output(args.out, "--out", earlier_out, protected)
-        model, _ = load_model(cfg)
+        if args.export_adapter is not None:
+            check_output(args.export_adapter, "--export-adapter", earlier_adapter, protected)
+        model, processor = load_model(cfg)
         param = next(model.parameters())
         # replay evaluates nothing, so the run's own members_per_batch stands
         current = identity_of(
@@ -120,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         perturber = run_perturber(model, cfg)  # sigma from the base weights: the model is the base model here
         check_sigma(perturber, state, args.checkpoint)
+        base = {n: p.detach().clone() for n, p in perturber.params.items()} if args.export_adapter else {}
         rebuilt = replay_weights(perturber, state, base_dir, state.epoch, cfg.run.degeneration_patience)
         if args.export:
             replay_weights(perturber, state, base_dir, state.best_epoch, cfg.run.degeneration_patience)
@@ -140,6 +165,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 then=NOTHING_ELSE_CHANGED,
             )
             print(f"exported epoch {state.best_epoch} (the best) to {args.export}")
+        if args.export_adapter:
+            if not args.export:
+                replay_weights(perturber, state, base_dir, state.best_epoch, cfg.run.degeneration_patience)
+            report = export_lora_adapter(
+                model,
+                base,
+                perturber.classes,
+                Path(args.export_adapter),
+                rank=args.rank,
+                fitness=run_fitness(cfg, processor),
+                base_name=str(base_dir),
+                protected=protected,
+                what="--export-adapter",
+            )
+            print("\n".join(report.lines()))
+            print(f"exported epoch {state.best_epoch}'s change as a LoRA adapter to {args.export_adapter}")
         updates = sum(1 for r in state.history if r.get("fitness"))
         print(f"replayed {updates} update(s) of {cfg.run.name} from {len(rebuilt)} evolvable tensors")
         if args.out:
