@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(f"exported epoch {state.best_epoch} (the best) to {args.export}")
         if args.export_adapter:
-            if not args.export:
+            if not args.export and state.best_epoch != state.epoch:  # else the weights are the best epoch's already
                 replay_weights(perturber, state, base_dir, state.best_epoch, cfg.run.degeneration_patience)
             report = export_lora_adapter(
                 model,
