@@ -31,7 +31,7 @@ def test_the_default_rank_keeps_the_stated_energy_and_reports_the_error():
 
 
 @pytest.fixture
-def evolved(tiny):
+def evolved(tiny, one_torch_thread):
     """(base model copy, evolved copy, base weights, classes): rank-2 changes on the LORA weights, new FULL values."""
     model, _ = tiny
     cfg = load_config(ROOT / "configs" / "smoke.yaml")
