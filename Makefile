@@ -32,7 +32,7 @@ smoke: setup
 	$(PY) scripts/smoke_test.py
 
 bench: setup
-	$(PY) scripts/bench_noise_bridge.py
+	$(PY) scripts/bench/bench_noise_bridge.py
 
 clean-venv:
 	rm -rf $(VENV)

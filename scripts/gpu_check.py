@@ -11,7 +11,8 @@ and the next one runs):
      all 28 decoder layers (configs/qwen2_5_vl_7b.yaml on the ERO task with the longest prompt, so its
      projected times are that task's); with --cpu, the embedded tiny model and configs/smoke.yaml.
   3. cuda_tests: `pytest -m cuda` (restore bit for bit, K members as rows equal one member, replay equal to the run).
-  4. population_benchmark: scripts/bench_population.py --quick, fixed length (every call generates its max_new_tokens).
+  4. population_benchmark: scripts/bench/bench_population.py --quick, fixed length (every call generates its
+     max_new_tokens).
 """
 
 from __future__ import annotations
@@ -68,7 +69,13 @@ def part_commands(cpu: bool, layers: int, rehearsal_json: Path) -> dict[str, tup
             "--set",
             SEVEN_B_TASKS,
         ]
-    bench = [py, str(ROOT / "scripts" / "bench_population.py"), "--quick", "--device", "cpu" if cpu else "cuda"]
+    bench = [
+        py,
+        str(ROOT / "scripts" / "bench" / "bench_population.py"),
+        "--quick",
+        "--device",
+        "cpu" if cpu else "cuda",
+    ]
     return {
         "jax_beside_torch": ([py, "-c", JAX_BESIDE_TORCH], 60),
         "rehearsal": ([py, "-m", "ERO_EGGROLL.cli.rehearse", *rehearsal, "--json", str(rehearsal_json)], 210),

@@ -3,6 +3,8 @@
 Run: python scripts/make_bridge_notebook.py   (the test suite executes the notebook it writes)
 """
 
+import json
+import sys
 from pathlib import Path
 
 import nbformat
@@ -86,7 +88,20 @@ def build() -> nbformat.NotebookNode:
     return nb
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """Write the notebook, or with --check say whether the committed one's cells are this generator's."""
     out = Path(__file__).resolve().parents[1] / "notebooks" / "bridge_inspection.ipynb"
+    if (argv if argv is not None else sys.argv[1:]) == ["--check"]:
+        committed = [c["source"] for c in json.loads(out.read_text())["cells"]]
+        if committed != [c["source"] for c in json.loads(nbformat.writes(build()))["cells"]]:
+            print(f"{out} differs from its generator: run python scripts/make_bridge_notebook.py")
+            return 1
+        print(f"{out} matches its generator")
+        return 0
     nbformat.write(build(), out)
     print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

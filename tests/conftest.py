@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import runpy
 import subprocess
 import sys
@@ -14,6 +15,17 @@ import pytest
 import torch
 
 from ERO_EGGROLL.config import ROOT, Config, load_config
+
+FAULTS_PLUGIN = ROOT / "tests" / "faults"  # its sitecustomize.py injects faults into the processes started with it
+FAULTS_ENV = "EGGROLL_TEST_FAULTS"
+
+
+def fault_env(faults_file: Path, *faults: str) -> dict[str, str]:
+    """The environment of a child process (and of the Ray workers it starts) that obeys `faults`, one per line as
+    tests/faults/sitecustomize.py describes them."""
+    faults_file.write_text("".join(f"{line}\n" for line in faults))
+    path = os.pathsep.join([str(FAULTS_PLUGIN), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {**os.environ, "PYTHONPATH": path, FAULTS_ENV: str(faults_file)}
 
 
 @pytest.fixture(scope="session")

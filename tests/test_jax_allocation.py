@@ -38,7 +38,8 @@ def _top_level_imports(source: str) -> list[str]:
 
 
 def _entry_point_sources() -> dict[str, str]:
-    sources = {p.name: p.read_text() for p in sorted((ROOT / "scripts").glob("*.py"))}
+    scripts = [*(ROOT / "scripts").glob("*.py"), *(ROOT / "scripts" / "bench").glob("*.py")]
+    sources = {p.name: p.read_text() for p in sorted(scripts)}
     sources["arc_evolution_single_gpu.py"] = (ROOT / "ERO_EGGROLL" / "arc_evolution_single_gpu.py").read_text()
     notebook = json.loads((ROOT / "notebooks" / "bridge_inspection.ipynb").read_text())
     sources["bridge_inspection.ipynb"] = "\n".join(

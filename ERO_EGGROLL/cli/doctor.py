@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import platform
-import sys
 from collections.abc import Callable, Sequence
 
 from ERO_EGGROLL.cli import rehearse as rehearsal
-from ERO_EGGROLL.config import ROOT, Config, load_config
+from ERO_EGGROLL.cli.common import add_config_arguments, command, config_of
+from ERO_EGGROLL.config import ROOT, Config
 from ERO_EGGROLL.core.errors import EggrollError
 
 
@@ -122,12 +122,10 @@ def run_checks(cfg: Config | None) -> list[tuple[str, bool, str]]:
     return results
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check the environment and a config before a run.")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value"
-    )
+    add_config_arguments(parser, default=str(ROOT / "configs" / "default.yaml"))
     parser.add_argument(
         "--rehearse",
         action="store_true",
@@ -135,8 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
-    except ValueError as err:
+        cfg = config_of(args)
+    except EggrollError as err:  # a doctor reports a bad config among its other checks
         print(f"[FAIL] config: {err}")
         cfg = None
     results = run_checks(cfg)
@@ -148,11 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not healthy or cfg is None:
         print("rehearsal skipped: fix the failed checks first")
         return 1
-    try:
-        result = rehearsal.rehearse(cfg)
-    except EggrollError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = rehearsal.rehearse(cfg)
     print(result.report())
     return 0 if result.verdict()[0] else 1
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ERO_EGGROLL.arc.tasks import load_tasks
+from ERO_EGGROLL.cli.common import command
 from ERO_EGGROLL.config import load_config
 from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.evaluation.evaluator import (
@@ -25,6 +26,7 @@ from ERO_EGGROLL.io.disk import NOTHING_ELSE_CHANGED, check_output, writing
 from ERO_EGGROLL.run.record import load_evaluated_model
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Evaluate the base model, or an evolved checkpoint, on the config's ARC tasks."

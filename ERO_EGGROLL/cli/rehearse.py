@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ERO_EGGROLL.arc.tasks import load_tasks
+from ERO_EGGROLL.cli.common import command
 from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, load_config
 from ERO_EGGROLL.core.digest import combined_digest, tensor_digests
 from ERO_EGGROLL.core.errors import EggrollError
@@ -47,7 +48,7 @@ from ERO_EGGROLL.run.population import evaluate_batch, evaluate_mean_model, memb
 
 GIB = 2**30
 MARGIN = 0.10  # a run whose measured peak leaves less than this fraction of the memory free is called tight
-TOLERANCE = 0.20  # the memory model's target accuracy per phase (scripts/bench_memory.py)
+TOLERANCE = 0.20  # the memory model's target accuracy per phase (scripts/bench/bench_memory.py)
 OVERHEAD = (
     256 * 2**20
 )  # libraries' pages, JAX's compilation: what no formula of the shapes covers (tens of MiB, measured)
@@ -305,6 +306,7 @@ def write_json(result: Rehearsal, path: Path) -> None:
     path.write_text(json.dumps(report, indent=2))
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Rehearse a run: one batch of members and one update, measured and projected."

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ERO_EGGROLL.arc.tasks import ERO_TASK_IDS, load_tasks
+from ERO_EGGROLL.cli.common import command
 from ERO_EGGROLL.config import Config, config_from_dict
 from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.core.perturber import Perturber
@@ -94,6 +95,7 @@ def save_out(tensors: dict[str, torch.Tensor], path: Path) -> None:
         staging.replace(path)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Rebuild a run's evolved weights from base model + config + fitness history."

@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from ERO_EGGROLL.arc.tasks import load_tasks
-from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, config_from_dict, load_config
-from ERO_EGGROLL.core.errors import EggrollError
+from ERO_EGGROLL.cli.common import add_config_arguments, command, config_of
+from ERO_EGGROLL.config import EMBEDDED_MODEL_DIR, Config, config_from_dict
 from ERO_EGGROLL.core.tensor_classes import ParamClass
 from ERO_EGGROLL.evaluation.evaluator import EvalResult, results_table, write_table
 from ERO_EGGROLL.evaluation.prepared import questions_for
@@ -30,7 +31,7 @@ from ERO_EGGROLL.model.export import export_model
 from ERO_EGGROLL.model.loading import check_checkpoint_dir, load_model
 from ERO_EGGROLL.model.qwen import classify_model
 from ERO_EGGROLL.run.loggers import check_available as check_loggers
-from ERO_EGGROLL.run.loop import evolve
+from ERO_EGGROLL.run.loop import EvolutionResult, EvolutionTarget, LoadedModel, evolve
 from ERO_EGGROLL.run.record import base_evolvable
 from ERO_EGGROLL.run.resume import disk_bytes
 from ERO_EGGROLL.run.stop_signals import RunInterrupted, StopFlag
@@ -58,23 +59,23 @@ def ensure_model(cfg: Config) -> None:
         build_tiny_model(path)
 
 
-def export_best_model(model, cfg: Config, task_ids: list[str], evolved: dict, ckpt_dir: Path, run_dir: Path) -> None:
-    """ckpt_dir/best_model: the base model's folder with the best weights and a model card (export.py), published
-    atomically."""
+def export_best_model(cfg: Config, model, target: EvolutionTarget, evolved: EvolutionResult) -> None:
+    """<checkpoint folder>/best_model: the base model's folder with the best weights and a model card (export.py),
+    published atomically."""
 
     def card(report):
         return model_card(
             cfg,
-            task_ids,
-            evolved["history"],
-            evolved["best_epoch"],
-            evolved["best_result"],
-            ckpt_dir,
-            run_dir / "fitness_curve.png",
+            [t.id for t in target.tasks],
+            evolved.history,
+            evolved.best_epoch,
+            evolved.best_result,
+            target.ckpt_dir,
+            target.run_dir / "fitness_curve.png",
             report,
         )
 
-    export_model(model, cfg.resolve_path(cfg.model.path), ckpt_dir / "best_model", card)
+    export_model(model, cfg.resolve_path(cfg.model.path), target.ckpt_dir / "best_model", card)
 
 
 def run(cfg: Config, resume: Path | None, overwrite: bool, stop: StopFlag) -> Path:
@@ -100,8 +101,7 @@ def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: S
     if resume is None:
         claim_run_folders(ckpt_dir, run_dir, move_earlier=overwrite or cfg.run.if_exists == "move_aside")
     model, processor = load_model(cfg)
-    specs = classify_model(model, cfg)
-    base_weights = base_weights_digest(cfg)
+    loaded = LoadedModel(model, processor, classify_model(model, cfg), base_weights_digest(cfg))
     print(
         f"{cfg.run.name}: {len(tasks)} task(s), population {cfg.evolution.population_size}, rank {cfg.evolution.rank}, "
         f"{cfg.evolution.epochs} epochs, {cfg.evolution.mode} mode, {cfg.data.input_mode} input, device "
@@ -114,39 +114,30 @@ def run_locked(cfg: Config, tasks, resume: Path | None, overwrite: bool, stop: S
         return resume if resume.parent.resolve() == folder.resolve() else folder
 
     if cfg.evolution.mode == "joint":
-        out = evolve(cfg, model, processor, tasks, run_dir, ckpt_dir, stop, resume_from(ckpt_dir), specs, base_weights)
-        best_result = out["best_result"]
+        target = EvolutionTarget(tasks, run_dir, ckpt_dir, resume_from(ckpt_dir))
+        out = evolve(cfg, loaded, target, stop)
+        best_result = out.best_result
         if cfg.run.export_best == "all":
-            export_best_model(model, cfg, [t.id for t in tasks], out, ckpt_dir, run_dir)
+            export_best_model(cfg, model, target, out)
     else:
-        evolvable = [s.name for s in specs if s.cls is not ParamClass.FROZEN]
+        evolvable = [s.name for s in loaded.specs if s.cls is not ParamClass.FROZEN]
         answers, per_task = [], {}
         for i, task in enumerate(tasks):
             if i:  # each task starts from the base weights, read again from the model's files (no copy held in RAM)
                 assign_weights(
                     model, base_evolvable(model, cfg.resolve_path(cfg.model.path), evolvable), "base weights"
                 )
-            out = evolve(
-                cfg,
-                model,
-                processor,
-                [task],
-                run_dir / task.id,
-                ckpt_dir / task.id,
-                stop,
-                resume_from(ckpt_dir / task.id),
-                specs,
-                base_weights,
-            )
+            target = EvolutionTarget([task], run_dir / task.id, ckpt_dir / task.id, resume_from(ckpt_dir / task.id))
+            out = evolve(cfg, loaded, target, stop)
             if cfg.run.export_best == "all":
-                export_best_model(model, cfg, [task.id], out, ckpt_dir / task.id, run_dir / task.id)
-            result = out["best_result"]
+                export_best_model(cfg, model, target, out)
+            result = out.best_result
             summary(
-                f"task {task.id}: best epoch {out['best_epoch']}, test score {result.fitness:.4f}, "
+                f"task {task.id}: best epoch {out.best_epoch}, test score {result.fitness:.4f}, "
                 f"cells {result.metric('cell_accuracy')[task.id]:.4f}, exact {result.metric('exact')[task.id]:.4f}"
             )
-            per_task.update(out["best_result"].per_task)
-            answers += out["best_result"].answers
+            per_task.update(result.per_task)
+            answers += result.answers
         best_result = EvalResult(per_task, answers)
     with writing(run_dir / "final_table.md"):
         csv_path, md_path = write_table(results_table([t.id for t in tasks], best_result), run_dir / "final_table")
@@ -181,12 +172,10 @@ def _run_folder_of(resume: Path, cfg: Config) -> Path:
     return resume.parent if resume.parent.resolve() == cfg.checkpoint_path.resolve() else resume.parent.parent
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Evolve Qwen2.5-VL on ARC-1 with EGGROLL.")
-    parser.add_argument("--config", help="YAML config (configs/default.yaml, smoke.yaml, qwen2_5_vl_7b.yaml)")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value"
-    )
+    add_config_arguments(parser, required=False)
     parser.add_argument(
         "--resume",
         metavar="CHECKPOINT_DIR",
@@ -205,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     resume = Path(args.resume) if args.resume else None
     try:
         if args.config:
-            cfg = load_config(args.config, args.set)
+            cfg = config_of(args)
         elif resume:
             cfg = config_from_dict(_saved_state(resume).config, f"{resume} (saved config)", args.set)
         else:
@@ -220,7 +209,4 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except EggrollError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     return 0

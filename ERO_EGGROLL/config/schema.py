@@ -1,7 +1,8 @@
 """The run config's schema: one dataclass per YAML section, with defaults and what each value means.
 
-The `evolution` section extends the core's own settings (core/settings.py); each part of the
-application is handed the sections it reads.
+The `evolution` section extends the core's own settings (core/settings.py). The core is handed only those settings;
+the application's other layers (evaluation, model, memory, storage) still take the whole `Config` and read their
+sections from it (issue #30 item 1 narrows them to their sections; not done yet).
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ class Perturber:
         reseed_step, clamp).
 
         The defaults (Adam, lr 0.002, sigma 0.002, rank 1, z-score fitness) were chosen by
-        scripts/bench_vs_evotorch.py (docs/comparisons-generic.md); full-rank habits (sigma 0.02, Adam lr
+        scripts/bench/bench_vs_evotorch.py (docs/comparisons-generic.md); full-rank habits (sigma 0.02, Adam lr
         0.01) diverge there. sigma is each element's standard deviation, as in full-rank ES, but rank-r
         noise puts it into r directions, so the perturbation's operator norm is far larger than a
         full-rank one's of the same sigma: start in 0.0005-0.005 (or sigma_mode='relative', 0.05-0.2).

@@ -56,7 +56,7 @@ class EvolutionSettings:
 
 
 # Perturber.for_module's defaults for any module, beside the dataclass's (which the run config inherits, tuned for
-# Qwen2.5-VL on ARC). Chosen by scripts/bench_vs_evotorch.py (docs/comparisons-generic.md): Adam, lr 0.002, sigma
+# Qwen2.5-VL on ARC). Chosen by scripts/bench/bench_vs_evotorch.py (docs/comparisons-generic.md): Adam, lr 0.002, sigma
 # 0.002, rank 1, population 64. With search='ero' the step is the move to the elites' average: lr 1.0 and SGD, and
 # every member its own draw (two elites of one antithetic pair would cancel).
 FOR_MODULE_DEFAULTS: dict[str, Any] = {

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from ERO_EGGROLL.arc.fitness import METRICS, cell_accuracy, char_similarity, exact
 from ERO_EGGROLL.config import Config
-from ERO_EGGROLL.evaluation.generation import generate_answers, resolved_decoding
+from ERO_EGGROLL.evaluation.decoding import resolved_decoding
+from ERO_EGGROLL.evaluation.generation import generate_answers
 from ERO_EGGROLL.evaluation.likelihood import answer_logprobs
 from ERO_EGGROLL.evaluation.prepared import EvaluationError, PreparedQuestion, prepare, questions_for
 

@@ -6,7 +6,6 @@ Decoding comes from the config alone (`evaluation.decoding`, greedy by default);
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 from transformers import GenerationConfig
 
 from ERO_EGGROLL.config import Config
+from ERO_EGGROLL.evaluation.decoding import GENERATE_DEFAULTS
 from ERO_EGGROLL.evaluation.prepared import (
     END_OF_TURN,
     EvaluationError,
@@ -30,32 +30,12 @@ OOM_ADVICE = (
     "evaluation.max_new_tokens_cap or data.max_train_examples, or use data.input_mode: text. `python -m "
     "ERO_EGGROLL.memory --config <yaml>` predicts the peak."
 )
-DECODING_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
-
-
-def resolved_decoding(cfg: Config) -> dict:
-    """The decoding values in force: the config's, or (preset 'ero') the base checkpoint's generation_config.json
-    as transformers would complete it, which is what ERO's evaluation used. Recorded in the run's metrics."""
-    dec = cfg.evaluation.decoding
-    if dec.preset == "explicit":
-        return {name: getattr(dec, name) for name in DECODING_FIELDS}
-    path = cfg.resolve_path(cfg.model.path) / "generation_config.json"
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise EvaluationError(
-            f"evaluation.decoding.preset 'ero' reads the base checkpoint's {path}, which cannot be read "
-            f"({err}); copy it from the downloaded checkpoint, or use preset 'explicit'"
-        ) from None
-    defaults = GenerationConfig._get_default_generation_params()  # what generate() fills in for unset values
-    return {name: saved.get(name, defaults[name]) for name in DECODING_FIELDS}
 
 
 def generation_config(decoding: dict, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> GenerationConfig:
     """A GenerationConfig with every generation parameter set (transformers' global defaults, then ours), so that
     generate() fills nothing in from the checkpoint's generation_config.json."""
-    values = GenerationConfig._get_default_generation_params()
-    del values["max_length"]  # max_new_tokens decides the length
+    values = dict(GENERATE_DEFAULTS)  # max_new_tokens, not max_length, decides the length
     values.update(
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id,
@@ -90,7 +70,7 @@ def generate_answers(
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     pad_id = pad_id_of(tokenizer)
     param = next(model.parameters())
-    decoding = resolved_decoding(cfg)
+    decoding = prepared[0].decoding if prepared else {}
     out: list[list[tuple[str, int]]] = [[] for _ in range(replicas)]
     bs = cfg.evaluation.batch_size
     for start in range(0, len(prepared), bs):

@@ -6,7 +6,7 @@ write grids), the score is the mean over the answer's tokens of log P(a_j | p, a
 0 only for a model certain of the whole answer. One forward pass per question scores every answer
 token at once; it separates members even when their greedy answers are identical, and a longer or
 shorter answer cannot score better than the right one. The same code, with gradients, is the
-objective that backprop follows (`scripts/es_vs_backprop.py`, `evolution.log_gradient_cosine`).
+objective that backprop follows (`scripts/bench/es_vs_backprop.py`, `evolution.log_gradient_cosine`).
 """
 
 from __future__ import annotations

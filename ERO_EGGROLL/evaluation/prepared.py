@@ -25,6 +25,7 @@ from ERO_EGGROLL.arc.prompts import (
 from ERO_EGGROLL.arc.tasks import ArcTask, Grid
 from ERO_EGGROLL.config import Config, EvaluationConfig
 from ERO_EGGROLL.core.errors import EggrollError
+from ERO_EGGROLL.evaluation.decoding import resolved_decoding
 
 END_OF_TURN = "<|im_end|>"
 
@@ -41,6 +42,7 @@ class PreparedQuestion:
     inputs: dict  # input_ids, attention_mask (1-D), plus pixel_values / image_grid_thw for image modes
     max_new_tokens: int
     answer_ids: list[int]  # the target's assistant turn: answer_text(target) then <|im_end|>; read only by scoring
+    decoding: dict  # decoding.resolved_decoding, resolved once by `prepare` for all its questions
 
 
 def questions_for(tasks: Sequence[ArcTask], cfg: Config, purpose: str) -> list[Question]:
@@ -75,6 +77,7 @@ def token_budget(ev: EvaluationConfig, question: Question, count_tokens: Callabl
 def prepare(questions: Sequence[Question], processor, cfg: Config) -> list[PreparedQuestion]:
     """Chat template, tokens and pixels of every question, its max_new_tokens and its answer's tokens."""
     prepared = []
+    decoding = resolved_decoding(cfg)
     tokenizer = processor.tokenizer
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
 
@@ -87,7 +90,9 @@ def prepare(questions: Sequence[Question], processor, cfg: Config) -> list[Prepa
         inputs = processor(text=[text], images=images or None, return_tensors="pt")
         inputs = {k: (v[0] if k in ("input_ids", "attention_mask") else v) for k, v in inputs.items()}
         answer_ids = tokenizer(answer_text(q.target), add_special_tokens=False)["input_ids"] + [end_of_turn]
-        prepared.append(PreparedQuestion(q, dict(inputs), token_budget(cfg.evaluation, q, count_tokens), answer_ids))
+        prepared.append(
+            PreparedQuestion(q, dict(inputs), token_budget(cfg.evaluation, q, count_tokens), answer_ids, decoding)
+        )
     return prepared
 
 

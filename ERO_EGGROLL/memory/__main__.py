@@ -1,5 +1,5 @@
-"""python -m ERO_EGGROLL.memory --config configs/qwen2_5_vl_7b.yaml: the memory model's report."""
+"""`python -m ERO_EGGROLL.memory`: the command lives in ERO_EGGROLL.cli.memory."""
 
-from ERO_EGGROLL.memory.model import main
+from ERO_EGGROLL.cli.memory import main
 
 raise SystemExit(main())

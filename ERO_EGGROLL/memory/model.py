@@ -8,14 +8,12 @@ weights are downloaded:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ERO_EGGROLL.config import Config, ConfigError, load_config
+from ERO_EGGROLL.config import Config
 from ERO_EGGROLL.core.tensor_classes import ParamClass, ParamSpec
 from ERO_EGGROLL.model.qwen import architecture_json, classify, meta_model_from_config_json
 
@@ -156,7 +154,7 @@ def resident_phase(cfg: Config, sh: _Shapes, b: int, on_gpu: bool) -> tuple[dict
 
 # Live activations of one decoder layer during the prefill, in units of (rows x prompt tokens x width x dtype
 # bytes): the MLP holds act(gate), up and their product (3 x intermediate); attention holds the residual, the
-# normed input, q, the attention output and its projection (about 6 x hidden). Checked by scripts/bench_memory.py.
+# normed input, q, the attention output and its projection (about 6 x hidden). Checked by scripts/bench/bench_memory.py.
 PREFILL_INTERMEDIATE_COPIES = 3
 PREFILL_HIDDEN_COPIES = 6
 PIXEL_VALUES_PER_PATCH = 3 * 2 * 14 * 14  # channels x temporal patch x 14 x 14, fp32
@@ -164,8 +162,8 @@ PIXEL_VALUES_PER_PATCH = 3 * 2 * 14 * 14  # channels x temporal patch x 14 x 14,
 
 # On the CPU, a reduced-precision Linear whose input is a slice (the prefill's last position, `hidden[:, -1:]`) makes a
 # copy of its weight per batch row: the output head's 152,064 x 3584 x 2 bytes per row at the 7B's shapes (measured:
-# 4 rows 4.06 GiB, scripts/bench_memory.py 7b@2:bfloat16:sgd; 1, 2, 4 rows 1, 2, 4 copies on a narrower model; none in
-# fp32, none for a contiguous input). GPU GEMMs run in bf16 natively.
+# 4 rows 4.06 GiB, scripts/bench/bench_memory.py 7b@2:bfloat16:sgd; 1, 2, 4 rows 1, 2, 4 copies on a narrower model;
+# none in fp32, none for a contiguous input). GPU GEMMs run in bf16 natively.
 CPU_UPCAST = "copies of the output head, one per row (CPU reduced-precision matmul on a sliced input)"
 
 
@@ -365,19 +363,3 @@ def report(cfg: Config) -> str:
         "phase grows with N, by a few N(m+n)r x 4 bytes of the largest tensor",
     ]
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Predict a run's peak memory (no weights needed).")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = parser.parse_args(argv)
-    try:
-        print(report(load_config(args.config, args.set)))
-    except ConfigError as err:
-        parser.exit(2, f"error: {err}\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,7 +12,6 @@ Rules (explicit `params.overrides` patterns win over them):
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
 from collections.abc import Iterable, Sequence
@@ -22,7 +21,7 @@ from typing import cast
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
-from ERO_EGGROLL.config import Config, ConfigError, load_config
+from ERO_EGGROLL.config import Config, ConfigError
 from ERO_EGGROLL.core.forward_rules import RowRule, declare_row_rule, per_member_blocks
 from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.core.tensor_classes import ParamClass, ParamSpec, make_specs
@@ -151,29 +150,3 @@ def format_summary(rows: list[dict]) -> str:
             )
         )
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Summarize the FROZEN/LORA/FULL classes of a config's model (no weights needed)."
-    )
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--list", action="store_true", help="also list every tensor with its class")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-        source = architecture_json(cfg)
-        specs = classify_model(meta_model_from_config_json(source), cfg)
-    except ConfigError as err:
-        parser.exit(2, f"error: {err}\n")
-    print(f"architecture: {source}\nrank {cfg.evolution.rank}, noise drawn in float32\n")
-    print(format_summary(summarize(specs, cfg.evolution.rank)))
-    if args.list:
-        for s in specs:
-            print(f"{s.cls.value:6s} {s.name} {list(s.shape)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

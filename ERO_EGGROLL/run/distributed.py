@@ -27,7 +27,7 @@ from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.run.population import MemberProgress, member_batches
 from ERO_EGGROLL.run.record import tensor_digests
 from ERO_EGGROLL.run.stop_signals import StopFlag
-from ERO_EGGROLL.run.worker import FAULT_ENV, PopulationWorker
+from ERO_EGGROLL.run.worker import PopulationWorker
 from ERO_EGGROLL.storage.identity import check_identity
 
 OBJECT_STORE_BYTES = 200 * 2**20  # a local instance: only fitness values and digests travel
@@ -144,8 +144,6 @@ class WorkerPool:
             str(Path(str(m.__file__)).resolve().parents[1]) for m in (ERO_EGGROLL, hyperscalees)
         ]  # this checkout, not an installed copy
         env = {"PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-        if os.environ.get(FAULT_ENV):
-            env[FAULT_ENV] = os.environ[FAULT_ENV]
         self.actor_class = ray.remote(PopulationWorker).options(
             num_cpus=dist.cpus_per_worker,
             num_gpus=dist.gpus_per_worker if cuda else 0,

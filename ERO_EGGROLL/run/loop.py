@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 
+from ERO_EGGROLL.arc.tasks import ArcTask
 from ERO_EGGROLL.config import Config
 from ERO_EGGROLL.core.ero_search import ERO_FIELDS
 from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.core.tensor_classes import ParamSpec
-from ERO_EGGROLL.evaluation.evaluator import evaluate, prepare, questions_for, resolved_decoding
+from ERO_EGGROLL.evaluation.evaluator import EvalResult, evaluate, prepare, questions_for, resolved_decoding
 from ERO_EGGROLL.evaluation.likelihood import update_with_gradient_cosine
 from ERO_EGGROLL.io.progress import bar, summary
 from ERO_EGGROLL.memory.measure import measured_peak_rss_bytes, peak_memory_scope, reset_peak_memory
@@ -190,18 +191,39 @@ def epoch_line(row: dict, epochs: int, saved: Path) -> str:
     )
 
 
-def prepare_evolution(
-    cfg: Config,
-    model,
-    processor,
-    tasks,
-    run_dir: Path,
-    ckpt_dir: Path,
-    resume_from: Path | None,
-    specs: list[ParamSpec],
-    base_weights: str,
-) -> Evolution:
+@dataclass(frozen=True)
+class LoadedModel:
+    """The model a run evolves, loaded once: weights, processor, tensor classes and the base weights' digest."""
+
+    model: torch.nn.Module
+    processor: Any
+    specs: list[ParamSpec]
+    base_weights: str  # storage/identity.base_weights_digest
+
+
+@dataclass(frozen=True)
+class EvolutionTarget:
+    """What one evolution works on (all tasks jointly, or one task in per_task mode), and where it writes."""
+
+    tasks: list[ArcTask]
+    run_dir: Path
+    ckpt_dir: Path
+    resume_from: Path | None  # None, the run's checkpoint folder, or one of its epoch_NNNN/ directories
+
+
+@dataclass(frozen=True)
+class EvolutionResult:
+    """How an evolution ended: its best epoch, that model's test evaluation, and the run's history."""
+
+    best_epoch: int
+    best_result: EvalResult
+    history: list[dict]
+
+
+def prepare_evolution(cfg: Config, loaded: LoadedModel, target: EvolutionTarget) -> Evolution:
     """The perturber, the questions, the run's identity and state (new, or resumed exactly), and its epoch step."""
+    model, processor, specs, tasks = loaded.model, loaded.processor, loaded.specs, target.tasks
+    run_dir, ckpt_dir, resume_from = target.run_dir, target.ckpt_dir, target.resume_from
     param = next(model.parameters())
     perturber = run_perturber(model, cfg, specs)
     fitness_q = prepare(questions_for(tasks, cfg, "fitness"), processor, cfg)
@@ -210,7 +232,12 @@ def prepare_evolution(
     )
     k = members_per_batch(cfg, model, perturber, fitness_q)
     identity = identity_of(
-        cfg, specs, device_type=param.device.type, dtype=param.dtype, members_per_batch=k, base_weights=base_weights
+        cfg,
+        specs,
+        device_type=param.device.type,
+        dtype=param.dtype,
+        members_per_batch=k,
+        base_weights=loaded.base_weights,
     )
     state = RunState(identity=identity, config=cfg.to_dict())
     replay_mode = cfg.run.checkpoint == "replay"
@@ -231,24 +258,14 @@ def prepare_evolution(
     )
 
 
-def evolve(
-    cfg: Config,
-    model,
-    processor,
-    tasks,
-    run_dir: Path,
-    ckpt_dir: Path,
-    stop: StopFlag,
-    resume_from: Path | None,
-    specs: list[ParamSpec],
-    base_weights: str,
-) -> dict:
-    """One evolution (all tasks jointly, or one task in per_task mode). Returns the best model's test result row data.
+def evolve(cfg: Config, loaded: LoadedModel, target: EvolutionTarget, stop: StopFlag) -> EvolutionResult:
+    """One evolution (all tasks jointly, or one task in per_task mode), and its best model's test evaluation.
 
-    `resume_from`: None (a new run), the run's checkpoint folder (continue from its newest checkpoint), or one of its
-    epoch_NNNN/ directories (go back there; later epochs are moved aside). Resume is exact or refused."""
-    run = prepare_evolution(cfg, model, processor, tasks, run_dir, ckpt_dir, resume_from, specs, base_weights)
-    state, epochs = run.state, cfg.evolution.epochs
+    `target.resume_from`: None (a new run), the run's checkpoint folder (continue from its newest checkpoint), or one
+    of its epoch_NNNN/ directories (go back there; later epochs are moved aside). Resume is exact or refused."""
+    run = prepare_evolution(cfg, loaded, target)
+    state, epochs, tasks = run.state, cfg.evolution.epochs, target.tasks
+    ckpt_dir, run_dir = target.ckpt_dir, target.run_dir
     try:
         if cfg.distributed.workers > 1 and not state.finished:  # Ray actors evaluate the members (distributed.py)
             run.workers = WorkerPool(
@@ -276,5 +293,5 @@ def evolve(
     rewrite_metrics(run_dir, state.history)
     plot_fitness(run_dir, state.history, f"{cfg.run.name}: {', '.join(t.id for t in tasks)}")
     run.best.restore(run.perturber, state)  # the best epoch's weights, for the final evaluation and the export
-    best_test = evaluate(model, processor, run.test_q, cfg, (BEST_MODEL_STREAM,), report=True)
-    return {"best_epoch": state.best_epoch, "best_result": best_test, "history": state.history}
+    best_test = evaluate(loaded.model, loaded.processor, run.test_q, cfg, (BEST_MODEL_STREAM,), report=True)
+    return EvolutionResult(state.best_epoch, best_test, state.history)

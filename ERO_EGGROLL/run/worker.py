@@ -10,7 +10,6 @@ demand) runs before anything imports JAX.
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -26,12 +25,6 @@ from ERO_EGGROLL.run.record import ClonedBest, tensor_digests
 from ERO_EGGROLL.storage.checkpoints import RunState
 from ERO_EGGROLL.storage.identity import base_weights_digest, identity_of
 
-# Test-only fault injection, "<kind>:<worker>:<n>" (like storage/checkpoints.SLOW_WRITE_ENV). Only the worker's first
-# process
-# obeys it, so that its replacement runs normally. kind 'exit': the process exits when asked for a batch after it has
-# evaluated n members (a lost machine, mid-epoch); kind 'drift': after the epoch-n step it moves one weight by one ulp.
-FAULT_ENV = "ERO_EGGROLL_FAULT_WORKER"
-
 
 class PopulationWorker:
     """Holds one copy of the model, moved epoch by epoch exactly as the driver's is."""
@@ -40,6 +33,7 @@ class PopulationWorker:
         cfg = config_from_dict(config, "the driver's config")
         torch.set_num_threads(cfg.distributed.cpus_per_worker)  # the CPUs Ray gave this worker, no more
         self.cfg, self.k = cfg, members_per_batch
+        self.slot, self.incarnation = slot, incarnation  # the driver's numbering: which worker, how many restarts
         self.model, self.processor = load_model(cfg)
         self.specs = classify_model(self.model, cfg)
         self.perturber = run_perturber(self.model, cfg, self.specs)
@@ -47,10 +41,6 @@ class PopulationWorker:
         self.step = EpochStep(self.perturber, RunState(), cfg.run.degeneration_patience, ClonedBest())
         tasks = load_tasks(cfg.data.source, cfg.data.split, task_ids)
         self.questions = prepare(questions_for(tasks, cfg, "fitness"), self.processor, cfg)
-        self.members_done = 0
-        kind, _, rest = os.environ.get(FAULT_ENV, "").partition(":")
-        worker, _, n = rest.partition(":")
-        self.fault = (kind, int(n)) if kind and incarnation == 0 and int(worker) == slot else None
 
     def identity(self) -> dict:
         """This worker's run identity (storage/identity.identity_of): device type, versions, base weights, tensor
@@ -71,17 +61,10 @@ class PopulationWorker:
         start = time.perf_counter()
         for row in rows:
             self.step.apply(row)
-            if self.fault == ("drift", row["epoch"]):
-                with torch.no_grad():
-                    flat = next(iter(self.perturber.params.values())).view(-1)
-                    flat[0] = torch.nextafter(flat[0], torch.tensor(float("inf"), dtype=flat.dtype))
         return tensor_digests(self.perturber.evolvable_state()), time.perf_counter() - start
 
     def evaluate(self, epoch: int, ids: list[int]) -> tuple[list[float], float]:
         """The fitness of members `ids` of `epoch` (one generate call for several), and the seconds it took."""
-        if self.fault is not None and self.fault[0] == "exit" and self.members_done >= self.fault[1]:
-            os._exit(1)
         start = time.perf_counter()
         fitness = evaluate_batch(self.perturber, self.model, self.processor, self.questions, self.cfg, epoch, ids)
-        self.members_done += len(ids)
         return fitness, time.perf_counter() - start

@@ -48,11 +48,6 @@ def epoch_number(epoch_dir: Path) -> int:
     return int(epoch_dir.name.removeprefix("epoch_"))
 
 
-# Test-only fault injection: "NAME:SECONDS" sleeps inside the write of checkpoint directory NAME,
-# after its tensors are written and before it is complete, so a test can kill -9 the process there.
-SLOW_WRITE_ENV = "ERO_EGGROLL_FAULT_SLOW_WRITE"
-
-
 class CheckpointError(EggrollError):
     """A checkpoint that cannot be written or read, with the path and what to do."""
 
@@ -110,12 +105,6 @@ STATE_TYPES = {
 }
 
 
-def _slow_write_fault(name: str) -> None:
-    spec = os.environ.get(SLOW_WRITE_ENV, "")
-    if spec.partition(":")[0] == name:
-        time.sleep(float(spec.partition(":")[2]))
-
-
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors with each tensor's byte hash in the header, checked when it is read back."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -135,7 +124,6 @@ def _write_checkpoint_files(
     with writing(target):
         _save_tensors(weights, folder / WEIGHTS_FILE)
         _save_tensors(optimizer, folder / OPTIMIZER_FILE)
-        _slow_write_fault(target.name)
         (folder / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
         if keep:
             (folder / KEEP_MARK).touch()  # exempt from pruning, decided before the directory becomes visible

@@ -4,7 +4,7 @@ learning."""
 from __future__ import annotations
 
 import copy
-import sys
+import runpy
 import weakref
 
 import pytest
@@ -15,8 +15,6 @@ from ERO_EGGROLL.config import ROOT, ConfigError
 from ERO_EGGROLL.core.forward_rules import ROW_RULES, declare_row_rule
 from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.core.tensor_classes import NORM_TYPES, ParamClass
-
-sys.path.insert(0, str(ROOT / "scripts" / "examples"))
 
 
 def perturber(net: nn.Module, **options) -> Perturber:
@@ -271,14 +269,13 @@ def test_bad_options_are_refused_clearly(options, message):
 
 def test_examples_mlp_and_cnn_learn_from_scratch():
     """The README's examples, shortened: the held-out loss falls clearly within a few dozen epochs."""
-    import cnn_bars
-    import mlp_regression
-
+    examples = ROOT / "scripts" / "examples"  # run as the README runs them, not imported from the suite's path
+    mlp_regression, cnn_bars = (runpy.run_path(str(examples / f"{name}.py")) for name in ("mlp_regression", "cnn_bars"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the examples do: nets this small run fastest on one thread
     try:
-        mlp = mlp_regression.run(epochs=20)
-        cnn = cnn_bars.run(epochs=30)
+        mlp = mlp_regression["run"](epochs=20)
+        cnn = cnn_bars["run"](epochs=30)
     finally:
         torch.set_num_threads(threads)
     assert mlp["after"] < 0.75 * mlp["before"], mlp

@@ -9,8 +9,8 @@ import torch
 from ERO_EGGROLL.arc.prompts import answer_text
 from ERO_EGGROLL.arc.tasks import load_tasks
 from ERO_EGGROLL.config import ROOT, load_config
+from ERO_EGGROLL.evaluation.decoding import GENERATE_DEFAULTS, DecodingError
 from ERO_EGGROLL.evaluation.evaluator import (
-    EvaluationError,
     evaluate,
     prepare,
     questions_for,
@@ -91,13 +91,25 @@ def test_greedy_default_ignores_the_checkpoints_generation_config(tiny, penalise
         "top_k": 50,
         "repetition_penalty": 3.0,
     }
+    prepared = prepare(questions_for(load_tasks(ids=cfg.data.task_ids), cfg, "test"), processor, cfg)
+    (penalised_copy / "generation_config.json").unlink()  # resolved once by prepare: generation reads no file
     assert [a.text for a in evaluate(penalised_model, processor, prepared, cfg).answers] != reference
 
 
 def test_ero_preset_without_a_generation_config_is_a_clear_error(tmp_path):
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"model.path={tmp_path}", "evaluation.decoding.preset=ero"])
-    with pytest.raises(EvaluationError, match="generation_config.json.*preset 'explicit'"):
+    with pytest.raises(DecodingError, match="generation_config.json.*preset 'explicit'"):
         resolved_decoding(cfg)
+
+
+def test_pinned_generate_defaults_are_what_the_installed_transformers_fills_in():
+    """GENERATE_DEFAULTS stands in for a private transformers API; a transformers upgrade that changes it fails
+    here (the test may read the private API, the product does not)."""
+    from transformers import GenerationConfig
+
+    defaults = GenerationConfig._get_default_generation_params()
+    del defaults["max_length"]  # max_new_tokens decides the length
+    assert GENERATE_DEFAULTS == defaults
 
 
 def test_sampled_answers_are_a_function_of_seed_stream_and_question(setup):

@@ -89,15 +89,14 @@ def test_cli_for_the_7b_without_weights():
 _RSS_CHILD = """
 import json, sys
 import psutil, torch
-sys.path.insert(0, {scripts!r})
-from bench_member import random_30m_model
 from ERO_EGGROLL.config import ROOT, load_config
 from ERO_EGGROLL.memory.model import UPDATE_FACTOR_COPIES, Workload, estimate, plan_run
 from ERO_EGGROLL.memory.check import DoesNotFit, check_fits
 from ERO_EGGROLL.memory.measure import measured_peak_rss_bytes
 from ERO_EGGROLL.model.qwen import classify_model
+from ERO_EGGROLL.model.random_model import SHAPES, random_model
 rss_before = psutil.Process().memory_info().rss
-model = random_30m_model(ROOT / "checkpoints" / "tiny-qwen2.5-vl")
+model = random_model(ROOT / "checkpoints" / "tiny-qwen2.5-vl", SHAPES["26m"])
 ids = torch.randint(0, 300, (2, 400))
 with torch.no_grad():
     model.generate(
@@ -108,7 +107,7 @@ cfg = load_config(ROOT / "configs" / "smoke.yaml", ["evolution.sigma_mode=absolu
 est = estimate(
     cfg, model.config.to_dict(), classify_model(model, cfg), Workload(400, 32, 0, 2), "float32", on_gpu=False
 )
-print(json.dumps({{"measured": measured, "predicted": sum(est.resident.values()) + est.evaluation_total}}))
+print(json.dumps({"measured": measured, "predicted": sum(est.resident.values()) + est.evaluation_total}))
 """
 
 
@@ -118,7 +117,7 @@ def test_predicted_peak_matches_measured_rss_growth(tiny_model_dir):
     Measured when written: 174 MB against 144 MB predicted (1.21x); the rest is allocator and library overhead.
     """
     done = subprocess.run(
-        [sys.executable, "-c", _RSS_CHILD.format(scripts=str(ROOT / "scripts"))],
+        [sys.executable, "-c", _RSS_CHILD],
         capture_output=True,
         text=True,
         timeout=300,
@@ -205,8 +204,8 @@ def test_ero_search_member_noise_and_restore_copies_match_the_real_tensors(setup
 
 
 def test_a_cpu_bf16_run_pays_a_copy_of_the_output_head_per_row_and_a_gpu_or_fp32_run_none():
-    """Measured at the 7B's shapes (scripts/bench_memory.py 7b@2:bfloat16:sgd): with 4 rows the CPU's bf16 matmul copied
-    the 152,064 x 3584 head 4 times, 4.06 GiB of the 4.19 GiB the evaluation phase took;
+    """Measured at the 7B's shapes (scripts/bench/bench_memory.py 7b@2:bfloat16:sgd): with 4 rows the CPU's bf16 matmul
+    copied the 152,064 x 3584 head 4 times, 4.06 GiB of the 4.19 GiB the evaluation phase took;
     the model missed it by 14x before."""
     from ERO_EGGROLL.memory.model import CPU_UPCAST
     from ERO_EGGROLL.model.qwen import classify, meta_model_from_config_json

@@ -9,28 +9,38 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
-from conftest import run_args
+from conftest import FAULTS_ENV, fault_env, run_args
 from test_evolution_run import assert_same_weights, final_weights, metrics
 from test_run_record import record, resume, without_timings
 
 from ERO_EGGROLL.config import Config, ConfigError, config_from_dict
-from ERO_EGGROLL.run.worker import FAULT_ENV
 
 ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
-def ray_address():
-    """A 2-CPU local Ray instance, as `ray start --head` would give on a machine; ended with the module."""
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+def ray_address(tmp_path_factory):
+    """A 2-CPU local Ray instance, as `ray start --head` would give on a machine; ended with the module. Its workers
+    read their faults from one file, which each run writes (distributed_run)."""
+    faults = tmp_path_factory.mktemp("faults") / "faults.txt"
+    faults.write_text("")
+    os.environ[FAULTS_ENV] = str(faults)  # the workers inherit it from the instance
+    try:
+        ray.init(
+            address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False
+        )
+        yield ray.get_runtime_context().gcs_address
+        ray.shutdown()
+    finally:
+        del os.environ[FAULTS_ENV]
 
 
 def distributed_run(tmp, name: str, address: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **({FAULT_ENV: fault} if fault else {})}
+    """A 2-worker run joining `address`; `fault` (tests/faults/sitecustomize.py) is obeyed by its workers."""
+    env = fault_env(Path(os.environ[FAULTS_ENV]), *([fault] if fault else []))
     args = run_args(
         tmp, name, "distributed.workers=2", "distributed.cpus_per_worker=1", f"distributed.address={address}"
     )
@@ -46,7 +56,7 @@ def assert_same_run(tmp, name: str, reference) -> list[dict]:
 def test_two_workers_equal_the_single_process_run_even_when_one_is_lost(reference, tmp_path, ray_address):
     """Both workers take member batches; worker 1 exits when asked for its 2nd batch, its batch goes to worker 0 and
     a replacement replays the history: every number and digest still equals the one-process run's."""
-    done = distributed_run(tmp_path, "two", ray_address, fault="exit:1:1")
+    done = distributed_run(tmp_path, "two", ray_address, fault="exit 1 1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "worker 1 lost in epoch" in done.stderr
     workers = assert_same_run(tmp_path, "two", reference)
@@ -98,7 +108,7 @@ def test_ero_search_on_two_workers_through_a_reset_then_resumed_by_replay_is_the
 
 def test_a_worker_whose_weights_drift_stops_the_run(tmp_path, tiny_model_dir, ray_address):
     done = distributed_run(
-        tmp_path, "drift", ray_address, fault="drift:0:1"
+        tmp_path, "drift", ray_address, fault="drift 0 1"
     )  # one ulp in one tensor after epoch 1's step
     assert done.returncode == 2, done.stderr[-3000:]
     assert "error: worker 0 disagrees with the driver after epoch 1: tensor " in done.stderr

@@ -7,7 +7,6 @@ Each run is a separate process on a 1-task, population-4 configuration (about 10
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -15,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import run_args, run_module
+from conftest import fault_env, run_args, run_module
 
 from ERO_EGGROLL.config import ROOT
 from ERO_EGGROLL.io.disk import OUTPUT_MARK
 from ERO_EGGROLL.run.record import combined_digest, tensor_digests
-from ERO_EGGROLL.storage.checkpoints import SLOW_WRITE_ENV, load_checkpoint, read_latest_name
+from ERO_EGGROLL.storage.checkpoints import load_checkpoint, read_latest_name
 from ERO_EGGROLL.storage.metrics import TIMING_FIELDS
 
 SCRIPT = ROOT / "ERO_EGGROLL" / "arc_evolution_single_gpu.py"
@@ -130,7 +129,7 @@ def test_resume_refuses_a_changed_config(reference, capsys):
 
 
 def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_intact(tmp_path, tiny_model_dir):
-    env = {**os.environ, SLOW_WRITE_ENV: "epoch_0001:60"}
+    env = fault_env(tmp_path / "faults.txt", "slow_write epoch_0001 60")
     proc = subprocess.Popen(run_args(tmp_path, "crash"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     ckpt = tmp_path / "checkpoints" / "crash"
     deadline = time.time() + 300

@@ -4,7 +4,7 @@
 configs/default.yaml's questions (8 leave-one-out pairs of b1fc8b8e and e6de6e8f, token budget from the
 demonstrations), a population of 16 evaluated K members per call, K in 1 and 16.
 
-    python scripts/bench_fitness.py [--reps 3] [--cap 256]     -> results/bench/fitness.json
+    python scripts/bench/bench_fitness.py [--reps 3] [--cap 256]     -> results/bench/fitness.json
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_common import median_seconds, write_results  # noqa: E402
 

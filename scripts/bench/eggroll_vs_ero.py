@@ -7,9 +7,9 @@ it. ERO's search runs with ERO's protocol (configs/ero.yaml: scale 0.15, 4 round
 independent draws, the same noise every epoch until a reset, clamp 10), under both readings of its scale file
 (signed per-tensor mean, per-tensor std). The same four combinations then train the MLP of scripts/examples.
 
-    python scripts/eggroll_vs_ero.py --quick          (one seed, a few epochs, under 3 minutes on 2 cores)
-    python scripts/eggroll_vs_ero.py                  (3 seeds; docs/comparisons.md's table)
-        -> a table on stdout, results/examples/eggroll_vs_ero.png, results/bench/eggroll_vs_ero[_quick].json
+    python scripts/bench/eggroll_vs_ero.py --quick          (one seed, a few epochs, under 3 minutes on 2 cores)
+    python scripts/bench/eggroll_vs_ero.py                  (3 seeds; docs/comparisons.md's table)
+        -> a table on stdout, results/bench/eggroll_vs_ero[_quick].png and .json
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "scripts" / "examples"))
 
 import torch  # noqa: E402
-from bench_common import save_plot, write_results  # noqa: E402
+from bench_common import bench_output, save_plot, write_results  # noqa: E402
 from mlp_regression import make_batch  # noqa: E402
 
 from ERO_EGGROLL.arc.tasks import load_tasks  # noqa: E402
@@ -187,7 +186,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--population", type=int, default=16)
     parser.add_argument("--mlp-epochs", type=int, default=30)
-    parser.add_argument("--out", default=str(ROOT / "results" / "examples" / "eggroll_vs_ero.png"))
+    parser.add_argument("--out", type=Path, help="the figure (default results/bench/eggroll_vs_ero[_quick].png)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds, epochs, population, mlp_epochs = (
@@ -239,9 +238,10 @@ def main() -> int:
                 f"{mean_sd([r['mse_after'] for r in mine], '.4f')} | "
                 f"{statistics.mean(r['seconds_per_epoch'] for r in mine):.2f} |"
             )
-    plot(rows, Path(args.out))
+    out = args.out or bench_output("eggroll_vs_ero", ".png", args.quick)
+    plot(rows, out)
     write_results("eggroll_vs_ero", {"tiny": rows, "mlp": mlp}, quick=args.quick)
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Epoch time of the tiny-model run in one process and with W CPU workers, and the scaling this predicts on W GPUs.
 
-    python scripts/bench_distributed.py [--workers 2] [--population 8] [--epochs 5]
+    python scripts/bench/bench_distributed.py [--workers 2] [--population 8] [--epochs 5]
 
 Every process gets one torch thread (OMP_NUM_THREADS=1 for the driver, distributed.cpus_per_worker=1 for the
 workers), so that one process and one worker are the same unit of compute. The first epoch is left out (JAX
@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import run_args  # noqa: E402  (the tests' small run: one task, 48 new tokens, relative sigma 2.0)

@@ -8,7 +8,7 @@ tiny one, a ~26M and a ~100M random Qwen2.5-VL), in one run, timings interleaved
     ceiling: the same call, same rows and prompts, with no noise installed.
 The last line is `ratio_to_ceiling=<~26M model at K=8>` (tiny model with --quick).
 
-    python scripts/bench_population.py [--quick] [--reps 3] [--profile] [--compile] [--device cuda]
+    python scripts/bench/bench_population.py [--quick] [--reps 3] [--profile] [--compile] [--device cuda]
         -> results/bench/population.json
 
 --profile prints torch.profiler's operator table for one member (plain, then `forward`) on the ~26M
@@ -27,9 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
 from bench_common import write_results  # noqa: E402

@@ -8,9 +8,9 @@ base weights. The budget counts forward passes over the training questions: an E
 a backprop step one (plus its backward pass). EGGROLL runs budget / N epochs of population N; each
 epoch also logs the cosine between its weight change and the true gradient at the weights before it.
 
-    python scripts/es_vs_backprop.py [--budget 128] [--populations 16 64] [--ranks 1 4]    (a few minutes on 2 cores)
-    python scripts/es_vs_backprop.py --budget 256 --populations 16 64 256                 (the README's table)
-        -> results/examples/es_vs_backprop.png, results/bench/es_vs_backprop.json, a table on stdout
+    python scripts/bench/es_vs_backprop.py [--budget 128] [--populations 16 64] [--ranks 1 4]   (minutes on 2 cores)
+    python scripts/bench/es_vs_backprop.py --budget 256 --populations 16 64 256                 (the README's table)
+        -> results/bench/es_vs_backprop.png and .json, a table on stdout
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
-from bench_common import save_plot, write_results  # noqa: E402
+from bench_common import bench_output, save_plot, write_results  # noqa: E402
 
 from ERO_EGGROLL.arc.tasks import load_tasks  # noqa: E402
 from ERO_EGGROLL.config import Config, load_config  # noqa: E402
@@ -124,7 +123,7 @@ def main() -> int:
     parser.add_argument("--adam-lr", type=float, default=1e-3)
     parser.add_argument("--members-per-call", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=16, help="backprop steps between held-out evaluations")
-    parser.add_argument("--out", default=str(ROOT / "results" / "examples" / "es_vs_backprop.png"))
+    parser.add_argument("--out", type=Path, help="the figure (default results/bench/es_vs_backprop.png)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if max(args.populations) > args.budget:
@@ -164,7 +163,8 @@ def main() -> int:
             ),
             flush=True,
         )
-    plot(results, Path(args.out), args.budget)
+    out = args.out or bench_output("es_vs_backprop", ".png", False)
+    plot(results, out, args.budget)
     base = results[0]["curve"][0][1]
     print(f"\nbudget {args.budget} forward passes; held-out answer log-prob of the base model {base:.4f}\n")
     print(
@@ -182,7 +182,7 @@ def main() -> int:
             f"{r['seconds']:.0f} |"
         )
     write_results("es_vs_backprop", results, quick=False)
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 

@@ -8,7 +8,7 @@ This script counts them on the embedded tiny model: one epoch's members (the smo
 tests' small-run settings), fitness by forward K=1 (the reference), forward K=4 and K=8, and inplace
 K=1, in float32 and in bfloat16.
 
-    python scripts/precision_consistency.py [--population 8] [--epochs 0 1 2]
+    python scripts/bench/precision_consistency.py [--population 8] [--epochs 0 1 2]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 

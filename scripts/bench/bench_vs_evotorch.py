@@ -1,8 +1,8 @@
 """EGGROLL's Perturber.for_module against EvoTorch's PGPE on the same networks, objective and population.
 
     pip install -r requirements-bench.txt        # EvoTorch 0.6.1, only for this benchmark
-    python scripts/bench_vs_evotorch.py          # 1M, 5M (learning) and 18M (speed, memory); long
-    python scripts/bench_vs_evotorch.py --quick  # 1M and 5M, one seed
+    python scripts/bench/bench_vs_evotorch.py          # 1M, 5M (learning) and 18M (speed, memory); long
+    python scripts/bench/bench_vs_evotorch.py --quick  # 1M and 5M, one seed
 
 Task: an MLP 256 -> H -> H -> 16 (tanh) regresses a fixed random teacher on a fixed batch of 32,
 population 64, every method starting from the same weights. Speed and peak memory come from a fresh
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import ERO_EGGROLL  # noqa: E402,F401  (before JAX: GPU memory on demand)
 from ERO_EGGROLL import Perturber  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INSTALL = "EvoTorch is a benchmark-only dependency: pip install -r requirements-bench.txt (evotorch==0.6.1)"
 WIDTHS = {"1m": 1024, "5m": 2048, "18m": 4096}
 POPULATION, BATCH = 64, 32

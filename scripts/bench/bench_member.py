@@ -2,13 +2,13 @@
 
 On the embedded tiny model and a ~30M-parameter random Qwen2.5-VL (same tokenizer), measured side
 by side in one run (medians over repetitions; a member's generation cost per strategy, at fixed
-length, is scripts/bench_population.py's):
+length, is scripts/bench/bench_population.py's):
   * the fused update: JAX contraction (hyperscalees.lowrank_update) vs torch einsum over the
     DLPack'd factors
   * peak RSS vs population size (fresh subprocess per size: it must stay flat)
   * prompt batching inside one member: batch_size = all prompts vs one prompt per generate call
 
-    python scripts/bench_member.py [--quick]      -> results/bench/member.json
+    python scripts/bench/bench_member.py [--quick]      -> results/bench/member.json
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import ERO_EGGROLL  # noqa: E402,F401  (before JAX: on-demand GPU allocation)

@@ -5,7 +5,8 @@ the digest of the evolvable weights; starting from the base model costs one read
 from the model's safetensors files (here just written, so from the page cache). Each is timed here; the
 evaluation of an epoch (population x questions x generate) is what it is compared with.
 
-    python scripts/bench_replay.py [--sizes tiny 100m] [--epochs 3] [--population 16]   -> results/bench/replay.json
+    python scripts/bench/bench_replay.py [--sizes tiny 100m] [--epochs 3] [--population 16]
+        -> results/bench/replay.json
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench_common import write_results  # noqa: E402

@@ -4,7 +4,7 @@ Prints a table and writes results/bench/noise_bridge.json. Every comparison is m
 side in this one run (medians over repetitions); memory cases run in fresh subprocesses so each
 peak RSS is its own.
 
-    python scripts/bench_noise_bridge.py [--quick]
+    python scripts/bench/bench_noise_bridge.py [--quick]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import hyperscalees as hs
 from ERO_EGGROLL.core.bridge import jax_to_torch, shares_memory, torch_to_jax
 from ERO_EGGROLL.memory.measure import measured_peak_rss_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MB = 1 << 20
 
 # Qwen2.5-VL-7B language model: hidden 3584, intermediate 18944, 28 layers, 28 heads, 4 KV heads, head dim 128

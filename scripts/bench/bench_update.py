@@ -7,7 +7,7 @@ peak RSS during it minus the RSS before it is what the update needs on top of th
 freed CPU buffers for reuse, so a second update of the same model would hide what the first took).
 Further updates are timed.
 
-    python scripts/bench_update.py [--quick] [--sizes tiny 100m 360m] [--optimizer sgd] [--dtype float32]
+    python scripts/bench/bench_update.py [--quick] [--sizes tiny 100m 360m] [--optimizer sgd] [--dtype float32]
         -> results/bench/update.json
 """
 
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench_common import write_results  # noqa: E402

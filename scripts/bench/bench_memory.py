@@ -15,7 +15,7 @@ The 7B's own shapes (hidden 3584, MLP 18944, vocabulary 152,064 for the embeddin
 the 32-block vision tower; all FROZEN but the decoder layers, as classified by default) with L decoder layers:
 case `7b@L:bfloat16:sgd` (L = 2 takes about 6 GB of RAM).
 
-    python scripts/bench_memory.py [--quick] [--cases 360m:float32:sgd 7b@2:bfloat16:sgd ...]
+    python scripts/bench/bench_memory.py [--quick] [--cases 360m:float32:sgd 7b@2:bfloat16:sgd ...]
         -> results/bench/memory.json
 """
 
@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench_common import write_results  # noqa: E402
