@@ -8,7 +8,7 @@ CONFIG ?= configs/default.yaml
 
 .PHONY: setup run test check smoke bench clean-venv
 
-$(STAMP): requirements.txt pyproject.toml HyperscaleES/pyproject.toml
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)

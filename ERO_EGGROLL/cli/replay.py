@@ -9,6 +9,9 @@ All noise is regenerated from keys, so a run's whole history is a few kilobytes:
 statistics and decisions with the record; `--check --full` also evaluates every epoch's mean model again
 and compares its recorded scores. `--export DIR` writes the best model (the best epoch's, or the elite an
 ERO-search run stopped on) as the standard exported folder, made on demand from the base model and the record.
+`--export-adapter DIR [--rank K]` writes the best epoch's change from the base model as a PEFT LoRA adapter
+(io/adapter.py: rank K, or the rank that keeps 99% of each change's energy), printing each tensor's truncation
+error and the adapter's fitness beside the full change's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ERO_EGGROLL.arc.tasks import ERO_TASK_IDS, load_tasks
 from ERO_EGGROLL.cli.common import command
@@ -25,7 +29,9 @@ from ERO_EGGROLL.config import Config, config_from_dict
 from ERO_EGGROLL.core.digest import tensor_digests
 from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.core.perturber import Perturber
+from ERO_EGGROLL.evaluation.evaluator import evaluate
 from ERO_EGGROLL.evaluation.prepared import prepare, questions_for
+from ERO_EGGROLL.io.adapter import earlier_adapter, export_lora_adapter
 from ERO_EGGROLL.io.disk import NOTHING_ELSE_CHANGED, OutputError, check_output, write_files
 from ERO_EGGROLL.model.export import earlier_export, export_model, export_owner
 from ERO_EGGROLL.model.loading import load_model
@@ -97,6 +103,13 @@ def scores_compared(model, processor, cfg: Config, state: RunState, folder: Path
                 )
 
     return compare
+
+
+def run_fitness(cfg: Config, processor) -> Callable[[nn.Module], float]:
+    """The run's own fitness of a model (the questions the search scored members on), for the adapter's report."""
+    tasks = load_tasks(cfg.data.source, cfg.data.split, cfg.data.task_ids)
+    prepared = prepare(questions_for(tasks, cfg, "fitness"), processor, cfg)
+    return lambda model: evaluate(model, processor, prepared, cfg).fitness
 
 
 def card_task_ids(task_ids: str | list[str]) -> list[str]:
@@ -171,6 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="--export may replace an export (or best_model/) of another run; the earlier one is kept aside",
     )
+    parser.add_argument(
+        "--export-adapter",
+        metavar="DIR",
+        help="write the best epoch's change from the base model as a PEFT LoRA adapter (truncated SVD)",
+    )
+    parser.add_argument(
+        "--rank", type=int, help="--export-adapter's rank per tensor (default: keep 99%% of each change's energy)"
+    )
     args = parser.parse_args(argv)
     if args.full and not args.check:
         parser.error("--full adds to --check: give --check --full")
@@ -189,6 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_output(args.out, "--out", earlier_out, protected)
         if args.export is not None and args.out is not None:
             check_apart(Path(args.export), Path(args.out))
+        if args.export_adapter is not None:
+            check_output(
+                args.export_adapter, "--export-adapter", lambda path: earlier_adapter(path, str(folder)), protected
+            )
         model, processor = load_model(cfg)
         param = next(model.parameters())
         # replay evaluates nothing, so the run's own members_per_batch stands
@@ -207,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         perturber = run_perturber(model, cfg)  # sigma from the base weights: the model is the base model here
         check_sigma(perturber, state, args.checkpoint)
+        base = {n: p.detach().clone() for n, p in perturber.params.items()} if args.export_adapter else {}
         evaluated = scores_compared(model, processor, cfg, state, folder) if args.full else None
         rebuilt = replay_weights(perturber, state, base_dir, state.epoch, cfg.run.degeneration_patience, evaluated)
         different = [n for n, d in tensor_digests(rebuilt).items() if state.tensor_digests.get(n, d) != d]
@@ -216,9 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "rebuilt weights (edited?)"
             )
         elite = stopped_elite(state, cfg)
-        if args.export and elite is not None:
+        best = (
+            f"ERO's best elite (member {elite.member} of epoch {elite.epoch})" if elite else f"epoch {state.best_epoch}"
+        )
+        if (args.export or args.export_adapter) and elite is not None:
             elite_into(perturber, state, elite, base_dir, cfg.run.degeneration_patience)
-        elif args.export:
+        elif (args.export or args.export_adapter) and state.best_epoch != state.epoch:
             replay_weights(perturber, state, base_dir, state.best_epoch, cfg.run.degeneration_patience)
         if args.export:
             export_model(
@@ -239,12 +268,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 owner=str(folder),
                 then=NOTHING_ELSE_CHANGED,
             )
-            what = (
-                f"ERO's best elite (member {elite.member} of epoch {elite.epoch})"
-                if elite
-                else f"epoch {state.best_epoch} (the best)"
+            print(f"exported {best} (the best) to {args.export}")
+        if args.export_adapter:
+            report = export_lora_adapter(
+                model,
+                base,
+                perturber.classes,
+                Path(args.export_adapter),
+                rank=args.rank,
+                fitness=run_fitness(cfg, processor),
+                base_name=str(base_dir),
+                protected=protected,
+                what="--export-adapter",
+                owner=str(folder),
             )
-            print(f"exported {what} to {args.export}")
+            print("\n".join(report.lines()))
+            print(f"exported the change of {best} (the best) as a LoRA adapter to {args.export_adapter}")
         updates = sum(1 for r in state.history if r.get("fitness"))
         print(f"replayed {updates} update(s) of {cfg.run.name} from {len(rebuilt)} evolvable tensors")
         if args.out:

@@ -3,6 +3,7 @@
 Imports torch, JAX and hyperscalees only: nothing of ARC, Qwen, YAML or run folders.
 """
 
+from ERO_EGGROLL.core.ask_tell import FitnessSummary, Generation, StaleGeneration, UpdateStats
 from ERO_EGGROLL.core.errors import ConfigError, EggrollError
 from ERO_EGGROLL.core.forward_rules import declare_row_rule
 from ERO_EGGROLL.core.perturber import Perturber
@@ -13,8 +14,12 @@ __all__ = [
     "ConfigError",
     "EggrollError",
     "EvolutionSettings",
+    "FitnessSummary",
+    "Generation",
     "ParamClass",
     "Perturber",
+    "StaleGeneration",
+    "UpdateStats",
     "declare_norm",
     "declare_row_rule",
 ]

@@ -5,6 +5,8 @@
     with perturber.member(epoch, i):  loss_i = ...                      # the model as W + E_i, exact restore on exit
     with perturber.members(epoch, [0, 1, 2, 3]):  ...                  # 4 members as blocks of batch rows
     stats = perturber.update(fitness, epoch)                            # the streamed ES update
+    gen = perturber.ask(); ...; stats = perturber.tell(gen, fitness)    # the same, epochs kept for you (ask_tell)
+    with Perturber.for_module(net) as perturber:  ...                  # the hooks are removed at the end
     state = perturber.state_dict(); perturber.load_state_dict(state)    # checkpoint and exact resume (checked first)
 
 It composes the parts, each with one job: noise_plan (which tensors, keys, sigmas, noise and
@@ -17,15 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import fields, replace
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from numpy.typing import ArrayLike
 from torch import nn
 
+from ERO_EGGROLL.core.ask_tell import OBJECTIVES, Generation, Objective, OnUpdate, UpdateStats
 from ERO_EGGROLL.core.ero_search import EroSelection, reset_seed
 from ERO_EGGROLL.core.errors import ConfigError, EggrollError
 from ERO_EGGROLL.core.es_optimizer import EsOptimizer
@@ -34,13 +39,13 @@ from ERO_EGGROLL.core.saved_state import STATE_FIELDS, checked_sigma, checked_te
 from ERO_EGGROLL.core.saved_state import checked_int as saved_int
 from ERO_EGGROLL.core.settings import (
     ADJUSTABLE_SETTINGS,
+    FOR_MODULE_DEFAULTS,
     MAX_EPOCH,
     MAX_SEED,
     EvolutionSettings,
-    OptimizerName,
     check_settings,
     checked_int,
-    default_antithetic,
+    for_module_settings,
     is_int,
     settings_dict,
 )
@@ -65,8 +70,22 @@ def _holders(model: nn.Module) -> dict[int, list[str]]:
 class Perturber:
     """Applies member noise to `model` and moves its weights with the ES update."""
 
-    def __init__(self, model: nn.Module, specs: list[ParamSpec], settings: EvolutionSettings, seed: int) -> None:
-        """`specs`: every parameter's class and key (tensor_classes); `settings` as checked by check_settings."""
+    def __init__(
+        self,
+        model: nn.Module,
+        specs: list[ParamSpec],
+        settings: EvolutionSettings,
+        seed: int,
+        *,
+        objective: Objective = "max",
+        on_update: OnUpdate | None = None,
+    ) -> None:
+        """`specs`: every parameter's class and key (tensor_classes); `settings` as checked by check_settings;
+        `objective`: whether fitness is maximised or minimised (a loss); `on_update(stats)`: called after each tell."""
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+        self.objective, self.on_update = objective, on_update
+        self.latest_generation: Generation | None = None  # the one generation tell() accepts
         evo = self.evo = settings
         if (
             evo.noise == "full"
@@ -134,13 +153,15 @@ class Perturber:
         cls,
         module: nn.Module,
         *,
-        population_size: int = 64,
-        sigma: float = 0.002,
+        population_size: int = FOR_MODULE_DEFAULTS["population_size"],
+        sigma: float = FOR_MODULE_DEFAULTS["sigma"],
         lr: float | None = None,
-        rank: int = 1,
+        rank: int = FOR_MODULE_DEFAULTS["rank"],
         seed: int = 0,
         optimizer: str | None = None,
         classify: Classifier | None = None,
+        objective: Objective = "max",
+        on_update: OnUpdate | None = None,
         **options: Any,
     ) -> Perturber:
         """EGGROLL for any module, without a run config. Defaults: Linear, ConvNd and Embedding weights LORA,
@@ -157,22 +178,15 @@ class Perturber:
         noise puts it into r directions, so the perturbation's operator norm is far larger than a
         full-rank one's of the same sigma: start in 0.0005-0.005 (or sigma_mode='relative', 0.05-0.2).
         With search='ero' the step is the move to the elites' average, so lr and optimizer default to 1.0 and SGD,
-        and antithetic to False."""
+        and antithetic to False (settings.FOR_MODULE_DEFAULTS and ERO_SEARCH_DEFAULTS hold these values).
+        `objective='min'`: fitness is a loss to minimise; `on_update(stats)`: called with each tell()'s UpdateStats."""
         known = {f.name for f in fields(EvolutionSettings)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(f"Perturber.for_module: unknown option(s) {unknown}; known: {sorted(known)}")
-        ero = options.get("search") == "ero"
-        lr = lr if lr is not None else (1.0 if ero else 0.002)
-        optimizer = optimizer if optimizer is not None else ("sgd" if ero else "adam")
-        options.setdefault("antithetic", default_antithetic(options.get("search", "eggroll")))
-        evo = EvolutionSettings(
-            population_size=population_size,
-            sigma=sigma,
-            lr=lr,
-            rank=rank,
-            optimizer=cast(OptimizerName, optimizer),  # any string here: check_settings refuses unknown ones
-            **options,
+        evo = for_module_settings(
+            {"population_size": population_size, "sigma": sigma, "lr": lr, "rank": rank, "optimizer": optimizer}
+            | options
         )
         check_settings(evo, "Perturber.for_module")
 
@@ -180,7 +194,7 @@ class Perturber:
             choice = classify(name, tensor) if classify is not None else None
             return ParamClass.FROZEN if choice is None and not tensor.requires_grad else choice
 
-        return cls(module, classify_module(module, chosen), evo, seed)
+        return cls(module, classify_module(module, chosen), evo, seed, objective=objective, on_update=on_update)
 
     @property
     def optimizer(self) -> EroSelection | EsOptimizer:
@@ -200,6 +214,11 @@ class Perturber:
         return self.plan.member_noise(epoch, member)
 
     def _check_member(self, epoch: int, member: int) -> None:
+        if self._hooks is not None and self._hooks.removed:
+            raise PerturberUsageError(
+                "this Perturber's hooks were removed (remove_hooks(), or the end of its `with` block): a member "
+                "would get no low-rank noise; build a new Perturber for the module"
+            )
         checked_int(epoch, "epoch", 0, MAX_EPOCH)
         if not is_int(member) or not 0 <= member < self.evo.population_size:
             raise PerturberUsageError(
@@ -297,13 +316,41 @@ class Perturber:
             )
         if self._inside_member:
             raise PerturberUsageError("update inside a member block: the weights would move while they are a member's")
+        if self.objective == "min":  # a loss: the update ascends its negative
+            raw_fitness = np.negative(np.asarray(raw_fitness, dtype=np.float64))
         stats = self._update.step(raw_fitness, epoch)
         self._last_update = epoch
         return stats
 
+    def ask(self) -> Generation:
+        """The next generation: the epoch after the last one updated (0 at the start); it replaces any earlier
+        generation not yet told."""
+        self.latest_generation = Generation(self, 0 if self._last_update is None else self._last_update + 1)
+        return self.latest_generation
+
+    def tell(self, generation: Generation, fitness: ArrayLike) -> UpdateStats:
+        """The update from `generation`'s fitness (one value per member, in member order); refuses a generation that
+        is not this Perturber's latest untold one (StaleGeneration). Calls on_update with the statistics."""
+        generation.check_current(self)
+        sigma = float(np.mean(list(self.plan.sigma.values()))) * self.plan.sigma_scale(generation.epoch)
+        started = time.perf_counter()
+        details = self.update(fitness, generation.epoch)
+        generation.told = True
+        stats = UpdateStats.of(generation.epoch, fitness, sigma, time.perf_counter() - started, details)
+        if self.on_update is not None:
+            self.on_update(stats)
+        return stats
+
     def remove_hooks(self) -> None:
+        """Take the forward hooks off the module; the Perturber refuses members afterwards."""
         if self._hooks is not None:
             self._hooks.remove()
+
+    def __enter__(self) -> Perturber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove_hooks()
 
     def _fingerprint(self) -> dict[str, Any]:
         """What makes a saved state this module's: the seed and the evolving tensors with their classes and shapes."""

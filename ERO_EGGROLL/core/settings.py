@@ -81,6 +81,28 @@ def settings_dict(evo: EvolutionSettings) -> dict[str, Any]:
     return {f.name: getattr(evo, f.name) for f in dataclasses.fields(EvolutionSettings)}
 
 
+# Perturber.for_module's defaults for any module, beside the dataclass's (which the run config inherits, tuned for
+# Qwen2.5-VL on ARC). Chosen by scripts/bench/bench_vs_evotorch.py (docs/comparisons-generic.md): Adam, lr 0.002, sigma
+# 0.002, rank 1, population 64. With search='ero' the step is the move to the elites' average: lr 1.0 and SGD, and
+# every member its own draw (two elites of one antithetic pair would cancel).
+FOR_MODULE_DEFAULTS: dict[str, Any] = {
+    "population_size": 64,
+    "sigma": 0.002,
+    "lr": 0.002,
+    "rank": 1,
+    "optimizer": "adam",
+}
+ERO_SEARCH_DEFAULTS: dict[str, Any] = {"lr": 1.0, "optimizer": "sgd", "antithetic": False}
+
+
+def for_module_settings(options: dict[str, Any]) -> EvolutionSettings:
+    """EvolutionSettings from a for_module caller's `options` (None: the default), over FOR_MODULE_DEFAULTS, or
+    ERO_SEARCH_DEFAULTS with search='ero'; unchecked (check_settings names the caller)."""
+    given = {k: v for k, v in options.items() if v is not None or k not in FOR_MODULE_DEFAULTS}
+    search = ERO_SEARCH_DEFAULTS if given.get("search") == "ero" else {}
+    return EvolutionSettings(**{**FOR_MODULE_DEFAULTS, **search, **given})
+
+
 def literal_choices(section: type) -> dict[str, tuple[Any, ...]]:
     """The allowed values of a dataclass's Literal fields (a YAML loader checks them too; code callers need this)."""
     hints = typing.get_type_hints(section)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ERO_EGGROLL.core.errors import ConfigError
+from ERO_EGGROLL.core.errors import ConfigError, EggrollError
 from ERO_EGGROLL.core.forward_rules import (
     RowRule,
     add_lowrank_rows,
@@ -143,16 +143,9 @@ class ForwardHooks:
         # independent)
         self.biases_in_forward = {_tensor_name(m, "bias") for m in self._bias_modules}
         self._active: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}  # module -> its member step
-        self._hooks = [
-            self._modules[m].register_forward_hook(self._hook(m)) for m in dict.fromkeys(map(owner, lora_names))
-        ]
-
-    def _hook(self, module_name: str) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]:
-        def member_output(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-            step = self._active.get(module_name)
-            return output if step is None else step(inputs[0], output)
-
-        return member_output
+        hooked = dict.fromkeys(map(owner, lora_names))
+        self._hooks = [self._modules[m].register_forward_hook(_MemberOutput(self, m)) for m in hooked]
+        self.removed = False  # remove() was called: a member would get no low-rank noise
 
     def _lowrank_steps(self, lora: LowRank) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
         """Per module, the step adding its low-rank delta; `lora` holds K members' factors stacked: (K, m, r), (K, n,
@@ -252,10 +245,53 @@ class ForwardHooks:
         self.check_batchable()
         return self._installed(noises, list(self._full_attrs))
 
+    @property
+    def member_active(self) -> bool:
+        return bool(self._active)
+
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self.removed = True
+
+
+class _PassThrough:
+    """What a copy of a hooked module holds in place of a member hook: the output as it is (the copy has no
+    Perturber; the original keeps its own)."""
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        return None
+
+
+class _MemberOutput:
+    """The forward hook of one LORA module: its member's low-rank delta while a member is active.
+
+    `copy.deepcopy(model)` or pickling the model outside a member block gives the plain module at its current weights
+    (the copy's hook passes the output through); inside a member block the weights are a member's, so it is refused.
+    """
+
+    def __init__(self, hooks: ForwardHooks, module_name: str) -> None:
+        self._hooks, self._module_name = hooks, module_name
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        step = self._hooks._active.get(self._module_name)
+        return output if step is None else step(inputs[0], output)
+
+    def _copied(self) -> _PassThrough:
+        if self._hooks.member_active:
+            raise EggrollError(
+                f"copying or pickling the model inside a member block: {self._module_name} is a member's, not the "
+                "model's; copy it outside the `with perturber.member(...)` block"
+            )
+        return _PassThrough()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _PassThrough:
+        return self._copied()
+
+    def __reduce__(self) -> tuple[type[_PassThrough], tuple[()]]:
+        self._copied()
+        return (_PassThrough, ())
 
 
 def _noised(base: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
