@@ -203,14 +203,18 @@ def evaluation_phase(
     }
 
 
-UPDATE_FACTOR_COPIES = 4
+# Copies of all members' stacked factors that the contraction holds, measured with XLA's compiled memory analysis
+# (jax 0.10.2 on the CPU, tests/memory/test_memory.py; the process's peak RSS agrees): philox draws in place (2),
+# threefry2x32 takes two more; one more for either once the stacked factors outgrow the dense direction,
+# N r (m + n) >= m n. (A flat 4 was 40-60% over for philox and 25% under for threefry past dense.)
+UPDATE_FACTOR_COPIES = {"philox4x32": 2, "philox2x32": 2, "threefry2x32": 4}
 
 
 def update_phase(cfg: Config, sh: _Shapes, b: int) -> dict[str, int]:
     """The streamed update holds one tensor's work at a time, so the largest evolvable tensor decides.
 
-    Two steps that do not overlap: JAX's contraction (all members' factors, their fitness-weighted
-    copy and both operands laid out again for the einsum, plus the fp32 direction it returns), then
+    Two steps that do not overlap: JAX's contraction (copies of all members' factors, UPDATE_FACTOR_COPIES,
+    plus the fp32 direction it returns), then
     torch's optimizer and apply (direction + change for SGD; Adam adds the gradient and two moment
     temporaries; reduced-precision weights add the stochastic-rounding noise), plus a 1-byte mask.
     """
@@ -221,7 +225,9 @@ def update_phase(cfg: Config, sh: _Shapes, b: int) -> dict[str, int]:
     buffers = (2 if evo.optimizer == "sgd" else 4) + (1 if b != FP32 else 0)
     factors = 0
     if largest in sh.lora:
-        factors = UPDATE_FACTOR_COPIES * evo.population_size * sum(largest.matrix_shape) * evo.rank * FP32
+        stacked = evo.population_size * sum(largest.matrix_shape) * evo.rank
+        copies = UPDATE_FACTOR_COPIES[evo.prng_impl] + (1 if stacked >= largest.numel else 0)
+        factors = copies * stacked * FP32
     return {
         "update step 1: JAX contraction (all members' factors + direction)": factors + largest.numel * FP32,
         "update step 2: optimizer + apply (fp32 buffers)": largest.numel * (buffers * FP32 + 1),
