@@ -212,7 +212,11 @@ def evaluation_phase(
     }
 
 
-UPDATE_FACTOR_COPIES = 4
+# Copies of all members' stacked factors that the contraction holds, measured with XLA's compiled memory analysis
+# (jax 0.10.2 on the CPU, tests/memory/test_memory.py; the process's peak RSS agrees): philox draws in place (2),
+# threefry2x32 takes two more; one more for either once the stacked factors outgrow the dense direction,
+# N r (m + n) >= m n. (A flat 4 was 40-60% over for philox and 25% under for threefry past dense.)
+UPDATE_FACTOR_COPIES = {"philox4x32": 2, "philox2x32": 2, "threefry2x32": 4}
 LOWRANK_STACKED = "members' factors stacked for the forward hooks (A, B, B per shared-input group)"
 LOWRANK_PROJECTIONS = "low-rank projections x B per batch row (one layer at a time)"
 UPDATE_CONTRACTION = "update step 1: JAX contraction (all members' factors + direction)"
@@ -223,8 +227,8 @@ def update_phase(cfg: Config, sh: _Shapes, b: int) -> dict[str, int]:
 
     Steps that do not overlap (a global norm first, for max_update_norm or ClipUp, regenerates half the factors;
     XLA fuses its Gram products (jax's memory_analysis on the CPU), so the contraction is the larger): JAX's
-    contraction (all members' factors, their fitness-weighted copy and both operands laid out again for the
-    einsum, plus the fp32 direction it returns); then torch's optimizer and apply (direction + change for SGD;
+    contraction (UPDATE_FACTOR_COPIES copies of all members' stacked factors, one more once they outgrow the dense
+    direction, plus the fp32 direction it returns); then torch's optimizer and apply (direction + change for SGD;
     Adam adds the gradient and two moment temporaries; reduced-precision weights add the stochastic-rounding
     noise), plus a 1-byte mask. Without antithetic pairs member i draws keyed member 2i, so the update
     regenerates 2N members.
@@ -237,8 +241,11 @@ def update_phase(cfg: Config, sh: _Shapes, b: int) -> dict[str, int]:
     draws = evo.population_size * (1 if evo.antithetic else 2)
 
     def contraction(s: ParamSpec) -> int:
-        factors = UPDATE_FACTOR_COPIES * draws * sum(s.matrix_shape) * evo.rank * FP32 if s in sh.lora else 0
-        return factors + s.numel * FP32
+        if s not in sh.lora:
+            return s.numel * FP32
+        stacked = draws * sum(s.matrix_shape) * evo.rank
+        copies = UPDATE_FACTOR_COPIES[evo.prng_impl] + (1 if stacked >= s.numel else 0)
+        return (copies * stacked + s.numel) * FP32
 
     phase = {
         UPDATE_CONTRACTION: max(map(contraction, sh.lora + sh.full)),

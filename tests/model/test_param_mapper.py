@@ -56,12 +56,56 @@ def test_overrides_win_and_are_checked(specs_7b):
         classify(shapes, cfg)
 
 
-def test_summary_counts_noise_bytes(specs_7b):
+# Qwen2.5-VL-7B's decoder, written out by hand from its published numbers (configs/qwen2_5_vl_7b_config.json):
+# hidden 3584, MLP 18944, 28 layers, 28 heads of 128, 4 key/value heads (512 wide); vocabulary 152,064 (untied head)
+HIDDEN, MLP, LAYERS, KV_WIDTH = 3584, 18944, 28, 4 * 128
+MATRICES_PER_LAYER = {  # (out, in) of each linear weight of one decoder layer
+    "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+    "self_attn.k_proj.weight": (KV_WIDTH, HIDDEN),
+    "self_attn.v_proj.weight": (KV_WIDTH, HIDDEN),
+    "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+    "mlp.gate_proj.weight": (MLP, HIDDEN),
+    "mlp.up_proj.weight": (MLP, HIDDEN),
+    "mlp.down_proj.weight": (HIDDEN, MLP),
+}
+VECTORS_PER_LAYER = {  # q/k/v biases and the two norms
+    "self_attn.q_proj.bias": HIDDEN,
+    "self_attn.k_proj.bias": KV_WIDTH,
+    "self_attn.v_proj.bias": KV_WIDTH,
+    "input_layernorm.weight": HIDDEN,
+    "post_attention_layernorm.weight": HIDDEN,
+}
+
+
+def test_summary_counts_match_the_published_architecture(specs_7b):
+    """Parameters and noise bytes per class against the 7B's shapes written out above, not the mapper's formula."""
     rows = {r["class"]: r for r in summarize(list(specs_7b.values()), rank=2)}
-    lora = [s for s in specs_7b.values() if s.cls is ParamClass.LORA]
-    assert rows["LORA"]["noise bytes/member (EGGROLL)"] == sum((s.shape[0] + s.shape[1]) * 2 * 4 for s in lora)
-    assert rows["LORA"]["noise bytes/member (full-rank)"] == sum(s.numel * 4 for s in lora)
-    assert 6e9 < rows["LORA"]["parameters"] < 7e9
+    lora_per_layer = sum(m * n for m, n in MATRICES_PER_LAYER.values())
+    assert lora_per_layer == 233_046_016  # 2 x 3584^2 + 2 x 512 x 3584 + 3 x 18944 x 3584
+    assert rows["LORA"]["tensors"] == LAYERS * 7
+    assert rows["LORA"]["parameters"] == LAYERS * lora_per_layer == 6_525_288_448
+    # rank 2, fp32: a member draws A (m x 2) and B (n x 2) per matrix, 8 (m + n) bytes
+    eggroll_per_layer = sum(8 * (m + n) for m, n in MATRICES_PER_LAYER.values())
+    assert rows["LORA"]["noise bytes/member (EGGROLL)"] == LAYERS * eggroll_per_layer == 20_185_088
+    assert rows["LORA"]["noise bytes/member (full-rank)"] == 4 * 6_525_288_448
+    full = LAYERS * sum(VECTORS_PER_LAYER.values()) + HIDDEN  # and the final norm
+    assert rows["FULL"]["tensors"] == LAYERS * 5 + 1
+    assert rows["FULL"]["parameters"] == full == 333_312
+    assert rows["FULL"]["noise bytes/member (EGGROLL)"] == rows["FULL"]["noise bytes/member (full-rank)"] == 4 * full
+    assert rows["FROZEN"]["noise bytes/member (EGGROLL)"] == 0
+
+
+def test_every_decoder_tensor_has_its_class_and_shape(specs_7b):
+    """Each layer's matrices LORA and its vectors FULL, with the shapes above; everything else frozen."""
+    expected = {"model.language_model.norm.weight": ((HIDDEN,), ParamClass.FULL)}
+    for i in range(LAYERS):
+        layer = f"model.language_model.layers.{i}."
+        expected |= {layer + k: (shape, ParamClass.LORA) for k, shape in MATRICES_PER_LAYER.items()}
+        expected |= {layer + k: ((n,), ParamClass.FULL) for k, n in VECTORS_PER_LAYER.items()}
+    evolving = {n: (tuple(s.shape), s.cls) for n, s in specs_7b.items() if s.cls is not ParamClass.FROZEN}
+    assert evolving == expected
+    assert specs_7b["lm_head.weight"].shape == specs_7b["model.language_model.embed_tokens.weight"].shape
+    assert tuple(specs_7b["lm_head.weight"].shape) == (152_064, HIDDEN)
 
 
 def test_cli_runs_for_the_7b_without_weights():
