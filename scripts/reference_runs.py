@@ -24,14 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import run_args  # noqa: E402  (the tests' own command line for a small run)
+from conftest import differences, outcome, run_args  # noqa: E402  (the tests' small run and how it is compared)
 
 from ERO_EGGROLL.config import ROOT as REPO  # noqa: E402
 from ERO_EGGROLL.config import load_config  # noqa: E402
-from ERO_EGGROLL.core.digest import tensor_digest  # noqa: E402
-from ERO_EGGROLL.storage.checkpoints import load_checkpoint  # noqa: E402
 from ERO_EGGROLL.storage.identity import base_weights_digest  # noqa: E402
-from ERO_EGGROLL.storage.metrics import TIMING_FIELDS  # noqa: E402
 
 CASES: dict[str, list[str]] = {
     "reference": [],  # exactly the suite's shared `reference` run
@@ -56,44 +53,11 @@ CASES: dict[str, list[str]] = {
 }
 
 
-def run_folders(ckpt: Path) -> list[Path]:
-    """The run's checkpoint folder, or in per_task mode one folder per task."""
-    return [ckpt] if (ckpt / "LATEST").exists() else sorted(p for p in ckpt.iterdir() if (p / "LATEST").exists())
-
-
-def outcome(tmp: Path, name: str) -> dict:
-    """Metrics rows (timings dropped) and final weight digests of the run `name` under `tmp`."""
-    result = {}
-    for folder in run_folders(tmp / "checkpoints" / name):
-        label = folder.relative_to(tmp / "checkpoints").as_posix()
-        results = tmp / "results" / label
-        rows = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
-        weights, _, state = load_checkpoint(folder)
-        result[label] = {
-            "metrics": [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows],
-            "weights": {n: tensor_digest(t) for n, t in sorted(weights.items())} if weights else state.tensor_digests,
-        }
-    return result
-
-
 def run_case(tmp: Path, name: str) -> dict:
     done = subprocess.run(run_args(tmp, name, *CASES[name]), capture_output=True, text=True, timeout=900)
     if done.returncode:
         raise SystemExit(f"case {name} failed:\n{done.stderr[-3000:]}")
     return outcome(tmp, name)
-
-
-def differences(recorded: dict, current: dict, where: str = "") -> list[str]:
-    """Human-readable paths where two nested outcomes differ."""
-    if isinstance(recorded, dict) and isinstance(current, dict):
-        out = [f"{where}/{k}: missing" for k in recorded.keys() - current.keys()]
-        out += [f"{where}/{k}: unexpected" for k in current.keys() - recorded.keys()]
-        for k in recorded.keys() & current.keys():
-            out += differences(recorded[k], current[k], f"{where}/{k}")
-        return out
-    if isinstance(recorded, list) and isinstance(current, list) and len(recorded) == len(current):
-        return [d for i, (a, b) in enumerate(zip(recorded, current)) for d in differences(a, b, f"{where}[{i}]")]
-    return [] if recorded == current else [f"{where}: {recorded!r} != {current!r}"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import runpy
 import subprocess
@@ -15,6 +16,9 @@ import pytest
 import torch
 
 from ERO_EGGROLL.config import ROOT, Config, load_config
+from ERO_EGGROLL.core.digest import tensor_digest
+from ERO_EGGROLL.storage.checkpoints import load_checkpoint
+from ERO_EGGROLL.storage.metrics import TIMING_FIELDS
 
 FAULTS_PLUGIN = ROOT / "tests" / "faults"  # its sitecustomize.py injects faults into the processes started with it
 FAULTS_ENV = "EGGROLL_TEST_FAULTS"
@@ -130,3 +134,36 @@ def reference(tmp_path_factory, tiny_model_dir) -> Path:
     (tmp / "reference.stdout").write_text(done.stdout)
     (tmp / "reference.stderr").write_text(done.stderr)
     return tmp
+
+
+def run_folders(ckpt: Path) -> list[Path]:
+    """The run's checkpoint folder, or in per_task mode one folder per task."""
+    return [ckpt] if (ckpt / "LATEST").exists() else sorted(p for p in ckpt.iterdir() if (p / "LATEST").exists())
+
+
+def outcome(tmp: Path, name: str) -> dict:
+    """Metrics rows (timings dropped) and final weight digests of the run `name` under `tmp`."""
+    result = {}
+    for folder in run_folders(tmp / "checkpoints" / name):
+        label = folder.relative_to(tmp / "checkpoints").as_posix()
+        results = tmp / "results" / label
+        rows = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
+        weights, _, state = load_checkpoint(folder)
+        result[label] = {
+            "metrics": [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows],
+            "weights": {n: tensor_digest(t) for n, t in sorted(weights.items())} if weights else state.tensor_digests,
+        }
+    return result
+
+
+def differences(recorded: dict, current: dict, where: str = "") -> list[str]:
+    """Human-readable paths where two nested outcomes differ."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        out = [f"{where}/{k}: missing" for k in recorded.keys() - current.keys()]
+        out += [f"{where}/{k}: unexpected" for k in current.keys() - recorded.keys()]
+        for k in recorded.keys() & current.keys():
+            out += differences(recorded[k], current[k], f"{where}/{k}")
+        return out
+    if isinstance(recorded, list) and isinstance(current, list) and len(recorded) == len(current):
+        return [d for i, (a, b) in enumerate(zip(recorded, current)) for d in differences(a, b, f"{where}[{i}]")]
+    return [] if recorded == current else [f"{where}: {recorded!r} != {current!r}"]
