@@ -22,7 +22,7 @@ from typing_extensions import TypeIs
 from ERO_EGGROLL.config import Config, EvaluationConfig, EvolutionConfig, config_from_dict
 from ERO_EGGROLL.core.digest import combined_digest
 from ERO_EGGROLL.core.ero_search import ERO_FIELDS, stop_score
-from ERO_EGGROLL.evaluation.divergence import bad_signal_run
+from ERO_EGGROLL.evaluation.divergence import bad_signal_run, epoch_signs
 from ERO_EGGROLL.evaluation.evaluator import fitness_range
 from ERO_EGGROLL.storage.checkpoints import CheckpointError, RunState
 from ERO_EGGROLL.storage.record_fields import FULL, ROW_FIELDS, SEALED, broken_seal
@@ -106,6 +106,9 @@ def check_record(state: RunState, where: str) -> None:
             ):
                 if column in row and row[column] != value:
                     refuse(f"epoch {index}: {column} is {row[column]!r}, its fitness gives {value!r}")
+            for column, value in epoch_signs(row, state.history[0], cfg.evaluation.fitness).items():
+                if column in row and row[column] != value:
+                    refuse(f"epoch {index}: {column} is {row[column]!r}, its fitness and answers give {value!r}")
             missing = [f for f in ERO_FIELDS if f not in row] if cfg.evolution.search == "ero" else []
             if missing:
                 refuse(f"epoch {index}: ERO's decision field {missing[0]} is missing (evolution.search: ero)")
