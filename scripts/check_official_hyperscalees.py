@@ -23,13 +23,15 @@ import sys
 import types
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "HyperscaleES" / "src"))
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import ERO_EGGROLL  # noqa: E402,F401  (first: JAX then allocates GPU memory on demand)
 import hyperscalees as hs  # noqa: E402
 
 OFFICIAL_PACKAGE = "official_hyperscalees_noiser"

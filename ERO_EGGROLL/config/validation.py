@@ -50,8 +50,8 @@ def evolution_checks(evo: EvolutionConfig) -> Checks:
     return settings_problems(settings) + [
         (cal.target_kl > 0, f"evolution.calibration.target_kl must be > 0, got {cal.target_kl}"),
         (
-            2 <= cal.members <= evo.population_size and cal.members % 2 == 0,
-            "evolution.calibration.members must be even (antithetic pairs), >= 2 and at most "
+            2 <= cal.members and cal.members % 2 == 0 and (not auto or cal.members <= evo.population_size),
+            "evolution.calibration.members must be even (antithetic pairs), >= 2 and, under sigma: auto, at most "
             f"evolution.population_size, got {cal.members}",
         ),
         (cal.budget_epochs > 0, f"evolution.calibration.budget_epochs must be > 0, got {cal.budget_epochs}"),

@@ -72,7 +72,7 @@ ERO_RUN = [
     "evolution.elites=2",
     "evolution.reset_after=1",
     "evolution.clamp=10.0",
-    "evolution.epochs=4",
+    "evolution.epochs=5",
     "evaluation.max_new_tokens_cap=16",
 ]
 
@@ -82,9 +82,9 @@ def test_ero_search_on_two_workers_through_a_reset_then_resumed_by_replay_is_the
 ):
     """ERO's search (evolution.search: ero) is exact as EGGROLL's is. On 2 Ray workers: each applies the driver's rows
     through the epoch step and is checked against the driver's weights after every epoch (a drift stops the run, test
-    below), so a finished run means bit-identical weights. Then, in one process, gone back to epoch 3: replay rebuilds
-    epochs 1-3 (a reset to base among them; rebuild checks the recorded digest) and epoch 4 must draw the moved seed's
-    noise again, as the first line did."""
+    below), so a finished run means bit-identical weights. Then, in one process, gone back to the epoch of the first
+    reset: replay rebuilds the epochs up to it (the reset among them; rebuild checks the recorded digest) and the next epoch must
+    draw the moved seed's noise again, as the first line did."""
     args = run_args(
         tmp_path,
         "ero",
@@ -98,9 +98,11 @@ def test_ero_search_on_two_workers_through_a_reset_then_resumed_by_replay_is_the
     first = record(tmp_path / "checkpoints" / "ero")
     assert all(len(row["workers"]) == 2 for row in first.history[1:])
     resets = [row["epoch"] for row in first.history[1:] if row["reset_to_base"]]
-    assert resets and resets[0] <= 3, f"no reset before epoch 4 ({resets}): the seed move is not exercised"
+    # where the first reset falls depends on the tiny model's build (ties in char similarity); any before the last
+    # epoch leaves an epoch after it that must draw the moved seed's noise
+    assert resets and resets[0] < len(first.history) - 1, f"no reset before the last epoch ({resets})"
     assert first.weight_digests[resets[0]] == first.weight_digests[0]  # a reset is exactly the base weights
-    resume(tmp_path / "checkpoints" / "ero" / "epoch_0003", "distributed.workers=1")
+    resume(tmp_path / "checkpoints" / "ero" / f"epoch_{resets[0]:04d}", "distributed.workers=1")
     again = record(tmp_path / "checkpoints" / "ero")
     assert without_timings(again) == without_timings(first)
     assert again.weight_digests == first.weight_digests and again.tensor_digests == first.tensor_digests

@@ -19,6 +19,7 @@ from test_evolution_run import SCRIPT, metrics, stopped_after_epoch_1
 from ERO_EGGROLL.config import ROOT, ConfigError, config_from_dict, load_config
 from ERO_EGGROLL.core.digest import tensor_digest
 from ERO_EGGROLL.core.tensor_classes import ParamClass
+from ERO_EGGROLL.evaluation.divergence import epoch_signs
 from ERO_EGGROLL.model.qwen import classify_model, run_perturber
 from ERO_EGGROLL.run.record import ReplayedBest, base_evolvable, nearest_snapshot, rebuild
 from ERO_EGGROLL.run.resume import disk_bytes
@@ -168,9 +169,9 @@ def test_a_smoke_run_record_is_kilobytes(runs, tiny):
 
 
 def test_a_tampered_fitness_is_caught_by_the_checksum_at_resume(reference, tmp_path):
-    """A changed member fitness (with the members' mean, max and min to match) leaves every decision as recorded, and
-    a re-sealed record hides it from the seal: only replay can catch it, at the epoch it changed, where the replayed
-    update differs from the recorded one (the weights' digest of that epoch would be next)."""
+    """A changed member fitness (with the members' mean, max, min and signal signs to match) leaves every decision as
+    recorded, and a re-sealed record hides it from the seal: only replay can catch it, at the epoch it changed, where
+    the replayed update differs from the recorded one (the weights' digest of that epoch would be next)."""
     for part in ("checkpoints", "results"):
         shutil.copytree(reference / part / "reference", tmp_path / part / "reference", symlinks=True)
     state_file = tmp_path / "checkpoints" / "reference" / "epoch_0002" / "state.json"
@@ -179,6 +180,7 @@ def test_a_tampered_fitness_is_caught_by_the_checksum_at_resume(reference, tmp_p
     row["fitness"][0] += 0.25
     row.update(member_mean=sum(row["fitness"]) / len(row["fitness"]), member_max=max(row["fitness"]))
     row.update(member_min=min(row["fitness"]))
+    row.update(epoch_signs(row, state["history"][0], state["config"]["evaluation"]["fitness"]))
     state["seal"] = seal_of(state)  # as a user who reruns the sealing code
     state_file.write_text(json.dumps(state))
     done = subprocess.run(
