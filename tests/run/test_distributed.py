@@ -83,8 +83,8 @@ def test_ero_search_on_two_workers_through_a_reset_then_resumed_by_replay_is_the
     """ERO's search (evolution.search: ero) is exact as EGGROLL's is. On 2 Ray workers: each applies the driver's rows
     through the epoch step and is checked against the driver's weights after every epoch (a drift stops the run, test
     below), so a finished run means bit-identical weights. Then, in one process, gone back to the epoch of the first
-    reset: replay rebuilds the epochs up to it (the reset among them; rebuild checks the recorded digest) and the next epoch must
-    draw the moved seed's noise again, as the first line did."""
+    reset: replay rebuilds the epochs up to it (the reset among them; rebuild checks the recorded digest) and the next
+    epoch must draw the moved seed's noise again, as the first line did."""
     args = run_args(
         tmp_path,
         "ero",
