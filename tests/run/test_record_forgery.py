@@ -21,6 +21,7 @@ from test_evolution_run import SCRIPT
 
 from ERO_EGGROLL.config import config_from_dict
 from ERO_EGGROLL.core.digest import tensor_digest
+from ERO_EGGROLL.evaluation.divergence import epoch_signs
 from ERO_EGGROLL.model.qwen import run_perturber
 from ERO_EGGROLL.run.record import ClonedBest, ReplayedBest
 from ERO_EGGROLL.run.resume import resume
@@ -98,11 +99,13 @@ def scaled(epoch: int, field: str) -> Callable[[dict], object]:
 
 
 def member_fitness_changed(data: dict) -> None:
-    """A forger's edit of one member's fitness that keeps the members' mean, max and min consistent with it."""
+    """A forger's edit of one member's fitness that keeps the members' mean, max, min and signal signs consistent with
+    it."""
     r = data["history"][1]
     r["fitness"][0] += 0.25
     f = r["fitness"]
     r.update(member_mean=sum(f) / len(f), member_max=max(f), member_min=min(f))
+    r.update(epoch_signs(r, data["history"][0], data["config"]["evaluation"]["fitness"]))
 
 
 REFERENCE_EDITS = [  # (edit, re-sealed, the one line's words)
