@@ -27,11 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "HyperscaleES" / "src"))
 
+import ERO_EGGROLL  # noqa: E402,F401  (first: JAX then allocates GPU memory on demand)
+
+# isort: split
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import ERO_EGGROLL  # noqa: E402,F401  (first: JAX then allocates GPU memory on demand)
 import hyperscalees as hs  # noqa: E402
 
 OFFICIAL_PACKAGE = "official_hyperscalees_noiser"
