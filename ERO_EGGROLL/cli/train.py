@@ -219,19 +219,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--overwrite starts afresh and --resume continues; give one of them")
-    stop = StopFlag()
-    stop.install()
     resume = Path(args.resume) if args.resume else None
     try:
-        if args.config:
-            cfg = config_of(args)
-        elif resume:
-            cfg = config_from_dict(_saved_state(resume).config, f"{resume} (saved config)", args.set)
-        else:
-            parser.error("give --config, or --resume with a run's checkpoint folder")
-        if resume and _run_folder_of(resume, cfg).resolve() != cfg.checkpoint_path.resolve():
-            raise CheckpointError(f"--resume {resume} is not this config's checkpoint folder {cfg.checkpoint_path}")
-        run(cfg, resume=resume, overwrite=args.overwrite, stop=stop)
+        with StopFlag().installed() as stop:
+            if args.config:
+                cfg = config_of(args)
+            elif resume:
+                cfg = config_from_dict(_saved_state(resume).config, f"{resume} (saved config)", args.set)
+            else:
+                parser.error("give --config, or --resume with a run's checkpoint folder")
+            if resume and _run_folder_of(resume, cfg).resolve() != cfg.checkpoint_path.resolve():
+                raise CheckpointError(f"--resume {resume} is not this config's checkpoint folder {cfg.checkpoint_path}")
+            run(cfg, resume=resume, overwrite=args.overwrite, stop=stop)
     except RunInterrupted as signal_name:
         print(
             f"\nstopped by {signal_name} after the last complete checkpoint; continue with:\n"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 
 
 class RunInterrupted(Exception):
@@ -15,9 +17,16 @@ class StopFlag:
     def __init__(self):
         self.signal_name: str | None = None
 
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        """The handlers for the run's duration; the caller's come back after it (a notebook or a test that runs the
+        training command in its own process keeps its Ctrl-C)."""
+        earlier = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in earlier.items():
+                signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name

@@ -89,19 +89,14 @@ def test_sigterm_ends_the_wait_for_a_ray_cluster():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    stop = StopFlag()
-    stop.install()
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
     start = time.monotonic()
     try:
         timer.start()
-        with pytest.raises(RunInterrupted, match="SIGTERM"):
+        with StopFlag().installed() as stop, pytest.raises(RunInterrupted, match="SIGTERM"):
             connect(DistributedConfig(workers=2, address=f"127.0.0.1:{port}", connect_timeout_s=20.0), stop)
     finally:
         timer.cancel()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
     assert time.monotonic() - start < 5
 
 
