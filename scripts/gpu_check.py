@@ -2,9 +2,12 @@
 
     python scripts/gpu_check.py [--out results/gpu_check.json] [--layers 28]
     python scripts/gpu_check.py --cpu        # the parts a CPU can run (CUDA tests skip, with their reason)
+    python scripts/gpu_check.py --parts population_benchmark     # run again only the parts named; the report
+                                                                  # keeps the other parts of its earlier run
 
 Parts, each in its own process with its own time limit (a part that fails or runs out of time is reported
-and the next one runs):
+and the next one runs). The report is replaced only where it is an earlier check's of the same mode; any other
+file at --out is refused before anything runs.
   1. jax_beside_torch: JAX's backend with XLA_PYTHON_CLIENT_PREALLOCATE=false, a JAX array and a torch tensor on
      the same device, and how much of the GPU each holds afterwards (JAX must not have taken 75% of it).
   2. rehearsal: `python -m ERO_EGGROLL.cli.rehearse` on a random model at Qwen2.5-VL-7B's shapes in bf16 with
@@ -22,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,11 +114,45 @@ def run_part(command: list[str], limit: int) -> dict:
         rc, out = None, f"ran past its {limit} s limit\n" + (err.stdout or b"").decode(errors="replace")
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{") and line.endswith("}")]
     return {
+        "command": command,  # a part kept from an earlier check says what it ran, and when
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "rc": rc,
         "seconds": round(time.perf_counter() - start, 1),
         "output_tail": out[-4000:],
         **({"data": rows} if rows else {}),
     }
+
+
+PARTS = ("jax_beside_torch", "rehearsal", "cuda_tests", "population_benchmark")
+
+
+def earlier_report(out: Path, mode: str) -> dict | None:
+    """The report an earlier check of this mode wrote at `out` (None: nothing there). Anything else there is not
+    this command's to replace: one line, exit 2."""
+    if not out.exists():
+        return None
+    try:
+        report = json.loads(out.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        report = None
+    if not (isinstance(report, dict) and report.get("mode") == mode and isinstance(report.get("parts"), dict)):
+        print(
+            f"error: --out {out} exists and is not an earlier `gpu_check.py{' --cpu' if mode == 'cpu' else ''}` "
+            "report; give another --out (this command replaces only its own reports)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return report
+
+
+def parts_of(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PARTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown part(s) {', '.join(unknown) or '(none)'}; the parts are {', '.join(PARTS)}"
+        )
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--layers", type=int, default=28, help="decoder layers of the 7B-shaped random model (28: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "gpu_check.json")
+    parser.add_argument(
+        "--parts",
+        type=parts_of,
+        default=list(PARTS),
+        help=f"comma-separated, of {', '.join(PARTS)} (default: all); the others keep the earlier report's rows",
+    )
     args = parser.parse_args(argv)
     if not args.cpu:
         import torch
@@ -131,20 +175,25 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("error: no CUDA GPU here; run with --cpu for the parts a CPU can run", file=sys.stderr)
             return 2
+    mode = "cpu" if args.cpu else "cuda"
+    earlier = earlier_report(args.out, mode) or {"parts": {}}
+    report = {"mode": mode, "parts": {name: earlier["parts"][name] for name in PARTS if name in earlier["parts"]}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    rehearsal_json = args.out.with_name(f"{args.out.stem}_rehearsal.json")
-    rehearsal_json.unlink(missing_ok=True)  # never report an earlier check's figures
-    report = {"mode": "cpu" if args.cpu else "cuda", "parts": {}}
-    for name, (command, limit) in part_commands(args.cpu, args.layers, rehearsal_json).items():
-        print(f"== {name} (limit {limit} s)", flush=True)
-        row = report["parts"][name] = run_part(command, limit)
-        if name == "rehearsal" and rehearsal_json.is_file():
-            row["data"] = json.loads(rehearsal_json.read_text())
-        print(
-            f"   rc {row['rc']} in {row['seconds']} s\n"
-            + "\n".join("   " + line for line in row["output_tail"].splitlines()[-12:]),
-            flush=True,
-        )
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as scratch:
+        rehearsal_json = Path(scratch) / "rehearsal.json"  # the rehearsal's own figures, kept in the report
+        commands = part_commands(args.cpu, args.layers, rehearsal_json)
+        for name in args.parts:
+            command, limit = commands[name]
+            print(f"== {name} (limit {limit} s)", flush=True)
+            row = report["parts"][name] = run_part(command, limit)
+            if name == "rehearsal" and rehearsal_json.is_file():
+                row["data"] = json.loads(rehearsal_json.read_text())
+            print(
+                f"   rc {row['rc']} in {row['seconds']} s\n"
+                + "\n".join("   " + line for line in row["output_tail"].splitlines()[-12:]),
+                flush=True,
+            )
+    report["parts"] = {name: report["parts"][name] for name in PARTS if name in report["parts"]}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
     return (
