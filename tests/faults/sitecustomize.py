@@ -10,6 +10,9 @@ the faults are wrapped around its functions here, after each module is imported.
     exit WORKER N             worker slot WORKER's first process exits when asked for a batch after N members
                               (a lost machine, mid-epoch); its replacement runs normally
     drift WORKER N            after the epoch-N step, worker slot WORKER's first process moves one weight by one ulp
+    worse N                   every member of (recorded) epoch N scores 0, the lowest char similarity, on every worker
+                              (ERO's search then resets to the base there, whatever the model's build makes of its
+                              members)
 """
 
 from __future__ import annotations
@@ -70,7 +73,10 @@ def _patch_worker(module) -> None:
         if "exit" in self._faults and self._members_done >= self._faults["exit"]:
             os._exit(1)
         self._members_done += len(ids)
-        return evaluate(self, epoch, ids)
+        fitness, seconds = evaluate(self, epoch, ids)
+        if [str(epoch + 1)] in _faults("worse"):  # the worker is given the noise epoch, one below the recorded one
+            fitness = [0.0] * len(fitness)
+        return fitness, seconds
 
     cls.__init__, cls.evaluate = patched_init, patched_evaluate
 
