@@ -27,7 +27,6 @@ from ERO_EGGROLL.arc.tasks import ERO_TASK_IDS, load_tasks
 from ERO_EGGROLL.cli.common import command
 from ERO_EGGROLL.config import Config, config_from_dict
 from ERO_EGGROLL.core.digest import tensor_digests
-from ERO_EGGROLL.core.errors import EggrollError
 from ERO_EGGROLL.core.perturber import Perturber
 from ERO_EGGROLL.evaluation.evaluator import evaluate
 from ERO_EGGROLL.evaluation.prepared import prepare, questions_for
@@ -195,102 +194,94 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.full and not args.check:
         parser.error("--full adds to --check: give --check --full")
-    try:
-        saved, _, state = load_checkpoint(Path(args.checkpoint))
-        check_record(state, args.checkpoint)  # the best epoch and the history as checked, never as written
-        cfg = config_from_dict(state.config, f"{args.checkpoint} (saved config)")
-        given = Path(args.checkpoint).resolve()
-        protected = [given, cfg.resolve_path(cfg.model.path), cfg.checkpoint_path, cfg.run_dir]
-        protected += [given.parent] if EPOCH_DIR.fullmatch(given.name) else []
-        folder = run_folder(given)
-        if args.export is not None:
-            check_other_run(Path(args.export), folder, args.replace_other_run)
-            check_output(args.export, "--export", earlier_export, protected)
-        if args.out is not None:
-            check_output(args.out, "--out", earlier_out, protected)
-        if args.export is not None and args.out is not None:
-            check_apart(Path(args.export), Path(args.out))
-        if args.export_adapter is not None:
-            check_output(
-                args.export_adapter, "--export-adapter", lambda path: earlier_adapter(path, str(folder)), protected
-            )
-        model, processor = load_model(cfg)
-        param = next(model.parameters())
-        # replay evaluates nothing, so the run's own members_per_batch stands
-        current = identity_of(
-            cfg,
-            classify_model(model, cfg),
-            device_type=param.device.type,
-            dtype=param.dtype,
-            members_per_batch=state.identity.get("evaluation.members_per_batch", 1),
-            base_weights=base_weights_digest(cfg),
+    saved, _, state = load_checkpoint(Path(args.checkpoint))
+    check_record(state, args.checkpoint)  # the best epoch and the history as checked, never as written
+    cfg = config_from_dict(state.config, f"{args.checkpoint} (saved config)")
+    given = Path(args.checkpoint).resolve()
+    protected = [given, cfg.resolve_path(cfg.model.path), cfg.checkpoint_path, cfg.run_dir]
+    protected += [given.parent] if EPOCH_DIR.fullmatch(given.name) else []
+    folder = run_folder(given)
+    if args.export is not None:
+        check_other_run(Path(args.export), folder, args.replace_other_run)
+        check_output(args.export, "--export", earlier_export, protected)
+    if args.out is not None:
+        check_output(args.out, "--out", earlier_out, protected)
+    if args.export is not None and args.out is not None:
+        check_apart(Path(args.export), Path(args.out))
+    if args.export_adapter is not None:
+        check_output(
+            args.export_adapter, "--export-adapter", lambda path: earlier_adapter(path, str(folder)), protected
         )
-        check_identity(state.identity, current, args.checkpoint, "replay")
-    except EggrollError as err:
-        parser.exit(2, f"error: {err}\n")
+    model, processor = load_model(cfg)
+    param = next(model.parameters())
+    # replay evaluates nothing, so the run's own members_per_batch stands
+    current = identity_of(
+        cfg,
+        classify_model(model, cfg),
+        device_type=param.device.type,
+        dtype=param.dtype,
+        members_per_batch=state.identity.get("evaluation.members_per_batch", 1),
+        base_weights=base_weights_digest(cfg),
+    )
+    check_identity(state.identity, current, args.checkpoint, "replay")
     base_dir = cfg.resolve_path(cfg.model.path)
-    try:
-        perturber = run_perturber(model, cfg)  # sigma from the base weights: the model is the base model here
-        check_sigma(perturber, state, args.checkpoint)
-        base = {n: p.detach().clone() for n, p in perturber.params.items()} if args.export_adapter else {}
-        evaluated = scores_compared(model, processor, cfg, state, folder) if args.full else None
-        rebuilt = replay_weights(perturber, state, base_dir, state.epoch, cfg.run.degeneration_patience, evaluated)
-        different = [n for n, d in tensor_digests(rebuilt).items() if state.tensor_digests.get(n, d) != d]
-        if different:
-            raise CheckpointError(
-                f"{args.checkpoint}: epoch {state.epoch}: tensor_digests of {different[0]} is not the digest of its "
-                "rebuilt weights (edited?)"
-            )
-        elite = stopped_elite(state, cfg)
-        best = (
-            f"ERO's best elite (member {elite.member} of epoch {elite.epoch})" if elite else f"epoch {state.best_epoch}"
+    perturber = run_perturber(model, cfg)  # sigma from the base weights: the model is the base model here
+    check_sigma(perturber, state, args.checkpoint)
+    base = {n: p.detach().clone() for n, p in perturber.params.items()} if args.export_adapter else {}
+    evaluated = scores_compared(model, processor, cfg, state, folder) if args.full else None
+    rebuilt = replay_weights(perturber, state, base_dir, state.epoch, cfg.run.degeneration_patience, evaluated)
+    different = [n for n, d in tensor_digests(rebuilt).items() if state.tensor_digests.get(n, d) != d]
+    if different:
+        raise CheckpointError(
+            f"{args.checkpoint}: epoch {state.epoch}: tensor_digests of {different[0]} is not the digest of its "
+            "rebuilt weights (edited?)"
         )
-        if (args.export or args.export_adapter) and elite is not None:
-            elite_into(perturber, state, elite, base_dir, cfg.run.degeneration_patience)
-        elif (args.export or args.export_adapter) and state.best_epoch != state.epoch:
-            replay_weights(perturber, state, base_dir, state.best_epoch, cfg.run.degeneration_patience)
-        if args.export:
-            export_model(
-                model,
-                base_dir,
-                Path(args.export),
-                lambda report: model_card(
-                    cfg,
-                    card_task_ids(cfg.data.task_ids),
-                    state.history,
-                    state.best_epoch,
-                    None,
-                    Path(args.checkpoint),
-                    None,
-                    report,
-                    elite,
-                ),
-                owner=str(folder),
-                then=NOTHING_ELSE_CHANGED,
-            )
-            print(f"exported {best} (the best) to {args.export}")
-        if args.export_adapter:
-            report = export_lora_adapter(
-                model,
-                base,
-                perturber.classes,
-                Path(args.export_adapter),
-                rank=args.rank,
-                fitness=run_fitness(cfg, processor),
-                base_name=str(base_dir),
-                protected=protected,
-                what="--export-adapter",
-                owner=str(folder),
-            )
-            print("\n".join(report.lines()))
-            print(f"exported the change of {best} (the best) as a LoRA adapter to {args.export_adapter}")
-        updates = sum(1 for r in state.history if r.get("fitness"))
-        print(f"replayed {updates} update(s) of {cfg.run.name} from {len(rebuilt)} evolvable tensors")
-        if args.out:
-            save_out(rebuilt, Path(args.out))
-            print(f"wrote {args.out}")
-    except EggrollError as err:
-        parser.exit(2, f"error: {err}\n")
+    elite = stopped_elite(state, cfg)
+    best = f"ERO's best elite (member {elite.member} of epoch {elite.epoch})" if elite else f"epoch {state.best_epoch}"
+    if (args.export or args.export_adapter) and elite is not None:
+        elite_into(perturber, state, elite, base_dir, cfg.run.degeneration_patience)
+    elif (args.export or args.export_adapter) and state.best_epoch != state.epoch:
+        replay_weights(perturber, state, base_dir, state.best_epoch, cfg.run.degeneration_patience)
+    if args.export:
+        export_model(
+            model,
+            base_dir,
+            Path(args.export),
+            lambda report: model_card(
+                cfg,
+                card_task_ids(cfg.data.task_ids),
+                state.history,
+                state.best_epoch,
+                None,
+                Path(args.checkpoint),
+                None,
+                report,
+                elite,
+            ),
+            owner=str(folder),
+            then=NOTHING_ELSE_CHANGED,
+        )
+        print(f"exported {best} (the best) to {args.export}")
+    if args.export_adapter:
+        report = export_lora_adapter(
+            model,
+            base,
+            perturber.classes,
+            Path(args.export_adapter),
+            rank=args.rank,
+            fitness=run_fitness(cfg, processor),
+            base_name=str(base_dir),
+            protected=protected,
+            what="--export-adapter",
+            owner=str(folder),
+        )
+        print("\n".join(report.lines()))
+        print(f"exported the change of {best} (the best) as a LoRA adapter to {args.export_adapter}")
+    updates = sum(1 for r in state.history if r.get("fitness"))
+    print(f"replayed {updates} update(s) of {cfg.run.name} from {len(rebuilt)} evolvable tensors")
+    if args.out:
+        save_out(rebuilt, Path(args.out))
+        print(f"wrote {args.out}")
     if args.full:
         print(f"every epoch's mean model scored again as recorded ({len(state.history)} evaluations)")
     if args.check and not saved:  # a run record: the rebuilt weights matched its digest (run/record.rebuild checked it)
