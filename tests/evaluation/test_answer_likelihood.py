@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 
 import pytest
 import torch
-from conftest import run_args
+from conftest import in_process, run_args
 
 from ERO_EGGROLL.arc.prompts import Question, build_messages
 from ERO_EGGROLL.arc.tasks import Pair, load_tasks
@@ -155,8 +154,8 @@ def test_a_held_out_run_raises_the_held_out_answer_logprob(tmp_path, tiny_model_
         "evolution.log_gradient_cosine=true",
         "seed=0",
     )
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, _, err = in_process(args)
+    assert code == 0, err[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "results" / "heldout" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["max_new_tokens_rule"] == "demonstrations"
     assert rows[-1]["mean_model_answer_logprob"] >= rows[0]["mean_model_answer_logprob"] + 0.02, rows

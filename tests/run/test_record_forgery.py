@@ -10,12 +10,11 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import run_args, run_module, run_script
+from conftest import in_process, run_args, run_module, run_script
 from safetensors.torch import load_file
 from test_evolution_run import SCRIPT
 
@@ -49,8 +48,8 @@ ERO = [
 @pytest.fixture(scope="module")
 def ero_run(tmp_path_factory, tiny_model_dir) -> Path:
     tmp = tmp_path_factory.mktemp("ero_run")
-    done = subprocess.run(run_args(tmp, "ero", *ERO), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, _, err = in_process(run_args(tmp, "ero", *ERO))
+    assert code == 0, err[-3000:]
     return tmp
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_args, run_module
+from conftest import in_process, run_args, run_module
 from safetensors.torch import load_file
 from test_evolution_run import SCRIPT, metrics, stopped_after_epoch_1
 
@@ -39,18 +39,15 @@ PER_TASK = [
 
 
 def run(tmp: Path, name: str, *overrides: str) -> None:
-    done = subprocess.run(run_args(tmp, name, *overrides), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, _, err = in_process(run_args(tmp, name, *overrides))
+    assert code == 0, err[-3000:]
 
 
 def resume(checkpoint: Path, *overrides: str) -> None:
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--resume", str(checkpoint), *[a for o in overrides for a in ("--set", o)]],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    code, out, err = in_process(
+        [sys.executable, str(SCRIPT), "--resume", str(checkpoint), *[a for o in overrides for a in ("--set", o)]]
     )
-    assert done.returncode == 0 and "resumed" in done.stdout, done.stderr[-2000:]
+    assert code == 0 and "resumed" in out, err[-2000:]
 
 
 def interrupted_then_resumed(tmp: Path, name: str, first: Path, *overrides: str) -> None:
@@ -135,23 +132,16 @@ def test_the_record_is_the_weights_replay_rebuilds_and_the_export_matches(runs, 
     """The record's per-tensor digests are those of the tensors replay writes,
     and replay --export is the run's own export."""
     ckpt = runs / "checkpoints" / "per_task" / "e6de6e8f"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ERO_EGGROLL.replay",
-            str(ckpt),
-            "--check",
-            "--out",
-            str(tmp_path / "w.safetensors"),
-            "--export",
-            str(tmp_path / "export"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    code, out, err = run_module(
+        "ERO_EGGROLL.replay",
+        str(ckpt),
+        "--check",
+        "--out",
+        str(tmp_path / "w.safetensors"),
+        "--export",
+        str(tmp_path / "export"),
     )
-    assert done.returncode == 0 and "bit-identical to the run record" in done.stdout, done.stdout + done.stderr
+    assert code == 0 and "bit-identical to the run record" in out, out + err
     assert digests(tmp_path / "w.safetensors") == record(ckpt).tensor_digests
     assert digests(tmp_path / "export" / "model.safetensors") == digests(ckpt / "best_model" / "model.safetensors")
 
