@@ -18,8 +18,10 @@ setup: $(STAMP)
 run: setup
 	$(PY) ERO_EGGROLL/arc_evolution_single_gpu.py --config $(CONFIG)
 
+# Two pytest-xdist workers, a test file each at a time (its module fixtures stay in one process): a training run in
+# the tests keeps about one core busy, so one process alone leaves half of a 2-core machine idle.
 test: setup check
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # Static checks, seconds each: lint and format, layers that import only downward, types (strict on the core).
 check: setup
