@@ -226,22 +226,28 @@ def ours_options(setting: dict) -> dict:
 
 
 def run_ours(
-    task: Task, gens: int, seed: int, setting: dict, rows: bool = True, on_gen: Callable | None = None
+    task: Task,
+    gens: int,
+    seed: int,
+    setting: dict,
+    rows: bool = True,
+    on_gen: Callable | None = None,
+    population: int = POPULATION,
 ) -> list[tuple[float, float]]:
     """[(wall seconds, loss)] after each generation; members as batch rows (rows) or one at a time."""
     net = task.make_net()
     curve, start = [], time.perf_counter()
     with Perturber.for_module(
-        net, population_size=POPULATION, seed=seed, objective="min", **ours_options(setting)
+        net, population_size=population, seed=seed, objective="min", **ours_options(setting)
     ) as es:
         for gen in range(gens):
             data, generation = task.batch(gen), es.ask()
             if rows:
-                with generation.members(range(POPULATION)), torch.no_grad():
-                    losses = task.losses(net, data, POPULATION).tolist()
+                with generation.members(range(population)), torch.no_grad():
+                    losses = task.losses(net, data, population).tolist()
             else:
                 losses = []
-                for i in range(POPULATION):
+                for i in range(population):
                     with generation.member(i):
                         losses.append(task.loss(net, data))
             es.tell(generation, losses)
@@ -252,7 +258,7 @@ def run_ours(
 
 
 def run_pgpe(
-    task: Task, gens: int, seed: int, setting: dict, on_gen: Callable | None = None
+    task: Task, gens: int, seed: int, setting: dict, on_gen: Callable | None = None, population: int = POPULATION
 ) -> list[tuple[float, float]]:
     """EvoTorch's PGPE over the flat parameter vector through NEProblem, centered at the same initial weights."""
     from evotorch.algorithms import PGPE
@@ -266,7 +272,7 @@ def run_pgpe(
     )
     searcher = PGPE(
         problem,
-        popsize=POPULATION,
+        popsize=population,
         stdev_learning_rate=0.1,
         ranking_method="centered",
         center_init=nn.utils.parameters_to_vector(task.make_net().parameters()).detach(),
