@@ -3,7 +3,7 @@
 python scripts/build_tiny_model.py [--size tiny|small] [--out DIR] [--seed 0] [--steps N]
 
 `tiny` (the default, checkpoints/tiny-qwen2.5-vl) is what `make run` and the tests use; `small`
-(checkpoints/small-qwen2.5-vl, about 5M parameters, minutes on 2 cores) is built only on request, for
+(checkpoints/small-qwen2.5-vl, 4.5M parameters, 12.8 CPU-minutes) is built only on request, for
 scripts/bench/ero_miniature.py.
 """
 

@@ -1,9 +1,10 @@
 """The embedded models: Qwen2.5-VLs built offline and deterministically from a seed, in two sizes.
 
 `tiny` (750k parameters, checkpoints/tiny-qwen2.5-vl) is the default of `make run` and the tests. `small`
-(checkpoints/small-qwen2.5-vl, built only by `python scripts/build_tiny_model.py --size small`) is large enough,
-and pretrained long enough, to answer ARC questions with grids of the right size (scripts/bench/ero_miniature.py):
-grids up to 16 a side, one token per cell, and a copy curriculum of synthetic questions beside the real ones.
+(4.5M parameters, checkpoints/small-qwen2.5-vl, built only by `python scripts/build_tiny_model.py --size small`)
+is the model of scripts/bench/ero_miniature.py: grids up to 16 a side, one token per cell, and a copy curriculum
+of synthetic questions beside the real ones. At its preset (12.8 CPU-minutes) its answers are not yet grids of the
+right size (docs/comparisons.md).
 
 Real architecture, random weights, a byte-level BPE tokenizer trained here with the Qwen2.5-VL
 special tokens and a Qwen2.5-VL-style chat template, and a short backprop pretraining on ARC-1
@@ -69,13 +70,11 @@ class ModelSize:
     cell_tokens: bool  # the tokenizer's pieces never span two cells (one cell, one token)
     copy_share: tuple[float, float]  # share of synthetic copy questions in the batch, at the first and the last step
     max_tokens: int  # longer pretraining questions are drawn again (0: no limit)
-    whole_turn_loss: bool = False  # the loss on every token of the question too, not only the answer's
-    copy_side: int = 0  # the copy questions' largest side at the first step, growing to max_side (0: max_side)
 
 
 SIZES = {
     "tiny": ModelSize("tiny", 128, 384, 2, 4, 2, (4, 6, 6), PRETRAIN_MAX_SIDE, 150, 8, 3e-3, False, (0.0, 0.0), 0),
-    "small": ModelSize("small", 256, 1024, 4, 8, 4, (4, 6, 6), 16, 60, 4, 3e-3, True, (0.7, 0.3), 2048, True, 4),
+    "small": ModelSize("small", 256, 1024, 4, 8, 4, (4, 6, 6), 16, 120, 4, 3e-3, True, (0.7, 0.3), 2048),
 }
 MODEL_DIRS = {name: f"checkpoints/{name}-qwen2.5-vl" for name in SIZES}
 
@@ -216,7 +215,6 @@ def _pretraining_examples(
     rng: random.Random,
     size: ModelSize = SIZES["tiny"],
     copy_share: float = 0.0,
-    copy_side: int = 0,
 ) -> list[tuple[list[int], int]]:
     """(token ids, prompt length) of `count` augmented text-mode questions with their answers, a `copy_share` of them
     synthetic copy questions; one over `size.max_tokens` is drawn again."""
@@ -224,7 +222,7 @@ def _pretraining_examples(
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     while len(examples) < count:
         copy = copy_share > 0 and rng.random() < copy_share
-        task = _copy_task(copy_side or size.max_side, rng) if copy else _augment(rng.choice(tasks), rng)
+        task = _copy_task(size.max_side, rng) if copy else _augment(rng.choice(tasks), rng)
         pairs = list(task.train + task.test)
         rng.shuffle(pairs)
         demos, query = pairs[: min(2, len(pairs) - 1)], pairs[min(2, len(pairs) - 1)]
@@ -241,9 +239,8 @@ def _pretraining_examples(
 def _pretrain(
     model, tokenizer, tasks: list[ArcTask], steps: int, batch_size: int, seed: int, size: ModelSize = SIZES["tiny"]
 ) -> list[float]:
-    """Next-token loss on the answer tokens (`whole_turn_loss`: on every token, six grids of signal per question
-    instead of one); returns the loss curve. The copy share falls and the copy grids grow linearly over the steps
-    (a curriculum: first answer in the input's shape, on small grids, then learn the rules)."""
+    """Next-token loss on the answer tokens only; returns the loss curve. The copy share falls linearly over the
+    steps (a curriculum: first answer in the input's shape, then learn the rules)."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=size.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=size.lr, total_steps=max(steps, 1), pct_start=0.1)
@@ -253,18 +250,15 @@ def _pretrain(
     model.train()
     desc = f"pretraining {size.name} model"
     for step in (steps_bar := bar(range(steps), total=steps, desc=desc, unit="step", leave=False)):
-        progress = step / max(steps - 1, 1)
-        share = first + (last - first) * progress
-        side = round(size.copy_side + (size.max_side - size.copy_side) * progress) if size.copy_side else 0
-        batch = _pretraining_examples(tokenizer, tasks, batch_size, rng, size, share, side)
+        share = first + (last - first) * step / max(steps - 1, 1)
+        batch = _pretraining_examples(tokenizer, tasks, batch_size, rng, size, share)
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), pad)
         labels = torch.full((len(batch), width), -100)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, (ids, prompt_len) in enumerate(batch):
             input_ids[row, : len(ids)] = torch.tensor(ids)
-            first_label = 0 if size.whole_turn_loss else prompt_len
-            labels[row, first_label : len(ids)] = torch.tensor(ids[first_label:])
+            labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
             mask[row, : len(ids)] = 1
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()
