@@ -14,7 +14,7 @@ class RunInterrupted(Exception):
 class StopFlag:
     """Signal handlers only set this flag; the loop checks it between members and after checkpoints."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signal_name: str | None = None
 
     @contextlib.contextmanager
