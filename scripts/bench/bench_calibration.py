@@ -42,11 +42,12 @@ from ERO_EGGROLL.model.random_model import TextShape, random_model  # noqa: E402
 TINY = ROOT / "checkpoints" / "tiny-qwen2.5-vl"
 # 1 decoder layer each; from hidden 512 on, the 7B's head width (128) and its intermediate/hidden ratio (18944/3584)
 SHAPES = {
-    "random h128": TextShape(hidden=128, intermediate=384, layers=1, heads=4, kv_heads=2),
-    "random h512": TextShape(hidden=512, intermediate=2688, layers=1, heads=4, kv_heads=2),
-    "random h1792": TextShape(hidden=1792, intermediate=9472, layers=1, heads=14, kv_heads=2),
-    "random h3584 (7B width)": TextShape(hidden=3584, intermediate=18944, layers=1, heads=28, kv_heads=4),
+    "h128": TextShape(hidden=128, intermediate=384, layers=1, heads=4, kv_heads=2),
+    "h512": TextShape(hidden=512, intermediate=2688, layers=1, heads=4, kv_heads=2),
+    "h1792": TextShape(hidden=1792, intermediate=9472, layers=1, heads=14, kv_heads=2),
+    "h3584": TextShape(hidden=3584, intermediate=18944, layers=1, heads=28, kv_heads=4),  # the 7B's width
 }
+MODELS = ["tiny", *SHAPES]  # tiny: the trained embedded model (2 layers, hidden 128); the others random, 1 layer
 FIXED = (0.01, 0.001)
 TOLERANCE = 0.25
 SWEEP_SETTINGS = [
@@ -76,7 +77,7 @@ def sweep_row(name: str, model, processor, cfg, checks: int) -> dict:
     target = cfg.evolution.calibration.target_kl
     row = {
         "model": name,
-        "evolvable parameters": sum(p.numel() for n, p in model.named_parameters() if "visual" not in n),
+        "text parameters": sum(p.numel() for n, p in model.named_parameters() if "visual" not in n),
         "calibrated sigma": result.sigma,
         "held-out KL at calibrated": kl[result.sigma],
         "ratio to target": kl[result.sigma] / target,
@@ -95,22 +96,28 @@ def sweep(args) -> list[dict]:
         [*SWEEP_SETTINGS, f"evolution.population_size={args.population}", f"data.task_ids=[{','.join(args.tasks)}]"],
     )
     tiny, processor = load_model_from_dir(TINY)
-    models = [("trained tiny (2 layers, h128)", lambda: tiny)]
-    shapes = list(SHAPES.items())[: 2 if args.quick else None]
-    models += [(name, lambda shape=shape: random_model(TINY, shape)) for name, shape in shapes]
     rows = []
-    for name, build in models:
-        rows.append(sweep_row(name, build(), processor, cfg, args.checks))
+    for name in args.models[:2] if args.quick else args.models:
+        model = tiny if name == "tiny" else random_model(TINY, SHAPES[name])
+        rows.append(
+            sweep_row(
+                "trained tiny (2 layers, h128)" if name == "tiny" else f"random {name}",
+                model,
+                processor,
+                cfg,
+                args.checks,
+            )
+        )
     target = cfg.evolution.calibration.target_kl
     print(
         f"\ntarget: median KL(base || member) {target} nats/token, within {TOLERANCE:.0%}, on the held-out questions, "
         f"{args.checks} fresh directions; absolute sigma\n"
-        "| model | evolvable params | calibrated sigma | held-out KL (ratio) | within 25% | KL at sigma 0.01 | "
+        "| model | text params | calibrated sigma | held-out KL (ratio) | within 25% | KL at sigma 0.01 | "
         "KL at sigma 0.001 |\n|---|---|---|---|---|---|---|"
     )
     for r in rows:
         print(
-            f"| {r['model']} | {r['evolvable parameters'] / 1e6:.2f}M | {r['calibrated sigma']:.3g} | "
+            f"| {r['model']} | {r['text parameters'] / 1e6:.2f}M | {r['calibrated sigma']:.3g} | "
             f"{r['held-out KL at calibrated']:.4g} ({r['ratio to target']:.2f}) | {'yes' if r['within 25%'] else 'NO'}"
             f" | {r['held-out KL at 0.01']:.3g} | {r['held-out KL at 0.001']:.3g} |"
         )
@@ -157,9 +164,10 @@ def arm_figures(run_dir: Path) -> dict:
 def learning(args) -> list[dict]:
     runs = bench_output("calibration_runs", "", args.quick)
     results = []
-    for arm in args.arms:
-        for seed in args.seeds:
-            results.append({"arm": arm, "seed": seed, **arm_figures(run_arm(arm, seed, args.epochs, runs))})
+    for seed in args.seeds:  # seed by seed, so an interrupted benchmark still compares the arms
+        for arm in args.arms:
+            epochs = args.char_epochs if arm.startswith("char") else args.epochs
+            results.append({"arm": arm, "seed": seed, **arm_figures(run_arm(arm, seed, epochs, runs))})
             print(json.dumps(results[-1]), flush=True)
     print("\n| arm | seed | sigma | held-out answer log-prob gain |\n|---|---|---|---|")
     for r in results:
@@ -183,15 +191,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="the calibration sweep across widths (the default)")
     parser.add_argument("--learning", action="store_true", help="training runs: sigma auto against the default")
-    parser.add_argument("--quick", action="store_true", help="sweep: the two smallest random models only")
+    parser.add_argument("--quick", action="store_true", help="sweep: the first two models only")
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS, help="sweep: which models")
     parser.add_argument("--tasks", nargs="+", default=["b1fc8b8e", "e6de6e8f"], help="sweep: the ARC tasks")
     parser.add_argument("--population", type=int, default=16, help="sweep: calibration's budget is 2x this")
     parser.add_argument("--checks", type=int, default=16, help="sweep: fresh directions on the held-out questions")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="learning: run seeds")
     parser.add_argument("--epochs", type=int, default=8, help="learning: epochs per run (default.yaml's 8)")
+    parser.add_argument("--char-epochs", type=int, default=8, help="learning: epochs of the char-similarity arms")
     parser.add_argument("--arms", nargs="+", default=list(LEARNING_ARMS), choices=list(LEARNING_ARMS))
     args = parser.parse_args()
-    if args.population < 4 or args.population % 2 or args.checks < 1 or args.epochs < 1:
+    if args.population < 4 or args.population % 2 or args.checks < 1 or min(args.epochs, args.char_epochs) < 1:
         print("error: --population must be an even number >= 4, --checks and --epochs >= 1", file=sys.stderr)
         return 2
     data: dict = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
